@@ -1,0 +1,1 @@
+"""The ClientApp side: one Flower client per shard (SISA training, unlearning)."""

@@ -1,0 +1,104 @@
+"""The ClientApp's message handlers: train (a SISA stage, or FedAvg local epochs), unlearn, describe.
+
+Each takes the incoming message's records and the :class:`clients.node.Node`, does its work, and
+returns the reply's RecordDict. :mod:`clients.app` only wires them to Flower.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from clients.node import Node
+from clients.sisa import derived_seed, train_epochs
+from clients.unlearning import UNLEARNERS
+from fairforget import keys
+from fairforget.metrics import group_counts, kl_from_uniform
+from fairforget.model import build_model
+from fairforget.storage import state_hash
+
+
+def _shard_metrics(node: Node, data_len: int, seconds: float) -> MetricRecord:
+    live = node.sisa.live_data() if node.cfg.strategy == "shard-ensemble" else node.data
+    counts = group_counts(live.y, live.private, node.bundle.num_classes, node.bundle.num_private)
+    return MetricRecord({
+        keys.SHARD: node.shard,
+        keys.NUM_EXAMPLES: data_len,
+        keys.TRAIN_SECONDS: seconds,
+        keys.KL_BIAS: kl_from_uniform(counts),
+        keys.GROUP_COUNTS: [int(c) for c in counts.ravel()],
+    })
+
+
+def train(content: RecordDict, node: Node) -> RecordDict:
+    config = content[keys.CONFIG]
+    mode = config[keys.TRAIN_MODE]
+    if mode == keys.TRAIN_MODE_SISA:
+        stage = int(config[keys.STAGE])
+        shard = node.sisa
+        seconds = 0.0
+        if stage > shard.trained:  # a resent round is answered from the checkpoint
+            seconds = shard.train_stage(stage)["seconds"]
+        state = shard.model_state(stage)
+        n = len(shard.live_ids())
+        seconds_total = shard.full_train_seconds()
+        metrics = _shard_metrics(node, n, seconds)
+        metrics[keys.TRAIN_SECONDS] = seconds_total
+    elif mode == keys.TRAIN_MODE_LOCAL:
+        cfg = node.cfg
+        if cfg.num_threads > 0:
+            torch.set_num_threads(cfg.num_threads)
+        model = build_model(node.bundle.num_classes, cfg.model_width, seed=0)
+        model.load_state_dict(content[keys.ARRAYS].to_torch_state_dict())
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        rnd = int(config[keys.SERVER_ROUND])
+        seeds = [derived_seed(cfg.seed, node.shard, rnd, e) for e in range(cfg.local_epochs)]
+
+
+        t0 = time.perf_counter()
+        train_epochs(model, opt, node.data, cfg.local_epochs, cfg.batch_size, seeds)
+        seconds = time.perf_counter() - t0
+        state = model.state_dict()
+        metrics = _shard_metrics(node, len(node.data), seconds)
+    else:
+        raise ValueError(f"unknown train mode {mode!r}")
+    info = ConfigRecord({keys.MODEL_HASH: state_hash(state)})
+    return RecordDict({
+        keys.ARRAYS: ArrayRecord(state),
+        keys.METRICS: metrics,
+        keys.CONFIG: info,
+    })
+
+
+def unlearn(content: RecordDict, node: Node) -> RecordDict:
+    config = content[keys.CONFIG]
+    ids = [int(i) for i in config[keys.FORGET_IDS]]
+    method = str(config.get("method", "exact-sisa"))
+    result = UNLEARNERS[method](node.sisa, ids)
+    state = node.sisa.model_state()
+    metrics = _shard_metrics(node, result["num_examples"], result["seconds"])
+    metrics[keys.RESTART_SLICE] = result["restart_stage"]
+    metrics["retrained-stages"] = result["retrained_stages"]
+    metrics["full-train-seconds"] = node.sisa.full_train_seconds()
+    info = ConfigRecord({
+        keys.HASH_BEFORE: result["hash_before"],
+        keys.MODEL_HASH: result["hash_after"],
+        "method": result["method"],
+    })
+    return RecordDict({keys.ARRAYS: ArrayRecord(state), keys.METRICS: metrics, keys.CONFIG: info})
+
+
+def describe(content: RecordDict, node: Node) -> RecordDict:
+    """Which of the asked ids this node holds, and which it has already deleted."""
+    asked = [int(i) for i in content[keys.CONFIG][keys.FORGET_IDS]]
+    shard = node.sisa
+    live, deleted = shard.live_ids(), shard.deleted
+    return RecordDict({
+        keys.CONFIG: ConfigRecord({
+            keys.OWNED_IDS: [i for i in asked if i in live],
+            keys.DELETED_IDS: [i for i in asked if i in deleted],
+        }),
+        keys.METRICS: MetricRecord({keys.SHARD: node.shard, keys.NUM_EXAMPLES: len(live), "trained": shard.trained}),
+    })

@@ -1,0 +1,51 @@
+"""What a SuperNode knows about itself: its shard, its data and its state folder.
+
+Simulation: Flower sets ``partition-id`` / ``num-partitions`` in the node config; the node
+rebuilds the dataset from the run config (deterministic) and takes its partition; its state lives in
+``OUT/nodes/shard-K``. Deployment: a hospital site sets ``state-dir`` and, for its own data,
+``data-root`` (then its whole training split is its shard), plus ``partition-id`` as its shard id.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from clients.sisa import SisaSettings, SisaShard
+from fairforget import keys
+from fairforget.config import RunConfig
+from fairforget.data import DataBundle, SampleSet, load_dataset, shard_of
+
+
+@dataclass
+class Node:
+    cfg: RunConfig
+    shard: int
+    state_dir: Path
+    bundle: DataBundle
+    data: SampleSet
+
+    @classmethod
+    def from_context(cls, run_config: dict[str, Any], node_config: dict[str, Any]) -> Node:
+        cfg = RunConfig.from_mapping(run_config)
+        shard = int(node_config.get(keys.NODE_PARTITION_ID, 0))
+        if node_config.get(keys.NODE_DATA_ROOT):
+            cfg = cfg.replace(data_root=str(node_config[keys.NODE_DATA_ROOT]))
+            bundle = load_dataset(cfg)
+            data = bundle.train
+        else:
+            num = int(node_config.get(keys.NODE_NUM_PARTITIONS, cfg.num_shards))
+            if num != cfg.num_shards:
+                raise ValueError(f"the federation has {num} nodes but num-shards = {cfg.num_shards}")
+            bundle = load_dataset(cfg)
+            data = shard_of(cfg, bundle)[shard]
+        default_dir = Path(cfg.out_dir) / "nodes" / f"shard-{shard}"
+        state_dir = Path(str(node_config.get(keys.NODE_STATE_DIR) or default_dir))
+        return cls(cfg, shard, state_dir, bundle, data)
+
+    @functools.cached_property
+    def sisa(self) -> SisaShard:
+        settings = SisaSettings.from_config(self.cfg, self.bundle.num_classes)
+        return SisaShard(self.state_dir, self.shard, self.data, settings)

@@ -1,0 +1,237 @@
+"""SISA training of one shard (Bourtoule et al., "Machine Unlearning", IEEE S&P 2021).
+
+The shard's samples are assigned once to R slices. Stage r (1..R) trains on slices 1..r for
+``epochs-per-slice`` epochs, starting from the stage r-1 checkpoint, and saves checkpoint r (model
+and optimizer state). Everything lives in a node-local state folder that persists across Flower
+rounds and runs::
+
+    STATE/index.json              slices (ids), deleted ids, stages trained, seconds per stage
+    STATE/checkpoints/stage-R.pt  {"model", "optimizer", "ids"} after stage R
+
+Training is deterministic: the initial weights and every epoch's batch order are seeded by
+(seed, shard, stage, epoch) alone, and the batch order is a permutation of the sorted live ids. So
+retraining from stage s after a deletion gives the same model as training from scratch on the
+shard without the deleted samples (same slices, less those samples). The exact unlearning that
+uses this is in :mod:`clients.unlearning.exact`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fairforget.data.base import SampleSet
+from fairforget.model import SimpleConvNet, build_model
+from fairforget.storage import atomic_torch_save, atomic_write_json, read_json, state_hash, torch_load
+
+
+@dataclass(frozen=True)
+class SisaSettings:
+    slices: int
+    epochs_per_slice: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    width: int
+    num_classes: int
+    seed: int
+    num_threads: int = 1
+
+    @classmethod
+    def from_config(cls, cfg: Any, num_classes: int) -> SisaSettings:
+        return cls(
+            slices=cfg.slices, epochs_per_slice=cfg.epochs_per_slice, batch_size=cfg.batch_size,
+            lr=cfg.lr, weight_decay=cfg.weight_decay, width=cfg.model_width,
+            num_classes=num_classes, seed=cfg.seed, num_threads=cfg.num_threads,
+        )
+
+
+class SisaError(ValueError):
+    """A request the shard cannot serve (unknown or already deleted ids, corrupt state)."""
+
+
+def derived_seed(*parts: int) -> int:
+    """A 63-bit seed that depends only on ``parts``."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint64)[0] >> 1)
+
+
+def assign_slices(ids: list[int], num_slices: int, seed: int, shard: int) -> list[list[int]]:
+    """A seeded random assignment of ids to ``num_slices`` near-equal slices (sorted ids each)."""
+    order = np.random.default_rng(derived_seed(seed, shard, 77)).permutation(np.asarray(sorted(ids)))
+    return [sorted(int(i) for i in part) for part in np.array_split(order, num_slices)]
+
+
+def train_epochs(model: SimpleConvNet, optimizer: torch.optim.Optimizer, data: SampleSet, epochs: int,
+                 batch_size: int, seeds: list[int]) -> float:
+    """Plain supervised epochs; each epoch's order from its own seed. Returns the last mean loss."""
+    model.train()
+    last = float("nan")
+    for epoch in range(epochs):
+        gen = torch.Generator().manual_seed(seeds[epoch])
+        perm = torch.randperm(len(data), generator=gen)
+        total, count = 0.0, 0
+        for start in range(0, len(perm), batch_size):
+            idx = perm[start : start + batch_size]
+            loss = F.cross_entropy(model(data.x[idx]), data.y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach()) * len(idx)
+            count += len(idx)
+        last = total / max(count, 1)
+    return last
+
+
+class SisaShard:
+    """One shard's SISA state: slices, checkpoints and the deleted ids, in ``state_dir``."""
+
+    def __init__(self, state_dir: Path, shard: int, data: SampleSet, settings: SisaSettings,
+                 slices: list[list[int]] | None = None) -> None:
+        self.dir = Path(state_dir)
+        self.shard = shard
+        self.data = data
+        self.settings = settings
+        self.index_path = self.dir / "index.json"
+        if self.index_path.exists():
+            self.index = read_json(self.index_path)
+            if self.index.get("shard") != shard or len(self.index.get("slices", [])) != settings.slices:
+                raise SisaError(
+                    f"state folder {self.dir} belongs to shard {self.index.get('shard')} with "
+                    f"{len(self.index.get('slices', []))} slices, not shard {shard} with {settings.slices}"
+                )
+            self._drop_stale_checkpoints()
+        else:
+            ids = [int(i) for i in data.ids.tolist()]
+            self.index = {
+                "shard": shard,
+                "slices": slices if slices is not None else assign_slices(ids, settings.slices, settings.seed, shard),
+                "deleted": [],
+                "trained": 0,
+                "stage_seconds": [0.0] * settings.slices,
+                "version": 0,
+            }
+            self._save_index()
+
+    # ------------------------------------------------------------------ state
+    @property
+    def trained(self) -> int:
+        return int(self.index["trained"])
+
+    @property
+    def deleted(self) -> set[int]:
+        return set(self.index["deleted"])
+
+    def live_ids(self) -> set[int]:
+        return {i for s in self.index["slices"] for i in s}
+
+    def slice_of(self, sample_id: int) -> int:
+        for s, members in enumerate(self.index["slices"]):
+            if sample_id in members:
+                return s
+        raise SisaError(f"sample {sample_id} is not in shard {self.shard}")
+
+    def live_data(self) -> SampleSet:
+        return self.data.select_ids(sorted(self.live_ids()))
+
+    def checkpoint_path(self, stage: int) -> Path:
+        return self.dir / "checkpoints" / f"stage-{stage}.pt"
+
+    def _save_index(self) -> None:
+        atomic_write_json(self.index_path, self.index)
+
+    def _drop_stale_checkpoints(self) -> None:
+        """Remove checkpoints past the committed stage count (left by a crash mid-unlearning)."""
+        for path in (self.dir / "checkpoints").glob("stage-*.pt"):
+            if int(path.stem.split("-")[1]) > self.trained:
+                path.unlink()
+
+    # ------------------------------------------------------------------ training
+    def _fresh(self) -> tuple[SimpleConvNet, torch.optim.Optimizer]:
+        s = self.settings
+        model = build_model(s.num_classes, s.width, seed=derived_seed(s.seed, self.shard, 0))
+        opt = torch.optim.Adam(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+        return model, opt
+
+    def load_stage(self, stage: int) -> tuple[SimpleConvNet, torch.optim.Optimizer]:
+        model, opt = self._fresh()
+        if stage > 0:
+            ckpt = torch_load(self.checkpoint_path(stage))
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+        return model, opt
+
+    def model_state(self, stage: int | None = None) -> dict[str, torch.Tensor]:
+        """The model after ``stage`` (default: the last trained stage)."""
+        return self.load_stage(self.trained if stage is None else stage)[0].state_dict()
+
+    def train_stage(self, stage: int) -> dict[str, Any]:
+        """Train SISA stage ``stage`` (1-based) from checkpoint ``stage - 1``."""
+        s = self.settings
+        if not 1 <= stage <= s.slices:
+            raise SisaError(f"stage {stage} out of range 1..{s.slices}")
+        if stage > self.trained + 1:
+            raise SisaError(f"stage {stage} needs stage {stage - 1} first (trained: {self.trained})")
+        if s.num_threads > 0:
+            torch.set_num_threads(s.num_threads)
+        model, opt = self.load_stage(stage - 1)
+        ids = sorted(i for sl in self.index["slices"][:stage] for i in sl)
+        data = self.data.select_ids(ids)
+        seeds = [derived_seed(s.seed, self.shard, stage, e + 1) for e in range(s.epochs_per_slice)]
+        t0 = time.perf_counter()
+        loss = train_epochs(model, opt, data, s.epochs_per_slice, s.batch_size, seeds) if len(data) else float("nan")
+        seconds = time.perf_counter() - t0
+        atomic_torch_save(self.checkpoint_path(stage), {
+            "model": model.state_dict(), "optimizer": opt.state_dict(), "ids": torch.as_tensor(ids, dtype=torch.long),
+        })
+        self.index["trained"] = stage
+        self.index["stage_seconds"][stage - 1] = seconds
+        self.index["version"] += 1
+        self._save_index()
+        return {"stage": stage, "loss": loss, "seconds": seconds, "num_examples": len(data)}
+
+    def train_through(self, last_stage: int | None = None) -> float:
+        """Train every stage not yet trained up to ``last_stage`` (default R); returns seconds."""
+        target = self.settings.slices if last_stage is None else last_stage
+        return sum(self.train_stage(st)["seconds"] for st in range(self.trained + 1, target + 1))
+
+    def full_train_seconds(self) -> float:
+        return float(sum(self.index["stage_seconds"]))
+
+    # ------------------------------------------------------------------ deletion bookkeeping
+    def check_ids(self, ids: list[int]) -> None:
+        already = sorted(set(ids) & self.deleted)
+        if already:
+            raise SisaError(f"sample id(s) already deleted from shard {self.shard}: {_fmt(already)}")
+        unknown = sorted(set(ids) - self.live_ids())
+        if unknown:
+            raise SisaError(f"sample id(s) not in shard {self.shard}: {_fmt(unknown)}")
+
+    def remove(self, ids: list[int]) -> int:
+        """Drop ``ids`` from the index and every checkpoint trained on them; returns the last clean
+        stage (the one retraining starts from). The index is committed first, atomically, so a crash
+        afterwards leaves the deletion in force and the stale checkpoints are removed on next load."""
+        self.check_ids(ids)
+        first_slice = min(self.slice_of(i) for i in ids)
+        clean_stage = min(first_slice, self.trained)
+        drop = set(ids)
+        self.index["slices"] = [[i for i in sl if i not in drop] for sl in self.index["slices"]]
+        self.index["deleted"] = sorted(self.deleted | drop)
+        self.index["trained"] = clean_stage
+        self.index["version"] += 1
+        self._save_index()
+        self._drop_stale_checkpoints()
+        return clean_stage
+
+    def model_hash(self) -> str:
+        return state_hash(self.model_state())
+
+
+def _fmt(ids: list[int], limit: int = 10) -> str:
+    text = ", ".join(map(str, ids[:limit]))
+    return text + (f" (+{len(ids) - limit} more)" if len(ids) > limit else "")

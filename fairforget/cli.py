@@ -1,0 +1,176 @@
+"""The ``fairforget`` command: ``simulate`` a federated run, ``forget`` samples from a finished one.
+
+User mistakes (bad config, missing data, unknown ids, a folder that is no run) end with one line
+``fairforget: error: ...`` and exit status 2, before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+from fairforget.config import ConfigError, parse_ids, parse_set, read_toml, resolve
+from fairforget.data import DatasetError, load_dataset, shard_of
+from fairforget.runner import FlowerRunError, run_flower, write_run_config
+
+EXIT_USAGE = 2
+EXIT_RUN = 1
+
+
+class UserError(Exception):
+    """Anything the user can fix; printed as one line."""
+
+
+# ---------------------------------------------------------------------- simulate
+def cmd_simulate(args: argparse.Namespace) -> int:
+    overrides = read_toml(Path(args.config)) if args.config else {}
+    sets = parse_set(args.set or [])
+    cfg = resolve(overrides, sets)
+    out = Path(args.out if args.out else cfg.out_dir).expanduser().resolve()
+    cfg = cfg.replace(out_dir=str(out), mode="simulate", forget_ids="")
+    bundle = load_dataset(cfg)  # fail on a bad data root before starting Flower
+    shard_of(cfg, bundle)
+    from strategies import STRATEGIES
+
+    STRATEGIES[cfg.strategy].from_config(cfg)
+    if out.exists() and any(out.iterdir()):
+        if not args.force:
+            raise UserError(f"{out} already holds files; choose another --out or pass --force to replace it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_run_config(cfg, out / "config.toml")
+    print(f"fairforget: training {cfg.num_shards} shards x {cfg.slices} slices of {bundle.name} "
+          f"({len(bundle.train)} members) with {cfg.strategy} via Flower; output in {out}", flush=True)
+    run_flower(cfg, quiet=args.quiet)
+    _print_summary(out)
+    return 0
+
+
+def _print_summary(out: Path) -> None:
+    from server.run_files import RunDir
+
+    m = RunDir(out).metrics()
+    ens = m["ensemble"]
+    print(f"accuracy: biased test {ens['biased']['accuracy']:.3f}, unbiased test {ens['unbiased']['accuracy']:.3f}, "
+          f"worst group {ens['unbiased']['worst_group']['accuracy']:.3f}")
+    print("shard KL bias: " + ", ".join(f"{s['shard']}: {s['kl_bias']:.3f}" for s in m["shards"]))
+    print(f"metrics: {out / 'metrics.json'}")
+    print(f"report:  {out / 'report.md'}")
+
+
+# ---------------------------------------------------------------------- forget
+def cmd_forget(args: argparse.Namespace) -> int:
+    from server.run_files import RunDir
+    from strategies import STRATEGIES
+
+    run = RunDir(Path(args.run).expanduser().resolve())
+    run.require_finished()
+    cfg = run.config().replace(out_dir=str(run.path))
+    if not STRATEGIES[cfg.strategy].exact_unlearning:
+        raise UserError(f"run {run.path} used strategy '{cfg.strategy}', which keeps no shard models; "
+                        "exact unlearning needs shard-ensemble")
+    if args.ids_file:
+        try:
+            text = Path(args.ids_file).read_text()
+        except OSError as exc:
+            raise UserError(f"cannot read --ids-file {args.ids_file}: {exc.strerror}") from None
+    else:
+        text = args.ids or ""
+    ids = parse_ids(text)
+    if not ids:
+        raise UserError("no sample ids given (--ids 3,17,42 or --ids-file FILE)")
+    owner = _owners(cfg)
+    already = sorted(set(ids) & run.ledger.deleted_ids())
+    if already:
+        raise UserError(f"sample id(s) already deleted: {', '.join(map(str, already))}")
+    unknown = sorted(i for i in ids if i not in owner)
+    if unknown:
+        raise UserError(f"unknown sample id(s) (not a training member of this run): {', '.join(map(str, unknown[:20]))}")
+    before = {s["shard"]: s for s in run.metrics()["shards"]}
+    shards = sorted({owner[i] for i in ids})
+    print(f"fairforget: forgetting {len(ids)} sample(s) owned by shard(s) {', '.join(map(str, shards))}", flush=True)
+    run_flower(cfg.replace(mode="forget", forget_ids=",".join(map(str, ids))), quiet=args.quiet)
+    metrics = run.metrics()
+    last = metrics["unlearning"][-1]
+    for entry in [e for e in run.ledger.entries() if e["request"] == last["request"]]:
+        print(f"shard {entry['shard']}: {len(entry['ids'])} id(s), retrained from stage {entry['restart_stage']} "
+              f"in {entry['seconds']:.2f}s; model {entry['hash_before']} -> {entry['hash_after']}")
+    untouched = [k for k in before if k not in shards]
+    print(f"untouched shards: {', '.join(map(str, untouched)) or 'none'}")
+    sp = last["speedup_vs_full_retrain"]
+    print(f"unlearning {last['seconds']:.2f}s vs full retrain {last['full_retrain_seconds']:.2f}s"
+          + (f" ({sp:.1f}x faster)" if sp else ""))
+    print(f"accuracy after: biased {last['accuracy_biased']:.3f}, unbiased {last['accuracy_unbiased']:.3f}")
+    print(f"ledger:  {run.path / 'ledger.jsonl'}")
+    print(f"report:  {run.path / 'report.md'}")
+    return 0
+
+
+def _owners(cfg) -> dict[int, int]:
+    """sample id -> shard, from the run's deterministic partition."""
+    bundle = load_dataset(cfg)
+    return {int(i): k for k, shard in enumerate(shard_of(cfg, bundle)) for i in shard.ids.tolist()}
+
+
+# ---------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fairforget",
+        description="Federated privacy-preserving debiasing on Flower: SISA shard ensembles, exact "
+                    "unlearning and reports.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sim = sub.add_parser(
+        "simulate", help="train a federated run through Flower's simulation engine",
+        description="Train one SISA shard model per Flower client through `flwr run` (Ray backend) and "
+                    "write OUT/metrics.json, OUT/ledger.jsonl, OUT/report.md (with PNG plots) and "
+                    "OUT/config.toml. Defaults: pyproject.toml [tool.flwr.app.config].",
+    )
+    sim.add_argument("--config", metavar="FILE.toml",
+                     help="a TOML file of run-config keys overriding the defaults (flat keys, or a "
+                          "[tool.flwr.app.config] table)")
+    sim.add_argument("--set", metavar="KEY=VALUE", action="append",
+                     help="override one run-config key, e.g. --set num-shards=8 (repeatable; applied after --config)")
+    sim.add_argument("--out", metavar="DIR", help="output folder (default: the out-dir key, runs/demo)")
+    sim.add_argument("--force", action="store_true", help="replace an output folder that already holds files")
+    sim.add_argument("--quiet", action="store_true", help="hide Flower's streamed logs")
+    sim.set_defaults(func=cmd_simulate)
+
+    fg = sub.add_parser(
+        "forget", help="delete samples from a finished run (exact SISA unlearning)",
+        description="Route deletion requests to the shards that own the samples, retrain only those "
+                    "shards from their last clean checkpoint, and update the run's models, metrics, "
+                    "ledger and report.",
+    )
+    fg.add_argument("--run", metavar="DIR", required=True, help="the folder of a finished `simulate` run")
+    ids = fg.add_mutually_exclusive_group(required=True)
+    ids.add_argument("--ids", metavar="ID,ID,...", help="comma-separated sample ids, e.g. 3,17,42")
+    ids.add_argument("--ids-file", metavar="FILE", help="a file of sample ids, separated by commas or newlines")
+    fg.add_argument("--quiet", action="store_true", help="hide Flower's streamed logs")
+    fg.set_defaults(func=cmd_forget)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from server.run_files import RunDirError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (UserError, ConfigError, DatasetError, RunDirError) as exc:
+        print(f"fairforget: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except FlowerRunError as exc:
+        print(f"fairforget: error: {exc}", file=sys.stderr)
+        return EXIT_RUN
+    except KeyboardInterrupt:
+        print("fairforget: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""Typed run configuration with one source of defaults.
+
+The defaults live once, in ``pyproject.toml`` under ``[tool.flwr.app.config]`` (where Flower reads
+them too). This module reads that table, applies a user's overrides (a TOML file, ``key=value``
+pairs), checks every key, type and range, and returns a frozen :class:`RunConfig`. The ServerApp and
+the ClientApp turn ``context.run_config`` into the same object once; deeper code never sees the
+Flower ``Context``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+APP_DIR = Path(__file__).resolve().parents[1]
+PYPROJECT = APP_DIR / "pyproject.toml"
+
+MODES = ("simulate", "forget")
+PARTITIONS = ("iid", "site")
+VOTES = ("softmax", "majority")
+
+
+class ConfigError(ValueError):
+    """A run configuration that cannot be used; the message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every run-config key, in snake case (``model-width`` -> ``model_width``)."""
+
+    mode: str
+    out_dir: str
+    forget_ids: str
+    seed: int
+    dataset: str
+    data_root: str
+    image_size: int
+    rho: float
+    class_imbalance: float
+    heldout_fraction: float
+    test_fraction: float
+    max_samples: int
+    celeba_target: str
+    celeba_private: str
+    num_shards: int
+    partition: str
+    strategy: str
+    ensemble_vote: str
+    rounds: int
+    local_epochs: int
+    slices: int
+    epochs_per_slice: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    model_width: int
+    num_threads: int
+    client_cpus: int
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:
+        """Build from a complete kebab-case mapping (Flower's ``context.run_config``)."""
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(k for k in values if _snake(k) not in known)
+        if unknown:
+            raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
+        missing = sorted(_kebab(n) for n in known if _kebab(n) not in values)
+        if missing:
+            raise ConfigError(f"missing config key(s): {', '.join(missing)}")
+        kwargs = {name: _coerce(_kebab(name), values[_kebab(name)], f.type) for name, f in known.items()}
+        config = cls(**kwargs)
+        config.validate()
+        return config
+
+    def to_mapping(self) -> dict[str, Any]:
+        """The kebab-case mapping Flower's run config uses."""
+        return {_kebab(k): v for k, v in dataclasses.asdict(self).items()}
+
+    def replace(self, **changes: Any) -> RunConfig:
+        """A copy with some fields changed (snake-case names), validated again."""
+        config = dataclasses.replace(self, **changes)
+        config.validate()
+        return config
+
+    # ------------------------------------------------------------------ checks
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first key whose value is out of range."""
+        from fairforget.data import DATASETS  # local: data imports torch, config must stay light
+        from strategies import STRATEGIES
+
+        checks: list[tuple[str, bool, str]] = [
+            ("mode", self.mode in MODES, f"one of {', '.join(MODES)}"),
+            ("dataset", self.dataset in DATASETS, f"one of {', '.join(sorted(DATASETS))}"),
+            ("strategy", self.strategy in STRATEGIES, f"one of {', '.join(sorted(STRATEGIES))}"),
+            ("partition", self.partition in PARTITIONS, f"one of {', '.join(PARTITIONS)}"),
+            ("ensemble-vote", self.ensemble_vote in VOTES, f"one of {', '.join(VOTES)}"),
+            ("out-dir", bool(self.out_dir.strip()), "a non-empty path"),
+            ("rho", 0.0 <= self.rho <= 1.0, "in [0, 1]"),
+            ("class-imbalance", self.class_imbalance >= 1.0, ">= 1"),
+            ("heldout-fraction", 0.0 < self.heldout_fraction < 0.5, "in (0, 0.5)"),
+            ("test-fraction", 0.0 < self.test_fraction < 0.5, "in (0, 0.5)"),
+            ("image-size", 8 <= self.image_size <= 64, "in [8, 64]"),
+            ("max-samples", self.max_samples >= 0, ">= 0"),
+            ("num-shards", 1 <= self.num_shards <= 64, "in [1, 64]"),
+            ("rounds", self.rounds >= 1, ">= 1"),
+            ("local-epochs", self.local_epochs >= 1, ">= 1"),
+            ("slices", 1 <= self.slices <= 64, "in [1, 64]"),
+            ("epochs-per-slice", self.epochs_per_slice >= 1, ">= 1"),
+            ("batch-size", self.batch_size >= 1, ">= 1"),
+            ("lr", self.lr > 0.0, "> 0"),
+            ("weight-decay", self.weight_decay >= 0.0, ">= 0"),
+            ("model-width", 1 <= self.model_width <= 256, "in [1, 256]"),
+            ("num-threads", self.num_threads >= 0, ">= 0 (0 = torch's default)"),
+            ("client-cpus", self.client_cpus >= 1, ">= 1"),
+        ]
+        for key, ok, expected in checks:
+            if not ok:
+                raise ConfigError(f"config key '{key}' = {getattr(self, _snake(key))!r}: must be {expected}")
+        if self.heldout_fraction + self.test_fraction >= 0.8:
+            raise ConfigError("heldout-fraction + test-fraction must leave at least 20% for training")
+        parse_ids(self.forget_ids)
+
+    @property
+    def out_path(self) -> Path:
+        return Path(self.out_dir)
+
+
+# ---------------------------------------------------------------------- defaults and overrides
+def load_defaults(pyproject: Path = PYPROJECT) -> dict[str, Any]:
+    """The ``[tool.flwr.app.config]`` table of the app's ``pyproject.toml``."""
+    with pyproject.open("rb") as fh:
+        return dict(tomllib.load(fh)["tool"]["flwr"]["app"]["config"])
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """A user's config file: a flat table of run-config keys (a ``[tool.flwr.app.config]`` or
+    ``[config]`` table is accepted too)."""
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    for table in (("tool", "flwr", "app", "config"), ("config",)):
+        node: Any = data
+        for part in table:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            return dict(node)
+    nested = [k for k, v in data.items() if isinstance(v, dict)]
+    if nested:
+        raise ConfigError(f"config file {path}: unexpected table(s) {', '.join(nested)}")
+    return data
+
+
+def parse_set(pairs: list[str]) -> dict[str, Any]:
+    """``key=value`` strings from the command line; values are parsed as TOML scalars where they
+    can be (``3``, ``0.5``, ``true``, ``"x"``) and taken as plain strings otherwise."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects key=value, got {pair!r}")
+        try:
+            value = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw.strip()
+        out[key.strip()] = value
+    return out
+
+
+def resolve(*overrides: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> RunConfig:
+    """Defaults, then each override mapping in order; unknown keys are rejected."""
+    merged = dict(load_defaults() if defaults is None else defaults)
+    for layer in overrides:
+        unknown = sorted(k for k in layer if k not in merged)
+        if unknown:
+            raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
+        merged.update(layer)
+    return RunConfig.from_mapping(merged)
+
+
+def parse_ids(text: str) -> list[int]:
+    """``"3,17,42"`` -> ``[3, 17, 42]``; a clear error for anything else."""
+    ids: list[int] = []
+    for token in text.replace("\n", ",").split(","):
+        token = token.strip()
+        if not token:
+            continue
+        if not token.isdigit():
+            raise ConfigError(f"sample ids must be non-negative integers, got {token!r}")
+        ids.append(int(token))
+    if len(set(ids)) != len(ids):
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        raise ConfigError(f"sample id(s) listed twice: {', '.join(map(str, dup))}")
+    return ids
+
+
+# ---------------------------------------------------------------------- helpers
+def _snake(key: str) -> str:
+    return key.replace("-", "_")
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    kind = {"int": int, "float": float, "str": str, "bool": bool}[str(annotation)]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(
+            f"config key '{key}' = {value!r}: expected {kind.__name__}, got {type(value).__name__}"
+        )
+    return value

@@ -1,0 +1,41 @@
+"""Message types and record keys shared by the ServerApp, the strategies and the ClientApp.
+
+One module, so that the two sides of every message agree on its spelling.
+"""
+
+# Message types (``<category>.<action>``); the ClientApp registers one handler for each.
+MSG_TRAIN = "train"
+MSG_UNLEARN = "train.unlearn"
+MSG_DESCRIBE = "query.describe"
+
+# Record names inside a message's RecordDict.
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+
+# Keys of the ConfigRecord the server sends.
+TRAIN_MODE = "train-mode"  # "sisa-stage" or "local-epochs"
+STAGE = "stage"  # SISA stage (1-based slice count) to train
+SERVER_ROUND = "server-round"
+FORGET_IDS = "forget-ids"  # list of sample ids, for train.unlearn and query.describe
+
+TRAIN_MODE_SISA = "sisa-stage"
+TRAIN_MODE_LOCAL = "local-epochs"
+
+# Keys of the MetricRecord / ConfigRecord a client replies with.
+SHARD = "shard"
+NUM_EXAMPLES = "num-examples"
+TRAIN_SECONDS = "train-seconds"
+KL_BIAS = "kl-bias"
+MODEL_HASH = "model-hash"
+HASH_BEFORE = "hash-before"
+RESTART_SLICE = "restart-slice"
+OWNED_IDS = "owned-ids"
+DELETED_IDS = "deleted-ids"
+GROUP_COUNTS = "group-counts"
+
+# Node-config keys (deployment: set per SuperNode; simulation: set by Flower).
+NODE_PARTITION_ID = "partition-id"
+NODE_NUM_PARTITIONS = "num-partitions"
+NODE_STATE_DIR = "state-dir"
+NODE_DATA_ROOT = "data-root"

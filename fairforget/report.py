@@ -1,0 +1,130 @@
+"""``OUT/report.md`` and its plots, rendered from ``metrics.json`` and ``ledger.jsonl`` alone, so
+that every command that changes the figures (simulate, forget) can render it again."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from fairforget.storage import atomic_write_bytes, atomic_write_text, read_json, read_jsonl  # noqa: E402
+
+
+def _save(fig: Any, path: Path) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return path.name
+
+
+def plot_rounds(metrics: dict[str, Any], path: Path) -> str | None:
+    rows = metrics["rounds"]
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    r = [row["round"] for row in rows]
+    ax.plot(r, [row["accuracy_biased"] for row in rows], "o-", label="biased test")
+    ax.plot(r, [row["accuracy_unbiased"] for row in rows], "s-", label="unbiased test")
+    ax.plot(r, [row["worst_group_accuracy"] for row in rows], "^--", label="worst group (unbiased)")
+    ax.set(xlabel="round (SISA slice)", ylabel="accuracy", ylim=(0, 1.02), title="Ensemble accuracy by round")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_groups(metrics: dict[str, Any], path: Path) -> str:
+    run = metrics["run"]
+    grid = np.full((run["num_classes"], run["num_private"]), np.nan)
+    for g in metrics["ensemble"]["unbiased"]["groups"]:
+        grid[g["class"], g["private"]] = g["accuracy"]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * run["num_private"], 1.2 + 0.35 * run["num_classes"]))
+    im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    ax.set(xlabel="private attribute", ylabel="class", title="Accuracy per group (unbiased test)")
+    fig.colorbar(im, ax=ax, fraction=0.05)
+    return _save(fig, path)
+
+
+def plot_shards(metrics: dict[str, Any], path: Path) -> str:
+    shards = metrics["shards"]
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.bar([str(s["shard"]) for s in shards], [s["kl_bias"] for s in shards], color="tab:orange")
+    ax.set(xlabel="shard", ylabel="KL(p_group || uniform)", title="Bias of each shard")
+    return _save(fig, path)
+
+
+def plot_unlearning(metrics: dict[str, Any], path: Path) -> str | None:
+    rows = metrics["unlearning"]
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(5, 3))
+    labels = [f"#{u['request']}" for u in rows]
+    x = np.arange(len(rows))
+    ax.bar(x - 0.2, [u["seconds"] for u in rows], 0.4, label="unlearning (retrain affected shards)")
+    ax.bar(x + 0.2, [u["full_retrain_seconds"] for u in rows], 0.4, label="full retrain (all shards)")
+    ax.set_xticks(x, labels)
+    ax.set(xlabel="deletion request", ylabel="seconds of training", title="Cost of forgetting")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def write_report(run_dir: Path) -> Path:
+    run_dir = Path(run_dir)
+    metrics = read_json(run_dir / "metrics.json")
+    ledger = read_jsonl(run_dir / "ledger.jsonl")
+    plots = [
+        ("Accuracy by round", plot_rounds(metrics, run_dir / "accuracy_rounds.png")),
+        ("Accuracy per (class, private attribute) group", plot_groups(metrics, run_dir / "group_accuracy.png")),
+        ("Bias per shard", plot_shards(metrics, run_dir / "shard_bias.png")),
+        ("Unlearning cost", plot_unlearning(metrics, run_dir / "unlearning.png")),
+    ]
+    run, ens = metrics["run"], metrics["ensemble"]
+    lines = [
+        f"# fairforget report: {run['dataset']}, {run['strategy']}",
+        "",
+        f"{run['num_shards']} shards x {run['slices']} slices; rho = {run['rho']}, class imbalance = "
+        f"{run['class_imbalance']}, seed = {run['seed']}; {run['num_train']} members, "
+        f"{run['num_heldout']} held-out non-members, {run['num_test_biased']} biased and "
+        f"{run['num_test_unbiased']} unbiased test samples.",
+        "",
+        "## Utility and fairness (ensemble)",
+        "",
+        "| test set | accuracy | worst group (class, private) | worst-group accuracy | groups |",
+        "|---|---|---|---|---|",
+    ]
+    for name in ("biased", "unbiased"):
+        w = ens[name]["worst_group"]
+        lines.append(f"| {name} | {ens[name]['accuracy']:.3f} | ({w['class']}, {w['private']}), n = {w['n']} | "
+                     f"{w['accuracy']:.3f} | {len(ens[name]['groups'])} |")
+    lines += ["", "## Shards", "", "| shard | samples | KL bias | train seconds | unbiased accuracy | model hash |",
+              "|---|---|---|---|---|---|"]
+    for s in metrics["shards"]:
+        acc = s.get("accuracy_unbiased")
+        lines.append(f"| {s['shard']} | {s['num_examples']} | {s['kl_bias']:.3f} | {s['train_seconds']:.2f} | "
+                     f"{'' if acc is None else f'{acc:.3f}'} | `{s['model_hash']}` |")
+    lines += ["", "## Unlearning", ""]
+    if metrics["unlearning"]:
+        lines += ["| request | ids | shards | seconds | full retrain seconds | speed-up | unbiased acc. after |",
+                  "|---|---|---|---|---|---|---|"]
+        for u in metrics["unlearning"]:
+            ids = ", ".join(map(str, u["ids"][:8])) + (" ..." if len(u["ids"]) > 8 else "")
+            sp = u["speedup_vs_full_retrain"]
+            lines.append(f"| {u['request']} | {ids} | {', '.join(map(str, u['shards']))} | {u['seconds']:.2f} | "
+                         f"{u['full_retrain_seconds']:.2f} | {'' if sp is None else f'{sp:.1f}x'} | "
+                         f"{u['accuracy_unbiased']:.3f} |")
+        lines += ["", "Ledger (`ledger.jsonl`):", "", "| request | shard | restart stage | seconds | hash before | hash after |",
+                  "|---|---|---|---|---|---|"]
+        for e in ledger:
+            lines.append(f"| {e['request']} | {e['shard']} | {e['restart_stage']} | {e['seconds']:.2f} | "
+                         f"`{e['hash_before']}` | `{e['hash_after']}` |")
+    else:
+        lines.append("No deletion requests yet (`fairforget forget --run DIR --ids ...`).")
+    lines += ["", "## Plots", ""]
+    lines += [f"### {title}\n\n![{title}]({name})\n" for title, name in plots if name]
+    atomic_write_text(run_dir / "report.md", "\n".join(lines) + "\n")
+    return run_dir / "report.md"

@@ -1,0 +1,77 @@
+"""Launch a run through Flower's simulation engine: ``flwr run APP local --stream`` (Ray backend).
+
+The local SuperLink starts on demand (Flower manages it, under ``$FLWR_HOME``, default
+``~/.fairforget/flwr``, on ports 39191/39193 so it never collides with another Flower app's); the
+app runs in the current Python environment (no per-run ``uv sync``); the federation is
+sized per run with ``--federation-config num-supernodes=S``, one SuperNode per shard. The ServerApp
+writes ``OUT/status.json`` when it ends, which is how this module learns whether the run worked
+(``flwr run --stream`` only streams the logs).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import tomli_w
+
+from fairforget.config import APP_DIR, RunConfig
+from fairforget.storage import atomic_write_text, read_json
+
+
+class FlowerRunError(RuntimeError):
+    """The Flower run did not finish its work; the message says why in one line."""
+
+
+def flower_env() -> dict[str, str]:
+    env = os.environ.copy()
+    bin_dir = str(Path(sys.executable).parent)  # flwr and flower-superlink of this environment
+    env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
+    env.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    # The app runs in this environment: no per-run `uv sync` of its dependencies.
+    env.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+    # A SuperLink of fairforget's own (own ports and home), started on demand by `flwr run`.
+    env.setdefault("FLWR_HOME", str(Path.home() / ".fairforget" / "flwr"))
+    env.setdefault("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", "39191")
+    env.setdefault("FLWR_LOCAL_CONTROL_API_PORT", "39193")
+    env.setdefault("RAY_DEDUP_LOGS", "0")
+    return env
+
+
+def write_run_config(cfg: RunConfig, path: Path) -> None:
+    atomic_write_text(path, tomli_w.dumps(cfg.to_mapping()))
+
+
+def run_flower(cfg: RunConfig, quiet: bool = False) -> None:
+    """Run ``cfg`` (absolute ``out-dir``) to the end; raise :class:`FlowerRunError` if it failed."""
+    out = Path(cfg.out_dir)
+    status = out / "status.json"
+    status.unlink(missing_ok=True)
+    flwr = shutil.which("flwr", path=flower_env()["PATH"])
+    if flwr is None:
+        raise FlowerRunError("the 'flwr' command is not installed in this environment")
+    with tempfile.TemporaryDirectory(prefix="fairforget-") as tmp:
+        cfg_file = Path(tmp) / "run-config.toml"
+        write_run_config(cfg, cfg_file)
+        cmd = [
+            flwr, "run", str(APP_DIR), "local", "--stream",
+            "--run-config", str(cfg_file),
+            "--federation-config",
+            f"num-supernodes={cfg.num_shards} client-resources-num-cpus={cfg.client_cpus}",
+        ]
+        proc = subprocess.run(
+            cmd, env=flower_env(), cwd=str(APP_DIR), check=False,
+            stdout=subprocess.DEVNULL if quiet else None, stderr=subprocess.STDOUT if quiet else None,
+        )
+    if not status.is_file():
+        raise FlowerRunError(
+            f"the Flower run ended (exit {proc.returncode}) without finishing; see the log above"
+            + ("" if not quiet else " (rerun without --quiet)")
+        )
+    result = read_json(status)
+    if not result.get("ok"):
+        raise FlowerRunError(f"the {result.get('mode')} run failed: {result.get('error')}")

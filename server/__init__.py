@@ -1,0 +1,1 @@
+"""The ServerApp side: the training and forgetting drivers, evaluation and run files."""

@@ -1,0 +1,50 @@
+"""Server-side evaluation of the ensemble on the biased and the unbiased test sets."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, MetricRecord
+
+from fairforget.config import RunConfig
+from fairforget.data import DataBundle
+from fairforget.ensemble import Ensemble
+from fairforget.metrics import accuracy_report
+
+
+def evaluate_states(states: dict[int, dict[str, torch.Tensor]], bundle: DataBundle, cfg: RunConfig) -> dict[str, Any]:
+    """Accuracy, per-group accuracy and worst group of the ensemble on both test sets, and each
+    constituent's own accuracy on the unbiased test set."""
+    ensemble = Ensemble(states, bundle.num_classes, cfg.model_width, cfg.ensemble_vote)
+    out: dict[str, Any] = {}
+    for name, data in (("biased", bundle.test_biased), ("unbiased", bundle.test_unbiased)):
+        member = ensemble.member_probs(data.x)
+        probs = member.mean(0) if cfg.ensemble_vote == "softmax" else None
+        pred = probs.argmax(-1) if probs is not None else ensemble.predict(data.x)
+        out[name] = accuracy_report(pred, data, bundle.num_classes, bundle.num_private)
+        out[name]["per_model_accuracy"] = {
+            int(k): float((member[i].argmax(-1) == data.y).float().mean()) for i, k in enumerate(ensemble.models)
+        }
+    return out
+
+
+class RoundEvaluator:
+    """``evaluate_fn`` for Flower's ``Strategy.start``: evaluates after each round, keeps the history."""
+
+    def __init__(self, strategy: Any, bundle: DataBundle, cfg: RunConfig) -> None:
+        self.strategy, self.bundle, self.cfg = strategy, bundle, cfg
+        self.history: list[dict[str, Any]] = []
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if len(arrays) == 0:
+            return None
+        result = evaluate_states(self.strategy.ensemble_states(arrays), self.bundle, self.cfg)
+        row = {
+            "round": server_round,
+            "accuracy_biased": result["biased"]["accuracy"],
+            "accuracy_unbiased": result["unbiased"]["accuracy"],
+            "worst_group_accuracy": result["unbiased"]["worst_group"]["accuracy"],
+        }
+        self.history.append(row)
+        return MetricRecord({k: float(v) for k, v in row.items() if k != "round"})

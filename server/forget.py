@@ -1,0 +1,131 @@
+"""The forgetting driver (``mode = forget``): route deletion requests to the owning shards.
+
+Reads top to bottom: restore the finished run's ensemble, ask every node which of the ids it holds
+(``query.describe``), refuse the whole request if any id is unknown or already deleted, send each
+owning node a ``train.unlearn`` message with its ids, then replace those shards' models and append
+the ledger, the figures and the report. Shards that own none of the ids are not contacted again
+and their models stay byte-identical.
+"""
+
+from __future__ import annotations
+
+import time
+from logging import INFO
+from typing import Any
+
+from flwr.serverapp import Grid
+from flwr.supercore import log
+
+from fairforget import keys
+from fairforget.config import RunConfig, parse_ids
+from fairforget.data import load_dataset
+from fairforget.report import write_report
+from server.evaluation import evaluate_states
+from server.experiment import evaluation_summary
+from server.run_files import RunDir
+from strategies import STRATEGIES
+
+
+class ForgetError(ValueError):
+    """A deletion request that cannot be served; nothing was changed."""
+
+
+def run_forget(grid: Grid, cfg: RunConfig) -> None:
+    run = RunDir(cfg.out_path)
+    run.require_finished()
+    ids = parse_ids(cfg.forget_ids)
+    if not ids:
+        raise ForgetError("no sample ids to forget")
+    strategy = STRATEGIES[cfg.strategy].from_config(cfg)
+    if not strategy.exact_unlearning:
+        raise ForgetError(f"strategy '{cfg.strategy}' keeps no shard models; exact unlearning needs shard-ensemble")
+    strategy.load_states(run.load_models())
+
+    # 1. who holds what
+    replies = list(grid.send_and_receive(strategy.configure_describe(grid, ids)))
+    requests = route(replies, ids)
+
+    # 2. unlearn on the owning nodes only
+    t0 = time.perf_counter()
+    reports = strategy.aggregate_unlearn(grid.send_and_receive(strategy.configure_unlearn(requests)))
+    wall = time.perf_counter() - t0
+
+    # 3. save models, ledger, figures, report
+    run.save_models({k: strategy.shard_arrays[k].to_torch_state_dict() for k in reports})
+    metrics = run.metrics()
+    request_no = run.ledger.next_request()
+    ids_by_shard = {int(r["shard"]): requests[int(r["node-id"])] for r in reports.values()}
+    run.ledger.append(ledger_rows(request_no, ids_by_shard, reports))
+    bundle = load_dataset(cfg)
+    evaluation = evaluate_states(run.load_models(), bundle, cfg)
+    metrics = updated_metrics(metrics, request_no, ids_by_shard, reports, evaluation, wall)
+    run.write_metrics(metrics)
+    write_report(run.path)
+    log(INFO, "fairforget: forgot %d sample(s) from shard(s) %s", len(ids), sorted(ids_by_shard))
+
+
+def route(replies: list[Any], ids: list[int]) -> dict[int, list[int]]:
+    """``node_id -> ids it owns``; raises :class:`ForgetError` for unknown or deleted ids."""
+    owned: dict[int, list[int]] = {}
+    deleted: set[int] = set()
+    for reply in replies:
+        if reply.has_error():
+            raise ForgetError(f"node {reply.metadata.src_node_id} failed: {reply.error.reason}")
+        info = reply.content[keys.CONFIG]
+        mine = [int(i) for i in info[keys.OWNED_IDS]]
+        if mine:
+            owned[reply.metadata.src_node_id] = mine
+        deleted |= {int(i) for i in info[keys.DELETED_IDS]}
+    if deleted:
+        raise ForgetError(f"sample id(s) already deleted: {', '.join(map(str, sorted(deleted)))}")
+    held = {i for v in owned.values() for i in v}
+    unknown = sorted(set(ids) - held)
+    if unknown:
+        raise ForgetError(f"unknown sample id(s) (in no shard): {', '.join(map(str, unknown))}")
+    return owned
+
+
+def ledger_rows(request_no: int, ids_by_shard: dict[int, list[int]],
+                reports: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        {
+            "request": request_no,
+            "shard": shard,
+            "ids": sorted(ids_by_shard[shard]),
+            "method": reports[shard]["method"],
+            "decision": "exact-retrain",
+            "restart_stage": int(reports[shard][keys.RESTART_SLICE]),
+            "retrained_stages": int(reports[shard]["retrained-stages"]),
+            "seconds": float(reports[shard][keys.TRAIN_SECONDS]),
+            "hash_before": reports[shard][keys.HASH_BEFORE],
+            "hash_after": reports[shard][keys.MODEL_HASH],
+        }
+        for shard in sorted(ids_by_shard)
+    ]
+
+
+def updated_metrics(metrics: dict[str, Any], request_no: int, ids_by_shard: dict[int, list[int]],
+                    reports: dict[int, dict[str, Any]], evaluation: dict[str, Any], wall: float) -> dict[str, Any]:
+    seconds = sum(float(r[keys.TRAIN_SECONDS]) for r in reports.values())
+    full = float(metrics["timing"]["full_retrain_seconds"])
+    for row in metrics["shards"]:
+        if row["shard"] in reports:
+            rep = reports[row["shard"]]
+            row.update(num_examples=int(rep[keys.NUM_EXAMPLES]), kl_bias=float(rep[keys.KL_BIAS]),
+                       model_hash=rep[keys.MODEL_HASH])
+        row["accuracy_unbiased"] = evaluation["unbiased"]["per_model_accuracy"].get(row["shard"])
+    metrics["ensemble"] = evaluation_summary(evaluation)
+    metrics["unlearning"].append({
+        "request": request_no,
+        "ids": sorted(i for v in ids_by_shard.values() for i in v),
+        "shards": sorted(ids_by_shard),
+        "restart_stages": {str(k): int(r[keys.RESTART_SLICE]) for k, r in sorted(reports.items())},
+        "seconds": seconds,
+        "wall_seconds": wall,
+        "full_retrain_seconds": full,
+        "speedup_vs_full_retrain": full / seconds if seconds > 0 else None,
+        "accuracy_biased": evaluation["biased"]["accuracy"],
+        "accuracy_unbiased": evaluation["unbiased"]["accuracy"],
+        "worst_group_accuracy": evaluation["unbiased"]["worst_group"]["accuracy"],
+    })
+    return metrics

@@ -1,0 +1,81 @@
+"""A run folder and what it holds; every write is atomic.
+
+::
+
+    OUT/config.toml      the resolved run config (written by the CLI)
+    OUT/metrics.json     figures (schema in README.md)
+    OUT/ledger.jsonl     one line per deletion decision
+    OUT/report.md        the report, with PNG plots beside it
+    OUT/models/shard-K.pt  the server's copy of each constituent model
+    OUT/status.json      how the last Flower run in this folder ended
+    OUT/nodes/shard-K/   node-local SISA state (simulation only; a site keeps its own)
+"""
+
+from __future__ import annotations
+
+import tomllib
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fairforget.config import ConfigError, RunConfig
+from fairforget.ledger import Ledger
+from fairforget.storage import atomic_torch_save, atomic_write_json, read_json, torch_load
+
+
+class RunDirError(ValueError):
+    """A folder that is not a fairforget run; the message is one line for the user."""
+
+
+class RunDir:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    config_path = property(lambda self: self.path / "config.toml")
+    metrics_path = property(lambda self: self.path / "metrics.json")
+    report_path = property(lambda self: self.path / "report.md")
+    status_path = property(lambda self: self.path / "status.json")
+    models_dir = property(lambda self: self.path / "models")
+    ledger = property(lambda self: Ledger(self.path / "ledger.jsonl"))
+
+    # ------------------------------------------------------------------ checks
+    def require_finished(self) -> None:
+        if not self.path.is_dir():
+            raise RunDirError(f"{self.path} is not a folder")
+        missing = [p.name for p in (self.config_path, self.metrics_path) if not p.is_file()]
+        if missing or not self.models_dir.is_dir():
+            raise RunDirError(f"{self.path} is not a finished fairforget run (missing {', '.join(missing) or 'models/'})")
+
+    def config(self) -> RunConfig:
+        try:
+            with self.config_path.open("rb") as fh:
+                return RunConfig.from_mapping(tomllib.load(fh))
+        except (tomllib.TOMLDecodeError, ConfigError) as exc:
+            raise RunDirError(f"{self.config_path} is not a valid run config: {exc}") from None
+
+    # ------------------------------------------------------------------ models
+    def save_models(self, states: dict[int, dict[str, torch.Tensor]]) -> None:
+        for shard, state in states.items():
+            atomic_torch_save(self.models_dir / f"shard-{shard}.pt", state)
+
+    def load_models(self) -> dict[int, dict[str, torch.Tensor]]:
+        paths = sorted(self.models_dir.glob("shard-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
+        return {int(p.stem.split("-")[1]): torch_load(p) for p in paths}
+
+    # ------------------------------------------------------------------ figures
+    def metrics(self) -> dict[str, Any]:
+        return read_json(self.metrics_path)
+
+    def write_metrics(self, metrics: dict[str, Any]) -> None:
+        atomic_write_json(self.metrics_path, metrics)
+
+    def write_status(self, mode: str, ok: bool, error: str = "") -> None:
+        atomic_write_json(self.status_path, {
+            "mode": mode, "ok": ok, "error": error,
+            "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+        })
+
+    def status(self) -> dict[str, Any] | None:
+        return read_json(self.status_path) if self.status_path.is_file() else None

@@ -1,0 +1,100 @@
+"""What every fairforget strategy adds to Flower's :class:`flwr.serverapp.strategy.Strategy`.
+
+A strategy is built from the run config (:meth:`from_config`), says how many rounds it runs and
+where the models it produces come from (:meth:`ensemble_states`, one state dict per constituent),
+records each shard's reply figures (:attr:`shard_reports`), and declares whether it supports exact
+unlearning. Helpers here pack several shard models into one ArrayRecord, so that Flower's
+``Strategy.start`` loop, which carries one ArrayRecord between rounds, carries the whole ensemble.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any, ClassVar
+
+import torch
+from flwr.app import ArrayRecord, Message, MetricRecord
+
+from fairforget import keys
+
+SEP = "/"
+
+
+class StrategyReplyError(RuntimeError):
+    """A client answered with an error, or without the records a strategy needs."""
+
+
+class FairforgetStrategy:
+    """Mixin contract; concrete strategies also subclass a Flower strategy."""
+
+    name: ClassVar[str]
+    exact_unlearning: ClassVar[bool] = False
+
+    def __init__(self) -> None:
+        self.shard_reports: dict[int, dict[str, Any]] = {}
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> FairforgetStrategy:
+        raise NotImplementedError  # each registered strategy overrides it
+
+    def num_rounds(self) -> int:
+        raise NotImplementedError
+
+    def initial_arrays(self, num_classes: int) -> ArrayRecord:
+        return ArrayRecord()
+
+    def ensemble_states(self, arrays: ArrayRecord) -> dict[int, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def record_replies(self, replies: Iterable[Message]) -> list[Message]:
+        """Raise on error replies; keep each shard's metrics and model hash; return the replies."""
+        ok = []
+        for reply in replies:
+            if reply.has_error():
+                raise StrategyReplyError(f"node {reply.metadata.src_node_id} failed: {reply.error.reason}")
+            metrics = reply.content.get(keys.METRICS)
+            if metrics is None:
+                raise StrategyReplyError(f"node {reply.metadata.src_node_id} replied without metrics")
+            shard = int(metrics[keys.SHARD])
+            report = {k: _plain(v) for k, v in metrics.items()}
+            info = reply.content.get(keys.CONFIG)
+            if info is not None:
+                report.update({k: _plain(v) for k, v in info.items()})
+            report["node-id"] = reply.metadata.src_node_id
+            self.shard_reports[shard] = report
+            ok.append(reply)
+        return ok
+
+
+def pack_shards(shards: Mapping[int, ArrayRecord]) -> ArrayRecord:
+    """One ArrayRecord holding every shard's arrays under ``shard-K/<name>``."""
+    packed = ArrayRecord()
+    for shard, record in sorted(shards.items()):
+        for name, array in record.items():
+            packed[f"shard-{shard}{SEP}{name}"] = array
+    return packed
+
+
+def unpack_shards(packed: ArrayRecord) -> dict[int, dict[str, torch.Tensor]]:
+    out: dict[int, dict[str, torch.Tensor]] = {}
+    for key, array in packed.items():
+        head, _, name = key.partition(SEP)
+        shard = int(head.removeprefix("shard-"))
+        out.setdefault(shard, {})[name] = torch.from_numpy(array.numpy().copy())
+    return out
+
+
+def mean_metrics(replies: list[Message], weight_key: str = keys.NUM_EXAMPLES) -> MetricRecord:
+    """Example-weighted means of the scalar metrics the replies share."""
+    records = [r.content[keys.METRICS] for r in replies]
+    total = sum(float(m[weight_key]) for m in records) or 1.0
+    out = MetricRecord()
+    for k, v in records[0].items():
+        if isinstance(v, int | float) and k not in (keys.SHARD,):
+            out[k] = sum(float(m[k]) * float(m[weight_key]) for m in records) / total
+    out[weight_key] = total
+    return out
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, list | tuple) else value

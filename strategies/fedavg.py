@@ -1,0 +1,60 @@
+"""FedAvg (McMahan et al. 2017), Flower's own implementation, for comparison with ShardEnsemble.
+
+Every node trains ``local-epochs`` on its shard from the global model; the server averages. One
+global model is trained on everyone's data, so deleting a sample needs a full retrain: this
+strategy declares no exact unlearning, and ``fairforget forget`` refuses its runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from fairforget import keys
+from fairforget.model import build_model
+from strategies.base import FairforgetStrategy
+
+
+class FedAvgBaseline(FairforgetStrategy, FedAvg):
+    name = "fedavg"
+    exact_unlearning = False
+
+    def __init__(self, num_shards: int, rounds: int, local_epochs: int, seed: int, width: int) -> None:
+        FairforgetStrategy.__init__(self)
+        FedAvg.__init__(self, fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=num_shards,
+                        min_available_nodes=num_shards, arrayrecord_key=keys.ARRAYS,
+                        configrecord_key=keys.CONFIG)
+        if rounds < 1 or local_epochs < 1:
+            raise ValueError("rounds and local_epochs must be >= 1")
+        self.rounds, self.local_epochs, self.seed, self.width = rounds, local_epochs, seed, width
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> FedAvgBaseline:
+        return cls(cfg.num_shards, cfg.rounds, cfg.local_epochs, cfg.seed, cfg.model_width)
+
+    def num_rounds(self) -> int:
+        return self.rounds
+
+    def initial_arrays(self, num_classes: int) -> ArrayRecord:
+        return ArrayRecord(build_model(num_classes, self.width, seed=self.seed).state_dict())
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        config = ConfigRecord(dict(config))
+        config[keys.TRAIN_MODE] = keys.TRAIN_MODE_LOCAL
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        ok = self.record_replies(replies)
+        for reply in ok:  # the reply's ConfigRecord is not part of FedAvg's contract
+            del reply.content[keys.CONFIG]
+        return super().aggregate_train(server_round, ok)
+
+    def ensemble_states(self, arrays: ArrayRecord) -> dict[int, dict[str, torch.Tensor]]:
+        return {0: arrays.to_torch_state_dict()}
