@@ -52,6 +52,7 @@ def train(content: RecordDict, node: Node) -> RecordDict:
             torch.set_num_threads(cfg.num_threads)
         model = build_model(node.bundle.num_classes, cfg.model_width, seed=0)
         model.load_state_dict(content[keys.ARRAYS].to_torch_state_dict())
+        model.to(cfg.torch_device())
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         rnd = int(config[keys.SERVER_ROUND])
         seeds = [derived_seed(cfg.seed, node.shard, rnd, e) for e in range(cfg.local_epochs)]
@@ -60,7 +61,7 @@ def train(content: RecordDict, node: Node) -> RecordDict:
         t0 = time.perf_counter()
         train_epochs(model, opt, node.data, cfg.local_epochs, cfg.batch_size, seeds)
         seconds = time.perf_counter() - t0
-        state = model.state_dict()
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         metrics = _shard_metrics(node, len(node.data), seconds)
     else:
         raise ValueError(f"unknown train mode {mode!r}")

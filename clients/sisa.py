@@ -42,6 +42,7 @@ class SisaSettings:
     num_classes: int
     seed: int
     num_threads: int = 1
+    device: str = "cpu"
 
     @classmethod
     def from_config(cls, cfg: Any, num_classes: int) -> SisaSettings:
@@ -49,6 +50,7 @@ class SisaSettings:
             slices=cfg.slices, epochs_per_slice=cfg.epochs_per_slice, batch_size=cfg.batch_size,
             lr=cfg.lr, weight_decay=cfg.weight_decay, width=cfg.model_width,
             num_classes=num_classes, seed=cfg.seed, num_threads=cfg.num_threads,
+            device=cfg.torch_device(),
         )
 
 
@@ -69,16 +71,19 @@ def assign_slices(ids: list[int], num_slices: int, seed: int, shard: int) -> lis
 
 def train_epochs(model: SimpleConvNet, optimizer: torch.optim.Optimizer, data: SampleSet, epochs: int,
                  batch_size: int, seeds: list[int]) -> float:
-    """Plain supervised epochs; each epoch's order from its own seed. Returns the last mean loss."""
+    """Plain supervised epochs on the model's device; each epoch's order from its own seed (drawn on
+    the CPU, so the order is the same on every device). Returns the last mean loss."""
     model.train()
+    device = next(model.parameters()).device
+    x, y = data.x.to(device), data.y.to(device)
     last = float("nan")
     for epoch in range(epochs):
         gen = torch.Generator().manual_seed(seeds[epoch])
         perm = torch.randperm(len(data), generator=gen)
         total, count = 0.0, 0
         for start in range(0, len(perm), batch_size):
-            idx = perm[start : start + batch_size]
-            loss = F.cross_entropy(model(data.x[idx]), data.y[idx])
+            idx = perm[start : start + batch_size].to(device)
+            loss = F.cross_entropy(model(x[idx]), y[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -154,7 +159,7 @@ class SisaShard:
     # ------------------------------------------------------------------ training
     def _fresh(self) -> tuple[SimpleConvNet, torch.optim.Optimizer]:
         s = self.settings
-        model = build_model(s.num_classes, s.width, seed=derived_seed(s.seed, self.shard, 0))
+        model = build_model(s.num_classes, s.width, seed=derived_seed(s.seed, self.shard, 0)).to(s.device)
         opt = torch.optim.Adam(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
         return model, opt
 
@@ -163,12 +168,13 @@ class SisaShard:
         if stage > 0:
             ckpt = torch_load(self.checkpoint_path(stage))
             model.load_state_dict(ckpt["model"])
-            opt.load_state_dict(ckpt["optimizer"])
+            opt.load_state_dict(ckpt["optimizer"])  # moves the state to the parameters' device
         return model, opt
 
     def model_state(self, stage: int | None = None) -> dict[str, torch.Tensor]:
         """The model after ``stage`` (default: the last trained stage)."""
-        return self.load_stage(self.trained if stage is None else stage)[0].state_dict()
+        model = self.load_stage(self.trained if stage is None else stage)[0]
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
     def train_stage(self, stage: int) -> dict[str, Any]:
         """Train SISA stage ``stage`` (1-based) from checkpoint ``stage - 1``."""
@@ -187,7 +193,9 @@ class SisaShard:
         loss = train_epochs(model, opt, data, s.epochs_per_slice, s.batch_size, seeds) if len(data) else float("nan")
         seconds = time.perf_counter() - t0
         atomic_torch_save(self.checkpoint_path(stage), {
-            "model": model.state_dict(), "optimizer": opt.state_dict(), "ids": torch.as_tensor(ids, dtype=torch.long),
+            "model": {k: v.cpu() for k, v in model.state_dict().items()},
+            "optimizer": _to_cpu(opt.state_dict()),
+            "ids": torch.as_tensor(ids, dtype=torch.long),
         })
         self.index["trained"] = stage
         self.index["stage_seconds"][stage - 1] = seconds
@@ -230,6 +238,16 @@ class SisaShard:
 
     def model_hash(self) -> str:
         return state_hash(self.model_state())
+
+
+def _to_cpu(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_cpu(v) for v in obj]
+    return obj
 
 
 def _fmt(ids: list[int], limit: int = 10) -> str:

@@ -22,6 +22,7 @@ PYPROJECT = APP_DIR / "pyproject.toml"
 MODES = ("simulate", "forget")
 PARTITIONS = ("iid", "site")
 VOTES = ("softmax", "majority")
+DEVICES = ("auto", "cpu", "cuda")
 
 
 class ConfigError(ValueError):
@@ -59,7 +60,9 @@ class RunConfig:
     weight_decay: float
     model_width: int
     num_threads: int
+    device: str
     client_cpus: int
+    client_gpus: float
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -116,7 +119,9 @@ class RunConfig:
             ("weight-decay", self.weight_decay >= 0.0, ">= 0"),
             ("model-width", 1 <= self.model_width <= 256, "in [1, 256]"),
             ("num-threads", self.num_threads >= 0, ">= 0 (0 = torch's default)"),
+            ("device", self.device in DEVICES, f"one of {', '.join(DEVICES)}"),
             ("client-cpus", self.client_cpus >= 1, ">= 1"),
+            ("client-gpus", 0.0 <= self.client_gpus <= 8.0, "in [0, 8]"),
         ]
         for key, ok, expected in checks:
             if not ok:
@@ -128,6 +133,14 @@ class RunConfig:
     @property
     def out_path(self) -> Path:
         return Path(self.out_dir)
+
+    def torch_device(self) -> str:
+        """``auto`` resolves to ``cuda`` when a GPU is visible, else ``cpu``."""
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 # ---------------------------------------------------------------------- defaults and overrides

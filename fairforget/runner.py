@@ -61,7 +61,8 @@ def run_flower(cfg: RunConfig, quiet: bool = False) -> None:
             flwr, "run", str(APP_DIR), "local", "--stream",
             "--run-config", str(cfg_file),
             "--federation-config",
-            f"num-supernodes={cfg.num_shards} client-resources-num-cpus={cfg.client_cpus}",
+            f"num-supernodes={cfg.num_shards} client-resources-num-cpus={cfg.client_cpus} "
+            f"client-resources-num-gpus={cfg.client_gpus}",
         ]
         proc = subprocess.run(
             cmd, env=flower_env(), cwd=str(APP_DIR), check=False,

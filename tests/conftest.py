@@ -1,0 +1,88 @@
+"""Shared fixtures: tiny run configs and an in-process Grid that delivers messages to the real
+ClientApp handlers, so strategies and drivers are tested without Ray or a network."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flwr.app import Error, Message
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+from clients import handlers
+from clients.node import Node
+from fairforget import keys
+from fairforget.config import RunConfig, resolve
+
+TINY = {
+    "num-shards": 2, "slices": 2, "epochs-per-slice": 1, "model-width": 4, "image-size": 8,
+    "batch-size": 64, "rounds": 2, "local-epochs": 1, "device": "cpu",
+}
+
+
+@pytest.fixture(autouse=True)
+def _task_identity() -> None:
+    """Flower's Message needs a run and node identity; the server is node 0 of run 1."""
+    TaskIdentity.run_id = 1
+    TaskIdentity.node_id = 0
+    TaskIdentity.task_id = 1
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path: Path):
+    def make(**overrides: Any) -> RunConfig:
+        values = {**TINY, "out-dir": str(tmp_path / "run"), **overrides}
+        return resolve(values)
+
+    return make
+
+
+class InProcessGrid(Grid):
+    """A Grid whose nodes are the real ClientApp handlers, called in this process.
+
+    Node ids are 101, 102, ... for partitions 0, 1, ...; a handler exception becomes an error reply,
+    as Flower turns a ClientApp exception into one."""
+
+    HANDLERS = {keys.MSG_TRAIN: handlers.train, keys.MSG_UNLEARN: handlers.unlearn,
+                keys.MSG_DESCRIBE: handlers.describe}
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.nodes = {101 + k: k for k in range(cfg.num_shards)}
+        self.sent: list[Message] = []
+
+    def node(self, node_id: int) -> Node:
+        return Node.from_context(self.cfg.to_mapping(), {
+            keys.NODE_PARTITION_ID: self.nodes[node_id], keys.NODE_NUM_PARTITIONS: self.cfg.num_shards,
+        })
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.nodes)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        replies = []
+        for msg in messages:
+            self.sent.append(msg)
+            try:
+                content = self.HANDLERS[msg.metadata.message_type](msg.content, self.node(msg.metadata.dst_node_id))
+                reply = Message(content, reply_to=msg)
+            except Exception as exc:  # noqa: BLE001 - mirrors Flower's error replies
+                reply = Message(Error(code=1, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
+            replies.append(reply)
+        return replies
+
+    # unused by fairforget's drivers
+    def set_run(self, run_id: int) -> None: ...
+    @property
+    def run(self) -> Any: ...
+    def create_message(self, *a: Any, **k: Any) -> Message: raise NotImplementedError
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]: raise NotImplementedError
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]: raise NotImplementedError
+
+
+@pytest.fixture
+def grid_for():
+    return InProcessGrid
