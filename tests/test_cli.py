@@ -1,0 +1,103 @@
+"""The command line: help, and bad input as one line with exit status 2 and nothing changed."""
+
+import pytest
+
+from fairforget import cli
+from fairforget.data import load_dataset, shard_of
+from fairforget.runner import write_run_config
+from server.experiment import run_training
+from server.run_files import RunDir
+
+
+def _snapshot(path):
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def _one_line_error(capsys, code, expected):
+    err = capsys.readouterr().err.strip()
+    assert code == cli.EXIT_USAGE
+    assert err.startswith("fairforget: error: ") and "\n" not in err and "Traceback" not in err
+    assert expected in err
+
+
+@pytest.mark.parametrize("command", ["simulate", "forget"])
+def test_help_explains_every_option(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main([command, "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for option in {"simulate": ["--config", "--set", "--out", "--force", "--quiet"],
+                   "forget": ["--run", "--ids", "--ids-file", "--quiet"]}[command]:
+        assert option in text
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--set", "bogus=1"], "unknown config key(s): bogus"),
+    (["--set", "num-shards=0"], "'num-shards' = 0"),
+    (["--set", "rho=1.2"], "'rho' = 1.2"),
+    (["--set", "lr=fast"], "expected float"),
+    (["--config", "/nonexistent/cfg.toml"], "config file not found"),
+])
+def test_simulate_bad_config(tmp_path, capsys, args, expected):
+    out = tmp_path / "out"
+    code = cli.main(["simulate", *args, "--out", str(out)])
+    _one_line_error(capsys, code, expected)
+    assert not out.exists()
+
+
+def test_simulate_refuses_to_overwrite(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.json").write_text("{}")
+    code = cli.main(["simulate", "--out", str(out), "--set", "num-shards=2"])
+    _one_line_error(capsys, code, "already holds files")
+    assert (out / "metrics.json").read_text() == "{}"
+
+
+@pytest.fixture
+def finished_run(tiny_cfg, grid_for):
+    cfg = tiny_cfg()
+    cfg.out_path.mkdir(parents=True)
+    write_run_config(cfg, cfg.out_path / "config.toml")
+    run_training(grid_for(cfg), cfg)
+    return cfg
+
+
+def test_forget_bad_input_changes_nothing(finished_run, capsys, tmp_path, grid_for):
+    cfg = finished_run
+    run = RunDir(cfg.out_path)
+    owned = shard_of(cfg, load_dataset(cfg))[0].ids[0].item()
+    heldout = load_dataset(cfg).heldout.ids[0].item()
+    run.ledger.append([{"request": 1, "shard": 0, "ids": [owned], "method": "exact-sisa"}])  # as if deleted
+    before = _snapshot(cfg.out_path)
+    cases = [
+        (["--ids", f"{owned}"], f"already deleted: {owned}"),
+        (["--ids", "999999"], "unknown sample id(s) (not a training member of this run): 999999"),
+        (["--ids", f"{heldout}"], "not a training member"),
+        (["--ids", "1,x"], "non-negative integers"),
+        (["--ids", "5,5"], "listed twice"),
+        (["--ids", ""], "no sample ids"),
+        (["--ids-file", str(tmp_path / "missing.txt")], "cannot read --ids-file"),
+    ]
+    for args, expected in cases:
+        code = cli.main(["forget", "--run", str(cfg.out_path), *args])
+        _one_line_error(capsys, code, expected)
+    assert _snapshot(cfg.out_path) == before
+
+
+def test_forget_needs_a_run_folder(tmp_path, capsys):
+    code = cli.main(["forget", "--run", str(tmp_path), "--ids", "1"])
+    _one_line_error(capsys, code, "is not a finished fairforget run")
+    code = cli.main(["forget", "--run", str(tmp_path / "nope"), "--ids", "1"])
+    _one_line_error(capsys, code, "is not a folder")
+
+
+def test_forget_refuses_fedavg_runs(tiny_cfg, grid_for, capsys):
+    cfg = tiny_cfg(strategy="fedavg")
+    cfg.out_path.mkdir(parents=True)
+    write_run_config(cfg, cfg.out_path / "config.toml")
+    run_training(grid_for(cfg), cfg)
+    before = _snapshot(cfg.out_path)
+    code = cli.main(["forget", "--run", str(cfg.out_path), "--ids", "1"])
+    _one_line_error(capsys, code, "exact unlearning needs shard-ensemble")
+    assert _snapshot(cfg.out_path) == before
