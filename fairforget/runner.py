@@ -1,7 +1,8 @@
 """Launch a run through Flower's simulation engine: ``flwr run APP local --stream`` (Ray backend).
 
 The local SuperLink starts on demand (Flower manages it, under ``$FLWR_HOME``, default
-``~/.fairforget/flwr``, on ports 39191/39193 so it never collides with another Flower app's); the
+``<python env>/fairforget-flwr``, on two ports derived from the environment's path, so it never
+collides with another checkout's or another Flower app's; all three are environment variables); the
 app runs in the current Python environment (no per-run ``uv sync``); the federation is
 sized per run with ``--federation-config num-supernodes=S``, one SuperNode per shard. The ServerApp
 writes ``OUT/status.json`` when it ends, which is how this module learns whether the run worked
@@ -15,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import zlib
 from pathlib import Path
 
 import tomli_w
@@ -34,10 +36,12 @@ def flower_env() -> dict[str, str]:
     env.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     # The app runs in this environment: no per-run `uv sync` of its dependencies.
     env.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
-    # A SuperLink of fairforget's own (own ports and home), started on demand by `flwr run`.
-    env.setdefault("FLWR_HOME", str(Path.home() / ".fairforget" / "flwr"))
-    env.setdefault("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", "39191")
-    env.setdefault("FLWR_LOCAL_CONTROL_API_PORT", "39193")
+    # A SuperLink of this environment's own (own home and ports), started on demand by `flwr run`,
+    # so two checkouts or a user's other Flower apps never share one.
+    env.setdefault("FLWR_HOME", str(Path(sys.prefix) / "fairforget-flwr"))
+    port = 40000 + 2 * (zlib.crc32(sys.prefix.encode()) % 4000)
+    env.setdefault("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", str(port))
+    env.setdefault("FLWR_LOCAL_CONTROL_API_PORT", str(port + 1))
     env.setdefault("RAY_DEDUP_LOGS", "0")
     return env
 

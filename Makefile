@@ -1,0 +1,30 @@
+# fairforget: `make demo` runs the main job, `make test` the test suite. Both set up .venv first.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+OUT    ?= runs/demo
+
+.PHONY: demo test bench lint clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+demo: $(VENV)/.installed  ## train a 4-shard SISA ensemble on Biased-Digits via Flower, then forget 3 samples
+	$(BIN)/fairforget simulate --out $(OUT) --force
+	$(BIN)/fairforget forget --run $(OUT) --ids 17,42,5
+	@echo "report: $(OUT)/report.md"
+
+test: $(VENV)/.installed  ## unit tests + one end-to-end Flower simulation
+	$(BIN)/python -m pytest -q
+
+bench: $(VENV)/.installed  ## unlearning speed-ups and Flower engine overhead (prints figures)
+	$(BIN)/python simulations/benchmark.py
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf runs
