@@ -13,7 +13,7 @@ from pathlib import Path
 
 from fairforget.config import ConfigError, parse_ids, parse_set, read_toml, resolve
 from fairforget.data import DatasetError, load_dataset, shard_of
-from fairforget.runner import FlowerRunError, run_flower, write_run_config
+from fairforget.runner import FlowerRunError, run_flower
 
 EXIT_USAGE = 2
 EXIT_RUN = 1
@@ -40,7 +40,6 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             raise UserError(f"{out} already holds files; choose another --out or pass --force to replace it")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    write_run_config(cfg, out / "config.toml")
     print(f"fairforget: training {cfg.num_shards} shards x {cfg.slices} slices of {bundle.name} "
           f"({len(bundle.train)} members) with {cfg.strategy} via Flower; output in {out}", flush=True)
     run_flower(cfg, quiet=args.quiet)

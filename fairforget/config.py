@@ -84,6 +84,12 @@ class RunConfig:
         """The kebab-case mapping Flower's run config uses."""
         return {_kebab(k): v for k, v in dataclasses.asdict(self).items()}
 
+    def to_toml(self) -> str:
+        """The kebab-case mapping as a flat TOML table (``OUT/config.toml``, ``--run-config``)."""
+        import tomli_w
+
+        return tomli_w.dumps(self.to_mapping())
+
     def replace(self, **changes: Any) -> RunConfig:
         """A copy with some fields changed (snake-case names), validated again."""
         config = dataclasses.replace(self, **changes)

@@ -19,10 +19,8 @@ import tempfile
 import zlib
 from pathlib import Path
 
-import tomli_w
-
 from fairforget.config import APP_DIR, RunConfig
-from fairforget.storage import atomic_write_text, read_json
+from fairforget.storage import read_json
 
 
 class FlowerRunError(RuntimeError):
@@ -46,10 +44,6 @@ def flower_env() -> dict[str, str]:
     return env
 
 
-def write_run_config(cfg: RunConfig, path: Path) -> None:
-    atomic_write_text(path, tomli_w.dumps(cfg.to_mapping()))
-
-
 def run_flower(cfg: RunConfig, quiet: bool = False) -> None:
     """Run ``cfg`` (absolute ``out-dir``) to the end; raise :class:`FlowerRunError` if it failed."""
     out = Path(cfg.out_dir)
@@ -60,7 +54,7 @@ def run_flower(cfg: RunConfig, quiet: bool = False) -> None:
         raise FlowerRunError("the 'flwr' command is not installed in this environment")
     with tempfile.TemporaryDirectory(prefix="fairforget-") as tmp:
         cfg_file = Path(tmp) / "run-config.toml"
-        write_run_config(cfg, cfg_file)
+        cfg_file.write_text(cfg.to_toml())
         cmd = [
             flwr, "run", str(APP_DIR), "local", "--stream",
             "--run-config", str(cfg_file),

@@ -24,6 +24,7 @@ from strategies import STRATEGIES
 
 def run_training(grid: Grid, cfg: RunConfig) -> None:
     run = RunDir(cfg.out_path)
+    run.write_config(cfg)
     bundle = load_dataset(cfg)
     strategy = STRATEGIES[cfg.strategy].from_config(cfg)
     evaluator = RoundEvaluator(strategy, bundle, cfg)

@@ -22,7 +22,7 @@ import torch
 
 from fairforget.config import ConfigError, RunConfig
 from fairforget.ledger import Ledger
-from fairforget.storage import atomic_torch_save, atomic_write_json, read_json, torch_load
+from fairforget.storage import atomic_torch_save, atomic_write_json, atomic_write_text, read_json, torch_load
 
 
 class RunDirError(ValueError):
@@ -47,6 +47,9 @@ class RunDir:
         missing = [p.name for p in (self.config_path, self.metrics_path) if not p.is_file()]
         if missing or not self.models_dir.is_dir():
             raise RunDirError(f"{self.path} is not a finished fairforget run (missing {', '.join(missing) or 'models/'})")
+
+    def write_config(self, cfg: RunConfig) -> None:
+        atomic_write_text(self.config_path, cfg.to_toml())
 
     def config(self) -> RunConfig:
         try:

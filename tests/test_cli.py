@@ -4,7 +4,6 @@ import pytest
 
 from fairforget import cli
 from fairforget.data import load_dataset, shard_of
-from fairforget.runner import write_run_config
 from server.experiment import run_training
 from server.run_files import RunDir
 
@@ -57,8 +56,6 @@ def test_simulate_refuses_to_overwrite(tmp_path, capsys):
 @pytest.fixture
 def finished_run(tiny_cfg, grid_for):
     cfg = tiny_cfg()
-    cfg.out_path.mkdir(parents=True)
-    write_run_config(cfg, cfg.out_path / "config.toml")
     run_training(grid_for(cfg), cfg)
     return cfg
 
@@ -94,8 +91,6 @@ def test_forget_needs_a_run_folder(tmp_path, capsys):
 
 def test_forget_refuses_fedavg_runs(tiny_cfg, grid_for, capsys):
     cfg = tiny_cfg(strategy="fedavg")
-    cfg.out_path.mkdir(parents=True)
-    write_run_config(cfg, cfg.out_path / "config.toml")
     run_training(grid_for(cfg), cfg)
     before = _snapshot(cfg.out_path)
     code = cli.main(["forget", "--run", str(cfg.out_path), "--ids", "1"])

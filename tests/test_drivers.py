@@ -14,8 +14,6 @@ from server.run_files import RunDir
 @pytest.fixture
 def trained(tiny_cfg, grid_for):
     cfg = tiny_cfg()
-    cfg.out_path.mkdir(parents=True)
-    (cfg.out_path / "config.toml").write_text("")  # written by the CLI in real runs
     run_training(grid_for(cfg), cfg)
     return cfg
 
@@ -39,6 +37,7 @@ def test_training_writes_metrics_report_models(trained):
     assert [r["round"] for r in m["rounds"]] == list(range(1, trained.slices + 1))
     assert m["timing"]["full_retrain_seconds"] > 0
     assert m["unlearning"] == []
+    assert run.config() == trained
     assert run.report_path.read_text().startswith("# fairforget report")
     assert (run.path / "group_accuracy.png").read_bytes()[:4] == b"\x89PNG"
     assert sorted(p.name for p in run.models_dir.iterdir()) == ["shard-0.pt", "shard-1.pt"]
