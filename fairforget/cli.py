@@ -86,7 +86,8 @@ def cmd_forget(args: argparse.Namespace) -> int:
         raise UserError(f"sample id(s) already deleted: {', '.join(map(str, already))}")
     unknown = sorted(i for i in ids if i not in owner)
     if unknown:
-        raise UserError(f"unknown sample id(s) (not a training member of this run): {', '.join(map(str, unknown[:20]))}")
+        shown = ", ".join(map(str, unknown[:20]))
+        raise UserError(f"unknown sample id(s) (not a training member of this run): {shown}")
     before = {s["shard"]: s for s in run.metrics()["shards"]}
     shards = sorted({owner[i] for i in ids})
     print(f"fairforget: forgetting {len(ids)} sample(s) owned by shard(s) {', '.join(map(str, shards))}", flush=True)

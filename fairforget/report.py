@@ -117,7 +117,8 @@ def write_report(run_dir: Path) -> Path:
             lines.append(f"| {u['request']} | {ids} | {', '.join(map(str, u['shards']))} | {u['seconds']:.2f} | "
                          f"{u['full_retrain_seconds']:.2f} | {'' if sp is None else f'{sp:.1f}x'} | "
                          f"{u['accuracy_unbiased']:.3f} |")
-        lines += ["", "Ledger (`ledger.jsonl`):", "", "| request | shard | restart stage | seconds | hash before | hash after |",
+        lines += ["", "Ledger (`ledger.jsonl`):", "",
+                  "| request | shard | restart stage | seconds | hash before | hash after |",
                   "|---|---|---|---|---|---|"]
         for e in ledger:
             lines.append(f"| {e['request']} | {e['shard']} | {e['restart_stage']} | {e['seconds']:.2f} | "

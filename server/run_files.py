@@ -46,7 +46,8 @@ class RunDir:
             raise RunDirError(f"{self.path} is not a folder")
         missing = [p.name for p in (self.config_path, self.metrics_path) if not p.is_file()]
         if missing or not self.models_dir.is_dir():
-            raise RunDirError(f"{self.path} is not a finished fairforget run (missing {', '.join(missing) or 'models/'})")
+            what = ", ".join(missing) or "models/"
+            raise RunDirError(f"{self.path} is not a finished fairforget run (missing {what})")
 
     def write_config(self, cfg: RunConfig) -> None:
         atomic_write_text(self.config_path, cfg.to_toml())

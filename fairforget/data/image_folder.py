@@ -3,7 +3,8 @@
 (``ROOT/<class>/<image>``, private label 0).
 
 ``path`` is relative to the root. ``split = test`` marks test rows (without any, a stratified
-``test-fraction`` is drawn); the rest are split into members and held-out non-members. ``site`` feeds ``partition = "site"`` (one shard per site).
+``test-fraction`` is drawn); the rest are split into members and held-out non-members. ``site``
+feeds ``partition = "site"`` (one shard per site).
 """
 
 from __future__ import annotations
