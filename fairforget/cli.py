@@ -35,6 +35,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from strategies import STRATEGIES
 
     STRATEGIES[cfg.strategy].from_config(cfg)
+    if cfg.audit:
+        from server.audit import check_audit_config
+
+        check_audit_config(cfg, bundle)
     if out.exists() and any(out.iterdir()):
         if not args.force:
             raise UserError(f"{out} already holds files; choose another --out or pass --force to replace it")
@@ -108,6 +112,39 @@ def cmd_forget(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------- audit
+AUDIT_KEYS = ("audit-attacks", "audit-references", "audit-bootstrap")
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from fairforget.report import write_report
+    from server.audit import run_audit
+    from server.run_files import RunDir
+
+    run = RunDir(Path(args.run).expanduser().resolve())
+    run.require_finished()
+    sets = parse_set(args.set or [])
+    other = sorted(k for k in sets if k not in AUDIT_KEYS)
+    if other:
+        raise UserError(f"audit --set takes only {', '.join(AUDIT_KEYS)}, got {', '.join(other)}")
+    cfg = resolve(run.config().to_mapping(), sets).replace(out_dir=str(run.path), audit=True)
+    bundle = load_dataset(cfg)
+    states = run.load_models()
+    print(f"fairforget: auditing {len(states)} model(s) of {run.path}", flush=True)
+    privacy = run_audit(run, cfg, bundle, states, deleted=run.ledger.deleted_ids())
+    metrics = run.metrics()
+    metrics["privacy"] = privacy
+    run.write_metrics(metrics)
+    write_report(run.path)
+    for target, attacks in privacy["targets"].items():
+        print(f"{target}: " + ", ".join(f"{n} AUC {r['auc']:.3f} TPR@1%FPR {r['tpr_at_0.01_fpr']:.3f}"
+                                         for n, r in attacks.items()))
+    for target, p in privacy["attribute_inference"].items():
+        print(f"{target}: private-attribute probe {p['unbiased_test_accuracy']:.3f} (chance {p['chance']:.3f})")
+    print(f"audit took {privacy['seconds']:.1f}s; report: {run.path / 'report.md'}")
+    return 0
+
+
 def _owners(cfg) -> dict[int, int]:
     """sample id -> shard, from the run's deterministic partition."""
     bundle = load_dataset(cfg)
@@ -151,17 +188,30 @@ def build_parser() -> argparse.ArgumentParser:
     ids.add_argument("--ids-file", metavar="FILE", help="a file of sample ids, separated by commas or newlines")
     fg.add_argument("--quiet", action="store_true", help="hide Flower's streamed logs")
     fg.set_defaults(func=cmd_forget)
+
+    au = sub.add_parser(
+        "audit", help="run the privacy audit on a finished run",
+        description="Membership inference (LOSS, confidence, entropy, LiRA, RMIA) against the ensemble "
+                    "and every shard model, and an attribute-inference probe; updates metrics.json and "
+                    "report.md. Offline reference models are cached in DIR/audit/.",
+    )
+    au.add_argument("--run", metavar="DIR", required=True, help="the folder of a finished `simulate` run")
+    au.add_argument("--set", metavar="KEY=VALUE", action="append",
+                    help="override audit-attacks, audit-references or audit-bootstrap for this audit, "
+                         'e.g. --set audit-attacks="loss,rmia" (repeatable)')
+    au.set_defaults(func=cmd_audit)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from fairforget.audit import AuditError
     from server.run_files import RunDirError
 
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
-    except (UserError, ConfigError, DatasetError, RunDirError) as exc:
+    except (UserError, ConfigError, DatasetError, RunDirError, AuditError) as exc:
         print(f"fairforget: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except FlowerRunError as exc:

@@ -61,6 +61,10 @@ class RunConfig:
     model_width: int
     num_threads: int
     device: str
+    audit: bool
+    audit_attacks: str
+    audit_references: int
+    audit_bootstrap: int
     client_cpus: int
     client_gpus: float
 
@@ -126,6 +130,8 @@ class RunConfig:
             ("model-width", 1 <= self.model_width <= 256, "in [1, 256]"),
             ("num-threads", self.num_threads >= 0, ">= 0 (0 = torch's default)"),
             ("device", self.device in DEVICES, f"one of {', '.join(DEVICES)}"),
+            ("audit-references", 0 <= self.audit_references <= 64, "in [0, 64]"),
+            ("audit-bootstrap", 0 <= self.audit_bootstrap <= 10_000, "in [0, 10000]"),
             ("client-cpus", self.client_cpus >= 1, ">= 1"),
             ("client-gpus", 0.0 <= self.client_gpus <= 8.0, "in [0, 8]"),
         ]
@@ -135,6 +141,12 @@ class RunConfig:
         if self.heldout_fraction + self.test_fraction >= 0.8:
             raise ConfigError("heldout-fraction + test-fraction must leave at least 20% for training")
         parse_ids(self.forget_ids)
+        from fairforget.audit import ATTACKS
+
+        unknown = [a for a in (t.strip() for t in self.audit_attacks.split(",")) if a and a not in ATTACKS]
+        if unknown:
+            raise ConfigError(f"config key 'audit-attacks': unknown attack(s) {', '.join(unknown)} "
+                              f"(have {', '.join(sorted(ATTACKS))})")
 
     @property
     def out_path(self) -> Path:

@@ -73,6 +73,54 @@ def plot_unlearning(metrics: dict[str, Any], path: Path) -> str | None:
     return _save(fig, path)
 
 
+def plot_roc(metrics: dict[str, Any], path: Path) -> str | None:
+    privacy = metrics.get("privacy")
+    if not privacy:
+        return None
+    shown = [t for t in ("ensemble", "shard-0") if t in privacy["targets"]]
+    fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown), 3.8), squeeze=False)
+    for ax, target in zip(axes[0], shown, strict=True):
+        for name, res in privacy["targets"][target].items():
+            fpr, tpr = np.array(res["roc"]["fpr"]), np.array(res["roc"]["tpr"])
+            keep = (fpr > 0) & (tpr > 0)
+            ax.loglog(fpr[keep], tpr[keep], label=f"{name} (AUC {res['auc']:.2f})")
+        ax.loglog([1e-3, 1], [1e-3, 1], "k--", lw=0.8)
+        ax.set(xlim=(1e-3, 1), ylim=(1e-3, 1), xlabel="false positive rate", ylabel="true positive rate",
+               title=f"Membership inference: {target}")
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def _privacy_lines(metrics: dict[str, Any]) -> list[str]:
+    privacy = metrics.get("privacy")
+    if not privacy:
+        return ["Not audited (`audit = false`); run `fairforget audit --run DIR`."]
+    lines = [f"{len(privacy['attacks'])} attacks; candidates: sampled members vs held-out non-members; "
+             f"{privacy['references']['count']} offline reference model(s) per target kind, trained on the "
+             f"population split ({privacy['population']}); audit took {privacy['seconds']:.1f} s.", "",
+             "| target | attack | AUC | balanced acc. | advantage | TPR @ 1% FPR [95% CI] | TPR @ 0.1% FPR |",
+             "|---|---|---|---|---|---|---|"]
+    for target, attacks in privacy["targets"].items():
+        for name, r in attacks.items():
+            lo, hi = r["tpr_at_0.01_fpr_ci95"]
+            lines.append(f"| {target} | {name} | {r['auc']:.3f} | {r['balanced_accuracy']:.3f} | "
+                         f"{r['advantage']:.3f} | {r['tpr_at_0.01_fpr']:.3f} [{lo:.3f}, {hi:.3f}] | "
+                         f"{r['tpr_at_0.001_fpr']:.3f} |")
+    lines += ["", "Attribute inference (linear probe on the bottleneck, trained on biased data):", "",
+              "| target | probe accuracy on unbiased test | chance |", "|---|---|---|"]
+    for target, p in privacy["attribute_inference"].items():
+        lines.append(f"| {target} | {p['unbiased_test_accuracy']:.3f} | {p['chance']:.3f} |")
+    audited = [u for u in metrics["unlearning"] if "audit" in u]
+    if audited:
+        lines += ["", "Deleted samples vs non-members (AUC; about 0.5 means the deleted samples look like "
+                  "non-members):", "", "| request | attack | before forget | after forget |", "|---|---|---|---|"]
+        for u in audited:
+            before = u["audit"]["deleted_vs_nonmembers_auc_before"]
+            after = u["audit"]["deleted_vs_nonmembers_auc_after"]
+            lines += [f"| {u['request']} | {name} | {before[name]:.3f} | {after[name]:.3f} |" for name in before]
+    return lines
+
+
 def write_report(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
     metrics = read_json(run_dir / "metrics.json")
@@ -82,6 +130,7 @@ def write_report(run_dir: Path) -> Path:
         ("Accuracy per (class, private attribute) group", plot_groups(metrics, run_dir / "group_accuracy.png")),
         ("Bias per shard", plot_shards(metrics, run_dir / "shard_bias.png")),
         ("Unlearning cost", plot_unlearning(metrics, run_dir / "unlearning.png")),
+        ("Membership inference ROC (log-log)", plot_roc(metrics, run_dir / "mia_roc.png")),
     ]
     run, ens = metrics["run"], metrics["ensemble"]
     lines = [
@@ -125,6 +174,7 @@ def write_report(run_dir: Path) -> Path:
                          f"`{e['hash_before']}` | `{e['hash_after']}` |")
     else:
         lines.append("No deletion requests yet (`fairforget forget --run DIR --ids ...`).")
+    lines += ["", "## Privacy audit", "", *_privacy_lines(metrics)]
     lines += ["", "## Plots", ""]
     lines += [f"### {title}\n\n![{title}]({name})\n" for title, name in plots if name]
     atomic_write_text(run_dir / "report.md", "\n".join(lines) + "\n")

@@ -17,6 +17,7 @@ from flwr.supercore import log
 from fairforget.config import RunConfig
 from fairforget.data import DataBundle, load_dataset
 from fairforget.report import write_report
+from server.audit import check_audit_config, run_audit
 from server.evaluation import RoundEvaluator, evaluate_states
 from server.run_files import RunDir
 from strategies import STRATEGIES
@@ -26,6 +27,8 @@ def run_training(grid: Grid, cfg: RunConfig) -> None:
     run = RunDir(cfg.out_path)
     run.write_config(cfg)
     bundle = load_dataset(cfg)
+    if cfg.audit:
+        check_audit_config(cfg, bundle)
     strategy = STRATEGIES[cfg.strategy].from_config(cfg)
     evaluator = RoundEvaluator(strategy, bundle, cfg)
 
@@ -42,7 +45,11 @@ def run_training(grid: Grid, cfg: RunConfig) -> None:
     states = strategy.ensemble_states(result.arrays)
     run.save_models(states)
     evaluation = evaluate_states(states, bundle, cfg)
-    run.write_metrics(training_metrics(cfg, bundle, strategy.shard_reports, evaluator.history, evaluation, train_wall))
+    metrics = training_metrics(cfg, bundle, strategy.shard_reports, evaluator.history, evaluation, train_wall)
+    if cfg.audit:
+        metrics["privacy"] = run_audit(run, cfg, bundle, states, deleted=set())
+        metrics["timing"]["audit_seconds"] = metrics["privacy"]["seconds"]
+    run.write_metrics(metrics)
     run.ledger.ensure()
     write_report(run.path)
     log(INFO, "fairforget: metrics and report written to %s", run.path)

@@ -20,6 +20,7 @@ from fairforget import keys
 from fairforget.config import RunConfig, parse_ids
 from fairforget.data import load_dataset
 from fairforget.report import write_report
+from server.audit import check_audit_config, run_audit, unlearning_audit
 from server.evaluation import evaluate_states
 from server.experiment import evaluation_summary
 from server.run_files import RunDir
@@ -40,6 +41,9 @@ def run_forget(grid: Grid, cfg: RunConfig) -> None:
     if not strategy.exact_unlearning:
         raise ForgetError(f"strategy '{cfg.strategy}' keeps no shard models; exact unlearning needs shard-ensemble")
     strategy.load_states(run.load_models())
+    bundle = load_dataset(cfg)
+    if cfg.audit:
+        check_audit_config(cfg, bundle)
 
     # 1. who holds what
     replies = list(grid.send_and_receive(strategy.configure_describe(grid, ids)))
@@ -50,15 +54,22 @@ def run_forget(grid: Grid, cfg: RunConfig) -> None:
     reports = strategy.aggregate_unlearn(grid.send_and_receive(strategy.configure_unlearn(requests)))
     wall = time.perf_counter() - t0
 
-    # 3. save models, ledger, figures, report
+    # 3. save models, ledger, figures (with the audit before and after), report
+    before = run.load_models()
     run.save_models({k: strategy.shard_arrays[k].to_torch_state_dict() for k in reports})
+    after = run.load_models()
     metrics = run.metrics()
     request_no = run.ledger.next_request()
     ids_by_shard = {int(r["shard"]): requests[int(r["node-id"])] for r in reports.values()}
     run.ledger.append(ledger_rows(request_no, ids_by_shard, reports))
-    bundle = load_dataset(cfg)
-    evaluation = evaluate_states(run.load_models(), bundle, cfg)
+    evaluation = evaluate_states(after, bundle, cfg)
     metrics = updated_metrics(metrics, request_no, ids_by_shard, reports, evaluation, wall)
+    if cfg.audit:
+        metrics["unlearning"][-1]["audit"] = {
+            "deleted_vs_nonmembers_auc_before": unlearning_audit(cfg, bundle, before, ids, run),
+            "deleted_vs_nonmembers_auc_after": unlearning_audit(cfg, bundle, after, ids, run),
+        }
+        metrics["privacy"] = run_audit(run, cfg, bundle, after, deleted=run.ledger.deleted_ids())
     run.write_metrics(metrics)
     write_report(run.path)
     log(INFO, "fairforget: forgot %d sample(s) from shard(s) %s", len(ids), sorted(ids_by_shard))

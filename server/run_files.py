@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from fairforget.config import ConfigError, RunConfig
+from fairforget.config import ConfigError, RunConfig, resolve
 from fairforget.ledger import Ledger
 from fairforget.storage import atomic_torch_save, atomic_write_json, atomic_write_text, read_json, torch_load
 
@@ -53,9 +53,10 @@ class RunDir:
         atomic_write_text(self.config_path, cfg.to_toml())
 
     def config(self) -> RunConfig:
+        """The run's config; keys added to the app since the run was made take their defaults."""
         try:
             with self.config_path.open("rb") as fh:
-                return RunConfig.from_mapping(tomllib.load(fh))
+                return resolve(tomllib.load(fh))
         except (tomllib.TOMLDecodeError, ConfigError) as exc:
             raise RunDirError(f"{self.config_path} is not a valid run config: {exc}") from None
 

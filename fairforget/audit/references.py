@@ -1,0 +1,94 @@
+"""Reference (shadow) models an auditor trains on population data disjoint from the members.
+
+A reference mimics its target: for a shard model, one SimpleConvNet trained with the shard's SISA
+recipe (same slices, epochs, optimizer); for the ensemble, an ensemble of S such models on disjoint
+parts of the reference's data. ``offline`` references train on random subsets of the population
+only (every candidate is OUT); ``online`` references (LiRA online) train on random halves of the
+population plus the candidates, so each candidate is IN for about half of them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from clients.sisa import SisaSettings, assign_slices, derived_seed, train_epochs
+from fairforget.data.base import SampleSet
+from fairforget.model import build_model
+
+
+@dataclass
+class ReferenceOutputs:
+    """Softmax outputs of M reference models on the candidates and on population samples."""
+
+    cand_probs: np.ndarray  # (M, N, K)
+    pop_probs: np.ndarray  # (M, Z, K)
+    in_mask: np.ndarray  # (M, N) True where the candidate was in that reference's training data
+    seconds: float
+    models: list[list[torch.nn.Module]] = field(default_factory=list)  # kept only when asked
+
+    @property
+    def count(self) -> int:
+        return int(self.cand_probs.shape[0])
+
+
+def train_sisa_model(data: SampleSet, settings: SisaSettings, seed: int) -> torch.nn.Module:
+    """A model trained exactly like a SISA shard (stages over slices), in memory, no checkpoints."""
+    model = build_model(settings.num_classes, settings.width, seed=derived_seed(seed, 0))
+    opt = torch.optim.Adam(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    slices = assign_slices(data.ids.tolist(), settings.slices, seed, 0)
+    for stage in range(1, settings.slices + 1):
+        part = data.select_ids(sorted(i for s in slices[:stage] for i in s))
+        seeds = [derived_seed(seed, stage, e) for e in range(settings.epochs_per_slice)]
+        if len(part):
+            train_epochs(model, opt, part, settings.epochs_per_slice, settings.batch_size, seeds)
+    return model.eval()
+
+
+@torch.no_grad()
+def predict_probs(models: list[torch.nn.Module], x: torch.Tensor, batch: int = 512) -> np.ndarray:
+    """Mean softmax of ``models`` (one model, or an ensemble) on ``x`` -> (N, K)."""
+    out = []
+    for model in models:
+        model.eval()
+        out.append(torch.cat([model(x[i : i + batch]).softmax(-1) for i in range(0, len(x), batch)]))
+    return torch.stack(out).mean(0).numpy()
+
+
+def train_references(population: SampleSet, candidates: SampleSet, *, count: int, members_per_model: int,
+                     models_per_reference: int, settings: SisaSettings, seed: int, online: bool,
+                     keep_models: bool = False) -> ReferenceOutputs:
+    """Train ``count`` references and collect their outputs."""
+    rng = np.random.default_rng(seed)
+    t0 = time.perf_counter()
+    cand_probs, pop_probs, in_masks, kept = [], [], [], []
+    n_cand = len(candidates)
+    # online: every candidate is IN for exactly half of the references (count // 2 of them)
+    balanced = np.argsort(rng.random((count, n_cand)), axis=0) < count // 2
+    for m in range(count):
+        if online:
+            in_mask = balanced[m]
+            pop_take = rng.permutation(len(population))[: max(0, members_per_model - int(in_mask.sum()))]
+            train = _concat(candidates.subset(np.flatnonzero(in_mask)), population.subset(pop_take))
+        else:
+            in_mask = np.zeros(n_cand, dtype=bool)
+            take = rng.permutation(len(population))[: min(members_per_model, len(population))]
+            train = population.subset(np.sort(take))
+        parts = np.array_split(rng.permutation(len(train)), models_per_reference)
+        models = [train_sisa_model(train.subset(np.sort(p)), settings, derived_seed(seed, m, j))
+                  for j, p in enumerate(parts)]
+        cand_probs.append(predict_probs(models, candidates.x))
+        pop_probs.append(predict_probs(models, population.x))
+        in_masks.append(in_mask)
+        if keep_models:
+            kept.append(models)
+    return ReferenceOutputs(np.stack(cand_probs), np.stack(pop_probs), np.stack(in_masks),
+                            time.perf_counter() - t0, kept)
+
+
+def _concat(a: SampleSet, b: SampleSet) -> SampleSet:
+    return SampleSet(torch.cat([a.x, b.x]), torch.cat([a.y, b.y]), torch.cat([a.private, b.private]),
+                     torch.cat([a.ids, b.ids]), torch.cat([a.site, b.site]))
