@@ -38,6 +38,14 @@ def test_training_writes_metrics_report_models(trained):
     assert m["timing"]["full_retrain_seconds"] > 0
     assert m["unlearning"] == []
     assert run.config() == trained
+    privacy = m["privacy"]
+    assert set(privacy["targets"]) == {"ensemble", "shard-0", "shard-1"}
+    for target in privacy["targets"].values():
+        assert set(target) == set(trained.audit_attacks.split(","))
+        assert all(0.0 <= r["auc"] <= 1.0 and r["roc"]["fpr"][0] == 0.0 for r in target.values())
+    assert set(privacy["attribute_inference"]) == {"ensemble", "shard-0", "shard-1"}
+    assert sorted(p.name.split("-")[1] for p in (run.path / "audit").glob("references-*.pt")) == ["ensemble", "shard"]
+    assert "## Privacy audit" in run.report_path.read_text() and (run.path / "mia_roc.png").exists()
     assert run.report_path.read_text().startswith("# fairforget report")
     assert (run.path / "group_accuracy.png").read_bytes()[:4] == b"\x89PNG"
     assert sorted(p.name for p in run.models_dir.iterdir()) == ["shard-0.pt", "shard-1.pt"]
@@ -64,6 +72,9 @@ def test_forget_retrains_only_the_owner(trained, grid_for):
     m = run.metrics()
     assert m["unlearning"][0]["ids"] == sorted(victims)
     assert m["unlearning"][0]["speedup_vs_full_retrain"] > 0
+    audit = m["unlearning"][0]["audit"]
+    assert set(audit["deleted_vs_nonmembers_auc_before"]) == set(audit["deleted_vs_nonmembers_auc_after"])
+    assert all(0.0 <= v <= 1.0 for v in audit["deleted_vs_nonmembers_auc_after"].values())
     assert "## Unlearning" in run.report_path.read_text() and (run.path / "unlearning.png").exists()
 
 

@@ -1,0 +1,139 @@
+"""Membership and attribute inference: the attacks detect what they should and nothing else."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import roc_auc_score
+
+from clients.sisa import SisaSettings
+from fairforget import cli
+from fairforget.audit import ATTACKS, AuditError, TargetOutputs
+from fairforget.audit.probe import bottleneck, linear_probe
+from fairforget.audit.references import predict_probs, train_references, train_sisa_model
+from fairforget.audit.roc import auc, roc_curve, summarize, tpr_at_fpr
+from fairforget.config import resolve
+from fairforget.data import load_dataset
+from server.audit import _concat, check_audit_config
+
+N = 150  # members and non-members
+ONLINE_REFS = 8
+
+
+# ---------------------------------------------------------------------- ROC arithmetic
+def test_auc_matches_sklearn_and_low_fpr_is_exact():
+    rng = np.random.default_rng(0)
+    y = rng.random(400) < 0.5
+    s = rng.normal(size=400) + y
+    assert auc(s, y) == pytest.approx(roc_auc_score(y, s))
+    perfect = np.r_[np.ones(50), np.zeros(50)]
+    labels = perfect.astype(bool)
+    assert auc(perfect + np.linspace(0, 0.1, 100), labels) == 1.0
+    assert tpr_at_fpr(np.arange(100.0), np.arange(100) >= 50, 0.01) == 1.0
+    fpr, tpr = roc_curve(s, y)
+    assert fpr[0] == tpr[0] == 0.0 and fpr[-1] == tpr[-1] == 1.0 and (np.diff(fpr) >= 0).all()
+    r = summarize(s, y, bootstrap=50)
+    lo, hi = r["tpr_at_0.01_fpr_ci95"]
+    assert lo <= r["tpr_at_0.01_fpr"] <= hi
+    assert 0.5 <= r["balanced_accuracy"] <= 1.0 and r["advantage"] == pytest.approx(2 * r["balanced_accuracy"] - 1)
+
+
+# ---------------------------------------------------------------------- attacks on real models
+@pytest.fixture(scope="module")
+def setting():
+    """An overfit target (150 members, 30 epochs), a target that never saw the members, and
+    reference models on the population split; fixed seeds throughout."""
+    cfg = resolve({"rho": 0.5, "slices": 1, "epochs-per-slice": 30, "model-width": 8, "device": "cpu"})
+    bundle = load_dataset(cfg)
+    settings = SisaSettings.from_config(cfg, 10)
+    rng = np.random.default_rng(11)  # random subsets: the digits' row order follows their writers
+    order = rng.permutation(len(bundle.train))
+    members = bundle.train.subset(np.sort(order[:N]))
+    non = bundle.heldout.subset(np.sort(rng.permutation(len(bundle.heldout))[:N]))
+    pop = bundle.test_biased
+    cand = _concat([members, non])
+    is_member = np.r_[np.ones(N, bool), np.zeros(N, bool)]
+    overfit = train_sisa_model(members, settings, seed=123)
+    unseen = train_sisa_model(bundle.train.subset(np.sort(order[N : 2 * N])), settings, seed=321)
+    common = dict(members_per_model=N, models_per_reference=1, settings=settings, seed=7)
+    refs = {"offline": train_references(pop, cand, count=4, online=False, **common),
+            "online": train_references(pop, cand, count=ONLINE_REFS, online=True, **common)}
+
+    def outputs(model):
+        return TargetOutputs(predict_probs([model], cand.x), cand.y.numpy(), predict_probs([model], pop.x),
+                             pop.y.numpy())
+
+    return {"overfit": outputs(overfit), "unseen": outputs(unseen), "refs": refs, "is_member": is_member}
+
+
+def _run(setting, target, name):
+    attack = ATTACKS[name]()
+    return summarize(attack.scores(setting[target], setting["refs"].get(attack.reference_mode)),
+                     setting["is_member"], bootstrap=0)
+
+
+@pytest.mark.parametrize("name", ["lira-offline", "lira-online", "rmia"])
+def test_overfit_model_is_detected(setting, name):
+    r = _run(setting, "overfit", name)
+    # seen with these seeds: lira-offline 0.82, lira-online 0.80, rmia 0.84
+    assert r["auc"] > 0.75
+    assert r["tpr_at_0.01_fpr"] > 0.01
+
+
+@pytest.mark.parametrize("name", sorted(ATTACKS))
+def test_model_that_never_saw_the_members_is_at_chance(setting, name):
+    assert abs(_run(setting, "unseen", name)["auc"] - 0.5) < 0.05
+
+
+def test_too_few_references_is_a_clear_error(setting):
+    with pytest.raises(AuditError, match="needs at least 4 reference models, got 0"):
+        ATTACKS["lira-online"]().scores(setting["overfit"], None)
+
+
+# ---------------------------------------------------------------------- attribute inference
+def test_probe_reads_the_colour_off_a_biased_model():
+    cfg = resolve({"rho": 0.99, "slices": 1, "epochs-per-slice": 4, "model-width": 8, "device": "cpu"})
+    bundle = load_dataset(cfg)
+    model = train_sisa_model(bundle.train, SisaSettings.from_config(cfg, 10), seed=1)
+    vanilla = linear_probe(bottleneck([model], bundle.train.x), bundle.train.private,
+                           bottleneck([model], bundle.test_unbiased.x), bundle.test_unbiased.private, 10)
+    assert vanilla["unbiased_test_accuracy"] > 0.9  # seen: 1.00 (chance 0.10)
+    # features that carry the class and no colour predict the colour on biased data only
+    label_only = linear_probe(F.one_hot(bundle.train.y, 10).float(), bundle.train.private,
+                              F.one_hot(bundle.test_unbiased.y, 10).float(), bundle.test_unbiased.private, 10)
+    assert label_only["train_accuracy"] > 0.9
+    assert abs(label_only["unbiased_test_accuracy"] - 0.1) < 0.05
+
+
+# ---------------------------------------------------------------------- bad input
+def test_audit_config_checks(tiny_cfg):
+    cfg = tiny_cfg()
+    bundle = load_dataset(cfg)
+    with pytest.raises(AuditError, match="needs audit-references >= 2, got 1"):
+        check_audit_config(cfg.replace(audit_references=1), bundle)
+    empty = type(bundle)(bundle.name, bundle.train, bundle.heldout.subset([]), bundle.test_biased,
+                         bundle.test_unbiased, bundle.num_classes, bundle.num_private)
+    with pytest.raises(AuditError, match="no held-out"):
+        check_audit_config(cfg, empty)
+
+
+def test_audit_cli_bad_input_writes_nothing(tiny_cfg, grid_for, capsys):
+    from server.experiment import run_training
+
+    cfg = tiny_cfg(audit=False)
+    run_training(grid_for(cfg), cfg)
+    before = (cfg.out_path / "metrics.json").read_bytes()
+    for args, expected in [(["--set", "audit-attacks=foo"], "unknown attack(s) foo"),
+                           (["--set", "audit-references=1"], "needs audit-references >= 2"),
+                           (["--set", "num-shards=3"], "audit --set takes only")]:
+        code = cli.main(["audit", "--run", str(cfg.out_path), *args])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and err.startswith("fairforget: error:") and expected in err and "\n" not in err
+    assert (cfg.out_path / "metrics.json").read_bytes() == before
+    assert not (cfg.out_path / "audit").exists()
+    assert cli.main(["audit", "--run", str(cfg.out_path), "--set", 'audit-attacks="loss,rmia"',
+                     "--set", "audit-references=1"]) == 0
+    privacy = __import__("json").loads((cfg.out_path / "metrics.json").read_text())["privacy"]
+    assert set(privacy["targets"]) == {"ensemble", "shard-0", "shard-1"}
+    assert set(privacy["targets"]["ensemble"]) == {"loss", "rmia"}
+    assert torch.tensor(privacy["targets"]["ensemble"]["loss"]["auc"]).isfinite()
