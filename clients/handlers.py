@@ -83,6 +83,7 @@ def unlearn(content: RecordDict, node: Node) -> RecordDict:
     metrics[keys.RESTART_SLICE] = result["restart_stage"]
     metrics["retrained-stages"] = result["retrained_stages"]
     metrics["full-train-seconds"] = node.sisa.full_train_seconds()
+    metrics["wall-seconds"] = result["wall_seconds"]
     info = ConfigRecord({
         keys.HASH_BEFORE: result["hash_before"],
         keys.MODEL_HASH: result["hash_after"],

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, MetricRecord
 
@@ -30,10 +32,20 @@ def evaluate_states(states: dict[int, dict[str, torch.Tensor]], bundle: DataBund
 
 
 class RoundEvaluator:
-    """``evaluate_fn`` for Flower's ``Strategy.start``: evaluates after each round, keeps the history."""
+    """``evaluate_fn`` for Flower's ``Strategy.start``: evaluates after each round, keeps the history.
+
+    Rounds are evaluated on a fixed random subset of at most ``ROUND_SAMPLES`` unbiased test samples
+    (the final evaluation uses all of them), so the curve costs little next to training."""
+
+    ROUND_SAMPLES = 1000
 
     def __init__(self, strategy: Any, bundle: DataBundle, cfg: RunConfig) -> None:
-        self.strategy, self.bundle, self.cfg = strategy, bundle, cfg
+        self.strategy, self.cfg = strategy, cfg
+        unbiased = bundle.test_unbiased
+        if len(unbiased) > self.ROUND_SAMPLES:
+            pick = np.sort(np.random.default_rng(cfg.seed).permutation(len(unbiased))[: self.ROUND_SAMPLES])
+            unbiased = unbiased.subset(pick)
+        self.bundle = dataclasses.replace(bundle, test_unbiased=unbiased)
         self.history: list[dict[str, Any]] = []
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:

@@ -108,6 +108,7 @@ def ledger_rows(request_no: int, ids_by_shard: dict[int, list[int]],
             "restart_stage": int(reports[shard][keys.RESTART_SLICE]),
             "retrained_stages": int(reports[shard]["retrained-stages"]),
             "seconds": float(reports[shard][keys.TRAIN_SECONDS]),
+            "wall_seconds": float(reports[shard]["wall-seconds"]),
             "hash_before": reports[shard][keys.HASH_BEFORE],
             "hash_after": reports[shard][keys.MODEL_HASH],
         }

@@ -10,13 +10,13 @@ from clients.sisa import SisaSettings
 from fairforget import cli
 from fairforget.audit import ATTACKS, AuditError, TargetOutputs
 from fairforget.audit.probe import bottleneck, linear_probe
-from fairforget.audit.references import predict_probs, train_references, train_sisa_model
+from fairforget.audit.references import ReferenceOutputs, predict_probs, train_references, train_sisa_model
 from fairforget.audit.roc import auc, roc_curve, summarize, tpr_at_fpr
 from fairforget.config import resolve
 from fairforget.data import load_dataset
 from server.audit import _concat, check_audit_config
 
-N = 150  # members and non-members
+N = 100  # members and non-members of the overfit target
 ONLINE_REFS = 8
 
 
@@ -41,53 +41,63 @@ def test_auc_matches_sklearn_and_low_fpr_is_exact():
 # ---------------------------------------------------------------------- attacks on real models
 @pytest.fixture(scope="module")
 def setting():
-    """An overfit target (150 members, 30 epochs), a target that never saw the members, and
-    reference models on the population split; fixed seeds throughout."""
-    cfg = resolve({"rho": 0.5, "slices": 1, "epochs-per-slice": 30, "model-width": 8, "device": "cpu"})
+    """Fixed seeds throughout. An overfit target (100 members, 60 epochs at lr 0.005), a target
+    trained on 100 other members, offline references on the population split and online shadows
+    (each candidate IN for half of them). The unseen target is scored on 350 + 350 candidates, so
+    its AUC's standard error is about 0.02."""
+    cfg = resolve({"rho": 0.5, "slices": 1, "epochs-per-slice": 60, "lr": 0.005, "model-width": 8,
+                   "image-size": 8, "device": "cpu"})
     bundle = load_dataset(cfg)
     settings = SisaSettings.from_config(cfg, 10)
-    rng = np.random.default_rng(11)  # random subsets: the digits' row order follows their writers
-    order = rng.permutation(len(bundle.train))
-    members = bundle.train.subset(np.sort(order[:N]))
-    non = bundle.heldout.subset(np.sort(rng.permutation(len(bundle.heldout))[:N]))
+    rng = np.random.default_rng(12)  # random subsets: the digits' row order follows their writers
+    order, held = rng.permutation(len(bundle.train)), rng.permutation(len(bundle.heldout))
     pop = bundle.test_biased
-    cand = _concat([members, non])
-    is_member = np.r_[np.ones(N, bool), np.zeros(N, bool)]
-    overfit = train_sisa_model(members, settings, seed=123)
+    small = _concat([bundle.train.subset(np.sort(order[:N])), bundle.heldout.subset(np.sort(held[:N]))])
+    large = _concat([bundle.train.subset(np.sort(order[2 * N : 2 * N + 350])),
+                     bundle.heldout.subset(np.sort(held[:350]))])
+    overfit = train_sisa_model(bundle.train.subset(np.sort(order[:N])), settings, seed=123)
     unseen = train_sisa_model(bundle.train.subset(np.sort(order[N : 2 * N])), settings, seed=321)
     common = dict(members_per_model=N, models_per_reference=1, settings=settings, seed=7)
-    refs = {"offline": train_references(pop, cand, count=4, online=False, **common),
-            "online": train_references(pop, cand, count=ONLINE_REFS, online=True, **common)}
+    offline = train_references(pop, small, count=4, online=False, keep_models=True, **common)
+    online = train_references(pop, small, count=ONLINE_REFS, online=True, **common)
+    offline_large = ReferenceOutputs(np.stack([predict_probs(m, large.x) for m in offline.models]),
+                                     offline.pop_probs, np.zeros((4, len(large)), bool), 0.0)
 
-    def outputs(model):
+    def outputs(model, cand):
         return TargetOutputs(predict_probs([model], cand.x), cand.y.numpy(), predict_probs([model], pop.x),
                              pop.y.numpy())
 
-    return {"overfit": outputs(overfit), "unseen": outputs(unseen), "refs": refs, "is_member": is_member}
+    return {
+        "overfit": (outputs(overfit, small), {"offline": offline, "online": online}, np.r_[[True] * N, [False] * N]),
+        "unseen": (outputs(unseen, large), {"offline": offline_large}, np.r_[[True] * 350, [False] * 350]),
+        "unseen-small": (outputs(unseen, small), {"online": online}, np.r_[[True] * N, [False] * N]),
+    }
 
 
-def _run(setting, target, name):
+def _run(setting, case, name):
+    target, refs, is_member = setting[case]
     attack = ATTACKS[name]()
-    return summarize(attack.scores(setting[target], setting["refs"].get(attack.reference_mode)),
-                     setting["is_member"], bootstrap=0)
+    return summarize(attack.scores(target, refs.get(attack.reference_mode)), is_member, bootstrap=0)
 
 
 @pytest.mark.parametrize("name", ["lira-offline", "lira-online", "rmia"])
 def test_overfit_model_is_detected(setting, name):
     r = _run(setting, "overfit", name)
-    # seen with these seeds: lira-offline 0.82, lira-online 0.80, rmia 0.84
-    assert r["auc"] > 0.75
+    # seen with these seeds: AUC lira-offline 0.675, lira-online 0.690, rmia 0.672;
+    # TPR at 1% FPR 0.10, 0.02, 0.04 (100 non-members: 1% FPR is one false positive)
+    assert r["auc"] > 0.6
     assert r["tpr_at_0.01_fpr"] > 0.01
 
 
 @pytest.mark.parametrize("name", sorted(ATTACKS))
 def test_model_that_never_saw_the_members_is_at_chance(setting, name):
-    assert abs(_run(setting, "unseen", name)["auc"] - 0.5) < 0.05
+    case = "unseen-small" if ATTACKS[name].reference_mode == "online" else "unseen"
+    assert abs(_run(setting, case, name)["auc"] - 0.5) < 0.05
 
 
 def test_too_few_references_is_a_clear_error(setting):
     with pytest.raises(AuditError, match="needs at least 4 reference models, got 0"):
-        ATTACKS["lira-online"]().scores(setting["overfit"], None)
+        ATTACKS["lira-online"]().scores(setting["overfit"][0], None)
 
 
 # ---------------------------------------------------------------------- attribute inference

@@ -20,13 +20,13 @@ def unlearn(shard: SisaShard, ids: list[int]) -> dict[str, Any]:
     target = shard.trained
     t0 = time.perf_counter()
     clean_stage = shard.remove(ids)
-    shard.train_through(target)
-    seconds = time.perf_counter() - t0
+    seconds = shard.train_through(target)
     return {
         "method": "exact-sisa",
         "restart_stage": clean_stage,
         "retrained_stages": target - clean_stage,
-        "seconds": seconds,
+        "seconds": seconds,  # training compute, as the full-retrain figure counts it
+        "wall_seconds": time.perf_counter() - t0,  # with the index update and checkpoint I/O
         "hash_before": hash_before,
         "hash_after": shard.model_hash(),
         "num_examples": len(shard.live_ids()),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from types import SimpleNamespace
 
 from fairforget.data import biased_digits, biased_mnist, celeba, cifar10_skewed, image_folder
 from fairforget.data.base import DataBundle, DatasetError, SampleSet
@@ -28,13 +29,15 @@ _DATA_KEYS = (
 
 
 def load_dataset(cfg) -> DataBundle:
-    """The run's data; deterministic in the data keys of ``cfg`` and cached per process."""
-    return _load_cached(cfg.dataset, tuple(getattr(cfg, k) for k in _DATA_KEYS), cfg)
+    """The run's data; deterministic in the data keys of ``cfg`` and cached per process on them
+    alone (a run with other shards or another out-dir reuses it)."""
+    return _load_cached(tuple((k, getattr(cfg, k)) for k in _DATA_KEYS))
 
 
 @functools.lru_cache(maxsize=4)
-def _load_cached(name: str, key: tuple, cfg) -> DataBundle:  # noqa: ARG001 - key is the cache key
-    return DATASETS[name](cfg)
+def _load_cached(data_keys: tuple) -> DataBundle:
+    data_cfg = SimpleNamespace(**dict(data_keys))
+    return DATASETS[data_cfg.dataset](data_cfg)
 
 
 def shard_of(cfg, bundle: DataBundle) -> list[SampleSet]:

@@ -17,12 +17,19 @@ from fairforget.data.base import DataBundle, DatasetError, biased_mnist_bundle, 
 
 def _read(root: Path, train: bool) -> MNIST:
     try:
-        return MNIST(str(root), train=train, download=False)
-    except (RuntimeError, ValueError, OSError, AssertionError) as exc:
+        ds = MNIST(str(root), train=train, download=False)
+    except (RuntimeError, ValueError, OSError, AssertionError, KeyError, TypeError) as exc:
         raise DatasetError(
             f"MNIST not found or malformed under {root} (expected {root}/MNIST/raw/*-idx?-ubyte): "
             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
         ) from None
+    split = "train" if train else "t10k"
+    if len(ds.data) != len(ds.targets):
+        raise DatasetError(f"MNIST under {root} is malformed: {split} files hold {len(ds.data)} images "
+                           f"but {len(ds.targets)} labels")
+    if len(ds.targets) and not 0 <= int(ds.targets.min()) <= int(ds.targets.max()) <= 9:
+        raise DatasetError(f"MNIST under {root} is malformed: {split} labels outside 0-9")
+    return ds
 
 
 def load(cfg) -> DataBundle:

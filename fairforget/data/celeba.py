@@ -19,8 +19,8 @@ from fairforget.data.base import DataBundle, DatasetError, image_bundle, load_im
 def _read_attrs(path: Path) -> tuple[list[str], list[str], np.ndarray]:
     if not path.is_file():
         raise DatasetError(f"CelebA attribute file missing: {path}")
-    lines = path.read_text().splitlines()
     try:
+        lines = path.read_text().splitlines()
         names = lines[1].split()
         files, rows = [], []
         for line in lines[2:]:
@@ -32,7 +32,7 @@ def _read_attrs(path: Path) -> tuple[list[str], list[str], np.ndarray]:
         values = np.asarray(rows, dtype=np.int64)
         if values.ndim != 2 or values.shape[1] != len(names):
             raise ValueError("ragged attribute rows")
-    except (IndexError, ValueError) as exc:
+    except (IndexError, ValueError, OSError) as exc:  # UnicodeDecodeError is a ValueError
         raise DatasetError(f"CelebA attribute file {path} is malformed: {exc}") from None
     return names, files, values
 
@@ -41,7 +41,11 @@ def _read_partition(path: Path) -> dict[str, int]:
     if not path.is_file():
         raise DatasetError(f"CelebA partition file missing: {path}")
     out: dict[str, int] = {}
-    for line in path.read_text().splitlines():
+    try:
+        text = path.read_text()
+    except (OSError, ValueError) as exc:
+        raise DatasetError(f"CelebA partition file {path} cannot be read: {exc}") from None
+    for line in text.splitlines():
         parts = line.split()
         if len(parts) != 2 or not parts[1].isdigit():
             if parts:

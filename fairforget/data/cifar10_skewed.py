@@ -41,7 +41,10 @@ def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         labels = np.asarray(d[b"labels"], dtype=np.int64)
     except FileNotFoundError:
         raise DatasetError(f"CIFAR-10 batch missing: {path}") from None
-    except (pickle.UnpicklingError, KeyError, ValueError, EOFError, TypeError) as exc:
+    except OSError as exc:
+        raise DatasetError(f"CIFAR-10 batch {path} cannot be read: {exc.strerror or exc}") from None
+    except (pickle.UnpicklingError, KeyError, ValueError, EOFError, TypeError, AttributeError, IndexError,
+            MemoryError) as exc:
         raise DatasetError(f"CIFAR-10 batch {path} is malformed: {exc}") from None
     if len(data) != len(labels):
         raise DatasetError(f"CIFAR-10 batch {path} is malformed: {len(data)} images, {len(labels)} labels")
