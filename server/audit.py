@@ -137,6 +137,14 @@ def unlearning_audit(cfg: RunConfig, bundle: DataBundle, states: dict[int, dict[
     return {n: auc(ATTACKS[n]().scores(target, ref), is_member) for n in names}
 
 
+def headline(privacy: dict[str, Any] | None) -> dict[str, Any] | None:
+    """AUC and TPR at 1% FPR per (target, attack): what a forget request's record keeps of an audit."""
+    if not privacy:
+        return None
+    return {t: {a: {"auc": r["auc"], "tpr_at_0.01_fpr": r["tpr_at_0.01_fpr"]} for a, r in attacks.items()}
+            for t, attacks in privacy["targets"].items()}
+
+
 # ---------------------------------------------------------------------- helpers
 def _model(state: dict[str, torch.Tensor], num_classes: int, width: int) -> torch.nn.Module:
     model = build_model(num_classes, width, seed=0)

@@ -53,8 +53,9 @@ from fairforget.config import ConfigError, RunConfig, resolve
 from fairforget.data import load_dataset, shard_of
 from fairforget.runner import FlowerRunError, run_flower
 from fairforget.storage import atomic_write_json
-from server.evaluation import evaluate_states
+from server.evaluation import RoundEvaluator, evaluate_states
 from server.run_files import RunDir
+from strategies import STRATEGIES
 
 DEFAULT_OUT = Path("runs/benchmark.json")
 
@@ -174,9 +175,10 @@ def bench_flower(cfg: RunConfig, workdir: Path) -> dict[str, Any]:
 
     # What the strategy loop spends on its per-round server-side evaluation, redone here, so the
     # loop's remaining time can be set against the plain loop.
+    evaluator = RoundEvaluator(STRATEGIES[cfg.strategy].from_config(cfg), bundle, cfg)
     t0 = time.perf_counter()
     for stage in range(1, cfg.slices + 1):
-        evaluate_states({shard.shard: shard.model_state(stage) for shard in shards}, bundle, cfg)
+        evaluate_states({shard.shard: shard.model_state(stage) for shard in shards}, evaluator.bundle, cfg)
     evaluation = time.perf_counter() - t0
 
     mapping = cfg.to_mapping()
