@@ -9,6 +9,7 @@ unlearning. Helpers here pack several shard models into one ArrayRecord, so that
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
@@ -24,7 +25,7 @@ class StrategyReplyError(RuntimeError):
     """A client answered with an error, or without the records a strategy needs."""
 
 
-class FairforgetStrategy:
+class FairforgetStrategy(ABC):
     """Mixin contract; concrete strategies also subclass a Flower strategy."""
 
     name: ClassVar[str]
@@ -34,17 +35,20 @@ class FairforgetStrategy:
         self.shard_reports: dict[int, dict[str, Any]] = {}
 
     @classmethod
+    @abstractmethod
     def from_config(cls, cfg: Any) -> FairforgetStrategy:
-        raise NotImplementedError  # each registered strategy overrides it
+        """Build from a :class:`fairforget.config.RunConfig`."""
 
+    @abstractmethod
     def num_rounds(self) -> int:
-        raise NotImplementedError
+        """Rounds of ``Strategy.start``."""
 
     def initial_arrays(self, num_classes: int) -> ArrayRecord:
         return ArrayRecord()
 
+    @abstractmethod
     def ensemble_states(self, arrays: ArrayRecord) -> dict[int, dict[str, torch.Tensor]]:
-        raise NotImplementedError
+        """One state dict per constituent model, from the strategy's ArrayRecord."""
 
     def record_replies(self, replies: Iterable[Message]) -> list[Message]:
         """Raise on error replies; keep each shard's metrics and model hash; return the replies."""

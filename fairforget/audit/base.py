@@ -8,6 +8,7 @@ candidate) or ``online`` (each candidate IN for about half of them).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -28,13 +29,14 @@ class TargetOutputs:
     pop_y: np.ndarray  # (Z,)
 
 
-class Attack:
+class Attack(ABC):
     name: ClassVar[str]
     reference_mode: ClassVar[str | None] = None
     min_references: ClassVar[int] = 0
 
+    @abstractmethod
     def scores(self, target: TargetOutputs, refs: ReferenceOutputs | None) -> np.ndarray:
-        raise NotImplementedError  # every registered attack overrides it
+        """One score per candidate; higher means member."""
 
     def check(self, refs: ReferenceOutputs | None) -> None:
         have = 0 if refs is None else refs.count
