@@ -27,7 +27,6 @@ from fairforget.audit.references import ReferenceOutputs, predict_probs, train_r
 from fairforget.audit.roc import auc, summarize
 from fairforget.config import RunConfig
 from fairforget.data import DataBundle, SampleSet, shard_of
-from fairforget.data.base import SampleSet as _SampleSet
 from fairforget.model import build_model
 from fairforget.storage import atomic_torch_save, torch_load
 from server.run_files import RunDir
@@ -70,7 +69,7 @@ def run_audit(run: RunDir, cfg: RunConfig, bundle: DataBundle, states: dict[int,
     rng = np.random.default_rng(cfg.seed + 4242)
 
     targets: dict[str, tuple[list[torch.nn.Module], SampleSet]] = {}
-    live = _concat([s for s in shards])
+    live = SampleSet.concat([s for s in shards])
     take = np.sort(rng.permutation(len(live))[: min(len(live), len(bundle.heldout))])
     targets["ensemble"] = (list(models.values()), live.subset(take))
     for k in sorted(models):
@@ -83,7 +82,7 @@ def run_audit(run: RunDir, cfg: RunConfig, bundle: DataBundle, states: dict[int,
     results: dict[str, Any] = {}
     probes: dict[str, Any] = {}
     for tname, (tmodels, members) in targets.items():
-        cand = _concat([members, bundle.heldout])
+        cand = SampleSet.concat([members, bundle.heldout])
         is_member = np.r_[np.ones(len(members), bool), np.zeros(len(bundle.heldout), bool)]
         target = TargetOutputs(predict_probs(tmodels, cand.x), cand.y.numpy(),
                                predict_probs(tmodels, population.x), population.y.numpy())
@@ -123,7 +122,7 @@ def unlearning_audit(cfg: RunConfig, bundle: DataBundle, states: dict[int, dict[
     offline reference attacks, for one state of the ensemble (about 0.5 after exact unlearning)."""
     names = [n for n in parse_attacks(cfg.audit_attacks) if ATTACKS[n].reference_mode != "online"]
     deleted = bundle.train.select_ids(sorted(deleted_ids))
-    cand = _concat([deleted, bundle.heldout])
+    cand = SampleSet.concat([deleted, bundle.heldout])
     is_member = np.r_[np.ones(len(deleted), bool), np.zeros(len(bundle.heldout), bool)]
     models = [_model(s, bundle.num_classes, cfg.model_width) for s in states.values()]
     population = bundle.test_biased
@@ -150,10 +149,6 @@ def _model(state: dict[str, torch.Tensor], num_classes: int, width: int) -> torc
     model = build_model(num_classes, width, seed=0)
     model.load_state_dict(state)
     return model.eval()
-
-
-def _concat(sets: list[SampleSet]) -> SampleSet:
-    return _SampleSet(*(torch.cat([getattr(s, f) for s in sets]) for f in ("x", "y", "private", "ids", "site")))
 
 
 def _group_aucs(scores: np.ndarray, is_member: np.ndarray, cand: SampleSet, num_private: int) -> list[dict]:

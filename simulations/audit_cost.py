@@ -28,8 +28,8 @@ from clients.sisa import SisaSettings
 from fairforget.audit import ATTACKS, TargetOutputs
 from fairforget.audit.references import predict_probs, train_references
 from fairforget.audit.roc import summarize
-from fairforget.data import load_dataset, shard_of
-from server.audit import _concat, _model
+from fairforget.data import SampleSet, load_dataset, shard_of
+from server.audit import _model
 from server.run_files import RunDir, RunDirError
 
 
@@ -54,7 +54,7 @@ def main() -> int:
     models = {k: _model(s, bundle.num_classes, cfg.model_width) for k, s in states.items()}
     shards = [s.subset([i for i, sid in enumerate(s.ids.tolist()) if sid not in deleted])
               for s in shard_of(cfg, bundle)]
-    live = _concat(shards)
+    live = SampleSet.concat(shards)
     rng = np.random.default_rng(cfg.seed + 4242)
     ensemble_members = live.subset(np.sort(rng.permutation(len(live))[: len(bundle.heldout)]))
     targets = {"ensemble": (list(models.values()), ensemble_members, len(live)),
@@ -64,7 +64,7 @@ def main() -> int:
     print(f"audit cost on {run.path} ({len(pop)} population samples, {len(bundle.heldout)} non-members)")
     print(f"{'target':10} {'attack':14} {'refs':>4} {'AUC':>6} {'TPR@1%':>7} {'seconds':>8} {'x RMIA':>7}")
     for tname, (tmodels, members, train_size) in targets.items():
-        cand = _concat([members, bundle.heldout])
+        cand = SampleSet.concat([members, bundle.heldout])
         is_member = np.r_[np.ones(len(members), bool), np.zeros(len(bundle.heldout), bool)]
         target = TargetOutputs(predict_probs(tmodels, cand.x), cand.y.numpy(), predict_probs(tmodels, pop.x),
                                pop.y.numpy())

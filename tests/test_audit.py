@@ -13,8 +13,8 @@ from fairforget.audit.probe import bottleneck, linear_probe
 from fairforget.audit.references import ReferenceOutputs, predict_probs, train_references, train_sisa_model
 from fairforget.audit.roc import auc, roc_curve, summarize, tpr_at_fpr
 from fairforget.config import resolve
-from fairforget.data import load_dataset
-from server.audit import _concat, check_audit_config
+from fairforget.data import SampleSet, load_dataset
+from server.audit import check_audit_config
 
 N = 100  # members and non-members of the overfit target
 ONLINE_REFS = 8
@@ -52,8 +52,8 @@ def setting():
     rng = np.random.default_rng(12)  # random subsets: the digits' row order follows their writers
     order, held = rng.permutation(len(bundle.train)), rng.permutation(len(bundle.heldout))
     pop = bundle.test_biased
-    small = _concat([bundle.train.subset(np.sort(order[:N])), bundle.heldout.subset(np.sort(held[:N]))])
-    large = _concat([bundle.train.subset(np.sort(order[2 * N : 2 * N + 350])),
+    small = SampleSet.concat([bundle.train.subset(np.sort(order[:N])), bundle.heldout.subset(np.sort(held[:N]))])
+    large = SampleSet.concat([bundle.train.subset(np.sort(order[2 * N : 2 * N + 350])),
                      bundle.heldout.subset(np.sort(held[:350]))])
     overfit = train_sisa_model(bundle.train.subset(np.sort(order[:N])), settings, seed=123)
     unseen = train_sisa_model(bundle.train.subset(np.sort(order[N : 2 * N])), settings, seed=321)

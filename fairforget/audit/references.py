@@ -72,7 +72,7 @@ def train_references(population: SampleSet, candidates: SampleSet, *, count: int
         if online:
             in_mask = balanced[m]
             pop_take = rng.permutation(len(population))[: max(0, members_per_model - int(in_mask.sum()))]
-            train = _concat(candidates.subset(np.flatnonzero(in_mask)), population.subset(pop_take))
+            train = SampleSet.concat([candidates.subset(np.flatnonzero(in_mask)), population.subset(pop_take)])
         else:
             in_mask = np.zeros(n_cand, dtype=bool)
             take = rng.permutation(len(population))[: min(members_per_model, len(population))]
@@ -87,8 +87,3 @@ def train_references(population: SampleSet, candidates: SampleSet, *, count: int
             kept.append(models)
     return ReferenceOutputs(np.stack(cand_probs), np.stack(pop_probs), np.stack(in_masks),
                             time.perf_counter() - t0, kept)
-
-
-def _concat(a: SampleSet, b: SampleSet) -> SampleSet:
-    return SampleSet(torch.cat([a.x, b.x]), torch.cat([a.y, b.y]), torch.cat([a.private, b.private]),
-                     torch.cat([a.ids, b.ids]), torch.cat([a.site, b.site]))

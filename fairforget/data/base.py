@@ -54,6 +54,11 @@ class SampleSet:
         idx = torch.as_tensor(np.asarray(index), dtype=torch.long)
         return SampleSet(self.x[idx], self.y[idx], self.private[idx], self.ids[idx], self.site[idx])
 
+    @staticmethod
+    def concat(sets: list[SampleSet]) -> SampleSet:
+        """The samples of ``sets``, one after the other."""
+        return SampleSet(*(torch.cat([getattr(s, f) for s in sets]) for f in ("x", "y", "private", "ids", "site")))
+
     def select_ids(self, ids: list[int] | np.ndarray) -> SampleSet:
         """The samples with these ids, in the order given."""
         pos = {int(i): p for p, i in enumerate(self.ids.tolist())}
