@@ -1,4 +1,5 @@
-"""The ClientApp's message handlers: train (a SISA stage, or FedAvg local epochs), unlearn, describe.
+"""The ClientApp's message handlers: train (a SISA stage, or FedAvg local epochs), unlearn, describe,
+audit.
 
 Each takes the incoming message's records and the :class:`clients.node.Node`, does its work, and
 returns the reply's RecordDict. :mod:`clients.app` only wires them to Flower.
@@ -6,6 +7,7 @@ returns the reply's RecordDict. :mod:`clients.app` only wires them to Flower.
 
 from __future__ import annotations
 
+import json
 import time
 
 import torch
@@ -15,9 +17,11 @@ from clients.node import Node
 from clients.sisa import derived_seed, train_epochs
 from clients.unlearning import UNLEARNERS
 from fairforget import keys
+from fairforget.audit.site import site_audit
 from fairforget.metrics import group_counts, kl_from_uniform
 from fairforget.model import build_model
 from fairforget.storage import state_hash
+from strategies.base import unpack_shards
 
 
 def _shard_metrics(node: Node, data_len: int, seconds: float) -> MetricRecord:
@@ -87,6 +91,24 @@ def unlearn(content: RecordDict, node: Node) -> RecordDict:
         "method": result["method"],
     })
     return RecordDict({keys.ARRAYS: ArrayRecord(state), keys.METRICS: metrics, keys.CONFIG: info})
+
+
+def audit(content: RecordDict, node: Node) -> RecordDict:
+    """Audit the ensemble sent by the server on this site's members and held-out data; reply with
+    ROC statistics only (:mod:`fairforget.audit.site`)."""
+    cfg = node.cfg
+    models = []
+    for state in unpack_shards(content[keys.ARRAYS]).values():
+        model = build_model(node.bundle.num_classes, cfg.model_width, seed=0)
+        model.load_state_dict(state)
+        models.append(model.eval())
+    members = node.sisa.live_data() if cfg.strategy == "shard-ensemble" else node.data
+    attacks = [a.strip() for a in cfg.audit_attacks.split(",") if a.strip()]
+    result = site_audit(models, members, node.heldout, attacks, cfg.audit_bootstrap, cfg.seed)
+    return RecordDict({
+        keys.CONFIG: ConfigRecord({keys.AUDIT_JSON: json.dumps(result)}),
+        keys.METRICS: MetricRecord({keys.SHARD: node.shard, keys.NUM_EXAMPLES: len(members)}),
+    })
 
 
 def describe(content: RecordDict, node: Node) -> RecordDict:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from clients.sisa import SisaSettings, SisaShard
 from fairforget import keys
 from fairforget.config import RunConfig
@@ -44,6 +46,15 @@ class Node:
         default_dir = Path(cfg.out_dir) / "nodes" / f"shard-{shard}"
         state_dir = Path(str(node_config.get(keys.NODE_STATE_DIR) or default_dir))
         return cls(cfg, shard, state_dir, bundle, data)
+
+    @functools.cached_property
+    def heldout(self) -> SampleSet:
+        """This site's non-members: its own held-out split (deployment with ``data-root``), or its
+        share of the run's held-out split (simulation)."""
+        if self.data is self.bundle.train:
+            return self.bundle.heldout
+        parts = np.array_split(np.arange(len(self.bundle.heldout)), self.cfg.num_shards)
+        return self.bundle.heldout.subset(parts[self.shard])
 
     @functools.cached_property
     def sisa(self) -> SisaShard:

@@ -133,6 +133,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
     print(f"fairforget: auditing {len(states)} model(s) of {run.path}", flush=True)
     privacy = run_audit(run, cfg, bundle, states, deleted=run.ledger.deleted_ids())
     metrics = run.metrics()
+    if "sites" in metrics.get("privacy", {}):  # site audits need the federation: keep the last ones
+        privacy["sites"] = metrics["privacy"]["sites"]
     metrics["privacy"] = privacy
     run.write_metrics(metrics)
     write_report(run.path)

@@ -7,6 +7,7 @@ One module, so that the two sides of every message agree on its spelling.
 MSG_TRAIN = "train"
 MSG_UNLEARN = "train.unlearn"
 MSG_DESCRIBE = "query.describe"
+MSG_AUDIT = "query.audit"
 
 # Record names inside a message's RecordDict.
 ARRAYS = "arrays"
@@ -33,6 +34,7 @@ RESTART_SLICE = "restart-slice"
 OWNED_IDS = "owned-ids"
 DELETED_IDS = "deleted-ids"
 GROUP_COUNTS = "group-counts"
+AUDIT_JSON = "audit-json"  # a site's ROC statistics, as JSON text
 
 # Node-config keys (deployment: set per SuperNode; simulation: set by Flower).
 NODE_PARTITION_ID = "partition-id"

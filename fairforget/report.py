@@ -106,6 +106,15 @@ def _privacy_lines(metrics: dict[str, Any]) -> list[str]:
             lines.append(f"| {target} | {name} | {r['auc']:.3f} | {r['balanced_accuracy']:.3f} | "
                          f"{r['advantage']:.3f} | {r['tpr_at_0.01_fpr']:.3f} [{lo:.3f}, {hi:.3f}] | "
                          f"{r['tpr_at_0.001_fpr']:.3f} |")
+    sites = {s: r for s, r in privacy.get("sites", {}).items() if "error" not in r and "skipped" not in r}
+    if sites:
+        lines += ["", "Each site's own audit of the ensemble (its members vs its held-out data; ROC statistics only):",
+                  "", "| site | attack | AUC | TPR @ 1% FPR | members | non-members |", "|---|---|---|---|---|---|"]
+        for site, attacks in sites.items():
+            lines += [f"| {site} | {name} | {r['auc']:.3f} | {r['tpr_at_0.01_fpr']:.3f} | {r['n_members']} | "
+                      f"{r['n_nonmembers']} |" for name, r in attacks.items()]
+    failed = {s: r for s, r in privacy.get("sites", {}).items() if "error" in r or "skipped" in r}
+    lines += [f"- {site}: {r.get('error') or r.get('skipped')}" for site, r in failed.items()]
     lines += ["", "Attribute inference (linear probe on the bottleneck, trained on biased data):", "",
               "| target | probe accuracy on unbiased test | chance |", "|---|---|---|"]
     for target, p in privacy["attribute_inference"].items():

@@ -6,6 +6,9 @@ split: drawn like the members, never trained on), score every attack on every ta
 the ROC, probe the bottleneck for the private attribute. Runs on the server in simulation, after
 ``simulate`` and every ``forget``, and alone as ``fairforget audit --run DIR``.
 
+Under the deployment engine (and in simulation too) every site also audits the ensemble on its own
+members and held-out data and returns ROC statistics only (:func:`site_audits`).
+
 Reference models are trained on population data only, so they are cached in ``OUT/audit/`` and
 reused; LiRA-online shadows also train on candidate members, so they are trained for the audit and
 never saved (a deletion must not survive in a shadow model).
@@ -14,13 +17,16 @@ never saved (a deletion must not survive in a shadow model).
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from typing import Any
 
 import numpy as np
 import torch
+from flwr.app import ArrayRecord, Message, RecordDict
 
 from clients.sisa import SisaSettings
+from fairforget import keys
 from fairforget.audit import ATTACKS, AuditError, TargetOutputs
 from fairforget.audit.probe import attribute_inference, bottleneck
 from fairforget.audit.references import ReferenceOutputs, predict_probs, train_references
@@ -30,6 +36,7 @@ from fairforget.data import DataBundle, SampleSet, shard_of
 from fairforget.model import build_model
 from fairforget.storage import atomic_torch_save, torch_load
 from server.run_files import RunDir
+from strategies.base import pack_shards
 
 MIN_GROUP = 10  # members and non-members a (class, private) group needs for its own AUC
 
@@ -134,6 +141,22 @@ def unlearning_audit(cfg: RunConfig, bundle: DataBundle, states: dict[int, dict[
         ref, _ = _references(run, cfg, settings, population, cand, "ensemble", len(models),
                              len(bundle.train), "offline")
     return {n: auc(ATTACKS[n]().scores(target, ref), is_member) for n in names}
+
+
+def site_audits(grid: Any, states: dict[int, dict[str, torch.Tensor]]) -> dict[str, Any]:
+    """Ask every node to audit the ensemble on its own members and held-out data (``query.audit``);
+    each replies with ROC statistics only. Returns ``{"site-K": {attack: summary}}``."""
+    arrays = pack_shards({k: ArrayRecord(v) for k, v in states.items()})
+    messages = [Message(RecordDict({keys.ARRAYS: arrays}), dst_node_id=n, message_type=keys.MSG_AUDIT)
+                for n in grid.get_node_ids()]
+    out: dict[str, Any] = {}
+    for reply in grid.send_and_receive(messages):
+        if reply.has_error():
+            out[f"node-{reply.metadata.src_node_id}"] = {"error": reply.error.reason}
+            continue
+        shard = int(reply.content[keys.METRICS][keys.SHARD])
+        out[f"site-{shard}"] = json.loads(reply.content[keys.CONFIG][keys.AUDIT_JSON])
+    return dict(sorted(out.items()))
 
 
 def headline(privacy: dict[str, Any] | None) -> dict[str, Any] | None:

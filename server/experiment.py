@@ -17,7 +17,7 @@ from flwr.supercore import log
 from fairforget.config import RunConfig
 from fairforget.data import DataBundle, load_dataset
 from fairforget.report import write_report
-from server.audit import check_audit_config, run_audit
+from server.audit import check_audit_config, run_audit, site_audits
 from server.evaluation import RoundEvaluator, evaluate_states
 from server.run_files import RunDir
 from strategies import STRATEGIES
@@ -48,6 +48,7 @@ def run_training(grid: Grid, cfg: RunConfig) -> None:
     metrics = training_metrics(cfg, bundle, strategy.shard_reports, evaluator.history, evaluation, train_wall)
     if cfg.audit:
         metrics["privacy"] = run_audit(run, cfg, bundle, states, deleted=set())
+        metrics["privacy"]["sites"] = site_audits(grid, states)
         metrics["timing"]["audit_seconds"] = metrics["privacy"]["seconds"]
     run.write_metrics(metrics)
     run.ledger.ensure()

@@ -20,7 +20,7 @@ from fairforget import keys
 from fairforget.config import RunConfig, parse_ids
 from fairforget.data import load_dataset
 from fairforget.report import write_report
-from server.audit import check_audit_config, headline, run_audit, unlearning_audit
+from server.audit import check_audit_config, headline, run_audit, site_audits, unlearning_audit
 from server.evaluation import evaluate_states
 from server.experiment import evaluation_summary
 from server.run_files import RunDir
@@ -71,6 +71,7 @@ def run_forget(grid: Grid, cfg: RunConfig) -> None:
         }
         metrics["unlearning"][-1]["privacy_before"] = headline(metrics.get("privacy"))
         metrics["privacy"] = run_audit(run, cfg, bundle, after, deleted=run.ledger.deleted_ids())
+        metrics["privacy"]["sites"] = site_audits(grid, after)
         metrics["unlearning"][-1]["privacy_after"] = headline(metrics["privacy"])
     run.write_metrics(metrics)
     write_report(run.path)

@@ -47,7 +47,7 @@ class InProcessGrid(Grid):
     as Flower turns a ClientApp exception into one."""
 
     HANDLERS = {keys.MSG_TRAIN: handlers.train, keys.MSG_UNLEARN: handlers.unlearn,
-                keys.MSG_DESCRIBE: handlers.describe}
+                keys.MSG_DESCRIBE: handlers.describe, keys.MSG_AUDIT: handlers.audit}
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg

@@ -44,6 +44,13 @@ def test_training_writes_metrics_report_models(trained):
         assert set(target) == set(trained.audit_attacks.split(","))
         assert all(0.0 <= r["auc"] <= 1.0 and r["roc"]["fpr"][0] == 0.0 for r in target.values())
     assert set(privacy["attribute_inference"]) == {"ensemble", "shard-0", "shard-1"}
+    # each site audited the ensemble on its own members and held-out share, returning statistics only
+    assert set(privacy["sites"]) == {"site-0", "site-1"}
+    for site, attacks in privacy["sites"].items():
+        assert set(attacks) == {"loss", "confidence", "entropy"}  # the reference-free ones
+        shard = next(s for s in m["shards"] if f"site-{s['shard']}" == site)
+        assert attacks["loss"]["n_members"] == shard["num_examples"]
+        assert "scores" not in attacks["loss"] and "ids" not in attacks["loss"]
     assert sorted(p.name.split("-")[1] for p in (run.path / "audit").glob("references-*.pt")) == ["ensemble", "shard"]
     assert "## Privacy audit" in run.report_path.read_text() and (run.path / "mia_roc.png").exists()
     assert run.report_path.read_text().startswith("# fairforget report")

@@ -92,3 +92,7 @@ def test_train_and_forget_on_separate_supernodes(federation):
     assert [(e["shard"], e["ids"]) for e in read_jsonl(out / "ledger.jsonl")] == [(1, [victim])]
     assert victim in read_json(tmp / "site1" / "index.json")["deleted"]
     assert read_json(tmp / "site0" / "index.json")["deleted"] == []
+    # each SuperNode audited the ensemble on its own data and sent back ROC statistics only
+    sites = read_json(out / "metrics.json")["privacy"]["sites"]
+    assert set(sites) == {"site-0", "site-1"}
+    assert all(0.0 <= r["auc"] <= 1.0 for attacks in sites.values() for r in attacks.values())

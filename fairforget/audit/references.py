@@ -36,7 +36,11 @@ class ReferenceOutputs:
 
 
 def train_sisa_model(data: SampleSet, settings: SisaSettings, seed: int) -> torch.nn.Module:
-    """A model trained exactly like a SISA shard (stages over slices), in memory, no checkpoints."""
+    """A model trained exactly like a SISA shard (stages over slices), in memory, no checkpoints,
+    on ``settings.num_threads`` torch threads like the shards themselves (so results do not depend
+    on what ran before in the process)."""
+    if settings.num_threads > 0:
+        torch.set_num_threads(settings.num_threads)
     model = build_model(settings.num_classes, settings.width, seed=derived_seed(seed, 0))
     opt = torch.optim.Adam(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     slices = assign_slices(data.ids.tolist(), settings.slices, seed, 0)
