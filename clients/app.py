@@ -25,6 +25,11 @@ def unlearn(msg: Message, context: Context) -> Message:
     return Message(handlers.unlearn(msg.content, _node(context)), reply_to=msg)
 
 
+@app.train("augment")
+def augment(msg: Message, context: Context) -> Message:
+    return Message(handlers.augment(msg.content, _node(context)), reply_to=msg)
+
+
 @app.query("audit")
 def audit(msg: Message, context: Context) -> Message:
     return Message(handlers.audit(msg.content, _node(context)), reply_to=msg)

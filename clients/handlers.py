@@ -10,14 +10,17 @@ from __future__ import annotations
 import json
 import time
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from clients.node import Node
 from clients.sisa import derived_seed, train_epochs
-from clients.unlearning import UNLEARNERS
+from clients.unlearning import UNLEARNERS, approx_state
 from fairforget import keys
 from fairforget.audit.site import site_audit
+from fairforget.data.base import is_synthetic
+from fairforget.diffusion.quality import FidelityClassifiers
 from fairforget.metrics import group_counts, kl_from_uniform
 from fairforget.model import build_model
 from fairforget.storage import state_hash
@@ -77,19 +80,64 @@ def train(content: RecordDict, node: Node) -> RecordDict:
 def unlearn(content: RecordDict, node: Node) -> RecordDict:
     config = content[keys.CONFIG]
     ids = [int(i) for i in config[keys.FORGET_IDS]]
-    method = str(config.get("method", "exact-sisa"))
-    result = UNLEARNERS[method](node.sisa, ids)
-    state = node.sisa.model_state()
+    method = str(config.get(keys.UNLEARN_METHOD, "exact-sisa"))
+    if node.augment_store.active:  # an augmented shard: exact, and the generator forgets too
+        return _unlearn_augmented(node, ids, method)
+    result = UNLEARNERS[method](node.sisa, ids, approx_state.UnlearnParams.from_config(node.cfg))
+    state = approx_state.current_state(node.sisa)  # the approximate model, if that is what it serves
     metrics = _shard_metrics(node, result["num_examples"], result["seconds"])
     metrics[keys.RESTART_SLICE] = result["restart_stage"]
     metrics["retrained-stages"] = result["retrained_stages"]
     metrics["full-train-seconds"] = node.sisa.full_train_seconds()
     metrics["wall-seconds"] = result["wall_seconds"]
+    metrics[keys.APPROX_DELETIONS] = int(result.get("approx_deletions", 0))
+    if "noise_sigma" in result:
+        metrics[keys.NOISE_SIGMA] = float(result["noise_sigma"])
     info = ConfigRecord({
         keys.HASH_BEFORE: result["hash_before"],
         keys.MODEL_HASH: result["hash_after"],
         "method": result["method"],
     })
+    return RecordDict({keys.ARRAYS: ArrayRecord(state), keys.METRICS: metrics, keys.CONFIG: info})
+
+
+def _unlearn_augmented(node: Node, ids: list[int], method: str) -> RecordDict:
+    if method != "exact-sisa":
+        raise ValueError(f"shard {node.shard} is augmented: only exact-sisa unlearning also removes a sample "
+                         f"from its generator and synthetic data (asked for {method})")
+    result = node.augmenter.forget(ids)
+    metrics = _shard_metrics(node, result["num_examples"], result["seconds"])
+    metrics[keys.RESTART_SLICE] = result["restart_stage"]
+    metrics["retrained-stages"] = result["retrained_stages"]
+    metrics["full-train-seconds"] = node.sisa.full_train_seconds()
+    metrics["wall-seconds"] = result["wall_seconds"]
+    metrics[keys.APPROX_DELETIONS] = 0
+    info = ConfigRecord({
+        keys.HASH_BEFORE: result["hash_before"],
+        keys.MODEL_HASH: result["hash_after"],
+        "method": result["method"],
+        keys.AUGMENT_JSON: json.dumps({k: v for k, v in result.items() if k.startswith(("generator", "synthetic",
+                                                                                       "policy", "old_", "new_"))}),
+    })
+    return RecordDict({keys.ARRAYS: ArrayRecord(node.sisa.model_state()), keys.METRICS: metrics, keys.CONFIG: info})
+
+
+def augment(content: RecordDict, node: Node) -> RecordDict:
+    """One augmentation step (:mod:`clients.augment`): retire originals, (re)train the generator if
+    needed, generate what the bias plan asks for, retrain the shard. Replies with the shard model and
+    the step's figures (counts and statistics only, never samples)."""
+    config = content[keys.CONFIG]
+    cfg = node.cfg
+    if cfg.num_threads > 0:
+        torch.set_num_threads(cfg.num_threads)
+    fidelity = None
+    if keys.ARRAYS in content:
+        fidelity = FidelityClassifiers.from_state(content[keys.ARRAYS].to_torch_state_dict(),
+                                                  node.bundle.num_classes, node.bundle.num_private)
+    report = node.augmenter.step(int(config[keys.STEP]), int(config[keys.RETIRE]), fidelity)
+    state = node.sisa.model_state()
+    metrics = _shard_metrics(node, len(node.sisa.live_ids()), node.sisa.full_train_seconds())
+    info = ConfigRecord({keys.MODEL_HASH: state_hash(state), keys.AUGMENT_JSON: json.dumps(report)})
     return RecordDict({keys.ARRAYS: ArrayRecord(state), keys.METRICS: metrics, keys.CONFIG: info})
 
 
@@ -103,6 +151,7 @@ def audit(content: RecordDict, node: Node) -> RecordDict:
         model.load_state_dict(state)
         models.append(model.eval())
     members = node.sisa.live_data() if cfg.strategy == "shard-ensemble" else node.data
+    members = members.subset(np.flatnonzero(~is_synthetic(members.ids)))  # members are real people
     attacks = [a.strip() for a in cfg.audit_attacks.split(",") if a.strip()]
     result = site_audit(models, members, node.heldout, attacks, cfg.audit_bootstrap, cfg.seed)
     return RecordDict({
@@ -116,10 +165,14 @@ def describe(content: RecordDict, node: Node) -> RecordDict:
     asked = [int(i) for i in content[keys.CONFIG][keys.FORGET_IDS]]
     shard = node.sisa
     live, deleted = shard.live_ids(), shard.deleted
+    owned = [i for i in asked if i in live]
+    gone = [i for i in asked if i in deleted]
+    if node.augment_store.active:  # retired originals are still held (by the generator's data)
+        owned, gone = node.augmenter.owned(asked)
     return RecordDict({
         keys.CONFIG: ConfigRecord({
-            keys.OWNED_IDS: [i for i in asked if i in live],
-            keys.DELETED_IDS: [i for i in asked if i in deleted],
+            keys.OWNED_IDS: owned,
+            keys.DELETED_IDS: gone,
         }),
         keys.METRICS: MetricRecord({keys.SHARD: node.shard, keys.NUM_EXAMPLES: len(live), "trained": shard.trained}),
     })

@@ -15,10 +15,12 @@ from typing import Any
 
 import numpy as np
 
+from clients.augment import Augmenter, AugmentStore
 from clients.sisa import SisaSettings, SisaShard
 from fairforget import keys
 from fairforget.config import RunConfig
 from fairforget.data import DataBundle, SampleSet, load_dataset, shard_of
+from fairforget.diffusion.generator import GeneratorSettings
 
 
 @dataclass
@@ -57,6 +59,21 @@ class Node:
         return self.bundle.heldout.subset(parts[self.shard])
 
     @functools.cached_property
+    def augment_store(self) -> AugmentStore:
+        return AugmentStore(self.state_dir, self.shard)
+
+    @functools.cached_property
     def sisa(self) -> SisaShard:
+        """The shard's SISA state; its samples are the node's originals plus its live synthetic ones."""
         settings = SisaSettings.from_config(self.cfg, self.bundle.num_classes)
-        return SisaShard(self.state_dir, self.shard, self.data, settings)
+        data = self.data
+        if self.augment_store.active:
+            synth, _ = self.augment_store.synthetic(tuple(self.data.x.shape[1:]))
+            data = SampleSet.concat([self.data, synth]) if len(synth) else self.data
+        return SisaShard(self.state_dir, self.shard, data, settings)
+
+    @functools.cached_property
+    def augmenter(self) -> Augmenter:
+        settings = GeneratorSettings.from_config(self.cfg, self.bundle.num_classes, self.bundle.num_private)
+        return Augmenter(self.data, self.sisa, self.augment_store, settings, self.cfg.seed,
+                         self.cfg.augment_kl_threshold, self.cfg.augment_on_delete, self.heldout)

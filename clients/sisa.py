@@ -236,6 +236,31 @@ class SisaShard:
         self._drop_stale_checkpoints()
         return clean_stage
 
+    def add(self, ids: list[int], data: SampleSet) -> int:
+        """Add new samples (synthetic ones) to the shard; ``data`` is the shard's sample pool with
+        them. Each id goes to a slice drawn from (seed, shard, id) alone, so a from-scratch run with
+        the same ids builds the same slices. Checkpoints from the earliest slice that grew on are
+        removed; returns the last clean stage (retraining starts there)."""
+        have = self.live_ids() | self.deleted
+        clash = sorted(set(ids) & have)
+        if clash:
+            raise SisaError(f"sample id(s) already used in shard {self.shard}: {_fmt(clash)}")
+        if not ids:
+            return self.trained
+        self.data = data
+        touched = []
+        for i in ids:
+            s = derived_seed(self.settings.seed, self.shard, 91, int(i)) % self.settings.slices
+            self.index["slices"][s].append(int(i))
+            touched.append(s)
+        self.index["slices"] = [sorted(sl) for sl in self.index["slices"]]
+        clean_stage = min(min(touched), self.trained)
+        self.index["trained"] = clean_stage
+        self.index["version"] += 1
+        self._save_index()
+        self._drop_stale_checkpoints()
+        return clean_stage
+
     def model_hash(self) -> str:
         return state_hash(self.model_state())
 

@@ -70,7 +70,13 @@ def cmd_forget(args: argparse.Namespace) -> int:
 
     run = RunDir(Path(args.run).expanduser().resolve())
     run.require_finished()
-    cfg = run.config().replace(out_dir=str(run.path))
+    sets = parse_set(args.set or [])
+    other = sorted(k for k in sets if not k.startswith(FORGET_KEY_PREFIXES))
+    if other:
+        raise UserError(f"forget --set takes only the unlearn-*, newton-* and capacity-* keys, got {', '.join(other)}")
+    if args.method:
+        sets["unlearn-method"] = args.method
+    cfg = resolve(run.config().to_mapping(), sets).replace(out_dir=str(run.path))
     if not STRATEGIES[cfg.strategy].exact_unlearning:
         raise UserError(f"run {run.path} used strategy '{cfg.strategy}', which keeps no shard models; "
                         "exact unlearning needs shard-ensemble")
@@ -99,8 +105,14 @@ def cmd_forget(args: argparse.Namespace) -> int:
     metrics = run.metrics()
     last = metrics["unlearning"][-1]
     for entry in [e for e in run.ledger.entries() if e["request"] == last["request"]]:
-        print(f"shard {entry['shard']}: {len(entry['ids'])} id(s), retrained from stage {entry['restart_stage']} "
-              f"in {entry['seconds']:.2f}s; model {entry['hash_before']} -> {entry['hash_after']}")
+        how = (f"approximately ({entry['method']})" if entry.get("decision") == "approximate" else
+               f"retrained from stage {entry['restart_stage']}"
+               + (" (budget spent: exact fallback)" if entry.get("decision") == "exact-fallback" else ""))
+        print(f"shard {entry['shard']}: {len(entry['ids'])} id(s), {how} in {entry['seconds']:.2f}s; "
+              f"model {entry['hash_before']} -> {entry['hash_after']}")
+        if "capacity_before" in entry:
+            print(f"shard {entry['shard']}: deletion capacity {entry['capacity_before']} -> {entry['capacity_after']} "
+                  f"of {entry['capacity']} left")
     untouched = [k for k in before if k not in shards]
     print(f"untouched shards: {', '.join(map(str, untouched)) or 'none'}")
     sp = last["speedup_vs_full_retrain"]
@@ -110,6 +122,9 @@ def cmd_forget(args: argparse.Namespace) -> int:
     print(f"ledger:  {run.path / 'ledger.jsonl'}")
     print(f"report:  {run.path / 'report.md'}")
     return 0
+
+
+FORGET_KEY_PREFIXES = ("unlearn-", "newton-", "capacity-")
 
 
 # ---------------------------------------------------------------------- audit
@@ -188,6 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
     ids = fg.add_mutually_exclusive_group(required=True)
     ids.add_argument("--ids", metavar="ID,ID,...", help="comma-separated sample ids, e.g. 3,17,42")
     ids.add_argument("--ids-file", metavar="FILE", help="a file of sample ids, separated by commas or newlines")
+    fg.add_argument("--method", metavar="NAME",
+                    help="unlearning method (the unlearn-method key): exact-sisa (default), finetune, neggrad, "
+                         "scrub, newton or del; the approximate ones spend the shard's deletion budget")
+    fg.add_argument("--set", metavar="KEY=VALUE", action="append",
+                    help="override an unlearn-*, newton-* or capacity-* key for this request, e.g. "
+                         "--set capacity-policy=refuse (repeatable)")
     fg.add_argument("--quiet", action="store_true", help="hide Flower's streamed logs")
     fg.set_defaults(func=cmd_forget)
 

@@ -23,6 +23,10 @@ MODES = ("simulate", "forget")
 PARTITIONS = ("iid", "site")
 VOTES = ("softmax", "majority")
 DEVICES = ("auto", "cpu", "cuda")
+AUGMENT_GROUPS = ("class-private", "class")
+ON_DELETE = ("regenerate", "drop")
+CAPACITY_BOUNDS = ("newton", "dp")  # fairforget.capacity
+CAPACITY_POLICIES = ("retrain", "refuse")
 
 
 class ConfigError(ValueError):
@@ -65,6 +69,30 @@ class RunConfig:
     audit_attacks: str
     audit_references: int
     audit_bootstrap: int
+    unlearn_method: str
+    unlearn_epochs: int
+    unlearn_lr: float
+    newton_lambda: float
+    capacity_bound: str
+    capacity_eps: float
+    capacity_delta: float
+    capacity_c: float
+    capacity_policy: str
+    augment: bool
+    augment_groups: str
+    augment_kl_threshold: float
+    augment_steps: int
+    augment_retire_per_step: int
+    augment_on_delete: str
+    diffusion_width: int
+    diffusion_train_steps: int
+    diffusion_batch_size: int
+    diffusion_lr: float
+    diffusion_timesteps: int
+    label_dropout: float
+    ddim_steps: int
+    guidance_scale: float
+    classifier_guidance: float
     client_cpus: int
     client_gpus: float
 
@@ -132,6 +160,29 @@ class RunConfig:
             ("device", self.device in DEVICES, f"one of {', '.join(DEVICES)}"),
             ("audit-references", 0 <= self.audit_references <= 64, "in [0, 64]"),
             ("audit-bootstrap", 0 <= self.audit_bootstrap <= 10_000, "in [0, 10000]"),
+            ("unlearn-epochs", self.unlearn_epochs >= 1, ">= 1"),
+            ("unlearn-lr", self.unlearn_lr > 0.0, "> 0"),
+            ("newton-lambda", self.newton_lambda > 0.0, "> 0 (the head's loss must be strongly convex)"),
+            ("capacity-bound", self.capacity_bound in CAPACITY_BOUNDS, f"one of {', '.join(CAPACITY_BOUNDS)}"),
+            ("capacity-eps", self.capacity_eps > 0.0, "> 0"),
+            ("capacity-delta", 0.0 < self.capacity_delta < 1.0, "in (0, 1)"),
+            ("capacity-c", self.capacity_c > 0.0, "> 0"),
+            ("capacity-policy", self.capacity_policy in CAPACITY_POLICIES, f"one of {', '.join(CAPACITY_POLICIES)}"),
+            ("augment-groups", self.augment_groups in AUGMENT_GROUPS, f"one of {', '.join(AUGMENT_GROUPS)}"),
+            ("augment-kl-threshold", self.augment_kl_threshold >= 0.0, ">= 0"),
+            ("augment-steps", 0 <= self.augment_steps <= 100, "in [0, 100]"),
+            ("augment-retire-per-step", self.augment_retire_per_step >= 0, ">= 0"),
+            ("augment-on-delete", self.augment_on_delete in ON_DELETE, f"one of {', '.join(ON_DELETE)}"),
+            ("diffusion-width", 4 <= self.diffusion_width <= 256 and self.diffusion_width % 4 == 0,
+             "a multiple of 4 in [4, 256]"),
+            ("diffusion-train-steps", self.diffusion_train_steps >= 1, ">= 1"),
+            ("diffusion-batch-size", self.diffusion_batch_size >= 1, ">= 1"),
+            ("diffusion-lr", self.diffusion_lr > 0.0, "> 0"),
+            ("diffusion-timesteps", 10 <= self.diffusion_timesteps <= 4000, "in [10, 4000]"),
+            ("label-dropout", 0.0 < self.label_dropout < 1.0, "in (0, 1) (the null label must be trained)"),
+            ("ddim-steps", 1 <= self.ddim_steps <= self.diffusion_timesteps, "in [1, diffusion-timesteps]"),
+            ("guidance-scale", self.guidance_scale >= 0.0, ">= 0"),
+            ("classifier-guidance", self.classifier_guidance >= 0.0, ">= 0"),
             ("client-cpus", self.client_cpus >= 1, ">= 1"),
             ("client-gpus", 0.0 <= self.client_gpus <= 8.0, "in [0, 8]"),
         ]
@@ -141,6 +192,14 @@ class RunConfig:
         if self.heldout_fraction + self.test_fraction >= 0.8:
             raise ConfigError("heldout-fraction + test-fraction must leave at least 20% for training")
         parse_ids(self.forget_ids)
+        if self.augment and self.strategy != "shard-ensemble":
+            raise ConfigError(f"config key 'augment' = true needs strategy = \"shard-ensemble\" (SISA shards to "
+                              f"unlearn from), not {self.strategy!r}")
+        from clients.unlearning import UNLEARNERS
+
+        if self.unlearn_method not in UNLEARNERS:
+            raise ConfigError(f"config key 'unlearn-method' = {self.unlearn_method!r}: must be one of "
+                              f"{', '.join(sorted(UNLEARNERS))}")
         from fairforget.audit import ATTACKS
 
         unknown = [a for a in (t.strip() for t in self.audit_attacks.split(",")) if a and a not in ATTACKS]

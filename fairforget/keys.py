@@ -8,6 +8,7 @@ MSG_TRAIN = "train"
 MSG_UNLEARN = "train.unlearn"
 MSG_DESCRIBE = "query.describe"
 MSG_AUDIT = "query.audit"
+MSG_AUGMENT = "train.augment"
 
 # Record names inside a message's RecordDict.
 ARRAYS = "arrays"
@@ -19,6 +20,9 @@ TRAIN_MODE = "train-mode"  # "sisa-stage" or "local-epochs"
 STAGE = "stage"  # SISA stage (1-based slice count) to train
 SERVER_ROUND = "server-round"
 FORGET_IDS = "forget-ids"  # list of sample ids, for train.unlearn and query.describe
+STEP = "step"  # augmentation step (0 = first augmentation)
+RETIRE = "retire"  # originals to retire (unlearn) in this augmentation step
+UNLEARN_METHOD = "method"  # train.unlearn: a name of clients.unlearning.UNLEARNERS
 
 TRAIN_MODE_SISA = "sisa-stage"
 TRAIN_MODE_LOCAL = "local-epochs"
@@ -35,6 +39,9 @@ OWNED_IDS = "owned-ids"
 DELETED_IDS = "deleted-ids"
 GROUP_COUNTS = "group-counts"
 AUDIT_JSON = "audit-json"  # a site's ROC statistics, as JSON text
+AUGMENT_JSON = "augment-json"  # an augmentation step's report (counts, seconds, quality), as JSON text
+APPROX_DELETIONS = "approx-deletions"  # deletions served approximately since the last exact retrain
+NOISE_SIGMA = "noise-sigma"  # the Newton step's Gaussian noise scale
 
 # Node-config keys (deployment: set per SuperNode; simulation: set by Flower).
 NODE_PARTITION_ID = "partition-id"

@@ -130,6 +130,51 @@ def _privacy_lines(metrics: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _augmentation_lines(metrics: dict[str, Any], run_dir: Path) -> list[str]:
+    aug = metrics["augmentation"]
+    names = list((aug["rows"][0].get("mia") or {}).keys())
+    lines = [f"Groups: {aug['groups']}; KL threshold {aug['kl_threshold']}; {len(aug['steps']) - 1} step(s) of "
+             f"step-wise unlearning; {len(aug['retired_ids'])} originals retired; {aug['seconds']:.1f} s. MIA: "
+             "vanilla and augmented rows attack all original members, the last row the retired (unlearned) "
+             "originals; all against held-out non-members.", "",
+             "| model | KL per shard | unbiased acc. | worst group acc. | " +
+             " | ".join(f"{n} AUC / TPR@1%" for n in names) + " |",
+             "|---|---|---|---|" + "---|" * len(names)]
+    for r in aug["rows"]:
+        kl = ", ".join(f"{v:.3f}" for v in r["kl_per_shard"].values()) if r["kl_per_shard"] else \
+            ", ".join(f"{s['kl_bias']:.3f}" for s in metrics["shards"]) + " (before)"
+        if r["name"] == "vanilla":
+            kl = ", ".join(f"{rep['kl_before']:.3f}" for rep in aug["steps"][0]["shards"].values())
+        mia = r.get("mia") or {}
+        cells = [f"{mia[n]['auc']:.3f} / {mia[n]['tpr_at_0.01_fpr']:.3f}" if n in mia else "" for n in names]
+        lines.append(f"| {r['name']} | {kl} | {r['accuracy_unbiased']:.3f} | {r['worst_group']['accuracy']:.3f} | "
+                     + " | ".join(cells) + " |")
+    lines += ["", "Per shard and step (quality: label fidelity of the new samples by the fidelity classifiers; "
+              "Frechet distance on their features, matched labels, next to real vs real):", "",
+              "| step | shard | KL before | KL after | generated | originals / synthetic | class fidelity | "
+              "private fidelity | FD (real vs real) | generator s | sampling s | retrain s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for st in aug["steps"]:
+        for k, rep in st["shards"].items():
+            q = rep.get("quality", {})
+            fid = q.get("label_fidelity", {})
+            fd = f"{q['frechet_distance']:.2f} ({q['frechet_distance_real_vs_real']:.2f})" if "frechet_distance" in q \
+                else ""
+            lines.append(f"| {st['step']} | {k} | {rep['kl_before']:.3f} | {rep['kl_after']:.4f} | "
+                         f"{rep['generated']} | "
+                         f"{rep['num_originals']} / {rep['num_synthetic']} | {fid.get('class', float('nan')):.3f} | "
+                         f"{fid.get('private', float('nan')):.3f} | {fd} | {rep['generator_seconds']:.1f} | "
+                         f"{rep['sampling_seconds']:.1f} | {rep['retrain_seconds']:.1f} |")
+    ceiling = aug["fidelity_classifiers_accuracy_unbiased"]
+    lines += ["", f"Fidelity classifiers on the real unbiased test set (the ceiling of label fidelity): class "
+              f"{ceiling['class']:.3f}, private {ceiling.get('private', float('nan')):.3f}."]
+    overview = Path("nodes") / "shard-0" / "augment" / "grids" / "overview.png"
+    if (run_dir / overview).is_file():
+        lines += ["", "Shard 0's generator, one sample per group (rows: class; columns: private attribute); "
+                  "8 samples per group in `nodes/shard-K/augment/grids/`:", "", f"![samples]({overview.as_posix()})"]
+    return lines
+
+
 def write_report(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
     metrics = read_json(run_dir / "metrics.json")
@@ -183,6 +228,8 @@ def write_report(run_dir: Path) -> Path:
                          f"`{e['hash_before']}` | `{e['hash_after']}` |")
     else:
         lines.append("No deletion requests yet (`fairforget forget --run DIR --ids ...`).")
+    if metrics.get("augmentation"):
+        lines += ["", "## Augmentation and step-wise unlearning", "", *_augmentation_lines(metrics, run_dir)]
     lines += ["", "## Privacy audit", "", *_privacy_lines(metrics)]
     lines += ["", "## Plots", ""]
     lines += [f"### {title}\n\n![{title}]({name})\n" for title, name in plots if name]

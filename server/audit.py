@@ -127,8 +127,15 @@ def unlearning_audit(cfg: RunConfig, bundle: DataBundle, states: dict[int, dict[
                      deleted_ids: list[int], run: RunDir) -> dict[str, float]:
     """AUC of the deleted samples against held-out non-members, per reference-free attack and the
     offline reference attacks, for one state of the ensemble (about 0.5 after exact unlearning)."""
+    return {n: r["auc"] for n, r in membership(cfg, bundle, states, deleted_ids, run, bootstrap=0).items()}
+
+
+def membership(cfg: RunConfig, bundle: DataBundle, states: dict[int, dict[str, torch.Tensor]],
+               member_ids: list[int], run: RunDir, bootstrap: int | None = None) -> dict[str, dict[str, Any]]:
+    """ROC figures (AUC, TPR at 1% FPR, ...) of the ensemble's training samples ``member_ids`` (or
+    samples it forgot) against held-out non-members, per attack but the online one."""
     names = [n for n in parse_attacks(cfg.audit_attacks) if ATTACKS[n].reference_mode != "online"]
-    deleted = bundle.train.select_ids(sorted(deleted_ids))
+    deleted = bundle.train.select_ids(sorted(member_ids))
     cand = SampleSet.concat([deleted, bundle.heldout])
     is_member = np.r_[np.ones(len(deleted), bool), np.zeros(len(bundle.heldout), bool)]
     models = [_model(s, bundle.num_classes, cfg.model_width) for s in states.values()]
@@ -140,7 +147,9 @@ def unlearning_audit(cfg: RunConfig, bundle: DataBundle, states: dict[int, dict[
     if any(ATTACKS[n].reference_mode == "offline" for n in names):
         ref, _ = _references(run, cfg, settings, population, cand, "ensemble", len(models),
                              len(bundle.train), "offline")
-    return {n: auc(ATTACKS[n]().scores(target, ref), is_member) for n in names}
+    boot = cfg.audit_bootstrap if bootstrap is None else bootstrap
+    return {n: summarize(ATTACKS[n]().scores(target, ref), is_member, bootstrap=boot, seed=cfg.seed)
+            for n in names}
 
 
 def site_audits(grid: Any, states: dict[int, dict[str, torch.Tensor]]) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from fairforget.config import RunConfig
 from fairforget.data import DataBundle, load_dataset
 from fairforget.report import write_report
 from server.audit import check_audit_config, run_audit, site_audits
+from server.augment import run_augmentation
 from server.evaluation import RoundEvaluator, evaluate_states
 from server.run_files import RunDir
 from strategies import STRATEGIES
@@ -45,9 +46,18 @@ def run_training(grid: Grid, cfg: RunConfig) -> None:
     states = strategy.ensemble_states(result.arrays)
     run.save_models(states)
     evaluation = evaluate_states(states, bundle, cfg)
+    augmentation = None
+    if cfg.augment:  # diffusion augmentation, then step-wise unlearning of the originals
+        augmentation = run_augmentation(grid, cfg, strategy, bundle, run, states, evaluation)
+        states = run.load_models()
+        evaluation = evaluate_states(states, bundle, cfg)
     metrics = training_metrics(cfg, bundle, strategy.shard_reports, evaluator.history, evaluation, train_wall)
+    if augmentation is not None:
+        metrics["augmentation"] = augmentation
+        metrics["timing"]["augmentation_seconds"] = augmentation["seconds"]
     if cfg.audit:
-        metrics["privacy"] = run_audit(run, cfg, bundle, states, deleted=set())
+        retired = set(augmentation["retired_ids"]) if augmentation else set()
+        metrics["privacy"] = run_audit(run, cfg, bundle, states, deleted=retired)
         metrics["privacy"]["sites"] = site_audits(grid, states)
         metrics["timing"]["audit_seconds"] = metrics["privacy"]["seconds"]
     run.write_metrics(metrics)

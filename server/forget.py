@@ -5,18 +5,28 @@ Reads top to bottom: restore the finished run's ensemble, ask every node which o
 owning node a ``train.unlearn`` message with its ids, then replace those shards' models and append
 the ledger, the figures and the report. Shards that own none of the ids are not contacted again
 and their models stay byte-identical.
+
+With an approximate ``unlearn-method`` the strategy's deletion budget (:mod:`fairforget.capacity`)
+is checked per shard before anything is sent: within budget the shard unlearns approximately and
+the budget is consumed; past it, ``capacity-policy = refuse`` refuses the whole request (nothing
+changes) and ``retrain`` sends that shard an exact SISA retrain instead, which resets its budget.
+The budget is saved in ``OUT/budget.json``; every decision goes into the ledger.
 """
 
 from __future__ import annotations
 
+import json
 import time
+from dataclasses import dataclass
 from logging import INFO
 from typing import Any
 
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
+from clients.unlearning import EXACT
 from fairforget import keys
+from fairforget.capacity import DeletionBudget, head_parameters
 from fairforget.config import RunConfig, parse_ids
 from fairforget.data import load_dataset
 from fairforget.report import write_report
@@ -48,11 +58,27 @@ def run_forget(grid: Grid, cfg: RunConfig) -> None:
     # 1. who holds what
     replies = list(grid.send_and_receive(strategy.configure_describe(grid, ids)))
     requests = route(replies, ids)
+    node_shard = {r.metadata.src_node_id: int(r.content[keys.METRICS][keys.SHARD]) for r in replies}
+    sizes = {node_shard[r.metadata.src_node_id]: int(r.content[keys.METRICS][keys.NUM_EXAMPLES]) for r in replies}
 
-    # 2. unlearn on the owning nodes only
+    # 2. the deletion budget, checked before anything changes (refuse raises here)
+    d = head_parameters(8 * cfg.model_width, bundle.num_classes)  # SimpleConvNet.fc
+    strategy.budget = DeletionBudget.load_or_new(run.budget_path, cfg.capacity_bound, cfg.capacity_eps,
+                                                 cfg.capacity_delta, d, cfg.capacity_c)
+    counts = {node_shard[n]: len(v) for n, v in requests.items()}
+    plan = plan_unlearning(strategy.budget, counts, sizes, cfg.unlearn_method, cfg.capacity_policy)
+
+    # 3. unlearn on the owning nodes only
     t0 = time.perf_counter()
-    reports = strategy.aggregate_unlearn(grid.send_and_receive(strategy.configure_unlearn(requests)))
+    methods = {n: plan[node_shard[n]].method for n in requests}
+    reports = strategy.aggregate_unlearn(grid.send_and_receive(
+        strategy.configure_unlearn(requests, cfg.unlearn_method, methods)))
     wall = time.perf_counter() - t0
+    capacity = settle_budget(strategy.budget, plan, reports, counts)
+    strategy.budget.save(run.budget_path)
+    for shard, c in sorted(capacity.items()):
+        log(INFO, "fairforget: shard %d: %s (%s), deletion capacity %d -> %d of %d", shard, c["decision"],
+            c["method"], c["capacity_before"], c["capacity_after"], c["capacity"])
 
     # 3. save models, ledger, figures (with the audit before and after), report
     before = run.load_models()
@@ -61,9 +87,10 @@ def run_forget(grid: Grid, cfg: RunConfig) -> None:
     metrics = run.metrics()
     request_no = run.ledger.next_request()
     ids_by_shard = {int(r["shard"]): requests[int(r["node-id"])] for r in reports.values()}
-    run.ledger.append(ledger_rows(request_no, ids_by_shard, reports))
+    run.ledger.append(ledger_rows(request_no, ids_by_shard, reports, capacity))
     evaluation = evaluate_states(after, bundle, cfg)
     metrics = updated_metrics(metrics, request_no, ids_by_shard, reports, evaluation, wall)
+    metrics["unlearning"][-1]["budget"] = {str(k): v for k, v in sorted(capacity.items())}
     if cfg.audit:
         metrics["unlearning"][-1]["audit"] = {
             "deleted_vs_nonmembers_auc_before": unlearning_audit(cfg, bundle, before, ids, run),
@@ -99,21 +126,70 @@ def route(replies: list[Any], ids: list[int]) -> dict[int, list[int]]:
     return owned
 
 
-def ledger_rows(request_no: int, ids_by_shard: dict[int, list[int]],
-                reports: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class Decision:
+    method: str  # what the shard is asked to run
+    decision: str  # "approximate", "exact-retrain" (asked for) or "exact-fallback" (budget spent)
+
+
+def plan_unlearning(budget: DeletionBudget, counts: dict[int, int], sizes: dict[int, int], method: str,
+                    policy: str) -> dict[int, Decision]:
+    """Per shard (``counts``: shard -> deletions requested), what to run. Opens a budget for a shard
+    that has none (``sizes``: its current size); raises :class:`ForgetError` under ``refuse`` if any
+    shard's request exceeds its remaining capacity, before anything is sent."""
+    plan: dict[int, Decision] = {}
+    for shard, k in sorted(counts.items()):
+        budget.track(shard, sizes[shard])
+        if method == EXACT:
+            plan[shard] = Decision(EXACT, "exact-retrain")
+        elif not budget.would_exceed(shard, k):
+            plan[shard] = Decision(method, "approximate")
+        elif policy == "refuse":
+            b = budget.shards[shard]
+            raise ForgetError(f"shard {shard}: deletion capacity exhausted: {b.remaining} of {b.capacity} left, "
+                              f"request needs {k} (capacity-policy = refuse; nothing was changed)")
+        else:
+            plan[shard] = Decision(EXACT, "exact-fallback")
+    return plan
+
+
+def settle_budget(budget: DeletionBudget, plan: dict[int, Decision], reports: dict[int, dict[str, Any]],
+                  counts: dict[int, int]) -> dict[int, dict[str, Any]]:
+    """Consume (approximate) or reset (exact retrain) each unlearned shard's budget; return, per
+    shard, the method, the decision and the remaining capacity before and after."""
+    out = {}
+    for shard, rep in sorted(reports.items()):
+        before = budget.remaining(shard)
+        if plan[shard].decision == "approximate":
+            budget.consume(shard, counts[shard])
+        else:
+            budget.reset(shard, int(rep[keys.NUM_EXAMPLES]))
+        out[shard] = {"method": rep["method"], "decision": plan[shard].decision, "capacity_before": before,
+                      "capacity_after": budget.remaining(shard), "capacity": budget.shards[shard].capacity,
+                      "approx_deletions": int(rep.get(keys.APPROX_DELETIONS, 0))}
+    return out
+
+
+def ledger_rows(request_no: int, ids_by_shard: dict[int, list[int]], reports: dict[int, dict[str, Any]],
+                capacity: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
     return [
         {
             "request": request_no,
             "shard": shard,
             "ids": sorted(ids_by_shard[shard]),
             "method": reports[shard]["method"],
-            "decision": "exact-retrain",
+            "decision": capacity[shard]["decision"],
+            "capacity_before": capacity[shard]["capacity_before"],
+            "capacity_after": capacity[shard]["capacity_after"],
+            "capacity": capacity[shard]["capacity"],
             "restart_stage": int(reports[shard][keys.RESTART_SLICE]),
             "retrained_stages": int(reports[shard]["retrained-stages"]),
             "seconds": float(reports[shard][keys.TRAIN_SECONDS]),
             "wall_seconds": float(reports[shard]["wall-seconds"]),
             "hash_before": reports[shard][keys.HASH_BEFORE],
             "hash_after": reports[shard][keys.MODEL_HASH],
+            # augmented shards: what happened to the generator and its samples (clients/augment.py)
+            **json.loads(reports[shard].get(keys.AUGMENT_JSON, "{}")),
         }
         for shard in sorted(ids_by_shard)
     ]

@@ -5,6 +5,7 @@
     OUT/config.toml      the resolved run config (written by the CLI)
     OUT/metrics.json     figures (schema in README.md)
     OUT/ledger.jsonl     one line per deletion decision
+    OUT/budget.json      each shard's deletion capacity and what is used of it (fairforget.capacity)
     OUT/report.md        the report, with PNG plots beside it
     OUT/models/shard-K.pt  the server's copy of each constituent model
     OUT/status.json      how the last Flower run in this folder ended
@@ -39,6 +40,7 @@ class RunDir:
     status_path = property(lambda self: self.path / "status.json")
     models_dir = property(lambda self: self.path / "models")
     ledger = property(lambda self: Ledger(self.path / "ledger.jsonl"))
+    budget_path = property(lambda self: self.path / "budget.json")
 
     # ------------------------------------------------------------------ checks
     def require_finished(self) -> None:

@@ -5,6 +5,11 @@ r (slices 1..r) from its own node-local checkpoint, so no weights travel to the 
 model replaces that shard's constituent. The ensemble predicts by mean softmax or majority vote
 (:class:`fairforget.ensemble.Ensemble`). Deletion requests travel as ``train.unlearn`` messages
 to the owning nodes only (:meth:`configure_unlearn` / :meth:`aggregate_unlearn`).
+
+The strategy also holds the per-shard deletion budget (:attr:`budget`, a
+:class:`fairforget.capacity.DeletionBudget`, Sekhari et al. 2021) the way a DP strategy holds its
+accountant: the forget driver checks it before every request, approximate deletions consume it, an
+exact retrain resets it, and it is saved with the run.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from flwr.supercore import log
 
 from fairforget import keys
+from fairforget.capacity import DeletionBudget
 from strategies.base import FairforgetStrategy, mean_metrics, pack_shards, unpack_shards
 
 
@@ -40,6 +46,7 @@ class ShardEnsemble(FairforgetStrategy, Strategy):
         self.num_slices = num_slices
         self.vote = vote
         self.shard_arrays: dict[int, ArrayRecord] = {}
+        self.budget: DeletionBudget | None = None  # opened by the forget driver
 
     @classmethod
     def from_config(cls, cfg: Any) -> ShardEnsemble:
@@ -96,11 +103,15 @@ class ShardEnsemble(FairforgetStrategy, Strategy):
         content = RecordDict({keys.CONFIG: ConfigRecord({keys.FORGET_IDS: list(ids)})})
         return [Message(content, dst_node_id=n, message_type=keys.MSG_DESCRIBE) for n in self._all_nodes(grid)]
 
-    def configure_unlearn(self, requests: dict[int, list[int]], method: str = "exact-sisa") -> list[Message]:
-        """One ``train.unlearn`` message per owning node (``node_id -> ids``)."""
+    def configure_unlearn(self, requests: dict[int, list[int]], method: str = "exact-sisa",
+                          methods: dict[int, str] | None = None) -> list[Message]:
+        """One ``train.unlearn`` message per owning node (``node_id -> ids``), with ``method`` or the
+        node's own entry in ``methods`` (``node_id -> method``, e.g. an exact fallback)."""
+        methods = methods or {}
         return [
-            Message(RecordDict({keys.CONFIG: ConfigRecord({keys.FORGET_IDS: ids, "method": method})}),
-                    dst_node_id=node_id, message_type=keys.MSG_UNLEARN)
+            Message(RecordDict({keys.CONFIG: ConfigRecord({
+                keys.FORGET_IDS: ids, keys.UNLEARN_METHOD: methods.get(node_id, method)})}),
+                dst_node_id=node_id, message_type=keys.MSG_UNLEARN)
             for node_id, ids in sorted(requests.items())
         ]
 
@@ -112,6 +123,18 @@ class ShardEnsemble(FairforgetStrategy, Strategy):
             self.shard_arrays[shard] = reply.content[keys.ARRAYS]
         return {int(r.content[keys.METRICS][keys.SHARD]): self.shard_reports[int(r.content[keys.METRICS][keys.SHARD])]
                 for r in ok}
+
+    # ------------------------------------------------------------------ augmentation
+    def configure_augment(self, grid: Grid, step: int, retire: int, fidelity: ArrayRecord) -> list[Message]:
+        """One ``train.augment`` message per node: the step, how many originals to retire, and the
+        server's fidelity classifiers (for the sample-quality figures)."""
+        config = ConfigRecord({keys.STEP: step, keys.RETIRE: retire})
+        return [Message(RecordDict({keys.CONFIG: config, keys.ARRAYS: fidelity}), dst_node_id=n,
+                        message_type=keys.MSG_AUGMENT) for n in self._all_nodes(grid)]
+
+    def aggregate_augment(self, replies: Iterable[Message]) -> dict[int, dict[str, Any]]:
+        """Replace every augmented shard's constituent; return each shard's report."""
+        return self.aggregate_unlearn(replies)
 
     def load_states(self, states: dict[int, dict[str, torch.Tensor]]) -> None:
         """Restore the constituents of a finished run (before a forget request)."""

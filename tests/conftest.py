@@ -47,7 +47,8 @@ class InProcessGrid(Grid):
     as Flower turns a ClientApp exception into one."""
 
     HANDLERS = {keys.MSG_TRAIN: handlers.train, keys.MSG_UNLEARN: handlers.unlearn,
-                keys.MSG_DESCRIBE: handlers.describe, keys.MSG_AUDIT: handlers.audit}
+                keys.MSG_DESCRIBE: handlers.describe, keys.MSG_AUDIT: handlers.audit,
+                keys.MSG_AUGMENT: handlers.augment}
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg

@@ -24,6 +24,13 @@ BIASED_MNIST_COLOURS = np.array(
     dtype=np.float32,
 ) / 255.0
 UNBIASED_RHO = 0.1
+# Synthetic samples (diffusion augmentation) get ids from here on: SYNTHETIC_ID_BASE + shard * 2**28
+# + serial, far above any dataset's ids, so an id alone says whether a sample is real.
+SYNTHETIC_ID_BASE = 1 << 40
+
+
+def is_synthetic(ids: torch.Tensor | np.ndarray | list[int]) -> np.ndarray:
+    return np.asarray(ids, dtype=np.int64) >= SYNTHETIC_ID_BASE
 
 
 class DatasetError(ValueError):

@@ -1,0 +1,359 @@
+"""Bias-aware diffusion augmentation on one shard, with step-wise retirement of the originals.
+
+One augmentation step on a node (``train.augment``):
+
+1. *retire* a batch of original samples: they leave the shard's SISA index and every checkpoint
+   trained on them (exact unlearning from the classifier); the site keeps them, so the generator may
+   still learn from them (a user's deletion request, :func:`forget`, removes a sample from the
+   generator too);
+2. train the conditional DDPM on the site's originals if there is no valid generator
+   (:mod:`fairforget.diffusion.generator`), saved atomically beside the SISA checkpoints;
+3. plan per-group counts so that ``KL(p_group || target)`` of the shard's training set falls below the
+   threshold (:mod:`fairforget.diffusion.planner`), generate them with DDIM and guidance, and tag each
+   with its provenance (shard, generator version, group);
+4. add them to the SISA index and retrain the shard from the last clean checkpoint.
+
+State, in ``STATE/augment/`` next to the SISA state::
+
+    state.json     generator version and the ids it was trained on, retired and deleted originals,
+                   provenance counters, history of steps
+    generator/     the diffusers UNet (save_pretrained) and the label embedding
+    synthetic.pt   every live synthetic sample: x, y, private, ids, generator version
+
+Deleting an original the generator was trained on invalidates the generator and every sample it
+produced: policy ``regenerate`` retrains the generator without the deleted samples and regenerates
+the same number of samples per group; ``drop`` removes the samples and the generator.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from clients.sisa import SisaShard, derived_seed
+from fairforget.data.base import SYNTHETIC_ID_BASE, SampleSet, is_synthetic, make_sampleset
+from fairforget.diffusion.generator import (
+    ConditionalGenerator,
+    GeneratorError,
+    GeneratorSettings,
+    sample,
+    train_generator,
+)
+from fairforget.diffusion.planner import kl_to_target, plan_counts
+from fairforget.diffusion.quality import FidelityClassifiers, frechet_distance
+from fairforget.metrics import group_counts
+from fairforget.storage import atomic_torch_save, atomic_write_json, read_json, torch_load
+
+
+class AugmentStore:
+    """A node's augmentation state (``STATE/augment``)."""
+
+    def __init__(self, state_dir: Path, shard: int) -> None:
+        self.dir = Path(state_dir) / "augment"
+        self.shard = shard
+        self.state_path = self.dir / "state.json"
+        self.synthetic_path = self.dir / "synthetic.pt"
+        self.generator_dir = self.dir / "generator"
+        self.grids_dir = self.dir / "grids"
+        self.state: dict[str, Any] = read_json(self.state_path) if self.state_path.exists() else {
+            "shard": shard, "generator_version": 0, "generator_valid": False, "generator_trained_on": [],
+            "next_serial": 0, "retired": [], "deleted": [], "steps": [],
+        }
+
+    @property
+    def active(self) -> bool:
+        return self.state_path.exists()
+
+    @property
+    def retired(self) -> set[int]:
+        return set(self.state["retired"])
+
+    @property
+    def deleted(self) -> set[int]:
+        return set(self.state["deleted"])
+
+    def save(self) -> None:
+        atomic_write_json(self.state_path, self.state)
+
+    # ------------------------------------------------------------------ synthetic samples
+    def synthetic(self, image_shape: tuple[int, ...]) -> tuple[SampleSet, torch.Tensor]:
+        """The live synthetic samples and the generator version of each."""
+        if not self.synthetic_path.exists():
+            empty = make_sampleset(torch.empty(0, *image_shape), np.zeros(0), np.zeros(0), np.zeros(0))
+            return empty, torch.zeros(0, dtype=torch.long)
+        blob = torch_load(self.synthetic_path)
+        data = make_sampleset(blob["x"], blob["y"].numpy(), blob["private"].numpy(), blob["ids"].numpy())
+        return data, blob["version"]
+
+    def write_synthetic(self, data: SampleSet, version: torch.Tensor) -> None:
+        atomic_torch_save(self.synthetic_path, {"x": data.x, "y": data.y, "private": data.private,
+                                                "ids": data.ids, "version": version})
+
+    def new_ids(self, n: int) -> list[int]:
+        start = int(self.state["next_serial"])
+        self.state["next_serial"] = start + n
+        return [SYNTHETIC_ID_BASE + self.shard * (1 << 28) + start + k for k in range(n)]
+
+
+class Augmenter:
+    """Augmentation steps and deletions for one node: its originals, its SISA shard, its store."""
+
+    def __init__(self, originals: SampleSet, sisa: SisaShard, store: AugmentStore, settings: GeneratorSettings,
+                 seed: int, kl_threshold: float, on_delete: str = "regenerate",
+                 heldout: SampleSet | None = None) -> None:
+        self.originals = originals
+        self.heldout = heldout if heldout is not None else originals.subset(np.arange(0))
+        self.sisa = sisa
+        self.store = store
+        self.settings = settings
+        self.seed = seed
+        self.kl_threshold = kl_threshold
+        self.on_delete = on_delete
+        self.shape = tuple(originals.x.shape[1:])
+
+    # ------------------------------------------------------------------ views
+    def pool(self) -> SampleSet:
+        """Originals and live synthetic samples: what the SISA shard draws its slices from."""
+        synth, _ = self.store.synthetic(self.shape)
+        return SampleSet.concat([self.originals, synth]) if len(synth) else self.originals
+
+    def counts(self, data: SampleSet) -> np.ndarray:
+        s = self.settings
+        if s.uses_private:
+            return group_counts(data.y, data.private, s.num_classes, s.num_private)
+        return np.bincount(data.y.numpy(), minlength=s.num_classes)
+
+    def generator_data(self) -> SampleSet:
+        """The site's originals the generator may learn from: all of them but the deleted ones."""
+        keep = [i for i, sid in enumerate(self.originals.ids.tolist()) if sid not in self.store.deleted]
+        return self.originals.subset(keep)
+
+    # ------------------------------------------------------------------ one step
+    def step(self, step: int, retire: int, fidelity: FidelityClassifiers | None) -> dict[str, Any]:
+        t_start = time.perf_counter()
+        report: dict[str, Any] = {"step": step, "shard": self.store.shard}
+        target_stage = self.sisa.settings.slices
+        live = self.sisa.live_data()
+        report["kl_before"] = kl_to_target(self.counts(live))
+        report["hash_before"] = self.sisa.model_hash() if self.sisa.trained else ""
+
+        # 1. retire originals (exact unlearning from the classifier; the site keeps them)
+        retired = self._choose_retirees(retire, step)
+        restart = self.sisa.trained
+        if retired:
+            restart = min(restart, self.sisa.remove(retired))
+            self.store.state["retired"] = sorted(self.store.retired | set(retired))
+            self.store.save()
+        report["retired_ids"] = retired
+
+        # 2. a valid generator
+        t0 = time.perf_counter()
+        report["generator_trained"] = False
+        if not self.store.state["generator_valid"]:
+            self._train_generator()
+            report["generator_trained"] = True
+        report["generator_seconds"] = time.perf_counter() - t0
+        generator, _ = ConditionalGenerator.load(self.store.generator_dir, self.settings.device)
+
+        # 3. plan and generate
+        live = self.sisa.live_data()
+        add = plan_counts(self.counts(live), self.kl_threshold)
+        t0 = time.perf_counter()
+        new = self._generate(generator, add, fidelity, tag=step)
+        report["sampling_seconds"] = time.perf_counter() - t0
+        report["generated"] = len(new)
+
+        # 4. add to the shard, retrain from the last clean checkpoint
+        if len(new):
+            restart = min(restart, self.sisa.add([int(i) for i in new.ids.tolist()], self.pool()))
+        report["restart_stage"] = restart
+        report["retrain_seconds"] = self.sisa.train_through(target_stage)
+        live = self.sisa.live_data()
+        report["kl_after"] = kl_to_target(self.counts(live))
+        report["num_originals"] = int((~is_synthetic(live.ids)).sum())
+        report["num_synthetic"] = int(is_synthetic(live.ids).sum())
+        report["generator_version"] = int(self.store.state["generator_version"])
+        report["hash_after"] = self.sisa.model_hash()
+        if fidelity is not None and len(new):
+            report["quality"] = self._quality(generator, new, fidelity)
+        report["seconds"] = time.perf_counter() - t_start
+        self.store.state["steps"].append({k: v for k, v in report.items() if k not in ("retired_ids",)}
+                                         | {"retired": len(retired)})
+        self.store.save()
+        if len(new):
+            self._write_grids(generator, fidelity)
+        return report
+
+    def _quality(self, generator: ConditionalGenerator, new: SampleSet,
+                 fidelity: FidelityClassifiers) -> dict[str, Any]:
+        """Label fidelity of the new samples; Frechet distance of samples drawn with the held-out
+        samples' own labels to those held-out samples (matched groups), next to the distance of the
+        real originals to them (real vs real, for scale)."""
+        ref = self.heldout
+        with_private = self.settings.uses_private
+        out: dict[str, Any] = {"n": len(new), "label_fidelity": fidelity.fidelity(
+            new.x, new.y, new.private if with_private else None), "n_reference": len(ref)}
+        if len(ref) >= 2:
+            mirror = sample(generator, ref.y, ref.private if with_private else torch.zeros_like(ref.y),
+                            derived_seed(self.seed, self.store.shard, 4321))
+            real = fidelity.features(ref.x)
+            out["frechet_distance"] = frechet_distance(fidelity.features(mirror), real)
+            out["frechet_distance_real_vs_real"] = frechet_distance(fidelity.features(self.generator_data().x), real)
+        return out
+
+    def _choose_retirees(self, count: int, step: int) -> list[int]:
+        """``count`` live originals, seeded by (seed, shard, step)."""
+        if count <= 0:
+            return []
+        live = sorted(i for i in self.sisa.live_ids() if i < SYNTHETIC_ID_BASE)
+        rng = np.random.default_rng(derived_seed(self.seed, self.store.shard, 313, step))
+        pick = rng.permutation(len(live))[: min(count, len(live))]
+        return sorted(int(live[p]) for p in pick)
+
+    def _train_generator(self) -> None:
+        data = self.generator_data()
+        self._check_learnable(data)
+        version = int(self.store.state["generator_version"]) + 1
+        model = train_generator(data.x, data.y, data.private, self.settings,
+                                seed=derived_seed(self.seed, self.store.shard, 555, version),
+                                progress=_progress(self.store.shard, self.settings.train_steps))
+        trained_on = sorted(int(i) for i in data.ids.tolist())
+        model.save(self.store.generator_dir, {"version": version, "shard": self.store.shard,
+                                              "num_trained_on": len(trained_on)})
+        self.store.state.update(generator_version=version, generator_valid=True, generator_trained_on=trained_on)
+        self.store.save()
+
+    def _check_learnable(self, data: SampleSet) -> None:
+        s = self.settings
+        for name, labels, k in (("class", data.y, s.num_classes), ("private attribute", data.private, s.num_private)):
+            if name != "class" and not s.uses_private:
+                continue
+            missing = sorted(set(range(k)) - set(labels.tolist()))
+            if missing:
+                raise GeneratorError(f"shard {self.store.shard}: {name} {', '.join(map(str, missing))} has no "
+                                     f"real samples to learn from (use augment-groups = \"class\", or more data)")
+
+    def _generate(self, generator: ConditionalGenerator, add: np.ndarray, fidelity: FidelityClassifiers | None,
+                  tag: int) -> SampleSet:
+        s = self.settings
+        flat = add.ravel()
+        groups = np.repeat(np.arange(flat.size), flat)
+        if not len(groups):
+            return make_sampleset(torch.empty(0, *self.shape), np.zeros(0), np.zeros(0), np.zeros(0))
+        y = torch.as_tensor(groups // s.num_private if s.uses_private else groups, dtype=torch.long)
+        a = torch.as_tensor(groups % s.num_private if s.uses_private else np.zeros_like(groups), dtype=torch.long)
+        version = int(self.store.state["generator_version"])
+        seed = derived_seed(self.seed, self.store.shard, 777, version, tag)
+        x = sample(generator, y, a, seed, classifier=fidelity.target_logits if fidelity is not None else None)
+        if not s.uses_private:  # class mode: the private attribute is whatever the generator drew
+            a = fidelity.predict(x)[1] if fidelity is not None else torch.zeros_like(y)
+        ids = self.store.new_ids(len(y))
+        new = make_sampleset(x, y.numpy(), a.numpy(), np.asarray(ids))
+        synth, versions = self.store.synthetic(self.shape)
+        self.store.write_synthetic(SampleSet.concat([synth, new]) if len(synth) else new,
+                                   torch.cat([versions, torch.full((len(new),), version, dtype=torch.long)]))
+        self.store.save()
+        return new
+
+    def _write_grids(self, generator: ConditionalGenerator, fidelity: FidelityClassifiers | None) -> None:
+        """``grids/overview.png`` (one sample per group: a row per class, a column per private value)
+        and ``grids/class-C[_private-A].png`` (8 samples of each group)."""
+        from torchvision.utils import save_image
+
+        s = self.settings
+        cols = s.num_private if s.uses_private else 8
+        y = torch.arange(s.num_classes).repeat_interleave(cols)
+        a = torch.arange(cols).repeat(s.num_classes) if s.uses_private else torch.zeros_like(y)
+        seed = derived_seed(self.seed, self.store.shard, 999)
+        overview = sample(generator, y, a, seed, classifier=fidelity.target_logits if fidelity is not None else None)
+        tmp = self.store.grids_dir.with_name(".grids.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_image(overview, tmp / "overview.png", nrow=cols, padding=1)
+        per = 8
+        for c in range(s.num_classes):
+            for p in range(s.num_private if s.uses_private else 1):
+                idx = [i for i in range(len(y)) if int(y[i]) == c and int(a[i]) == p][:1]
+                group_y = torch.full((per,), c, dtype=torch.long)
+                group_a = torch.full((per,), p, dtype=torch.long)
+                imgs = sample(generator, group_y, group_a, seed + 1 + c * 1000 + p) if idx else None
+                name = f"class-{c}_private-{p}.png" if s.uses_private else f"class-{c}.png"
+                if imgs is not None:
+                    save_image(imgs, tmp / name, nrow=per, padding=1)
+        shutil.rmtree(self.store.grids_dir, ignore_errors=True)
+        tmp.rename(self.store.grids_dir)
+
+    # ------------------------------------------------------------------ deletion requests
+    def owned(self, asked: list[int]) -> tuple[list[int], list[int]]:
+        """(ids this node holds: live or retired originals; ids it already deleted)."""
+        live = self.sisa.live_ids()
+        retired = self.store.retired - self.store.deleted
+        deleted = self.store.deleted | (self.sisa.deleted - self.store.retired)
+        deleted = {i for i in deleted if i < SYNTHETIC_ID_BASE}
+        return [i for i in asked if i in live or i in retired], [i for i in asked if i in deleted]
+
+    def forget(self, ids: list[int]) -> dict[str, Any]:
+        """A user's deletion request: gone from the shard index and checkpoints (exact retraining),
+        from the generator and from every synthetic sample it produced."""
+        t0 = time.perf_counter()
+        target = self.sisa.trained
+        hash_before = self.sisa.model_hash()
+        live_ids = [i for i in ids if i in self.sisa.live_ids()]
+        self.sisa.check_ids(live_ids)
+        restart = self.sisa.remove(live_ids) if live_ids else self.sisa.trained
+        self.store.state["deleted"] = sorted(self.store.deleted | set(ids))
+        self.store.save()
+        report: dict[str, Any] = {"generator_invalidated": False, "synthetic_dropped": 0, "synthetic_regenerated": 0,
+                                  "policy": self.on_delete}
+        if set(ids) & set(self.store.state["generator_trained_on"]) and self.store.state["generator_version"] > 0:
+            report["generator_invalidated"] = True
+            report["old_generator_version"] = int(self.store.state["generator_version"])
+            synth, versions = self.store.synthetic(self.shape)
+            live_synth = sorted(i for i in synth.ids.tolist() if i in self.sisa.live_ids())
+            counts = self.counts(synth) if len(synth) else None
+            if live_synth:
+                restart = min(restart, self.sisa.remove(live_synth))
+            self.store.write_synthetic(synth.subset(np.arange(0)), versions[:0])
+            shutil.rmtree(self.store.generator_dir, ignore_errors=True)
+            self.store.state.update(generator_valid=False, generator_trained_on=[])
+            self.store.save()
+            report["synthetic_dropped"] = len(live_synth)
+            if self.on_delete == "regenerate" and counts is not None:
+                self._train_generator()
+                generator, _ = ConditionalGenerator.load(self.store.generator_dir, self.settings.device)
+                new = self._generate(generator, counts, None, tag=10_000 + len(self.store.state["deleted"]))
+                if len(new):
+                    restart = min(restart, self.sisa.add([int(i) for i in new.ids.tolist()], self.pool()))
+                report["synthetic_regenerated"] = len(new)
+                report["new_generator_version"] = int(self.store.state["generator_version"])
+        self.sisa.data = self.pool()
+        seconds = self.sisa.train_through(target)
+        report.update({
+            "method": "exact-sisa",
+            "restart_stage": restart,
+            "retrained_stages": target - restart,
+            "seconds": seconds,
+            "wall_seconds": time.perf_counter() - t0,
+            "hash_before": hash_before,
+            "hash_after": self.sisa.model_hash(),
+            "num_examples": len(self.sisa.live_ids()),
+        })
+        return report
+
+
+def _progress(shard: int, total: int):
+    """A progress line every 10% of the generator's training (a bar in the node's log)."""
+    marks = {max(1, round(total * k / 10)) for k in range(1, 11)}
+
+    def report(step: int, loss: float) -> None:
+        if step in marks:
+            done = int(10 * step / total)
+            print(f"shard {shard} diffusion [{'#' * done}{'.' * (10 - done)}] {step}/{total} loss {loss:.4f}",
+                  flush=True)
+
+    return report

@@ -1,0 +1,183 @@
+"""The shard's current model after approximate unlearning, and what every approximate method shares.
+
+SISA keeps one model per trained stage (:mod:`clients.sisa`). An approximate deletion does the same
+bookkeeping as an exact one first (:meth:`SisaShard.remove`: the ids leave the index, committed
+atomically, and every checkpoint trained on them is deleted, so the shard falls back to its last
+clean stage), but then does not retrain: it computes an approximate model from the model *before*
+the deletion and saves it beside the checkpoints::
+
+    STATE/approx.pt   {"model": state dict, "meta": {"method", "index_version", "target_stage",
+                                                     "approx_deletions", ...}}
+
+That file is the shard's current model while it is valid, i.e. while ``meta.index_version`` equals
+the index's version: a crash between the index commit and the save leaves an older ``approx.pt``
+whose version no longer matches, and the shard then serves its last clean checkpoint (a model never
+trained on the deleted ids) instead of a model that still holds them. ``target_stage`` remembers how
+many stages the shard had trained before its first approximate deletion, so that an exact retrain
+(:mod:`clients.unlearning.exact`) goes back through all of them; it then removes ``approx.pt``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from clients.sisa import SisaShard, derived_seed
+from fairforget.data.base import SampleSet
+from fairforget.model import SimpleConvNet, build_model
+from fairforget.storage import atomic_torch_save, state_hash, torch_load
+
+APPROX_FILE = "approx.pt"
+
+
+@dataclass(frozen=True)
+class UnlearnParams:
+    """The run-config keys the approximate methods read (``unlearn-*``, ``newton-lambda``,
+    ``capacity-eps`` / ``capacity-delta`` for the Newton step's noise)."""
+
+    epochs: int
+    lr: float
+    newton_lambda: float
+    eps: float
+    delta: float
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> UnlearnParams:
+        return cls(epochs=cfg.unlearn_epochs, lr=cfg.unlearn_lr, newton_lambda=cfg.newton_lambda,
+                   eps=cfg.capacity_eps, delta=cfg.capacity_delta)
+
+    @classmethod
+    def defaults(cls) -> UnlearnParams:
+        """The values of ``pyproject.toml`` (the one place defaults live)."""
+        from fairforget.config import resolve
+
+        return cls.from_config(resolve())
+
+
+# ---------------------------------------------------------------------- the shard's current model
+def approx_path(shard: SisaShard) -> Path:
+    return shard.dir / APPROX_FILE
+
+
+def _valid(shard: SisaShard) -> dict[str, Any] | None:
+    path = approx_path(shard)
+    if not path.is_file():
+        return None
+    saved = torch_load(path)
+    return saved if int(saved["meta"]["index_version"]) == int(shard.index["version"]) else None
+
+
+def meta(shard: SisaShard) -> dict[str, Any] | None:
+    """The valid ``approx.pt``'s metadata, or None when the shard serves its SISA checkpoint."""
+    saved = _valid(shard)
+    return None if saved is None else dict(saved["meta"])
+
+
+def current_state(shard: SisaShard) -> dict[str, torch.Tensor]:
+    """The shard's current model: the valid approximate one, else its last trained stage."""
+    saved = _valid(shard)
+    return dict(saved["model"]) if saved is not None else shard.model_state()
+
+
+def current_hash(shard: SisaShard) -> str:
+    return state_hash(current_state(shard))
+
+
+def target_stage(shard: SisaShard) -> int:
+    """The stages an exact retrain must go through: those trained before the first approximate
+    deletion, if one is pending, else the stages trained now."""
+    path = approx_path(shard)
+    if path.is_file():  # even a stale file: its target is still the stage count before approximation
+        return max(int(torch_load(path)["meta"]["target_stage"]), shard.trained)
+    return shard.trained
+
+
+def clear(shard: SisaShard) -> None:
+    approx_path(shard).unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------- shared by every method
+def model_from(state: dict[str, torch.Tensor], shard: SisaShard) -> SimpleConvNet:
+    s = shard.settings
+    model = build_model(s.num_classes, s.width, seed=0)
+    model.load_state_dict(state)
+    return model.to(s.device)
+
+
+def batches(n: int, batch_size: int, seed: int) -> list[torch.Tensor]:
+    """A seeded permutation of ``range(n)`` cut into batches (drawn on the CPU)."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return [perm[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+@torch.no_grad()
+def accuracy(model: torch.nn.Module, data: SampleSet, batch_size: int = 512) -> float:
+    if len(data) == 0:
+        return float("nan")
+    model.eval()
+    device = next(model.parameters()).device
+    correct = 0
+    for i in range(0, len(data), batch_size):
+        pred = model(data.x[i : i + batch_size].to(device)).argmax(1).cpu()
+        correct += int((pred == data.y[i : i + batch_size]).sum())
+    return correct / len(data)
+
+
+def ce(model: torch.nn.Module, data: SampleSet, idx: torch.Tensor) -> torch.Tensor:
+    device = next(model.parameters()).device
+    return F.cross_entropy(model(data.x[idx].to(device)), data.y[idx].to(device))
+
+
+Method = Callable[[SimpleConvNet, SampleSet, SampleSet, UnlearnParams, SisaShard, int], dict[str, Any]]
+
+
+def approximate(name: str, method: Method, shard: SisaShard, ids: list[int],
+                params: UnlearnParams | None) -> dict[str, Any]:
+    """Run one approximate method: load the model before the deletion, do the SISA bookkeeping
+    (:meth:`SisaShard.remove`), let ``method(model, retain, forget, params, shard, seed)`` change the
+    model in place (it returns extra figures), save it as the shard's current model."""
+    params = params or UnlearnParams.defaults()
+    shard.check_ids(ids)
+    if shard.settings.num_threads > 0:
+        torch.set_num_threads(shard.settings.num_threads)
+    before = current_state(shard)
+    previous = meta(shard)
+    target = target_stage(shard)
+    forget = shard.data.select_ids(sorted(ids))
+    t0 = time.perf_counter()
+    if previous is None:  # remember the stage count before approximating, should we crash in remove
+        _save(shard, before, name, target, 0)
+    clean_stage = shard.remove(ids)  # committed: from here on the ids are deleted
+    retain = shard.live_data()
+    model = model_from(before, shard)
+    seed = derived_seed(shard.settings.seed, shard.shard, 9000, int(shard.index["version"]))
+    extra = method(model, retain, forget, params, shard, seed)
+    seconds = time.perf_counter() - t0
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    deletions = (int(previous["approx_deletions"]) if previous else 0) + len(ids)
+    _save(shard, state, name, target, deletions)
+    return {
+        "method": name,
+        "restart_stage": clean_stage,  # where an exact retrain would start
+        "retrained_stages": 0,
+        "seconds": seconds,
+        "wall_seconds": time.perf_counter() - t0,
+        "hash_before": state_hash(before),
+        "hash_after": state_hash(state),
+        "num_examples": len(retain),
+        "approx_deletions": deletions,
+        **extra,
+    }
+
+
+def _save(shard: SisaShard, state: dict[str, torch.Tensor], name: str, target: int, deletions: int) -> None:
+    atomic_torch_save(approx_path(shard), {"model": state, "meta": {
+        "method": name, "index_version": int(shard.index["version"]), "target_stage": target,
+        "approx_deletions": deletions,
+    }})

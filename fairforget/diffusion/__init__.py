@@ -1,0 +1,1 @@
+"""Bias-aware diffusion augmentation: the conditional generator, the planner, sample quality."""
