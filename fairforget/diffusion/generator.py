@@ -9,9 +9,10 @@ off-colour digits, and those are exactly the groups augmentation must fill. In `
 private embedding is always null.
 
 Training (Ho et al. 2020): ``DDPMScheduler.add_noise`` at a uniform timestep, MSE on the noise;
-labels are dropped to the null rows with probability ``label_dropout`` (Ho & Salimans 2022), so the
-same network is the unconditional model. Sampling: ``DDIMScheduler`` (Song et al. 2021) with
-``eps = eps_null + w (eps_cond - eps_null)``; optionally classifier guidance
+each label factor is dropped to its null row with probability ``label_dropout`` (Ho & Salimans 2022),
+so the same network is also the class-only, attribute-only and unconditional model. Sampling:
+``DDIMScheduler`` (Song et al. 2021) with ``eps = eps_null + w (eps_cond - eps_null)``, composed over
+the two factors (Liu et al. 2022) so that rare pairs come from two well-trained conditionals; optionally classifier guidance
 ``eps_hat = eps - s sqrt(1 - abar_t) grad_x log p(y | x0_hat(x_t))`` with a classifier on clean images
 applied to the predicted clean image (the noise-free variant of Dhariwal & Nichol 2021).
 
@@ -56,9 +57,9 @@ class GeneratorSettings:
     batch_size: int = 64
     lr: float = 2e-3
     timesteps: int = 1000
-    label_dropout: float = 0.1
+    label_dropout: float = 0.2
     ddim_steps: int = 25
-    guidance_scale: float = 2.0
+    guidance_scale: float = 1.5
     classifier_scale: float = 0.0
     device: str = "cpu"
 
@@ -179,10 +180,12 @@ def train_generator(x: torch.Tensor, y: torch.Tensor, private: torch.Tensor, set
         x0 = data[idx]
         noise = torch.randn(x0.shape, generator=gen).to(device)
         t = torch.randint(0, settings.timesteps, (len(idx),), generator=gen).to(device)
-        drop = (torch.rand(len(idx), generator=gen) < settings.label_dropout).to(device)
+        # each factor is dropped on its own, so the network learns p(x | y), p(x | a) and p(x)
+        drop_y = (torch.rand(len(idx), generator=gen) < settings.label_dropout).to(device)
+        drop_a = (torch.rand(len(idx), generator=gen) < settings.label_dropout).to(device)
         yy, aa = model.conditioning(y[idx], private[idx])
-        yy = torch.where(drop, null_y[: len(idx)], yy)
-        aa = torch.where(drop, null_a[: len(idx)], aa)
+        yy = torch.where(drop_y, null_y[: len(idx)], yy)
+        aa = torch.where(drop_a, null_a[: len(idx)], aa)
         loss = F.mse_loss(model(scheduler.add_noise(x0, noise, t), t, yy, aa), noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -200,14 +203,19 @@ def train_generator(x: torch.Tensor, y: torch.Tensor, private: torch.Tensor, set
 @torch.no_grad()
 def _guided_eps(model: ConditionalGenerator, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
                 private: torch.Tensor, w: float) -> torch.Tensor:
-    y, private = model.conditioning(y, private)
-    if w == 0.0:
-        ny, na = model.null_labels(len(x), x.device)
-        return model(x, t, ny, na)
+    """Classifier-free guidance. With two factors it is compositional (Liu et al. 2022):
+    ``eps = eps(0) + w (eps(y, 0) - eps(0)) + w (eps(0, a) - eps(0))``; each term is a conditional the
+    network was trained on even when the pair (y, a) never occurred in the shard."""
     ny, na = model.null_labels(len(x), x.device)
-    both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, ny]), torch.cat([private, na]))
-    cond, uncond = both.chunk(2)
-    return uncond + w * (cond - uncond)
+    if w == 0.0:
+        return model(x, t, ny, na)
+    if not model.settings.uses_private:
+        both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, ny]), torch.cat([na, na]))
+        cond, uncond = both.chunk(2)
+        return uncond + w * (cond - uncond)
+    three = model(torch.cat([x, x, x]), torch.cat([t, t, t]), torch.cat([y, ny, ny]), torch.cat([na, private, na]))
+    cond_y, cond_a, uncond = three.chunk(3)
+    return uncond + w * (cond_y - uncond) + w * (cond_a - uncond)
 
 
 def sample(model: ConditionalGenerator, y: torch.Tensor, private: torch.Tensor, seed: int, *,
