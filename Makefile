@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 OUT    ?= runs/demo
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test bench headline lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ test: $(VENV)/.installed  ## unit tests + one end-to-end Flower simulation
 
 bench: $(VENV)/.installed  ## unlearning speed-ups and Flower engine overhead (prints figures)
 	$(BIN)/python simulations/benchmark.py
+	$(BIN)/python simulations/diffusion_bench.py
+
+headline: $(VENV)/.installed  ## vanilla vs augmented vs augmented + step-wise unlearning (two variants, ~20 min)
+	$(BIN)/python simulations/augment_headline.py
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .

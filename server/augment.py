@@ -22,6 +22,8 @@ from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
+from fairforget import keys
+from fairforget.capacity import capacity, head_parameters
 from fairforget.config import RunConfig
 from fairforget.data import DataBundle
 from fairforget.diffusion.quality import FidelityClassifiers
@@ -43,12 +45,14 @@ def run_augmentation(grid: Grid, cfg: RunConfig, strategy: Any, bundle: DataBund
 
     steps: list[dict[str, Any]] = []
     retired: list[int] = []
+    originals_left = {k: int(r[keys.NUM_EXAMPLES]) for k, r in strategy.shard_reports.items()}
     for step in range(cfg.augment_steps + 1):
-        retire = 0 if step == 0 else cfg.augment_retire_per_step
-        log(INFO, "fairforget: augmentation step %d (retire %d originals per shard)", step, retire)
+        grants = {k: 0 if step == 0 else granted(cfg, n, bundle) for k, n in originals_left.items()}
+        node_of = {k: int(strategy.shard_reports[k]["node-id"]) for k in grants}
+        log(INFO, "fairforget: augmentation step %d (originals to retire per shard: %s)", step, grants)
         t0 = time.perf_counter()
         reports = strategy.aggregate_augment(grid.send_and_receive(
-            strategy.configure_augment(grid, step, retire, fidelity_arrays)))
+            strategy.configure_augment(grid, step, {node_of[k]: g for k, g in grants.items()}, fidelity_arrays)))
         wall = time.perf_counter() - t0
         shard_steps = {k: json.loads(r[AUGMENT_JSON]) for k, r in sorted(reports.items())}
         states = {k: strategy.shard_arrays[k].to_torch_state_dict() for k in sorted(strategy.shard_arrays)}
@@ -59,8 +63,10 @@ def run_augmentation(grid: Grid, cfg: RunConfig, strategy: Any, bundle: DataBund
             run.ledger.append(_ledger_rows(run.ledger.next_request(), step, shard_steps))
         evaluation = evaluate_states(states, bundle, cfg)
         live = sorted(set(originals) - set(retired))
+        originals_left = {k: int(rep["num_originals"]) for k, rep in shard_steps.items()}
         record = {
-            "step": step, "retired": len(step_retired), "wall_seconds": wall,
+            "step": step, "retired": len(step_retired), "granted": {str(k): g for k, g in grants.items()},
+            "wall_seconds": wall,
             "accuracy_unbiased": evaluation["unbiased"]["accuracy"],
             "worst_group_accuracy": evaluation["unbiased"]["worst_group"]["accuracy"],
             "shards": {str(k): _shard_summary(rep) for k, rep in shard_steps.items()},
@@ -86,6 +92,15 @@ def run_augmentation(grid: Grid, cfg: RunConfig, strategy: Any, bundle: DataBund
 
 
 # ---------------------------------------------------------------------- helpers
+def granted(cfg: RunConfig, originals: int, bundle: DataBundle) -> int:
+    """Originals a shard may unlearn in one step: the configured per-step budget, capped by the
+    shard's deletion capacity (:mod:`fairforget.capacity`, for its current number of originals and
+    the linear head's parameters)."""
+    d = head_parameters(8 * cfg.model_width, bundle.num_classes)
+    cap = capacity(cfg.capacity_bound, cfg.capacity_eps, cfg.capacity_delta, originals, d, cfg.capacity_c)
+    return max(0, min(cfg.augment_retire_per_step, cap))
+
+
 def _mia(cfg: RunConfig, bundle: DataBundle, states: dict[int, dict[str, torch.Tensor]], ids: list[int],
          run: RunDir) -> dict[str, dict[str, float]]:
     if not ids:

@@ -125,12 +125,14 @@ class ShardEnsemble(FairforgetStrategy, Strategy):
                 for r in ok}
 
     # ------------------------------------------------------------------ augmentation
-    def configure_augment(self, grid: Grid, step: int, retire: int, fidelity: ArrayRecord) -> list[Message]:
-        """One ``train.augment`` message per node: the step, how many originals to retire, and the
-        server's fidelity classifiers (for the sample-quality figures)."""
-        config = ConfigRecord({keys.STEP: step, keys.RETIRE: retire})
-        return [Message(RecordDict({keys.CONFIG: config, keys.ARRAYS: fidelity}), dst_node_id=n,
-                        message_type=keys.MSG_AUGMENT) for n in self._all_nodes(grid)]
+    def configure_augment(self, grid: Grid, step: int, retire: dict[int, int],
+                          fidelity: ArrayRecord) -> list[Message]:
+        """One ``train.augment`` message per node: the step, how many originals it may retire
+        (``node_id -> count``, the deletion budget granted for this step), and the server's fidelity
+        classifiers (for the sample-quality figures)."""
+        return [Message(RecordDict({keys.CONFIG: ConfigRecord({keys.STEP: step, keys.RETIRE: retire.get(n, 0)}),
+                                    keys.ARRAYS: fidelity}), dst_node_id=n, message_type=keys.MSG_AUGMENT)
+                for n in self._all_nodes(grid)]
 
     def aggregate_augment(self, replies: Iterable[Message]) -> dict[int, dict[str, Any]]:
         """Replace every augmented shard's constituent; return each shard's report."""

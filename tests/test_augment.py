@@ -240,3 +240,15 @@ def test_bad_augmentation_config_is_rejected(tiny_cfg):
         tiny_cfg(**{"guidance-scale": "strong"})
     with pytest.raises(ConfigError, match="shard-ensemble"):
         tiny_cfg(**{"augment": True, "strategy": "fedavg"})
+
+
+def test_each_step_retires_within_the_deletion_capacity(tiny_cfg):
+    from fairforget.capacity import newton_capacity
+    from server.augment import granted
+
+    cfg = tiny_cfg(**{"augment-retire-per-step": 10_000})
+    bundle = load_dataset(cfg)
+    d = 8 * cfg.model_width * bundle.num_classes + bundle.num_classes
+    expected = newton_capacity(cfg.capacity_eps, cfg.capacity_delta, 540, d, cfg.capacity_c)
+    assert 0 < granted(cfg, 540, bundle) == expected < 540  # the capacity binds
+    assert granted(tiny_cfg(**{"augment-retire-per-step": 3}), 540, bundle) == 3  # the per-step budget binds
