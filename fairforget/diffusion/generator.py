@@ -14,7 +14,8 @@ so the same network is also the class-only, attribute-only and unconditional mod
 ``DDIMScheduler`` (Song et al. 2021) with ``eps = eps_null + w (eps_cond - eps_null)``, composed over
 the two factors (Liu et al. 2022) so that rare pairs come from two well-trained conditionals;
 optionally classifier guidance ``eps_hat = eps - s sqrt(1 - abar_t) grad_x log p(y | x0_hat(x_t))``
-with a classifier on clean images applied to the predicted clean image (the noise-free variant of Dhariwal & Nichol 2021).
+with a classifier on clean images applied to the predicted clean image (the noise-free variant of
+Dhariwal & Nichol 2021).
 
 Images are (N, 3, H, W) in [0, 1]; the model works in [-1, 1]. Everything is seeded: the same
 generator, labels and seed give the same samples.
