@@ -59,6 +59,11 @@ def _print_summary(out: Path) -> None:
     print(f"accuracy: biased test {ens['biased']['accuracy']:.3f}, unbiased test {ens['unbiased']['accuracy']:.3f}, "
           f"worst group {ens['unbiased']['worst_group']['accuracy']:.3f}")
     print("shard KL bias: " + ", ".join(f"{s['shard']}: {s['kl_bias']:.3f}" for s in m["shards"]))
+    for row in (m.get("augmentation") or {}).get("rows", []):
+        mia = row.get("mia") or {}
+        auc = ", ".join(f"{a} {r['auc']:.3f}" for a, r in mia.items())
+        print(f"{row['name']}: unbiased {row['accuracy_unbiased']:.3f}, worst group "
+              f"{row['worst_group']['accuracy']:.3f}; MIA AUC {auc}")
     print(f"metrics: {out / 'metrics.json'}")
     print(f"report:  {out / 'report.md'}")
 
@@ -73,7 +78,8 @@ def cmd_forget(args: argparse.Namespace) -> int:
     sets = parse_set(args.set or [])
     other = sorted(k for k in sets if not k.startswith(FORGET_KEY_PREFIXES))
     if other:
-        raise UserError(f"forget --set takes only the unlearn-*, newton-* and capacity-* keys, got {', '.join(other)}")
+        raise UserError(f"forget --set takes only the unlearn-*, newton-*, capacity-* and augment-on-delete keys, "
+                        f"got {', '.join(other)}")
     if args.method:
         sets["unlearn-method"] = args.method
     cfg = resolve(run.config().to_mapping(), sets).replace(out_dir=str(run.path))
@@ -124,7 +130,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
     return 0
 
 
-FORGET_KEY_PREFIXES = ("unlearn-", "newton-", "capacity-")
+FORGET_KEY_PREFIXES = ("unlearn-", "newton-", "capacity-", "augment-on-delete")
 
 
 # ---------------------------------------------------------------------- audit
@@ -207,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="unlearning method (the unlearn-method key): exact-sisa (default), finetune, neggrad, "
                          "scrub, newton or del; the approximate ones spend the shard's deletion budget")
     fg.add_argument("--set", metavar="KEY=VALUE", action="append",
-                    help="override an unlearn-*, newton-* or capacity-* key for this request, e.g. "
+                    help="override an unlearn-*, newton-*, capacity-* or augment-on-delete key for this request, e.g. "
                          "--set capacity-policy=refuse (repeatable)")
     fg.add_argument("--quiet", action="store_true", help="hide Flower's streamed logs")
     fg.set_defaults(func=cmd_forget)

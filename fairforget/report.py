@@ -130,6 +130,33 @@ def _privacy_lines(metrics: dict[str, Any]) -> list[str]:
     return lines
 
 
+def unlearning_methods_table(result: dict[str, Any]) -> list[str]:
+    """The table of ``simulations/unlearning_compare.py`` (``metrics["unlearning_methods"]``)."""
+    lines = ["| method | forget acc | retain acc | test acc (unbiased) | forget-set MIA AUC (LOSS) | seconds "
+             "| vs exact |", "|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        secs = "" if r["seconds"] is None else f"{r['seconds']:.3f}"
+        ratio = "" if r["seconds"] is None else f"{r['ratio_to_exact']:.3f}x"
+        lines.append(f"| {r['method']} | {r['forget_accuracy']:.3f} | {r['retain_accuracy']:.3f} | "
+                     f"{r['test_accuracy']:.3f} | {r['forget_mia_auc']:.3f} | {secs} | {ratio} |")
+    return lines
+
+
+def _unlearning_methods_lines(result: dict[str, Any]) -> list[str]:
+    c = result["config"]
+    labels = ("with their true labels" if result["forget_labels"] == "true" else
+              "relabelled (y + 1 mod K) before training, so the model can fit them only by memorising")
+    gone = result.get("excluded_deleted_ids", 0)
+    return [f"One deletion request served by every method on its own copy of shard 0 ({result['shard_size']} "
+            f"samples{f', the {gone} ids deleted in this run left out' if gone else ''}), retrained from scratch "
+            f"in a scratch folder with the run's config and the command's `--set` keys (rho = {c['rho']}, "
+            f"{c['image-size']} px, width {c['model-width']}, {c['slices']} slices x {c['epochs-per-slice']} "
+            "epochs); the forget set is "
+            f"k = {result['k']} of its samples, {labels}; exact retraining restarts at stage "
+            f"{result['restart_stage']}. Made by `{result.get('command', 'simulations/unlearning_compare.py')}`; "
+            "the run's models and ledger are unchanged.", "", *unlearning_methods_table(result)]
+
+
 def _augmentation_lines(metrics: dict[str, Any], run_dir: Path) -> list[str]:
     aug = metrics["augmentation"]
     names = list((aug["rows"][0].get("mia") or {}).keys())
@@ -228,6 +255,9 @@ def write_report(run_dir: Path) -> Path:
                          f"`{e['hash_before']}` | `{e['hash_after']}` |")
     else:
         lines.append("No deletion requests yet (`fairforget forget --run DIR --ids ...`).")
+    if metrics.get("unlearning_methods"):
+        lines += ["", "## Unlearning methods vs exact retraining", "",
+                  *_unlearning_methods_lines(metrics["unlearning_methods"])]
     if metrics.get("augmentation"):
         lines += ["", "## Augmentation and step-wise unlearning", "", *_augmentation_lines(metrics, run_dir)]
     lines += ["", "## Privacy audit", "", *_privacy_lines(metrics)]

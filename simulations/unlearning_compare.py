@@ -1,12 +1,13 @@
 """Compare the unlearning methods with exact SISA retraining on the same deletion request.
 
 In-process, no Flower (like ``simulations/benchmark.py``): train one SISA shard of the run config
-(shard 0; every key at its ``pyproject.toml`` default unless ``--set``), pick ``--k`` of its samples
-as the forget set, then serve the same request with every method in ``clients.unlearning.UNLEARNERS``
-on a copy of the trained shard. By default the forget set's labels are shifted by one (y + 1 mod K)
-before training, so the model can only fit them by memorising: the regime in which unlearning is
-visible (``--natural`` keeps the true labels; with the colour shortcut at rho = 0.99 every model then
-scores about 1.0 on them, before and after). Reported per method:
+(shard 0; every key at its ``pyproject.toml`` default, rho = 0.1, unless ``--set``; with ``--run DIR``
+the config of that finished run instead, ``--set`` still applied on top, the rho = 0.1 default not) in a
+scratch folder, pick ``--k`` of its samples as the forget set, then serve the same request with every
+method in ``clients.unlearning.UNLEARNERS`` on a copy of the trained shard. By default the forget set's
+labels are shifted by one (y + 1 mod K) before training, so the model can only fit them by memorising:
+the regime in which unlearning is visible (``--natural`` keeps the true labels; with the colour shortcut
+at rho = 0.99 every model then scores about 1.0 on them, before and after). Reported per method:
 
 * accuracy on the forget set, the retained set and the unbiased test set;
 * membership-inference AUC of the forget set against the held-out non-members (the ``loss`` attack,
@@ -19,14 +20,20 @@ Run from the repository root::
     python simulations/unlearning_compare.py                        # k = 20, rho = 0.1
     python simulations/unlearning_compare.py --k 5 --set rho=0.99 --natural
     python simulations/unlearning_compare.py --out runs/unlearning_compare.json
+    python simulations/unlearning_compare.py --run runs/demo --k 10   # a finished run's config
 
-Prints a markdown table and writes the figures to ``--out`` (default ``runs/unlearning_compare.json``).
+Prints a markdown table and writes the figures to ``--out`` (default ``runs/unlearning_compare.json``;
+with ``--run`` only when ``--out`` is given). With ``--run DIR`` the figures are also stored in
+``DIR/metrics.json`` under ``unlearning_methods`` and ``DIR/report.md`` is rendered again; the run's
+node state, models, ledger and budget are never touched (shard 0 is retrained from its data, less the ids
+the run's ledger has deleted, in a temporary folder).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import shlex
 import shutil
 import sys
 import tempfile
@@ -43,12 +50,20 @@ from fairforget.audit.base import TargetOutputs
 from fairforget.audit.loss import LossAttack
 from fairforget.audit.references import predict_probs
 from fairforget.audit.roc import auc
-from fairforget.config import ConfigError, parse_set, resolve
-from fairforget.data import SampleSet, load_dataset, shard_of
+from fairforget.config import ConfigError, RunConfig, parse_set, resolve
+from fairforget.data import DatasetError, SampleSet, load_dataset, shard_of
+from fairforget.report import unlearning_methods_table, write_report
 from fairforget.storage import atomic_write_json
+from server.run_files import RunDir, RunDirError
 
 DEFAULT_OUT = Path("runs/unlearning_compare.json")
 DEFAULTS = {"rho": 0.1}  # no colour shortcut: the digits must be learned, members can be memorised
+# (pyproject defaults only: with --run the run's own rho is kept)
+SCRIPT = "python simulations/unlearning_compare.py"
+
+
+class CompareError(ValueError):
+    """A request the comparison cannot serve; the message is one line for the user."""
 
 
 def loss_auc(model: torch.nn.Module, members: SampleSet, nonmembers: SampleSet) -> float:
@@ -70,12 +85,20 @@ def figures(shard: SisaShard, forget: SampleSet, test: SampleSet, heldout: Sampl
     }
 
 
-def compare(overrides: dict[str, Any], k: int, natural: bool, workdir: Path) -> dict[str, Any]:
-    cfg = resolve({**DEFAULTS, **overrides})
+def compare(cfg: RunConfig, k: int, natural: bool, workdir: Path,
+            exclude: set[int] | None = None) -> dict[str, Any]:
+    """Serve one request of ``k`` samples of shard 0 (less the ids in ``exclude``: a run's deleted ids)
+    with every method, each on its own copy of the shard trained from scratch in ``workdir``."""
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
     bundle = load_dataset(cfg)
     data = shard_of(cfg, bundle)[0]
+    gone = np.isin(data.ids.numpy(), sorted(exclude or ()))
+    excluded = int(gone.sum())
+    if excluded:
+        data = data.subset(np.flatnonzero(~gone))
+    if not 1 <= k < len(data):
+        raise CompareError(f"--k {k}: shard 0 has {len(data)} samples; the forget set needs 1 to {len(data) - 1}")
     rng = np.random.default_rng(cfg.seed + 5)
     pos = np.sort(rng.choice(len(data), size=k, replace=False))
     if not natural:
@@ -106,21 +129,24 @@ def compare(overrides: dict[str, Any], k: int, natural: bool, workdir: Path) -> 
         "config": {key: cfg.to_mapping()[key] for key in (
             "dataset", "rho", "image-size", "model-width", "slices", "epochs-per-slice", "unlearn-epochs",
             "unlearn-lr", "newton-lambda", "capacity-eps", "capacity-delta", "seed")},
-        "shard_size": len(data), "k": k, "forget_labels": "true" if natural else "shifted (y + 1 mod K)",
+        "shard_size": len(data), "excluded_deleted_ids": excluded, "k": k,
+        "forget_labels": "true" if natural else "shifted (y + 1 mod K)",
         "restart_stage": min(SisaShard(workdir / "base", 0, data, settings).slice_of(i) for i in ids),
         "train_seconds": train_seconds, "rows": rows,
     }
 
 
 def table(result: dict[str, Any]) -> str:
-    lines = ["| method | forget acc | retain acc | test acc (unbiased) | forget-set MIA AUC (LOSS) | seconds "
-             "| vs exact |", "|---|---|---|---|---|---|---|"]
-    for r in result["rows"]:
-        secs = "" if r["seconds"] is None else f"{r['seconds']:.3f}"
-        ratio = "" if r["seconds"] is None else f"{r['ratio_to_exact']:.3f}x"
-        lines.append(f"| {r['method']} | {r['forget_accuracy']:.3f} | {r['retain_accuracy']:.3f} | "
-                     f"{r['test_accuracy']:.3f} | {r['forget_mia_auc']:.3f} | {secs} | {ratio} |")
-    return "\n".join(lines)
+    return "\n".join(unlearning_methods_table(result))
+
+
+def run_config(run: Path | None, overrides: dict[str, Any]) -> RunConfig:
+    """The finished run's config (``--run``) or the pyproject defaults with ``DEFAULTS``; ``--set`` on top."""
+    if run is None:
+        return resolve({**DEFAULTS, **overrides})
+    run_dir = RunDir(run)
+    run_dir.require_finished()
+    return resolve(run_dir.config().to_mapping(), overrides)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,23 +154,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=int, default=20, help="size of the forget set (default 20)")
     parser.add_argument("--natural", action="store_true", help="keep the forget set's true labels")
     parser.add_argument("--set", metavar="KEY=VALUE", action="append", help="override a run-config key")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output (default {DEFAULT_OUT})")
+    parser.add_argument("--run", metavar="DIR", type=Path,
+                        help="use this finished run's config (not the rho = 0.1 default) and store the table "
+                             "in DIR/metrics.json (unlearning_methods) and DIR/report.md")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"JSON output (default {DEFAULT_OUT}; with --run none unless given)")
     args = parser.parse_args(argv)
+    command = shlex.join([*SCRIPT.split(), *(sys.argv[1:] if argv is None else argv)])
     try:
-        overrides = parse_set(args.set or [])
+        cfg = run_config(args.run, parse_set(args.set or []))
+        deleted = RunDir(args.run).ledger.deleted_ids() if args.run is not None else set()
         with tempfile.TemporaryDirectory(prefix="fairforget-compare-") as tmp:
-            result = compare(overrides, args.k, args.natural, Path(tmp))
-    except ConfigError as exc:
+            result = compare(cfg, args.k, args.natural, Path(tmp), deleted)
+    except (ConfigError, RunDirError, DatasetError, CompareError) as exc:
         print(f"unlearning_compare: error: {exc}", file=sys.stderr)
         return 2
     c = result["config"]
+    gone = result["excluded_deleted_ids"]
+    gone = f", {gone} ids deleted in the run left out" if gone else ""
     print(f"{c['dataset']}, rho = {c['rho']}, {c['image-size']} px, width {c['model-width']}, {c['slices']} slices x "
           f"{c['epochs-per-slice']} epochs; shard 0 ({result['shard_size']} samples, trained in "
-          f"{result['train_seconds']:.2f}s); forget set: {result['k']} samples, labels {result['forget_labels']}; "
-          f"exact retrain restarts at stage {result['restart_stage']}\n")
+          f"{result['train_seconds']:.2f}s{gone}); forget set: {result['k']} samples, labels "
+          f"{result['forget_labels']}; exact retrain restarts at stage {result['restart_stage']}\n")
     print(table(result))
-    atomic_write_json(args.out, result)
-    print(f"\nfigures: {args.out}")
+    out = DEFAULT_OUT if args.out is None and args.run is None else args.out
+    if out is not None:
+        atomic_write_json(out, result)
+        print(f"\nfigures: {out}")
+    if args.run is not None:
+        run_dir = RunDir(args.run)
+        metrics = run_dir.metrics()  # read again now: another command may have changed it meanwhile
+        metrics["unlearning_methods"] = {**result, "command": command}
+        run_dir.write_metrics(metrics)
+        print(f"\nstored in {run_dir.metrics_path} (unlearning_methods); report: {write_report(run_dir.path)}")
     return 0
 
 

@@ -60,3 +60,28 @@ def test_simulate_then_forget_through_flower(tmp_path):
     assert again.returncode == 2 and "already deleted" in again.stderr
     assert read_jsonl(out / "ledger.jsonl") == ledger
     assert torch.equal(torch_load(out / "models" / "shard-1.pt")["fc.weight"], served["fc.weight"])
+
+
+def test_augmented_simulate_then_forget_through_flower(tmp_path):
+    """train.augment through the simulation engine: every shard is augmented under the KL threshold,
+    originals are retired step-wise, and a deletion invalidates the generator trained on it."""
+    out = tmp_path / "aug"
+    aug = ["augment=true", "augment-kl-threshold=0.3", "augment-steps=1", "augment-retire-per-step=4",
+           "diffusion-width=8", "diffusion-train-steps=10", "ddim-steps=2", "audit=false"]
+    sets = [a for s in SETTINGS + aug for a in ("--set", s)]
+    sim = _cli("simulate", *sets, "--out", str(out), "--quiet")
+    assert sim.returncode == 0, sim.stdout + sim.stderr
+    metrics = RunDir(out).metrics()
+    steps = metrics["augmentation"]["steps"]
+    assert [s["retired"] for s in steps] == [0, 8]
+    assert all(rep["kl_after"] <= 0.3 < rep["kl_before"] for rep in steps[0]["shards"].values())
+    assert "Augmentation and step-wise unlearning" in (out / "report.md").read_text()
+
+    cfg = RunDir(out).config()
+    victim = shard_of(cfg, load_dataset(cfg))[0].ids[0].item()
+    fg = _cli("forget", "--run", str(out), "--ids", str(victim), "--quiet")
+    assert fg.returncode == 0, fg.stdout + fg.stderr
+    row = read_jsonl(out / "ledger.jsonl")[-1]
+    assert row["ids"] == [victim] and row["generator_invalidated"] is True
+    assert row["synthetic_regenerated"] == row["synthetic_dropped"] > 0
+    assert read_json(out / "nodes" / "shard-0" / "augment" / "state.json")["generator_version"] == 2

@@ -167,3 +167,54 @@ def test_newton_step_approximates_retraining_the_head():
     retained = _regularised_optimum(x[m:], y[m:], k, lam)
     stepped = newton_step(full, x[m:], y[m:], x[:m], y[:m], lam)
     assert (stepped - retained).norm() < 0.05 * (full - retained).norm()
+
+
+# ---------------------------------------------------------------------- the comparison, on a finished run
+def _compare_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "simulations" / "unlearning_compare.py"
+    spec = importlib.util.spec_from_file_location("unlearning_compare", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_compare_on_a_finished_run_fills_metrics_and_report_and_leaves_the_run_alone(tiny_cfg, grid_for, capsys,
+                                                                                     tmp_path, monkeypatch):
+    from server.experiment import run_training
+    from server.run_files import RunDir
+
+    cfg = tiny_cfg(audit=False)
+    run_training(grid_for(cfg), cfg)
+    out = cfg.out_path
+    # everything but the figures the comparison writes: ledger, models, node state, budget, config
+    kept = [p for p in sorted(out.rglob("*")) if p.is_file() and p.name != "metrics.json"
+            and p.name != "report.md" and p.suffix != ".png"]
+    assert out / "ledger.jsonl" in kept and any(p.parent.name == "models" for p in kept)
+    before = {p: p.read_bytes() for p in kept}
+    other_metrics = RunDir(out).metrics()
+
+    script = _compare_script()
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # with --run and no --out, no runs/unlearning_compare.json
+    assert script.main(["--run", str(out), "--k", "4"]) == 0
+    capsys.readouterr()
+
+    metrics = RunDir(out).metrics()
+    result = metrics["unlearning_methods"]
+    assert [r["method"] for r in result["rows"]] == ["before", EXACT, *APPROXIMATE]
+    assert result["k"] == 4 and result["config"]["rho"] == cfg.rho  # the run's rho, not the script's 0.1
+    assert result["command"].endswith("--run " + str(out) + " --k 4")
+    assert {k: v for k, v in metrics.items() if k != "unlearning_methods"} == other_metrics
+    report = (out / "report.md").read_text()
+    section = report.index("## Unlearning methods vs exact retraining")
+    assert report.index("## Unlearning\n") < section < report.index("## Privacy audit")
+    assert "| exact-sisa |" in report[section:] and "k = 4" in report[section:]
+    assert {p: p.read_bytes() for p in kept} == before
+    assert not list((tmp_path / "cwd").iterdir())
+
+    assert script.main(["--run", str(out / "missing"), "--k", "4"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("unlearning_compare: error: ") and err.count("\n") == 1
