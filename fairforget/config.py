@@ -91,6 +91,7 @@ class RunConfig:
     diffusion_timesteps: int
     label_dropout: float
     ddim_steps: int
+    ddim_eta: float
     guidance_scale: float
     classifier_guidance: float
     client_cpus: int
@@ -181,6 +182,7 @@ class RunConfig:
             ("diffusion-timesteps", 10 <= self.diffusion_timesteps <= 4000, "in [10, 4000]"),
             ("label-dropout", 0.0 < self.label_dropout < 1.0, "in (0, 1) (the null label must be trained)"),
             ("ddim-steps", 1 <= self.ddim_steps <= self.diffusion_timesteps, "in [1, diffusion-timesteps]"),
+            ("ddim-eta", 0.0 <= self.ddim_eta <= 1.0, "in [0, 1]"),
             ("guidance-scale", self.guidance_scale >= 0.0, ">= 0"),
             ("classifier-guidance", self.classifier_guidance >= 0.0, ">= 0"),
             ("client-cpus", self.client_cpus >= 1, ">= 1"),

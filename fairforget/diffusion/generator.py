@@ -11,10 +11,11 @@ private embedding is always null.
 Training (Ho et al. 2020): ``DDPMScheduler.add_noise`` at a uniform timestep, MSE on the noise;
 each label factor is dropped to its null row with probability ``label_dropout`` (Ho & Salimans 2022),
 so the same network is also the class-only, attribute-only and unconditional model. Sampling:
-``DDIMScheduler`` (Song et al. 2021) with ``eps = eps_null + w (eps_cond - eps_null)``, composed over
-the two factors (Liu et al. 2022) so that rare pairs come from two well-trained conditionals;
-optionally classifier guidance ``eps_hat = eps - s sqrt(1 - abar_t) grad_x log p(y | x0_hat(x_t))``
-with a classifier on clean images applied to the predicted clean image (the noise-free variant of
+``DDIMScheduler`` (Song et al. 2021; ``eta`` = 1 by default: with a small model the deterministic
+eta = 0 path collapses to the mean background colour, the stochastic one does not) with
+``eps = eps_null + w (eps_cond - eps_null)``, composed over the two factors (Liu et al. 2022) so that
+rare pairs come from two well-trained conditionals; optionally classifier guidance
+``eps_hat = eps - s sqrt(1 - abar_t) grad_x log p(y | x0_hat(x_t))`` with a classifier on clean images applied to the predicted clean image (the noise-free variant of
 Dhariwal & Nichol 2021).
 
 Images are (N, 3, H, W) in [0, 1]; the model works in [-1, 1]. Everything is seeded: the same
@@ -60,6 +61,7 @@ class GeneratorSettings:
     timesteps: int = 1000
     label_dropout: float = 0.2
     ddim_steps: int = 25
+    ddim_eta: float = 1.0
     guidance_scale: float = 1.5
     classifier_scale: float = 0.0
     device: str = "cpu"
@@ -70,7 +72,8 @@ class GeneratorSettings:
             image_size=cfg.image_size, num_classes=num_classes, num_private=num_private,
             groups=cfg.augment_groups, width=cfg.diffusion_width, train_steps=cfg.diffusion_train_steps,
             batch_size=cfg.diffusion_batch_size, lr=cfg.diffusion_lr, timesteps=cfg.diffusion_timesteps,
-            label_dropout=cfg.label_dropout, ddim_steps=cfg.ddim_steps, guidance_scale=cfg.guidance_scale,
+            label_dropout=cfg.label_dropout, ddim_steps=cfg.ddim_steps, ddim_eta=cfg.ddim_eta,
+            guidance_scale=cfg.guidance_scale,
             classifier_scale=cfg.classifier_guidance, device=cfg.torch_device(),
         )
 
@@ -236,7 +239,8 @@ def sample(model: ConditionalGenerator, y: torch.Tensor, private: torch.Tensor, 
     for b, start in enumerate(range(0, len(y), batch_size)):
         yb, ab = y[start : start + batch_size].to(device), private[start : start + batch_size].to(device)
         gen = torch.Generator().manual_seed((seed + 1_000_003 * b) % (1 << 63))
-        scheduler = DDIMScheduler(num_train_timesteps=s.timesteps, clip_sample=True)
+        # "trailing" spacing starts at the last training timestep (pure noise; Lin et al. 2024)
+        scheduler = DDIMScheduler(num_train_timesteps=s.timesteps, clip_sample=True, timestep_spacing="trailing")
         scheduler.set_timesteps(steps)
         x = torch.randn((len(yb), 3, s.image_size, s.image_size), generator=gen).to(device)
         for t in scheduler.timesteps:
@@ -245,7 +249,7 @@ def sample(model: ConditionalGenerator, y: torch.Tensor, private: torch.Tensor, 
             if classifier is not None and cs > 0:
                 eps = eps - cs * math.sqrt(1 - float(scheduler.alphas_cumprod[int(t)])) * _classifier_grad(
                     classifier, x, eps, float(scheduler.alphas_cumprod[int(t)]), yb)
-            x = scheduler.step(eps, t, x, eta=0.0).prev_sample
+            x = scheduler.step(eps, t, x, eta=s.ddim_eta, generator=gen).prev_sample
         out.append(((x.clamp(-1, 1) + 1) / 2).cpu())
     return torch.cat(out) if out else torch.empty(0, 3, s.image_size, s.image_size)
 

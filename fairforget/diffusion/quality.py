@@ -20,6 +20,7 @@ beside it as the ceiling.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -31,6 +32,7 @@ from fairforget.model import SimpleConvNet, build_model
 
 FIDELITY_WIDTH = 8
 FIDELITY_EPOCHS = 40
+NOISE = 0.3  # largest pixel-noise sigma of the training augmentation
 
 
 def shape_view(x: torch.Tensor) -> torch.Tensor:
@@ -51,7 +53,7 @@ class FidelityClassifiers:
     @classmethod
     def train(cls, data: SampleSet, num_classes: int, num_private: int, seed: int,
               epochs: int = FIDELITY_EPOCHS) -> FidelityClassifiers:
-        target = _fit(shape_view(data.x), data.y, num_classes, seed, epochs)
+        target = _fit(data.x, data.y, num_classes, seed, epochs, view=shape_view)
         private = _fit(data.x, data.private, num_private, seed + 1, epochs)
         return cls(target, private)
 
@@ -108,7 +110,11 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.sum((mu_a - mu_b) ** 2) + np.trace(cov_a + cov_b - 2 * covmean))
 
 
-def _fit(x: torch.Tensor, y: torch.Tensor, num_classes: int, seed: int, epochs: int) -> SimpleConvNet:
+def _fit(x: torch.Tensor, y: torch.Tensor, num_classes: int, seed: int, epochs: int,
+         view: Callable[[torch.Tensor], torch.Tensor] | None = None) -> SimpleConvNet:
+    """Adam on ``view(noisy x)``: Gaussian pixel noise (sigma uniform in [0, NOISE]) and a random
+    brightness shift make the classifier judge a sample's class or attribute, not whether its pixels
+    are as clean as real ones (the Frechet distance measures that)."""
     model = build_model(num_classes, FIDELITY_WIDTH, seed=seed)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(seed)
@@ -117,7 +123,11 @@ def _fit(x: torch.Tensor, y: torch.Tensor, num_classes: int, seed: int, epochs: 
         perm = torch.randperm(len(x), generator=gen)
         for start in range(0, len(perm), 64):
             idx = perm[start : start + 64]
-            loss = F.cross_entropy(model(x[idx]), y[idx])
+            xb = x[idx]
+            sigma = torch.rand(len(idx), 1, 1, 1, generator=gen) * NOISE
+            shift = (torch.rand(len(idx), 1, 1, 1, generator=gen) - 0.5) * 0.2
+            xb = (xb + sigma * torch.randn(xb.shape, generator=gen) + shift).clamp(0, 1)
+            loss = F.cross_entropy(model(view(xb) if view else xb), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
