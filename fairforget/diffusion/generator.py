@@ -8,15 +8,15 @@ as it has seen the class and the attribute; a Biased-MNIST shard at rho = 0.99 h
 off-colour digits, and those are exactly the groups augmentation must fill. In ``class`` mode the
 private embedding is always null.
 
-Training (Ho et al. 2020): ``DDPMScheduler.add_noise`` at a uniform timestep, MSE on the noise;
-each label factor is dropped to its null row with probability ``label_dropout`` (Ho & Salimans 2022),
-so the same network is also the class-only, attribute-only and unconditional model. Sampling:
+Training (Ho et al. 2020): ``DDPMScheduler.add_noise`` at a uniform timestep, MSE on the noise; each
+label factor is dropped to its null row with probability ``label_dropout`` (Ho & Salimans 2022), so
+the same network is also the class-only, attribute-only and unconditional model. Sampling:
 ``DDIMScheduler`` (Song et al. 2021; ``eta`` = 1 by default: with a small model the deterministic
-eta = 0 path collapses to the mean background colour, the stochastic one does not) with
-``eps = eps_null + w (eps_cond - eps_null)``, composed over the two factors (Liu et al. 2022) so that
-rare pairs come from two well-trained conditionals; optionally classifier guidance
-``eps_hat = eps - s sqrt(1 - abar_t) grad_x log p(y | x0_hat(x_t))`` with a classifier on clean images applied to the predicted clean image (the noise-free variant of
-Dhariwal & Nichol 2021).
+eta = 0 path collapses to the mean background colour, the stochastic one does not) with ``eps =
+eps_null + w (eps_cond - eps_null)``, composed over the two factors (Liu et al. 2022) so that rare
+pairs come from two well-trained conditionals; optionally classifier guidance ``eps_hat = eps - s
+sqrt(1 - abar_t) grad_x log p(y | x0_hat(x_t))`` with a classifier on clean images applied to the
+predicted clean image (the noise-free variant of Dhariwal & Nichol 2021).
 
 Images are (N, 3, H, W) in [0, 1]; the model works in [-1, 1]. Everything is seeded: the same
 generator, labels and seed give the same samples.
