@@ -1,8 +1,10 @@
 """The deletion ledger: one JSON line per (request, shard) decision, kept in ``OUT/ledger.jsonl``.
 
-Each line records the request number, the ids, the owning shard, the method, the stage retraining
-started from (the last clean checkpoint), the seconds spent, and the shard model's hash before and
-after. Appends rewrite the file atomically, so a crash never leaves half a line.
+Each line records the request number, the ids, the owning shard, the method, the decision (a request
+refused by the deletion budget gets ``decision = "refused"`` and its reason, and changes nothing
+else), the stage retraining started from (the last clean checkpoint), the seconds spent, and the
+shard model's hash before and after. Appends rewrite the file atomically, so a crash never leaves
+half a line.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ class Ledger:
         return read_jsonl(self.path)
 
     def deleted_ids(self) -> set[int]:
-        return {int(i) for e in self.entries() for i in e.get("ids", [])}
+        """Ids some decision removed (a ``refused`` request removed nothing)."""
+        return {int(i) for e in self.entries() if e.get("decision") != "refused" for i in e.get("ids", [])}
 
     def next_request(self) -> int:
         return 1 + max((int(e["request"]) for e in self.entries()), default=0)

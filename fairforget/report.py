@@ -247,14 +247,18 @@ def write_report(run_dir: Path) -> Path:
             lines.append(f"| {u['request']} | {ids} | {', '.join(map(str, u['shards']))} | {u['seconds']:.2f} | "
                          f"{u['full_retrain_seconds']:.2f} | {'' if sp is None else f'{sp:.1f}x'} | "
                          f"{u['accuracy_unbiased']:.3f} |")
-        lines += ["", "Ledger (`ledger.jsonl`):", "",
-                  "| request | shard | restart stage | seconds | hash before | hash after |",
-                  "|---|---|---|---|---|---|"]
-        for e in ledger:
-            lines.append(f"| {e['request']} | {e['shard']} | {e['restart_stage']} | {e['seconds']:.2f} | "
-                         f"`{e['hash_before']}` | `{e['hash_after']}` |")
     else:
         lines.append("No deletion requests yet (`fairforget forget --run DIR --ids ...`).")
+    if ledger:
+        lines += ["", "Ledger (`ledger.jsonl`; capacity: remaining before -> after, of the shard's capacity):", "",
+                  "| request | shard | ids | method | decision | capacity | restart stage | seconds | hash before | "
+                  "hash after |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for e in ledger:
+            cap = f"{e['capacity_before']} -> {e['capacity_after']} of {e['capacity']}" if "capacity" in e else ""
+            secs = f"{e['seconds']:.2f}" if "seconds" in e else ""
+            lines.append(f"| {e['request']} | {e['shard']} | {len(e.get('ids', []))} | {e.get('method', '')} | "
+                         f"{e.get('decision', '')} | {cap} | {e.get('restart_stage', '')} | {secs} | "
+                         f"`{e.get('hash_before', '')}` | `{e.get('hash_after', '')}` |")
     if metrics.get("unlearning_methods"):
         lines += ["", "## Unlearning methods vs exact retraining", "",
                   *_unlearning_methods_lines(metrics["unlearning_methods"])]

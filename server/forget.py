@@ -66,7 +66,13 @@ def run_forget(grid: Grid, cfg: RunConfig) -> None:
     strategy.budget = DeletionBudget.load_or_new(run.budget_path, cfg.capacity_bound, cfg.capacity_eps,
                                                  cfg.capacity_delta, d, cfg.capacity_c)
     counts = {node_shard[n]: len(v) for n, v in requests.items()}
-    plan = plan_unlearning(strategy.budget, counts, sizes, cfg.unlearn_method, cfg.capacity_policy)
+    try:
+        plan = plan_unlearning(strategy.budget, counts, sizes, cfg.unlearn_method, cfg.capacity_policy)
+    except ForgetError as exc:  # refused: the ledger records the decision; nothing else changes
+        run.ledger.append([{"request": run.ledger.next_request(), "shard": node_shard[n], "ids": sorted(v),
+                            "method": cfg.unlearn_method, "decision": "refused", "reason": str(exc)}
+                           for n, v in sorted(requests.items())])
+        raise
 
     # 3. unlearn on the owning nodes only
     t0 = time.perf_counter()

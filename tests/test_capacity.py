@@ -145,7 +145,13 @@ def test_refuse_changes_nothing(small_budget_run, grid_for):
     before = _state_files(cfg)
     with pytest.raises(ForgetError, match=r"shard 0: deletion capacity exhausted: 3 of 3 left, request needs 4"):
         _forget(cfg, grid_for, ids, capacity_policy="refuse")
-    assert _state_files(cfg) == before
+    ledger_before = before.pop("ledger.jsonl")
+    after = _state_files(cfg)
+    assert after.pop("ledger.jsonl").startswith(ledger_before)  # only the decision is added...
+    assert after == before  # ...nothing else changed
+    refused = run.ledger.entries()[-1]
+    assert (refused["decision"], refused["shard"], refused["ids"]) == ("refused", 0, sorted(ids))
+    assert "capacity exhausted" in refused["reason"] and not set(ids) & run.ledger.deleted_ids()
     assert not run.budget_path.exists()
     # and after some of the budget is spent
     _forget(cfg, grid_for, ids[:2], capacity_policy="refuse")
@@ -153,7 +159,11 @@ def test_refuse_changes_nothing(small_budget_run, grid_for):
     budget = run.budget_path.read_bytes()
     with pytest.raises(ForgetError, match=r"shard 0: deletion capacity exhausted: 1 of 3 left, request needs 2"):
         _forget(cfg, grid_for, ids[2:], capacity_policy="refuse")
-    assert _state_files(cfg) == before and run.budget_path.read_bytes() == budget
+    before.pop("ledger.jsonl")
+    after = _state_files(cfg)
+    assert run.ledger.entries()[-1]["decision"] == "refused"
+    after.pop("ledger.jsonl")
+    assert after == before and run.budget_path.read_bytes() == budget
 
 
 def test_retrain_policy_falls_back_to_exact_and_resets_the_budget(small_budget_run, grid_for):
