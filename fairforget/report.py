@@ -157,6 +157,10 @@ def _unlearning_methods_lines(result: dict[str, Any]) -> list[str]:
             "the run's models and ledger are unchanged.", "", *unlearning_methods_table(result)]
 
 
+def _fmt3(value: float | None) -> str:
+    return "" if value is None or value != value else f"{value:.3f}"
+
+
 def _augmentation_lines(metrics: dict[str, Any], run_dir: Path) -> list[str]:
     aug = metrics["augmentation"]
     names = list((aug["rows"][0].get("mia") or {}).keys())
@@ -189,8 +193,8 @@ def _augmentation_lines(metrics: dict[str, Any], run_dir: Path) -> list[str]:
                 else ""
             lines.append(f"| {st['step']} | {k} | {rep['kl_before']:.3f} | {rep['kl_after']:.4f} | "
                          f"{rep['generated']} | "
-                         f"{rep['num_originals']} / {rep['num_synthetic']} | {fid.get('class', float('nan')):.3f} | "
-                         f"{fid.get('private', float('nan')):.3f} | {fd} | {rep['generator_seconds']:.1f} | "
+                         f"{rep['num_originals']} / {rep['num_synthetic']} | {_fmt3(fid.get('class'))} | "
+                         f"{_fmt3(fid.get('private'))} | {fd} | {rep['generator_seconds']:.1f} | "
                          f"{rep['sampling_seconds']:.1f} | {rep['retrain_seconds']:.1f} |")
     ceiling = aug["fidelity_classifiers_accuracy_unbiased"]
     lines += ["", f"Fidelity classifiers on the real unbiased test set (the ceiling of label fidelity): class "
