@@ -152,7 +152,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     bundle = load_dataset(cfg)
     states = run.load_models()
     print(f"fairforget: auditing {len(states)} model(s) of {run.path}", flush=True)
-    privacy = run_audit(run, cfg, bundle, states, deleted=run.ledger.deleted_ids())
+    privacy = run_audit(run, cfg, bundle, states, deleted=run.ledger.unlearned_ids())
     metrics = run.metrics()
     if "sites" in metrics.get("privacy", {}):  # site audits need the federation: keep the last ones
         privacy["sites"] = metrics["privacy"]["sites"]

@@ -25,7 +25,13 @@ class Ledger:
         return read_jsonl(self.path)
 
     def deleted_ids(self) -> set[int]:
-        """Ids some decision removed (a ``refused`` request removed nothing)."""
+        """Ids a deletion request removed (a ``refused`` request removed nothing; a retired original,
+        ``retire-original``, left the classifier but not the site, and may still be deleted)."""
+        return {int(i) for e in self.entries() if e.get("decision") not in ("refused", "retire-original")
+                for i in e.get("ids", [])}
+
+    def unlearned_ids(self) -> set[int]:
+        """Ids no shard model trains on any more: the deleted ones and the retired originals."""
         return {int(i) for e in self.entries() if e.get("decision") != "refused" for i in e.get("ids", [])}
 
     def next_request(self) -> int:

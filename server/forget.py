@@ -103,7 +103,7 @@ def run_forget(grid: Grid, cfg: RunConfig) -> None:
             "deleted_vs_nonmembers_auc_after": unlearning_audit(cfg, bundle, after, ids, run),
         }
         metrics["unlearning"][-1]["privacy_before"] = headline(metrics.get("privacy"))
-        metrics["privacy"] = run_audit(run, cfg, bundle, after, deleted=run.ledger.deleted_ids())
+        metrics["privacy"] = run_audit(run, cfg, bundle, after, deleted=run.ledger.unlearned_ids())
         metrics["privacy"]["sites"] = site_audits(grid, after)
         metrics["unlearning"][-1]["privacy_after"] = headline(metrics["privacy"])
     run.write_metrics(metrics)

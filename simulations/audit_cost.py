@@ -49,7 +49,7 @@ def main() -> int:
 
     bundle = load_dataset(cfg)
     settings = SisaSettings.from_config(cfg, bundle.num_classes)
-    deleted = run.ledger.deleted_ids()
+    deleted = run.ledger.unlearned_ids()
     states = run.load_models()
     models = {k: _model(s, bundle.num_classes, cfg.model_width) for k, s in states.items()}
     shards = [s.subset([i for i, sid in enumerate(s.ids.tolist()) if sid not in deleted])

@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join([*SCRIPT.split(), *(sys.argv[1:] if argv is None else argv)])
     try:
         cfg = run_config(args.run, parse_set(args.set or []))
-        deleted = RunDir(args.run).ledger.deleted_ids() if args.run is not None else set()
+        deleted = RunDir(args.run).ledger.unlearned_ids() if args.run is not None else set()
         with tempfile.TemporaryDirectory(prefix="fairforget-compare-") as tmp:
             result = compare(cfg, args.k, args.natural, Path(tmp), deleted)
     except (ConfigError, RunDirError, DatasetError, CompareError) as exc:

@@ -78,10 +78,12 @@ def test_augmented_simulate_then_forget_through_flower(tmp_path):
     assert "Augmentation and step-wise unlearning" in (out / "report.md").read_text()
 
     cfg = RunDir(out).config()
-    victim = shard_of(cfg, load_dataset(cfg))[0].ids[0].item()
-    fg = _cli("forget", "--run", str(out), "--ids", str(victim), "--quiet")
+    retired = [e for e in read_jsonl(out / "ledger.jsonl") if e["decision"] == "retire-original" and e["shard"] == 0]
+    retired_victim = retired[0]["ids"][0]  # out of the classifier, still in the generator: deletable
+    victim = next(i for i in shard_of(cfg, load_dataset(cfg))[0].ids.tolist() if i not in retired[0]["ids"])
+    fg = _cli("forget", "--run", str(out), "--ids", f"{victim},{retired_victim}", "--quiet")
     assert fg.returncode == 0, fg.stdout + fg.stderr
     row = read_jsonl(out / "ledger.jsonl")[-1]
-    assert row["ids"] == [victim] and row["generator_invalidated"] is True
+    assert row["ids"] == sorted([victim, retired_victim]) and row["generator_invalidated"] is True
     assert row["synthetic_regenerated"] == row["synthetic_dropped"] > 0
     assert read_json(out / "nodes" / "shard-0" / "augment" / "state.json")["generator_version"] == 2
