@@ -1,12 +1,12 @@
 """Launch a run through Flower's simulation engine: ``flwr run APP local --stream`` (Ray backend).
 
-The local SuperLink starts on demand (Flower manages it, under ``$FLWR_HOME``, default
-``<python env>/fairforget-flwr``, on two ports derived from the environment's path, so it never
-collides with another checkout's or another Flower app's; all three are environment variables); the
-app runs in the current Python environment (no per-run ``uv sync``); the federation is
-sized per run with ``--federation-config num-supernodes=S``, one SuperNode per shard. The ServerApp
-writes ``OUT/status.json`` when it ends, which is how this module learns whether the run worked
-(``flwr run --stream`` only streams the logs).
+The local SuperLink starts on demand (Flower manages it, under ``$FLWR_HOME``, default ``<python
+env>/fairforget-flwr``, on two ports derived from the environment's path and creation time, so it
+never collides with another checkout's, a deleted predecessor's or another Flower app's; all three
+are environment variables); the app runs in the current Python environment (no per-run ``uv sync``);
+the federation is sized per run with ``--federation-config num-supernodes=S``, one SuperNode per
+shard. The ServerApp writes ``OUT/status.json`` when it ends, which is how this module learns
+whether the run worked (``flwr run --stream`` only streams the logs).
 """
 
 from __future__ import annotations
@@ -27,6 +27,14 @@ class FlowerRunError(RuntimeError):
     """The Flower run did not finish its work; the message says why in one line."""
 
 
+def _environment_identity() -> str:
+    """The environment's path and creation time: an environment deleted and re-created at the same
+    path (a fresh clone) gets new ports, never a SuperLink left running by its predecessor."""
+    cfg = Path(sys.prefix) / "pyvenv.cfg"
+    stamp = cfg.stat().st_mtime_ns if cfg.exists() else 0
+    return f"{sys.prefix}:{stamp}"
+
+
 def flower_env() -> dict[str, str]:
     env = os.environ.copy()
     bin_dir = str(Path(sys.executable).parent)  # flwr and flower-superlink of this environment
@@ -37,7 +45,7 @@ def flower_env() -> dict[str, str]:
     # A SuperLink of this environment's own (own home and ports), started on demand by `flwr run`,
     # so two checkouts or a user's other Flower apps never share one.
     env.setdefault("FLWR_HOME", str(Path(sys.prefix) / "fairforget-flwr"))
-    port = 40000 + 2 * (zlib.crc32(sys.prefix.encode()) % 4000)
+    port = 40000 + 2 * (zlib.crc32(_environment_identity().encode()) % 4000)
     env.setdefault("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", str(port))
     env.setdefault("FLWR_LOCAL_CONTROL_API_PORT", str(port + 1))
     env.setdefault("RAY_DEDUP_LOGS", "0")
