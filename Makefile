@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 OUT    ?= runs/demo
 
-.PHONY: demo test test-slow bench headline lint clean
+.PHONY: demo test bench headline lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,9 +19,6 @@ demo: $(VENV)/.installed  ## train a 4-shard SISA ensemble on Biased-Digits via 
 
 test: $(VENV)/.installed  ## unit tests + one end-to-end Flower simulation
 	$(BIN)/python -m pytest -q
-
-test-slow: $(VENV)/.installed  ## the slow-marked test: a generator trained long enough to check label fidelity
-	$(BIN)/python -m pytest -q -m slow
 
 bench: $(VENV)/.installed  ## unlearning speed-ups and Flower engine overhead (prints figures)
 	$(BIN)/python simulations/benchmark.py
