@@ -239,7 +239,7 @@ class Augmenter:
                                      f"real samples to learn from (use augment-groups = \"class\", or more data)")
 
     def _generate(self, generator: ConditionalGenerator, add: np.ndarray, fidelity: FidelityClassifiers | None,
-                  tag: int) -> SampleSet:
+                  tag: int, private_hint: torch.Tensor | None = None) -> SampleSet:
         s = self.settings
         flat = add.ravel()
         groups = np.repeat(np.arange(flat.size), flat)
@@ -251,7 +251,12 @@ class Augmenter:
         seed = derived_seed(self.seed, self.store.shard, 777, version, tag)
         x = sample(generator, y, a, seed, classifier=fidelity.target_logits if fidelity is not None else None)
         if not s.uses_private:  # class mode: the private attribute is whatever the generator drew
-            a = fidelity.predict(x)[1] if fidelity is not None else torch.zeros_like(y)
+            if fidelity is not None:
+                a = fidelity.predict(x)[1]
+            elif private_hint is not None and len(private_hint) == len(y):
+                a = private_hint  # regenerated replacements keep the labels of the samples they replace
+            else:
+                a = torch.zeros_like(y)
         ids = self.store.new_ids(len(y))
         new = make_sampleset(x, y.numpy(), a.numpy(), np.asarray(ids))
         synth, versions = self.store.synthetic(self.shape)
@@ -316,6 +321,7 @@ class Augmenter:
             synth, versions = self.store.synthetic(self.shape)
             live_synth = sorted(i for i in synth.ids.tolist() if i in self.sisa.live_ids())
             counts = self.counts(synth) if len(synth) else None
+            hint = synth.private[torch.argsort(synth.y, stable=True)]  # class order, as _generate draws them
             if live_synth:
                 restart = min(restart, self.sisa.remove(live_synth))
             self.store.write_synthetic(synth.subset(np.arange(0)), versions[:0])
@@ -326,7 +332,8 @@ class Augmenter:
             if self.on_delete == "regenerate" and counts is not None:
                 self._train_generator()
                 generator, _ = ConditionalGenerator.load(self.store.generator_dir, self.settings.device)
-                new = self._generate(generator, counts, None, tag=10_000 + len(self.store.state["deleted"]))
+                new = self._generate(generator, counts, None, tag=10_000 + len(self.store.state["deleted"]),
+                                     private_hint=hint)
                 if len(new):
                     restart = min(restart, self.sisa.add([int(i) for i in new.ids.tolist()], self.pool()))
                 report["synthetic_regenerated"] = len(new)

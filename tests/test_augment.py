@@ -271,3 +271,19 @@ def test_trained_generator_makes_the_requested_class(tiny_cfg):
     a = torch.randint(0, 10, (200,), generator=torch.Generator().manual_seed(0))
     fid = fidelity.fidelity(sample(model, y, a, seed=1), y, a)
     assert fid["class"] > 0.5  # chance: 0.1
+
+
+def test_class_mode_regeneration_keeps_the_replaced_samples_labels(tiny_cfg, grid_for):
+    cfg = tiny_cfg(**{**TINY_AUG, "augment-groups": "class", "augment-steps": 0, "class-imbalance": 4.0,
+                      "augment-kl-threshold": 0.01})
+    grid = grid_for(cfg)
+    run_training(grid, cfg)
+    node = grid.node(101)
+    before, _ = node.augment_store.synthetic((3, 8, 8))
+    assert len(before) and node.augment_store.state["generator_version"] == 1
+    victim = sorted(i for i in node.sisa.live_ids() if i < SYNTHETIC_ID_BASE)[0]
+    run_forget(grid, cfg.replace(mode="forget", forget_ids=str(victim)))
+    after, versions = grid.node(101).augment_store.synthetic((3, 8, 8))
+    assert (versions == 2).all() and not set(before.ids.tolist()) & set(after.ids.tolist())
+    order = torch.argsort(before.y, stable=True)
+    assert torch.equal(after.y, before.y[order]) and torch.equal(after.private, before.private[order])
