@@ -230,9 +230,10 @@ class Augmenter:
 
     def _check_learnable(self, data: SampleSet) -> None:
         s = self.settings
-        for name, labels, k in (("class", data.y, s.num_classes), ("private attribute", data.private, s.num_private)):
-            if name != "class" and not s.uses_private:
-                continue
+        factors = [("class", data.y, s.num_classes)]
+        if s.uses_private:
+            factors.append(("private attribute", data.private, s.num_private))
+        for name, labels, k in factors:
             missing = sorted(set(range(k)) - set(labels.tolist()))
             if missing:
                 raise GeneratorError(f"shard {self.store.shard}: {name} {', '.join(map(str, missing))} has no "
@@ -266,30 +267,26 @@ class Augmenter:
         return new
 
     def _write_grids(self, generator: ConditionalGenerator, fidelity: FidelityClassifiers | None) -> None:
-        """``grids/overview.png`` (one sample per group: a row per class, a column per private value)
-        and ``grids/class-C[_private-A].png`` (8 samples of each group)."""
+        """``grids/class-C[_private-A].png`` (8 samples of each group) and ``grids/overview.png`` (the
+        first sample of each group: a row per class, a column per private value; in class mode the 8
+        samples of each class in a row), all drawn in one batch."""
         from torchvision.utils import save_image
 
         s = self.settings
-        cols = s.num_private if s.uses_private else 8
-        y = torch.arange(s.num_classes).repeat_interleave(cols)
-        a = torch.arange(cols).repeat(s.num_classes) if s.uses_private else torch.zeros_like(y)
-        seed = derived_seed(self.seed, self.store.shard, 999)
-        overview = sample(generator, y, a, seed, classifier=fidelity.target_logits if fidelity is not None else None)
+        per = 8
+        groups = [(c, p) for c in range(s.num_classes) for p in range(s.num_private if s.uses_private else 1)]
+        y = torch.tensor([c for c, _ in groups]).repeat_interleave(per)
+        a = torch.tensor([p for _, p in groups]).repeat_interleave(per)
+        images = sample(generator, y, a, derived_seed(self.seed, self.store.shard, 999),
+                        classifier=fidelity.target_logits if fidelity is not None else None)
         tmp = self.store.grids_dir.with_name(".grids.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_image(overview, tmp / "overview.png", nrow=cols, padding=1)
-        per = 8
-        for c in range(s.num_classes):
-            for p in range(s.num_private if s.uses_private else 1):
-                idx = [i for i in range(len(y)) if int(y[i]) == c and int(a[i]) == p][:1]
-                group_y = torch.full((per,), c, dtype=torch.long)
-                group_a = torch.full((per,), p, dtype=torch.long)
-                imgs = sample(generator, group_y, group_a, seed + 1 + c * 1000 + p) if idx else None
-                name = f"class-{c}_private-{p}.png" if s.uses_private else f"class-{c}.png"
-                if imgs is not None:
-                    save_image(imgs, tmp / name, nrow=per, padding=1)
+        for k, (c, p) in enumerate(groups):
+            name = f"class-{c}_private-{p}.png" if s.uses_private else f"class-{c}.png"
+            save_image(images[k * per : (k + 1) * per], tmp / name, nrow=per, padding=1)
+        overview = images[::per] if s.uses_private else images
+        save_image(overview, tmp / "overview.png", nrow=s.num_private if s.uses_private else per, padding=1)
         shutil.rmtree(self.store.grids_dir, ignore_errors=True)
         tmp.rename(self.store.grids_dir)
 

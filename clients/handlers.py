@@ -85,6 +85,21 @@ def unlearn(content: RecordDict, node: Node) -> RecordDict:
         return _unlearn_augmented(node, ids, method)
     result = UNLEARNERS[method](node.sisa, ids, approx_state.UnlearnParams.from_config(node.cfg))
     state = approx_state.current_state(node.sisa)  # the approximate model, if that is what it serves
+    return _unlearn_reply(node, result, state)
+
+
+def _unlearn_augmented(node: Node, ids: list[int], method: str) -> RecordDict:
+    if method != "exact-sisa":
+        raise ValueError(f"shard {node.shard} is augmented: only exact-sisa unlearning also removes a sample "
+                         f"from its generator and synthetic data (asked for {method})")
+    result = node.augmenter.forget(ids)
+    augment = {k: v for k, v in result.items() if k.startswith(("generator", "synthetic", "policy", "old_", "new_"))}
+    return _unlearn_reply(node, result, node.sisa.model_state(), {keys.AUGMENT_JSON: json.dumps(augment)})
+
+
+def _unlearn_reply(node: Node, result: dict, state: dict[str, torch.Tensor],
+                   extra_info: dict[str, str] | None = None) -> RecordDict:
+    """The ``train.unlearn`` reply: the shard's model and an unlearner's report (:data:`UNLEARNERS`)."""
     metrics = _shard_metrics(node, result["num_examples"], result["seconds"])
     metrics[keys.RESTART_SLICE] = result["restart_stage"]
     metrics["retrained-stages"] = result["retrained_stages"]
@@ -97,29 +112,9 @@ def unlearn(content: RecordDict, node: Node) -> RecordDict:
         keys.HASH_BEFORE: result["hash_before"],
         keys.MODEL_HASH: result["hash_after"],
         "method": result["method"],
+        **(extra_info or {}),
     })
     return RecordDict({keys.ARRAYS: ArrayRecord(state), keys.METRICS: metrics, keys.CONFIG: info})
-
-
-def _unlearn_augmented(node: Node, ids: list[int], method: str) -> RecordDict:
-    if method != "exact-sisa":
-        raise ValueError(f"shard {node.shard} is augmented: only exact-sisa unlearning also removes a sample "
-                         f"from its generator and synthetic data (asked for {method})")
-    result = node.augmenter.forget(ids)
-    metrics = _shard_metrics(node, result["num_examples"], result["seconds"])
-    metrics[keys.RESTART_SLICE] = result["restart_stage"]
-    metrics["retrained-stages"] = result["retrained_stages"]
-    metrics["full-train-seconds"] = node.sisa.full_train_seconds()
-    metrics["wall-seconds"] = result["wall_seconds"]
-    metrics[keys.APPROX_DELETIONS] = 0
-    info = ConfigRecord({
-        keys.HASH_BEFORE: result["hash_before"],
-        keys.MODEL_HASH: result["hash_after"],
-        "method": result["method"],
-        keys.AUGMENT_JSON: json.dumps({k: v for k, v in result.items() if k.startswith(("generator", "synthetic",
-                                                                                       "policy", "old_", "new_"))}),
-    })
-    return RecordDict({keys.ARRAYS: ArrayRecord(node.sisa.model_state()), keys.METRICS: metrics, keys.CONFIG: info})
 
 
 def augment(content: RecordDict, node: Node) -> RecordDict:

@@ -12,10 +12,15 @@ import torch
 from torch import nn
 
 
+def bottleneck_dim(width: int) -> int:
+    """Size of SimpleConvNet's bottleneck (the linear head's input) at base width ``width``."""
+    return 8 * width
+
+
 class SimpleConvNet(nn.Module):
     def __init__(self, num_classes: int = 10, width: int = 16, in_channels: int = 3) -> None:
         super().__init__()
-        chans = [in_channels, width, 2 * width, 4 * width, 8 * width]
+        chans = [in_channels, width, 2 * width, 4 * width, bottleneck_dim(width)]
         layers: list[nn.Module] = []
         for c_in, c_out in zip(chans[:-1], chans[1:], strict=True):
             layers += [nn.Conv2d(c_in, c_out, kernel_size=7, padding=3), nn.BatchNorm2d(c_out), nn.ReLU()]

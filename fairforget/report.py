@@ -172,10 +172,7 @@ def _augmentation_lines(metrics: dict[str, Any], run_dir: Path) -> list[str]:
              " | ".join(f"{n} AUC / TPR@1%" for n in names) + " |",
              "|---|---|---|---|" + "---|" * len(names)]
     for r in aug["rows"]:
-        kl = ", ".join(f"{v:.3f}" for v in r["kl_per_shard"].values()) if r["kl_per_shard"] else \
-            ", ".join(f"{s['kl_bias']:.3f}" for s in metrics["shards"]) + " (before)"
-        if r["name"] == "vanilla":
-            kl = ", ".join(f"{rep['kl_before']:.3f}" for rep in aug["steps"][0]["shards"].values())
+        kl = ", ".join(f"{v:.3f}" for v in (r["kl_per_shard"] or {}).values())
         mia = r.get("mia") or {}
         cells = [f"{mia[n]['auc']:.3f} / {mia[n]['tpr_at_0.01_fpr']:.3f}" if n in mia else "" for n in names]
         lines.append(f"| {r['name']} | {kl} | {r['accuracy_unbiased']:.3f} | {r['worst_group']['accuracy']:.3f} | "

@@ -27,7 +27,7 @@ from fairforget.capacity import capacity, head_parameters
 from fairforget.config import RunConfig
 from fairforget.data import DataBundle
 from fairforget.diffusion.quality import FidelityClassifiers
-from fairforget.keys import AUGMENT_JSON
+from fairforget.model import bottleneck_dim
 from server.audit import membership
 from server.evaluation import evaluate_states
 from server.run_files import RunDir
@@ -36,12 +36,15 @@ MIA_KEYS = ("auc", "tpr_at_0.01_fpr")
 
 
 def run_augmentation(grid: Grid, cfg: RunConfig, strategy: Any, bundle: DataBundle, run: RunDir,
-                     states: dict[int, dict[str, torch.Tensor]], vanilla_eval: dict[str, Any]) -> dict[str, Any]:
+                     states: dict[int, dict[str, torch.Tensor]], vanilla_eval: dict[str, Any],
+                     ) -> tuple[dict[str, Any], dict[int, dict[str, torch.Tensor]], dict[str, Any]]:
+    """Returns the ``augmentation`` block of metrics.json, the final shard models (also saved) and
+    their evaluation."""
     t_start = time.perf_counter()
     originals = [int(i) for i in bundle.train.ids.tolist()]
     fidelity = FidelityClassifiers.train(bundle.heldout, bundle.num_classes, bundle.num_private, seed=cfg.seed)
     fidelity_arrays = ArrayRecord(fidelity.state())
-    rows = [_row("vanilla", states, vanilla_eval, None, _mia(cfg, bundle, states, originals, run), [])]
+    rows = [_row("vanilla", vanilla_eval, None, _mia(cfg, bundle, states, originals, run), [])]
 
     steps: list[dict[str, Any]] = []
     retired: list[int] = []
@@ -54,7 +57,7 @@ def run_augmentation(grid: Grid, cfg: RunConfig, strategy: Any, bundle: DataBund
         reports = strategy.aggregate_augment(grid.send_and_receive(
             strategy.configure_augment(grid, step, {node_of[k]: g for k, g in grants.items()}, fidelity_arrays)))
         wall = time.perf_counter() - t0
-        shard_steps = {k: json.loads(r[AUGMENT_JSON]) for k, r in sorted(reports.items())}
+        shard_steps = {k: json.loads(r[keys.AUGMENT_JSON]) for k, r in sorted(reports.items())}
         states = {k: strategy.shard_arrays[k].to_torch_state_dict() for k in sorted(strategy.shard_arrays)}
         run.save_models(states)
         step_retired = sorted(i for rep in shard_steps.values() for i in rep["retired_ids"])
@@ -76,9 +79,10 @@ def run_augmentation(grid: Grid, cfg: RunConfig, strategy: Any, bundle: DataBund
             record["mia_retired_originals"] = _mia(cfg, bundle, states, retired, run)
         steps.append(record)
         if step == 0:
-            rows.append(_row("augmented", states, evaluation, shard_steps, record["mia_live_originals"], []))
+            rows[0]["kl_per_shard"] = {str(k): rep["kl_before"] for k, rep in shard_steps.items()}
+            rows.append(_row("augmented", evaluation, shard_steps, record["mia_live_originals"], []))
     if cfg.augment_steps > 0:
-        rows.append(_row("augmented + step-wise unlearning", states, evaluation, shard_steps,
+        rows.append(_row("augmented + step-wise unlearning", evaluation, shard_steps,
                          steps[-1].get("mia_retired_originals"), retired, steps[-1]["mia_live_originals"]))
     return {
         "groups": cfg.augment_groups,
@@ -88,7 +92,7 @@ def run_augmentation(grid: Grid, cfg: RunConfig, strategy: Any, bundle: DataBund
         "steps": steps,
         "retired_ids": retired,
         "seconds": time.perf_counter() - t_start,
-    }
+    }, states, evaluation
 
 
 # ---------------------------------------------------------------------- helpers
@@ -96,7 +100,7 @@ def granted(cfg: RunConfig, originals: int, bundle: DataBundle) -> int:
     """Originals a shard may unlearn in one step: the configured per-step budget, capped by the
     shard's deletion capacity (:mod:`fairforget.capacity`, for its current number of originals and
     the linear head's parameters)."""
-    d = head_parameters(8 * cfg.model_width, bundle.num_classes)
+    d = head_parameters(bottleneck_dim(cfg.model_width), bundle.num_classes)
     cap = capacity(cfg.capacity_bound, cfg.capacity_eps, cfg.capacity_delta, originals, d, cfg.capacity_c)
     return max(0, min(cfg.augment_retire_per_step, cap))
 
@@ -109,7 +113,7 @@ def _mia(cfg: RunConfig, bundle: DataBundle, states: dict[int, dict[str, torch.T
     return {attack: {k: float(r[k]) for k in MIA_KEYS} for attack, r in full.items()}
 
 
-def _row(name: str, states: dict[int, Any], evaluation: dict[str, Any], shard_steps: dict[int, Any] | None,
+def _row(name: str, evaluation: dict[str, Any], shard_steps: dict[int, Any] | None,
          mia: dict[str, Any] | None, retired: list[int], mia_live: dict[str, Any] | None = None) -> dict[str, Any]:
     kl = {str(k): rep["kl_after"] for k, rep in shard_steps.items()} if shard_steps else None
     row = {

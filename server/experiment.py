@@ -48,9 +48,7 @@ def run_training(grid: Grid, cfg: RunConfig) -> None:
     evaluation = evaluate_states(states, bundle, cfg)
     augmentation = None
     if cfg.augment:  # diffusion augmentation, then step-wise unlearning of the originals
-        augmentation = run_augmentation(grid, cfg, strategy, bundle, run, states, evaluation)
-        states = run.load_models()
-        evaluation = evaluate_states(states, bundle, cfg)
+        augmentation, states, evaluation = run_augmentation(grid, cfg, strategy, bundle, run, states, evaluation)
     metrics = training_metrics(cfg, bundle, strategy.shard_reports, evaluator.history, evaluation, train_wall)
     if augmentation is not None:
         metrics["augmentation"] = augmentation

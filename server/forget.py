@@ -29,6 +29,7 @@ from fairforget import keys
 from fairforget.capacity import DeletionBudget, head_parameters
 from fairforget.config import RunConfig, parse_ids
 from fairforget.data import load_dataset
+from fairforget.model import bottleneck_dim
 from fairforget.report import write_report
 from server.audit import check_audit_config, headline, run_audit, site_audits, unlearning_audit
 from server.evaluation import evaluate_states
@@ -62,14 +63,15 @@ def run_forget(grid: Grid, cfg: RunConfig) -> None:
     sizes = {node_shard[r.metadata.src_node_id]: int(r.content[keys.METRICS][keys.NUM_EXAMPLES]) for r in replies}
 
     # 2. the deletion budget, checked before anything changes (refuse raises here)
-    d = head_parameters(8 * cfg.model_width, bundle.num_classes)  # SimpleConvNet.fc
+    d = head_parameters(bottleneck_dim(cfg.model_width), bundle.num_classes)  # SimpleConvNet.fc
     strategy.budget = DeletionBudget.load_or_new(run.budget_path, cfg.capacity_bound, cfg.capacity_eps,
                                                  cfg.capacity_delta, d, cfg.capacity_c)
     counts = {node_shard[n]: len(v) for n, v in requests.items()}
     try:
         plan = plan_unlearning(strategy.budget, counts, sizes, cfg.unlearn_method, cfg.capacity_policy)
     except ForgetError as exc:  # refused: the ledger records the decision; nothing else changes
-        run.ledger.append([{"request": run.ledger.next_request(), "shard": node_shard[n], "ids": sorted(v),
+        request_no = run.ledger.next_request()
+        run.ledger.append([{"request": request_no, "shard": node_shard[n], "ids": sorted(v),
                             "method": cfg.unlearn_method, "decision": "refused", "reason": str(exc)}
                            for n, v in sorted(requests.items())])
         raise

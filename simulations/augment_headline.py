@@ -47,10 +47,7 @@ def table(name: str, metrics: dict, seconds: float) -> list[str]:
              + " | ".join(f"MIA {a} AUC / TPR@1%FPR" for a in ATTACKS) + " |",
              "|---|---|---|---|" + "---|" * len(ATTACKS)]
     for row in aug["rows"]:
-        if row["name"] == "vanilla":
-            kl = max(rep["kl_before"] for rep in aug["steps"][0]["shards"].values())
-        else:
-            kl = max(row["kl_per_shard"].values())
+        kl = max(row["kl_per_shard"].values())
         mia = row.get("mia") or {}
         cells = [f"{mia[a]['auc']:.3f} / {mia[a]['tpr_at_0.01_fpr']:.3f}" if a in mia else "n/a" for a in ATTACKS]
         lines.append(f"| {row['name']} | {kl:.4f} | {row['accuracy_unbiased']:.3f} | "

@@ -129,6 +129,16 @@ def accuracy(model: torch.nn.Module, data: SampleSet, batch_size: int = 512) -> 
     return correct / len(data)
 
 
+def descend(opt: torch.optim.Optimizer, index_batches: list[torch.Tensor],
+            loss_of: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """One optimizer step per batch of indices on ``loss_of(batch)``."""
+    for idx in index_batches:
+        loss = loss_of(idx)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+
 def ce(model: torch.nn.Module, data: SampleSet, idx: torch.Tensor) -> torch.Tensor:
     device = next(model.parameters()).device
     return F.cross_entropy(model(data.x[idx].to(device)), data.y[idx].to(device))

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from clients.sisa import SisaShard, derived_seed
-from clients.unlearning.approx_state import UnlearnParams, approximate, batches, ce
+from clients.unlearning.approx_state import UnlearnParams, approximate, ce
+from clients.unlearning.finetune import finetune
 from fairforget.data.base import SampleSet
 from fairforget.model import SimpleConvNet, build_model
 
@@ -58,14 +59,7 @@ def _method(model: SimpleConvNet, retain: SampleSet, forget: SampleSet, params: 
             masks[n] = mask.to(p.dtype)
     hooks = [params_by_name[n].register_hook(lambda g, m=masks[n]: g * m) for n in names]
     try:
-        opt = torch.optim.Adam([params_by_name[n] for n in names], lr=params.lr)
-        model.train()
-        for epoch in range(params.epochs):
-            for idx in batches(len(retain), s.batch_size, seed + epoch):
-                loss = ce(model, retain, idx)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+        finetune(model, retain, params, s.batch_size, seed, parameters=[params_by_name[n] for n in names])
     finally:
         for h in hooks:
             h.remove()

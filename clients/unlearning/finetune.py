@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from clients.sisa import SisaShard
-from clients.unlearning.approx_state import UnlearnParams, approximate, batches, ce
+from clients.unlearning.approx_state import UnlearnParams, approximate, batches, ce, descend
 from fairforget.data.base import SampleSet
 from fairforget.model import SimpleConvNet
 
@@ -26,11 +26,7 @@ def finetune(model: SimpleConvNet, retain: SampleSet, params: UnlearnParams, bat
     opt = torch.optim.Adam(parameters if parameters is not None else model.parameters(), lr=params.lr)
     model.train()
     for epoch in range(params.epochs):
-        for idx in batches(len(retain), batch_size, seed + epoch):
-            loss = ce(model, retain, idx)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        descend(opt, batches(len(retain), batch_size, seed + epoch), lambda idx: ce(model, retain, idx))
 
 
 def _method(model: SimpleConvNet, retain: SampleSet, forget: SampleSet, params: UnlearnParams,

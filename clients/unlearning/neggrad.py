@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from clients.sisa import SisaShard
-from clients.unlearning.approx_state import UnlearnParams, approximate, batches, ce
+from clients.unlearning.approx_state import UnlearnParams, approximate, batches, ce, descend
 from fairforget.data.base import SampleSet
 from fairforget.model import SimpleConvNet
 
@@ -32,12 +32,11 @@ def _method(model: SimpleConvNet, retain: SampleSet, forget: SampleSet, params: 
     all_forget = torch.arange(len(forget))
     opt = torch.optim.Adam(model.parameters(), lr=params.lr)
     model.train()
+    def loss_of(idx: torch.Tensor) -> torch.Tensor:
+        return BETA * ce(model, retain, idx) - (1.0 - BETA) * ce(model, forget, all_forget).clamp(max=cap)
+
     for epoch in range(params.epochs):
-        for idx in batches(len(retain), shard.settings.batch_size, seed + epoch):
-            loss = BETA * ce(model, retain, idx) - (1.0 - BETA) * ce(model, forget, all_forget).clamp(max=cap)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        descend(opt, batches(len(retain), shard.settings.batch_size, seed + epoch), loss_of)
     return {}
 
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from clients.sisa import SisaShard
-from clients.unlearning.approx_state import UnlearnParams, approximate, batches
+from clients.unlearning.approx_state import UnlearnParams, approximate, batches, descend
 from fairforget.data.base import SampleSet
 from fairforget.model import SimpleConvNet
 
@@ -42,19 +42,17 @@ def _method(model: SimpleConvNet, retain: SampleSet, forget: SampleSet, params: 
     cap = math.log(shard.settings.num_classes)
     bs = shard.settings.batch_size
     opt = torch.optim.Adam(model.parameters(), lr=params.lr)
+    def max_loss(idx: torch.Tensor) -> torch.Tensor:
+        return -_kl(teacher, model, forget.x[idx].to(device)).clamp(max=cap)
+
+    def min_loss(idx: torch.Tensor) -> torch.Tensor:
+        x, y = retain.x[idx].to(device), retain.y[idx].to(device)
+        return ALPHA * _kl(teacher, model, x) + F.cross_entropy(model(x), y)
+
     for epoch in range(params.epochs):
         model.train()
-        for idx in batches(len(forget), bs, seed + 1000 + epoch):  # max-step
-            loss = -_kl(teacher, model, forget.x[idx].to(device)).clamp(max=cap)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        for idx in batches(len(retain), bs, seed + epoch):  # min-step
-            x, y = retain.x[idx].to(device), retain.y[idx].to(device)
-            loss = ALPHA * _kl(teacher, model, x) + F.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        descend(opt, batches(len(forget), bs, seed + 1000 + epoch), max_loss)  # max-step
+        descend(opt, batches(len(retain), bs, seed + epoch), min_loss)  # min-step
     return {}
 
 

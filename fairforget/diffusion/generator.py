@@ -28,7 +28,6 @@ import json
 import math
 import shutil
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,8 +39,6 @@ from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from torch import nn
 
 from fairforget.storage import torch_load
-
-GROUP_MODES = ("class-private", "class")
 
 
 class GeneratorError(ValueError):
@@ -235,20 +232,20 @@ def sample(model: ConditionalGenerator, y: torch.Tensor, private: torch.Tensor, 
     w = s.guidance_scale if guidance_scale is None else guidance_scale
     cs = s.classifier_scale if classifier_scale is None else classifier_scale
     device = next(model.parameters()).device
+    # "trailing" spacing starts at the last training timestep (pure noise; Lin et al. 2024)
+    scheduler = DDIMScheduler(num_train_timesteps=s.timesteps, clip_sample=True, timestep_spacing="trailing")
+    scheduler.set_timesteps(steps)
     out = []
     for b, start in enumerate(range(0, len(y), batch_size)):
         yb, ab = y[start : start + batch_size].to(device), private[start : start + batch_size].to(device)
         gen = torch.Generator().manual_seed((seed + 1_000_003 * b) % (1 << 63))
-        # "trailing" spacing starts at the last training timestep (pure noise; Lin et al. 2024)
-        scheduler = DDIMScheduler(num_train_timesteps=s.timesteps, clip_sample=True, timestep_spacing="trailing")
-        scheduler.set_timesteps(steps)
         x = torch.randn((len(yb), 3, s.image_size, s.image_size), generator=gen).to(device)
         for t in scheduler.timesteps:
             tt = torch.full((len(yb),), int(t), device=device, dtype=torch.long)
             eps = _guided_eps(model, x, tt, yb, ab, w)
             if classifier is not None and cs > 0:
-                eps = eps - cs * math.sqrt(1 - float(scheduler.alphas_cumprod[int(t)])) * _classifier_grad(
-                    classifier, x, eps, float(scheduler.alphas_cumprod[int(t)]), yb)
+                abar = float(scheduler.alphas_cumprod[int(t)])
+                eps = eps - cs * math.sqrt(1 - abar) * _classifier_grad(classifier, x, eps, abar, yb)
             x = scheduler.step(eps, t, x, eta=s.ddim_eta, generator=gen).prev_sample
         out.append(((x.clamp(-1, 1) + 1) / 2).cpu())
     return torch.cat(out) if out else torch.empty(0, 3, s.image_size, s.image_size)
@@ -265,9 +262,3 @@ def _classifier_grad(classifier: Callable[[torch.Tensor], torch.Tensor], x: torc
         (grad,) = torch.autograd.grad(chosen, xg)
     return grad
 
-
-def timed_sample(model: ConditionalGenerator, y: torch.Tensor, private: torch.Tensor, seed: int,
-                 **kwargs: Any) -> tuple[torch.Tensor, float]:
-    t0 = time.perf_counter()
-    images = sample(model, y, private, seed, **kwargs)
-    return images, time.perf_counter() - t0
