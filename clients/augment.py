@@ -35,7 +35,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from clients.sisa import SisaShard, derived_seed
 from fairforget.data.base import SYNTHETIC_ID_BASE, SampleSet, is_synthetic, make_sampleset
 from fairforget.diffusion.generator import (
     ConditionalGenerator,
@@ -47,7 +46,9 @@ from fairforget.diffusion.generator import (
 from fairforget.diffusion.planner import kl_to_target, plan_counts
 from fairforget.diffusion.quality import FidelityClassifiers, frechet_distance
 from fairforget.metrics import group_counts
+from fairforget.sisa import SisaShard, derived_seed
 from fairforget.storage import atomic_torch_save, atomic_write_json, read_json, torch_load
+from fairforget.unlearning import EXACT, UnlearnResult
 
 
 class AugmentStore:
@@ -299,7 +300,7 @@ class Augmenter:
         deleted = {i for i in deleted if i < SYNTHETIC_ID_BASE}
         return [i for i in asked if i in live or i in retired], [i for i in asked if i in deleted]
 
-    def forget(self, ids: list[int]) -> dict[str, Any]:
+    def forget(self, ids: list[int]) -> UnlearnResult:
         """A user's deletion request: gone from the shard index and checkpoints (exact retraining),
         from the generator and from every synthetic sample it produced."""
         t0 = time.perf_counter()
@@ -337,17 +338,12 @@ class Augmenter:
                 report["new_generator_version"] = int(self.store.state["generator_version"])
         self.sisa.data = self.pool()
         seconds = self.sisa.train_through(target)
-        report.update({
-            "method": "exact-sisa",
-            "restart_stage": restart,
-            "retrained_stages": target - restart,
-            "seconds": seconds,
-            "wall_seconds": time.perf_counter() - t0,
-            "hash_before": hash_before,
-            "hash_after": self.sisa.model_hash(),
-            "num_examples": len(self.sisa.live_ids()),
-        })
-        return report
+        return UnlearnResult(
+            shard=self.store.shard, method=EXACT, restart_stage=restart, retrained_stages=target - restart,
+            seconds=seconds, wall_seconds=time.perf_counter() - t0, hash_before=hash_before,
+            hash_after=self.sisa.model_hash(), num_examples=len(self.sisa.live_ids()),
+            full_train_seconds=self.sisa.full_train_seconds(), augment=report,
+        )
 
 
 def _progress(shard: int, total: int):

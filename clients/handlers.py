@@ -8,23 +8,23 @@ returns the reply's RecordDict. :mod:`clients.app` only wires them to Flower.
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from clients.node import Node
-from clients.sisa import derived_seed, train_epochs
-from clients.unlearning import UNLEARNERS, approx_state
 from fairforget import keys
 from fairforget.audit.site import site_audit
 from fairforget.data.base import is_synthetic
 from fairforget.diffusion.quality import FidelityClassifiers
 from fairforget.metrics import group_counts, kl_from_uniform
-from fairforget.model import build_model
+from fairforget.model import load_model
+from fairforget.records import unpack_shards
+from fairforget.sisa import derived_seed
 from fairforget.storage import state_hash
-from strategies.base import unpack_shards
+from fairforget.training import train as train_model
+from fairforget.unlearning import EXACT, UnlearnResult, approximate, get_unlearner
 
 
 def _shard_metrics(node: Node, data_len: int, seconds: float) -> MetricRecord:
@@ -51,22 +51,18 @@ def train(content: RecordDict, node: Node) -> RecordDict:
         # train-seconds: the shard's SISA training compute so far (all stages), the full-retrain cost
         metrics = _shard_metrics(node, len(shard.live_ids()), shard.full_train_seconds())
     elif mode == keys.TRAIN_MODE_LOCAL:
-        cfg = node.cfg
+        cfg, settings = node.cfg, node.sisa_settings
         if cfg.num_threads > 0:
             torch.set_num_threads(cfg.num_threads)
-        model = build_model(node.bundle.num_classes, cfg.model_width, seed=0)
-        model.load_state_dict(content[keys.ARRAYS].to_torch_state_dict())
-        model.to(cfg.torch_device())
-        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        model = load_model(content[keys.ARRAYS].to_torch_state_dict(), node.bundle.num_classes, cfg.model_width)
+        model.to(settings.device)
+        objective = settings.build_objective().to(settings.device)
         rnd = int(config[keys.SERVER_ROUND])
         seeds = [derived_seed(cfg.seed, node.shard, rnd, e) for e in range(cfg.local_epochs)]
-
-
-        t0 = time.perf_counter()
-        train_epochs(model, opt, node.data, cfg.local_epochs, cfg.batch_size, seeds)
-        seconds = time.perf_counter() - t0
+        result = train_model(model, node.data, seeds=seeds, batch_size=cfg.batch_size, objective=objective,
+                             optimizer=settings.optimizer.build(model, objective))
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        metrics = _shard_metrics(node, len(node.data), seconds)
+        metrics = _shard_metrics(node, len(node.data), result.seconds)
     else:
         raise ValueError(f"unknown train mode {mode!r}")
     info = ConfigRecord({keys.MODEL_HASH: state_hash(state)})
@@ -80,40 +76,22 @@ def train(content: RecordDict, node: Node) -> RecordDict:
 def unlearn(content: RecordDict, node: Node) -> RecordDict:
     config = content[keys.CONFIG]
     ids = [int(i) for i in config[keys.FORGET_IDS]]
-    method = str(config.get(keys.UNLEARN_METHOD, "exact-sisa"))
+    method = str(config.get(keys.UNLEARN_METHOD, EXACT))
     if node.augment_store.active:  # an augmented shard: exact, and the generator forgets too
-        return _unlearn_augmented(node, ids, method)
-    result = UNLEARNERS[method](node.sisa, ids, approx_state.UnlearnParams.from_config(node.cfg))
-    state = approx_state.current_state(node.sisa)  # the approximate model, if that is what it serves
-    return _unlearn_reply(node, result, state)
+        if method != EXACT:
+            raise ValueError(f"shard {node.shard} is augmented: only {EXACT} unlearning also removes a sample "
+                             f"from its generator and synthetic data (asked for {method})")
+        result = node.augmenter.forget(ids)
+        return _unlearn_reply(node, result, node.sisa.model_state())
+    result = get_unlearner(method)(node.sisa, ids, approximate.UnlearnParams.from_config(node.cfg))
+    return _unlearn_reply(node, result, approximate.current_state(node.sisa))  # the approximate model, if any
 
 
-def _unlearn_augmented(node: Node, ids: list[int], method: str) -> RecordDict:
-    if method != "exact-sisa":
-        raise ValueError(f"shard {node.shard} is augmented: only exact-sisa unlearning also removes a sample "
-                         f"from its generator and synthetic data (asked for {method})")
-    result = node.augmenter.forget(ids)
-    augment = {k: v for k, v in result.items() if k.startswith(("generator", "synthetic", "policy", "old_", "new_"))}
-    return _unlearn_reply(node, result, node.sisa.model_state(), {keys.AUGMENT_JSON: json.dumps(augment)})
-
-
-def _unlearn_reply(node: Node, result: dict, state: dict[str, torch.Tensor],
-                   extra_info: dict[str, str] | None = None) -> RecordDict:
-    """The ``train.unlearn`` reply: the shard's model and an unlearner's report (:data:`UNLEARNERS`)."""
-    metrics = _shard_metrics(node, result["num_examples"], result["seconds"])
-    metrics[keys.RESTART_SLICE] = result["restart_stage"]
-    metrics["retrained-stages"] = result["retrained_stages"]
-    metrics["full-train-seconds"] = node.sisa.full_train_seconds()
-    metrics["wall-seconds"] = result["wall_seconds"]
-    metrics[keys.APPROX_DELETIONS] = int(result.get("approx_deletions", 0))
-    if "noise_sigma" in result:
-        metrics[keys.NOISE_SIGMA] = float(result["noise_sigma"])
-    info = ConfigRecord({
-        keys.HASH_BEFORE: result["hash_before"],
-        keys.MODEL_HASH: result["hash_after"],
-        "method": result["method"],
-        **(extra_info or {}),
-    })
+def _unlearn_reply(node: Node, result: UnlearnResult, state: dict[str, torch.Tensor]) -> RecordDict:
+    """The ``train.unlearn`` reply: the shard's model, the unlearner's result and the shard's bias."""
+    metrics, info = result.to_records()
+    bias = _shard_metrics(node, result.num_examples, result.seconds)
+    metrics.update({k: v for k, v in bias.items() if k not in metrics})
     return RecordDict({keys.ARRAYS: ArrayRecord(state), keys.METRICS: metrics, keys.CONFIG: info})
 
 
@@ -140,11 +118,8 @@ def audit(content: RecordDict, node: Node) -> RecordDict:
     """Audit the ensemble sent by the server on this site's members and held-out data; reply with
     ROC statistics only (:mod:`fairforget.audit.site`)."""
     cfg = node.cfg
-    models = []
-    for state in unpack_shards(content[keys.ARRAYS]).values():
-        model = build_model(node.bundle.num_classes, cfg.model_width, seed=0)
-        model.load_state_dict(state)
-        models.append(model.eval())
+    models = [load_model(state, node.bundle.num_classes, cfg.model_width)
+              for state in unpack_shards(content[keys.ARRAYS]).values()]
     members = node.sisa.live_data() if cfg.strategy == "shard-ensemble" else node.data
     members = members.subset(np.flatnonzero(~is_synthetic(members.ids)))  # members are real people
     attacks = [a.strip() for a in cfg.audit_attacks.split(",") if a.strip()]
@@ -169,5 +144,5 @@ def describe(content: RecordDict, node: Node) -> RecordDict:
             keys.OWNED_IDS: owned,
             keys.DELETED_IDS: gone,
         }),
-        keys.METRICS: MetricRecord({keys.SHARD: node.shard, keys.NUM_EXAMPLES: len(live), "trained": shard.trained}),
+        keys.METRICS: MetricRecord({keys.SHARD: node.shard, keys.NUM_EXAMPLES: len(live), keys.TRAINED: shard.trained}),
     })

@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 
 from clients.augment import Augmenter, AugmentStore
-from clients.sisa import SisaSettings, SisaShard
 from fairforget import keys
 from fairforget.config import RunConfig
 from fairforget.data import DataBundle, SampleSet, load_dataset, shard_of
 from fairforget.diffusion.generator import GeneratorSettings
+from fairforget.sisa import SisaSettings, SisaShard
 
 
 @dataclass
@@ -63,9 +63,14 @@ class Node:
         return AugmentStore(self.state_dir, self.shard)
 
     @functools.cached_property
+    def sisa_settings(self) -> SisaSettings:
+        """The training recipe (objective, optimizer, SISA slices) from the run config."""
+        return SisaSettings.from_config(self.cfg, self.bundle.num_classes, self.bundle.num_private)
+
+    @functools.cached_property
     def sisa(self) -> SisaShard:
         """The shard's SISA state; its samples are the node's originals plus its live synthetic ones."""
-        settings = SisaSettings.from_config(self.cfg, self.bundle.num_classes)
+        settings = self.sisa_settings
         data = self.data
         if self.augment_store.active:
             synth, _ = self.augment_store.synthetic(tuple(self.data.x.shape[1:]))

@@ -25,8 +25,9 @@ from exact retraining before the shard is retrained exactly, not a certificate.
 
 :class:`DeletionBudget` is the accountant: per shard a capacity and the deletions used since the
 shard was last trained exactly; ``would_exceed`` is checked before a request, ``consume`` is called
-for an approximate deletion, ``reset`` after an exact retrain. It is saved with the run
-(``OUT/budget.json``, atomic) and restored from there.
+for an approximate deletion, ``reset`` after an exact retrain. Like an Opacus accountant it is pure
+accounting (``state_dict`` / ``load_state_dict``): the strategy that decides with it owns it
+(``strategies/shard_ensemble.py``), and its caller saves it (``OUT/budget.json``).
 """
 
 from __future__ import annotations
@@ -34,17 +35,19 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-
-from fairforget.storage import atomic_write_json, read_json
 
 BOUNDS = ("newton", "dp")
 POLICIES = ("retrain", "refuse")
 
 
 class BudgetExceeded(ValueError):
-    """A deletion that would spend more than a shard's remaining capacity."""
+    """A deletion that would spend more than a shard's remaining capacity; one line for the user."""
+
+    def __init__(self, shard: int, remaining: int, capacity: int, needed: int, note: str = "") -> None:
+        self.shard, self.remaining, self.capacity, self.needed = shard, remaining, capacity, needed
+        super().__init__(f"shard {shard}: deletion capacity exhausted: {remaining} of {capacity} left, "
+                         f"request needs {needed}{note}")
 
 
 def _check(eps: float, delta: float, n: int, d: int, c: float) -> None:
@@ -132,49 +135,38 @@ class DeletionBudget:
         b = self.shards[shard]
         return b.used + k > b.capacity
 
+    def grant(self, shard: int, k: int) -> int:
+        """How many of ``k`` wanted deletions fit in the shard's remaining capacity."""
+        return max(0, min(int(k), self.remaining(shard)))
+
     def consume(self, shard: int, k: int) -> None:
         if self.would_exceed(shard, k):
             b = self.shards[shard]
-            raise BudgetExceeded(f"shard {shard}: deletion capacity exhausted: {b.remaining} of {b.capacity} "
-                                 f"left, request needs {k}")
+            raise BudgetExceeded(shard, b.remaining, b.capacity, k)
         self.shards[shard].used += k
 
     def reset(self, shard: int, n: int) -> None:
         """After an exact retrain on ``n`` samples: a fresh capacity, nothing used."""
         self.shards[shard] = ShardBudget(n=int(n), capacity=self.capacity_for(int(n)))
 
-    # ------------------------------------------------------------------ persistence
-    def to_json(self) -> dict[str, Any]:
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
         return {
             "bound": self.bound, "eps": self.eps, "delta": self.delta, "d": self.d, "c": self.c,
             "shards": {str(k): {"n": b.n, "capacity": b.capacity, "used": b.used}
                        for k, b in sorted(self.shards.items())},
         }
 
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> DeletionBudget:
-        budget = cls(str(data["bound"]), float(data["eps"]), float(data["delta"]), int(data["d"]), float(data["c"]))
-        budget.shards = {int(k): ShardBudget(int(v["n"]), int(v["capacity"]), int(v["used"]))
-                         for k, v in data["shards"].items()}
-        return budget
-
-    def save(self, path: Path) -> None:
-        atomic_write_json(Path(path), self.to_json())
-
-    @classmethod
-    def load_or_new(cls, path: Path, bound: str, eps: float, delta: float, d: int, c: float = 1.0) -> DeletionBudget:
-        """The budget saved at ``path``, or a new one. If the saved parameters differ from these (the
-        run config changed), capacities are recomputed with the new parameters; deletions already
-        used are kept."""
-        fresh = cls(bound, eps, delta, d, c)
-        if not Path(path).is_file():
-            return fresh
-        saved = cls.from_json(read_json(Path(path)))
-        if (saved.bound, saved.eps, saved.delta, saved.d, saved.c) == (bound, eps, delta, d, c):
-            return saved
-        for shard, b in saved.shards.items():
-            fresh.shards[shard] = ShardBudget(n=b.n, capacity=fresh.capacity_for(b.n), used=b.used)
-        return fresh
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a saved budget. If its parameters differ from this budget's (the run config
+        changed), capacities are recomputed with this budget's parameters; deletions used are kept."""
+        same = (str(state["bound"]), float(state["eps"]), float(state["delta"]), int(state["d"]),
+                float(state["c"])) == (self.bound, self.eps, self.delta, self.d, self.c)
+        self.shards = {}
+        for k, v in state["shards"].items():
+            n = int(v["n"])
+            cap = int(v["capacity"]) if same else self.capacity_for(n)
+            self.shards[int(k)] = ShardBudget(n=n, capacity=cap, used=int(v["used"]))
 
 
 def head_parameters(bottleneck_dim: int, num_classes: int) -> int:

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 
 import torch
 
-from fairforget.model import SimpleConvNet, build_model
+from fairforget.model import SimpleConvNet, load_model
 
 
 class Ensemble:
@@ -22,10 +22,7 @@ class Ensemble:
         self.num_classes = num_classes
         self.models: dict[int, SimpleConvNet] = {}
         for shard, state in sorted(states.items()):
-            model = build_model(num_classes, width, seed=0)
-            model.load_state_dict(state)
-            model.eval()
-            self.models[shard] = model
+            self.models[shard] = load_model(state, num_classes, width)
 
     @torch.no_grad()
     def member_probs(self, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:

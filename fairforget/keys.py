@@ -19,10 +19,11 @@ METRICS = "metrics"
 TRAIN_MODE = "train-mode"  # "sisa-stage" or "local-epochs"
 STAGE = "stage"  # SISA stage (1-based slice count) to train
 SERVER_ROUND = "server-round"
+SEED = "seed"  # the run's seed, in every round's train config
 FORGET_IDS = "forget-ids"  # list of sample ids, for train.unlearn and query.describe
 STEP = "step"  # augmentation step (0 = first augmentation)
 RETIRE = "retire"  # originals to retire (unlearn) in this augmentation step
-UNLEARN_METHOD = "method"  # train.unlearn: a name of clients.unlearning.UNLEARNERS
+UNLEARN_METHOD = "method"  # train.unlearn (and its reply): a name of fairforget.unlearning.UNLEARNERS
 
 TRAIN_MODE_SISA = "sisa-stage"
 TRAIN_MODE_LOCAL = "local-epochs"
@@ -41,7 +42,13 @@ GROUP_COUNTS = "group-counts"
 AUDIT_JSON = "audit-json"  # a site's ROC statistics, as JSON text
 AUGMENT_JSON = "augment-json"  # an augmentation step's report (counts, seconds, quality), as JSON text
 APPROX_DELETIONS = "approx-deletions"  # deletions served approximately since the last exact retrain
-NOISE_SIGMA = "noise-sigma"  # the Newton step's Gaussian noise scale
+RETRAINED_STAGES = "retrained-stages"
+WALL_SECONDS = "wall-seconds"
+FULL_TRAIN_SECONDS = "full-train-seconds"
+TRAINED = "trained"  # SISA stages a node has trained (query.describe)
+
+# Key the strategies add to a shard's recorded reply figures (not sent): the node that replied.
+NODE_ID = "node-id"
 
 # Node-config keys (deployment: set per SuperNode; simulation: set by Flower).
 NODE_PARTITION_ID = "partition-id"

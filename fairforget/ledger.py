@@ -16,6 +16,13 @@ from typing import Any
 
 from fairforget.storage import atomic_write_jsonl, read_jsonl
 
+# The decisions a ledger line records.
+APPROXIMATE = "approximate"  # served by an approximate unlearner within the shard's deletion budget
+EXACT_RETRAIN = "exact-retrain"  # exact SISA retraining, as asked
+EXACT_FALLBACK = "exact-fallback"  # exact SISA retraining because the budget was spent (capacity-policy = retrain)
+REFUSED = "refused"  # refused by the budget (capacity-policy = refuse): nothing changed
+RETIRE_ORIGINAL = "retire-original"  # an original retired by step-wise augmentation (exact SISA unlearning)
+
 
 class Ledger:
     def __init__(self, path: Path) -> None:
@@ -27,12 +34,12 @@ class Ledger:
     def deleted_ids(self) -> set[int]:
         """Ids a deletion request removed (a ``refused`` request removed nothing; a retired original,
         ``retire-original``, left the classifier but not the site, and may still be deleted)."""
-        return {int(i) for e in self.entries() if e.get("decision") not in ("refused", "retire-original")
+        return {int(i) for e in self.entries() if e.get("decision") not in (REFUSED, RETIRE_ORIGINAL)
                 for i in e.get("ids", [])}
 
     def unlearned_ids(self) -> set[int]:
         """Ids no shard model trains on any more: the deleted ones and the retired originals."""
-        return {int(i) for e in self.entries() if e.get("decision") != "refused" for i in e.get("ids", [])}
+        return {int(i) for e in self.entries() if e.get("decision") != REFUSED for i in e.get("ids", [])}
 
     def next_request(self) -> int:
         return 1 + max((int(e["request"]) for e in self.entries()), default=0)

@@ -8,6 +8,8 @@ bottleneck for attribute-inference probes and debiasing regularisers.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 
@@ -43,3 +45,10 @@ def build_model(num_classes: int, width: int, seed: int) -> SimpleConvNet:
     model = SimpleConvNet(num_classes=num_classes, width=width)
     torch.random.set_rng_state(gen_state)
     return model
+
+
+def load_model(state: Mapping[str, torch.Tensor], num_classes: int, width: int) -> SimpleConvNet:
+    """A SimpleConvNet holding ``state``, in eval mode."""
+    model = build_model(num_classes, width, seed=0)
+    model.load_state_dict(state)
+    return model.eval()

@@ -103,8 +103,9 @@ def _privacy_lines(metrics: dict[str, Any]) -> list[str]:
     for target, attacks in privacy["targets"].items():
         for name, r in attacks.items():
             lo, hi = r["tpr_at_0.01_fpr_ci95"]
+            ci = f" [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else ""  # null: no bootstrap
             lines.append(f"| {target} | {name} | {r['auc']:.3f} | {r['balanced_accuracy']:.3f} | "
-                         f"{r['advantage']:.3f} | {r['tpr_at_0.01_fpr']:.3f} [{lo:.3f}, {hi:.3f}] | "
+                         f"{r['advantage']:.3f} | {r['tpr_at_0.01_fpr']:.3f}{ci} | "
                          f"{r['tpr_at_0.001_fpr']:.3f} |")
     sites = {s: r for s, r in privacy.get("sites", {}).items() if "error" not in r and "skipped" not in r}
     if sites:
@@ -186,8 +187,8 @@ def _augmentation_lines(metrics: dict[str, Any], run_dir: Path) -> list[str]:
         for k, rep in st["shards"].items():
             q = rep.get("quality", {})
             fid = q.get("label_fidelity", {})
-            fd = f"{q['frechet_distance']:.2f} ({q['frechet_distance_real_vs_real']:.2f})" if "frechet_distance" in q \
-                else ""
+            fd = (f"{_fmt3(q['frechet_distance'])} ({_fmt3(q['frechet_distance_real_vs_real'])})"
+                  if "frechet_distance" in q else "")
             lines.append(f"| {st['step']} | {k} | {rep['kl_before']:.3f} | {rep['kl_after']:.4f} | "
                          f"{rep['generated']} | "
                          f"{rep['num_originals']} / {rep['num_synthetic']} | {_fmt3(fid.get('class'))} | "
@@ -195,7 +196,7 @@ def _augmentation_lines(metrics: dict[str, Any], run_dir: Path) -> list[str]:
                          f"{rep['sampling_seconds']:.1f} | {rep['retrain_seconds']:.1f} |")
     ceiling = aug["fidelity_classifiers_accuracy_unbiased"]
     lines += ["", f"Fidelity classifiers on the real unbiased test set (the ceiling of label fidelity): class "
-              f"{ceiling['class']:.3f}, private {ceiling.get('private', float('nan')):.3f}."]
+              f"{_fmt3(ceiling['class'])}, private {_fmt3(ceiling.get('private'))}."]
     overview = Path("nodes") / "shard-0" / "augment" / "grids" / "overview.png"
     if (run_dir / overview).is_file():
         lines += ["", "Shard 0's generator, one sample per group (rows: class; columns: private attribute); "

@@ -6,9 +6,9 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fairforget.config import RunConfig
+from fairforget.run import RunDir
 from server.experiment import run_training
 from server.forget import run_forget
-from server.run_files import RunDir
 
 app = ServerApp()
 

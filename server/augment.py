@@ -12,7 +12,6 @@ inference on the original members.
 
 from __future__ import annotations
 
-import json
 import time
 from logging import INFO
 from typing import Any
@@ -22,15 +21,14 @@ from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
-from fairforget import keys
-from fairforget.capacity import capacity, head_parameters
+from fairforget import ledger
+from fairforget.audit.suite import membership
 from fairforget.config import RunConfig
 from fairforget.data import DataBundle
 from fairforget.diffusion.quality import FidelityClassifiers
-from fairforget.model import bottleneck_dim
-from server.audit import membership
+from fairforget.run import RunDir
+from fairforget.unlearning import EXACT
 from server.evaluation import evaluate_states
-from server.run_files import RunDir
 
 MIA_KEYS = ("auc", "tpr_at_0.01_fpr")
 
@@ -48,16 +46,14 @@ def run_augmentation(grid: Grid, cfg: RunConfig, strategy: Any, bundle: DataBund
 
     steps: list[dict[str, Any]] = []
     retired: list[int] = []
-    originals_left = {k: int(r[keys.NUM_EXAMPLES]) for k, r in strategy.shard_reports.items()}
     for step in range(cfg.augment_steps + 1):
-        grants = {k: 0 if step == 0 else granted(cfg, n, bundle) for k, n in originals_left.items()}
-        node_of = {k: int(strategy.shard_reports[k]["node-id"]) for k in grants}
+        # the strategy grants each shard's retirements from its deletion budget
+        messages = strategy.configure_augment(step, cfg.augment_retire_per_step, fidelity_arrays)
+        grants = strategy.granted()
         log(INFO, "fairforget: augmentation step %d (originals to retire per shard: %s)", step, grants)
         t0 = time.perf_counter()
-        reports = strategy.aggregate_augment(grid.send_and_receive(
-            strategy.configure_augment(grid, step, {node_of[k]: g for k, g in grants.items()}, fidelity_arrays)))
+        shard_steps = dict(sorted(strategy.aggregate_augment(grid.send_and_receive(messages)).items()))
         wall = time.perf_counter() - t0
-        shard_steps = {k: json.loads(r[keys.AUGMENT_JSON]) for k, r in sorted(reports.items())}
         states = {k: strategy.shard_arrays[k].to_torch_state_dict() for k in sorted(strategy.shard_arrays)}
         run.save_models(states)
         step_retired = sorted(i for rep in shard_steps.values() for i in rep["retired_ids"])
@@ -66,7 +62,6 @@ def run_augmentation(grid: Grid, cfg: RunConfig, strategy: Any, bundle: DataBund
             run.ledger.append(_ledger_rows(run.ledger.next_request(), step, shard_steps))
         evaluation = evaluate_states(states, bundle, cfg)
         live = sorted(set(originals) - set(retired))
-        originals_left = {k: int(rep["num_originals"]) for k, rep in shard_steps.items()}
         record = {
             "step": step, "retired": len(step_retired), "granted": {str(k): g for k, g in grants.items()},
             "wall_seconds": wall,
@@ -96,15 +91,6 @@ def run_augmentation(grid: Grid, cfg: RunConfig, strategy: Any, bundle: DataBund
 
 
 # ---------------------------------------------------------------------- helpers
-def granted(cfg: RunConfig, originals: int, bundle: DataBundle) -> int:
-    """Originals a shard may unlearn in one step: the configured per-step budget, capped by the
-    shard's deletion capacity (:mod:`fairforget.capacity`, for its current number of originals and
-    the linear head's parameters)."""
-    d = head_parameters(bottleneck_dim(cfg.model_width), bundle.num_classes)
-    cap = capacity(cfg.capacity_bound, cfg.capacity_eps, cfg.capacity_delta, originals, d, cfg.capacity_c)
-    return max(0, min(cfg.augment_retire_per_step, cap))
-
-
 def _mia(cfg: RunConfig, bundle: DataBundle, states: dict[int, dict[str, torch.Tensor]], ids: list[int],
          run: RunDir) -> dict[str, dict[str, float]]:
     if not ids:
@@ -143,8 +129,8 @@ def _ledger_rows(request_no: int, step: int, shard_steps: dict[int, dict[str, An
             "request": request_no,
             "shard": shard,
             "ids": rep["retired_ids"],
-            "method": "exact-sisa",
-            "decision": "retire-original",
+            "method": EXACT,
+            "decision": ledger.RETIRE_ORIGINAL,
             "augment_step": step,
             "replenished": rep["generated"],
             "generator_version": rep["generator_version"],

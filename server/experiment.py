@@ -14,14 +14,16 @@ from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
+from fairforget import keys
+from fairforget.audit.suite import check_audit_config, run_audit
 from fairforget.config import RunConfig
 from fairforget.data import DataBundle, load_dataset
 from fairforget.report import write_report
-from server.audit import check_audit_config, run_audit, site_audits
+from fairforget.run import RunDir
+from server.audit import site_audits
 from server.augment import run_augmentation
 from server.evaluation import RoundEvaluator, evaluate_states
-from server.run_files import RunDir
-from strategies import STRATEGIES
+from strategies import build_strategy
 
 
 def run_training(grid: Grid, cfg: RunConfig) -> None:
@@ -30,7 +32,7 @@ def run_training(grid: Grid, cfg: RunConfig) -> None:
     bundle = load_dataset(cfg)
     if cfg.audit:
         check_audit_config(cfg, bundle)
-    strategy = STRATEGIES[cfg.strategy].from_config(cfg)
+    strategy = build_strategy(cfg, bundle.num_classes)
     evaluator = RoundEvaluator(strategy, bundle, cfg)
 
     t0 = time.perf_counter()
@@ -38,7 +40,7 @@ def run_training(grid: Grid, cfg: RunConfig) -> None:
         grid=grid,
         initial_arrays=strategy.initial_arrays(bundle.num_classes),
         num_rounds=strategy.num_rounds(),
-        train_config=ConfigRecord({"seed": cfg.seed}),
+        train_config=ConfigRecord({keys.SEED: cfg.seed}),
         evaluate_fn=evaluator,
     )
     train_wall = time.perf_counter() - t0
@@ -53,6 +55,7 @@ def run_training(grid: Grid, cfg: RunConfig) -> None:
     if augmentation is not None:
         metrics["augmentation"] = augmentation
         metrics["timing"]["augmentation_seconds"] = augmentation["seconds"]
+        run.save_budget(strategy.budget)  # the retirements' spend, where a later forget goes on from
     if cfg.audit:
         retired = set(augmentation["retired_ids"]) if augmentation else set()
         metrics["privacy"] = run_audit(run, cfg, bundle, states, deleted=retired)

@@ -6,36 +6,35 @@ owning node a ``train.unlearn`` message with its ids, then replace those shards'
 the ledger, the figures and the report. Shards that own none of the ids are not contacted again
 and their models stay byte-identical.
 
-With an approximate ``unlearn-method`` the strategy's deletion budget (:mod:`fairforget.capacity`)
-is checked per shard before anything is sent: within budget the shard unlearns approximately and
-the budget is consumed; past it, ``capacity-policy = refuse`` refuses the whole request (nothing
-changes) and ``retrain`` sends that shard an exact SISA retrain instead, which resets its budget.
-The budget is saved in ``OUT/budget.json``; every decision goes into the ledger.
+With an approximate ``unlearn-method`` the strategy decides per shard with its deletion budget
+(:meth:`strategies.shard_ensemble.ShardEnsemble.configure_unlearn`) before anything is sent: within
+budget the shard unlearns approximately and the budget is consumed; past it, ``capacity-policy =
+refuse`` refuses the whole request (nothing changes but a ``refused`` ledger line) and ``retrain``
+sends that shard an exact SISA retrain instead, which resets its budget. This driver restores the
+budget from ``OUT/budget.json`` and saves it after the strategy has settled it.
 """
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import dataclass
 from logging import INFO
 from typing import Any
 
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
-from clients.unlearning import EXACT
-from fairforget import keys
-from fairforget.capacity import DeletionBudget, head_parameters
+from fairforget import keys, ledger
+from fairforget.audit.suite import check_audit_config, headline, run_audit, unlearning_audit
+from fairforget.capacity import BudgetExceeded
 from fairforget.config import RunConfig, parse_ids
 from fairforget.data import load_dataset
-from fairforget.model import bottleneck_dim
 from fairforget.report import write_report
-from server.audit import check_audit_config, headline, run_audit, site_audits, unlearning_audit
+from fairforget.run import RunDir
+from server.audit import site_audits
 from server.evaluation import evaluate_states
 from server.experiment import evaluation_summary
-from server.run_files import RunDir
-from strategies import STRATEGIES
+from strategies import build_strategy
+from strategies.shard_ensemble import UnlearnOutcome
 
 
 class ForgetError(ValueError):
@@ -48,57 +47,49 @@ def run_forget(grid: Grid, cfg: RunConfig) -> None:
     ids = parse_ids(cfg.forget_ids)
     if not ids:
         raise ForgetError("no sample ids to forget")
-    strategy = STRATEGIES[cfg.strategy].from_config(cfg)
+    bundle = load_dataset(cfg)
+    strategy = build_strategy(cfg, bundle.num_classes)
     if not strategy.exact_unlearning:
         raise ForgetError(f"strategy '{cfg.strategy}' keeps no shard models; exact unlearning needs shard-ensemble")
     strategy.load_states(run.load_models())
-    bundle = load_dataset(cfg)
+    run.load_budget(strategy.budget)
     if cfg.audit:
         check_audit_config(cfg, bundle)
 
     # 1. who holds what
     replies = list(grid.send_and_receive(strategy.configure_describe(grid, ids)))
-    requests = route(replies, ids)
-    node_shard = {r.metadata.src_node_id: int(r.content[keys.METRICS][keys.SHARD]) for r in replies}
-    sizes = {node_shard[r.metadata.src_node_id]: int(r.content[keys.METRICS][keys.NUM_EXAMPLES]) for r in replies}
+    owners = route(replies, ids)
+    shard_of = {r.metadata.src_node_id: int(r.content[keys.METRICS][keys.SHARD]) for r in replies}
+    sizes = {shard_of[r.metadata.src_node_id]: int(r.content[keys.METRICS][keys.NUM_EXAMPLES]) for r in replies}
 
-    # 2. the deletion budget, checked before anything changes (refuse raises here)
-    d = head_parameters(bottleneck_dim(cfg.model_width), bundle.num_classes)  # SimpleConvNet.fc
-    strategy.budget = DeletionBudget.load_or_new(run.budget_path, cfg.capacity_bound, cfg.capacity_eps,
-                                                 cfg.capacity_delta, d, cfg.capacity_c)
-    counts = {node_shard[n]: len(v) for n, v in requests.items()}
+    # 2. the strategy decides with its deletion budget before anything is sent (refuse raises here)
     try:
-        plan = plan_unlearning(strategy.budget, counts, sizes, cfg.unlearn_method, cfg.capacity_policy)
-    except ForgetError as exc:  # refused: the ledger records the decision; nothing else changes
+        messages = strategy.configure_unlearn(owners, shard_of, sizes, cfg.unlearn_method)
+    except BudgetExceeded as exc:  # refused: the ledger records the decision; nothing else changes
         request_no = run.ledger.next_request()
-        run.ledger.append([{"request": request_no, "shard": node_shard[n], "ids": sorted(v),
-                            "method": cfg.unlearn_method, "decision": "refused", "reason": str(exc)}
-                           for n, v in sorted(requests.items())])
-        raise
+        run.ledger.append([{"request": request_no, "shard": shard_of[n], "ids": sorted(v),
+                            "method": cfg.unlearn_method, "decision": ledger.REFUSED, "reason": str(exc)}
+                           for n, v in sorted(owners.items())])
+        raise ForgetError(str(exc)) from None
 
-    # 3. unlearn on the owning nodes only
+    # 3. unlearn on the owning nodes only; the strategy settles the budget
     t0 = time.perf_counter()
-    methods = {n: plan[node_shard[n]].method for n in requests}
-    reports = strategy.aggregate_unlearn(grid.send_and_receive(
-        strategy.configure_unlearn(requests, cfg.unlearn_method, methods)))
+    outcomes = strategy.aggregate_unlearn(grid.send_and_receive(messages))
     wall = time.perf_counter() - t0
-    capacity = settle_budget(strategy.budget, plan, reports, counts)
-    strategy.budget.save(run.budget_path)
-    for shard, c in sorted(capacity.items()):
-        log(INFO, "fairforget: shard %d: %s (%s), deletion capacity %d -> %d of %d", shard, c["decision"],
-            c["method"], c["capacity_before"], c["capacity_after"], c["capacity"])
+    run.save_budget(strategy.budget)
+    for shard, o in sorted(outcomes.items()):
+        log(INFO, "fairforget: shard %d: %s (%s), deletion capacity %d -> %d of %d", shard, o.decision,
+            o.result.method, o.capacity_before, o.capacity_after, o.capacity)
 
-    # 3. save models, ledger, figures (with the audit before and after), report
+    # 4. save models, ledger, figures (with the audit before and after), report
     before = run.load_models()
-    run.save_models({k: strategy.shard_arrays[k].to_torch_state_dict() for k in reports})
+    run.save_models({k: strategy.shard_arrays[k].to_torch_state_dict() for k in outcomes})
     after = run.load_models()
     metrics = run.metrics()
     request_no = run.ledger.next_request()
-    ids_by_shard = {int(r["shard"]): requests[int(r["node-id"])] for r in reports.values()}
-    run.ledger.append(ledger_rows(request_no, ids_by_shard, reports, capacity))
+    run.ledger.append(ledger_rows(request_no, outcomes))
     evaluation = evaluate_states(after, bundle, cfg)
-    metrics = updated_metrics(metrics, request_no, ids_by_shard, reports, evaluation, wall)
-    metrics["unlearning"][-1]["budget"] = {str(k): v for k, v in sorted(capacity.items())}
+    metrics = updated_metrics(metrics, request_no, outcomes, strategy.shard_reports, evaluation, wall)
     if cfg.audit:
         metrics["unlearning"][-1]["audit"] = {
             "deleted_vs_nonmembers_auc_before": unlearning_audit(cfg, bundle, before, ids, run),
@@ -110,7 +101,7 @@ def run_forget(grid: Grid, cfg: RunConfig) -> None:
         metrics["unlearning"][-1]["privacy_after"] = headline(metrics["privacy"])
     run.write_metrics(metrics)
     write_report(run.path)
-    log(INFO, "fairforget: forgot %d sample(s) from shard(s) %s", len(ids), sorted(ids_by_shard))
+    log(INFO, "fairforget: forgot %d sample(s) from shard(s) %s", len(ids), sorted(outcomes))
 
 
 def route(replies: list[Any], ids: list[int]) -> dict[int, list[int]]:
@@ -134,91 +125,47 @@ def route(replies: list[Any], ids: list[int]) -> dict[int, list[int]]:
     return owned
 
 
-@dataclass(frozen=True)
-class Decision:
-    method: str  # what the shard is asked to run
-    decision: str  # "approximate", "exact-retrain" (asked for) or "exact-fallback" (budget spent)
-
-
-def plan_unlearning(budget: DeletionBudget, counts: dict[int, int], sizes: dict[int, int], method: str,
-                    policy: str) -> dict[int, Decision]:
-    """Per shard (``counts``: shard -> deletions requested), what to run. Opens a budget for a shard
-    that has none (``sizes``: its current size); raises :class:`ForgetError` under ``refuse`` if any
-    shard's request exceeds its remaining capacity, before anything is sent."""
-    plan: dict[int, Decision] = {}
-    for shard, k in sorted(counts.items()):
-        budget.track(shard, sizes[shard])
-        if method == EXACT:
-            plan[shard] = Decision(EXACT, "exact-retrain")
-        elif not budget.would_exceed(shard, k):
-            plan[shard] = Decision(method, "approximate")
-        elif policy == "refuse":
-            b = budget.shards[shard]
-            raise ForgetError(f"shard {shard}: deletion capacity exhausted: {b.remaining} of {b.capacity} left, "
-                              f"request needs {k} (capacity-policy = refuse; nothing was changed)")
-        else:
-            plan[shard] = Decision(EXACT, "exact-fallback")
-    return plan
-
-
-def settle_budget(budget: DeletionBudget, plan: dict[int, Decision], reports: dict[int, dict[str, Any]],
-                  counts: dict[int, int]) -> dict[int, dict[str, Any]]:
-    """Consume (approximate) or reset (exact retrain) each unlearned shard's budget; return, per
-    shard, the method, the decision and the remaining capacity before and after."""
-    out = {}
-    for shard, rep in sorted(reports.items()):
-        before = budget.remaining(shard)
-        if plan[shard].decision == "approximate":
-            budget.consume(shard, counts[shard])
-        else:
-            budget.reset(shard, int(rep[keys.NUM_EXAMPLES]))
-        out[shard] = {"method": rep["method"], "decision": plan[shard].decision, "capacity_before": before,
-                      "capacity_after": budget.remaining(shard), "capacity": budget.shards[shard].capacity,
-                      "approx_deletions": int(rep.get(keys.APPROX_DELETIONS, 0))}
-    return out
-
-
-def ledger_rows(request_no: int, ids_by_shard: dict[int, list[int]], reports: dict[int, dict[str, Any]],
-                capacity: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+def ledger_rows(request_no: int, outcomes: dict[int, UnlearnOutcome]) -> list[dict[str, Any]]:
     return [
         {
             "request": request_no,
             "shard": shard,
-            "ids": sorted(ids_by_shard[shard]),
-            "method": reports[shard]["method"],
-            "decision": capacity[shard]["decision"],
-            "capacity_before": capacity[shard]["capacity_before"],
-            "capacity_after": capacity[shard]["capacity_after"],
-            "capacity": capacity[shard]["capacity"],
-            "restart_stage": int(reports[shard][keys.RESTART_SLICE]),
-            "retrained_stages": int(reports[shard]["retrained-stages"]),
-            "seconds": float(reports[shard][keys.TRAIN_SECONDS]),
-            "wall_seconds": float(reports[shard]["wall-seconds"]),
-            "hash_before": reports[shard][keys.HASH_BEFORE],
-            "hash_after": reports[shard][keys.MODEL_HASH],
+            "ids": o.ids,
+            "method": o.result.method,
+            "decision": o.decision,
+            "capacity_before": o.capacity_before,
+            "capacity_after": o.capacity_after,
+            "capacity": o.capacity,
+            "restart_stage": o.result.restart_stage,
+            "retrained_stages": o.result.retrained_stages,
+            "seconds": o.result.seconds,
+            "wall_seconds": o.result.wall_seconds,
+            "hash_before": o.result.hash_before,
+            "hash_after": o.result.hash_after,
             # augmented shards: what happened to the generator and its samples (clients/augment.py)
-            **json.loads(reports[shard].get(keys.AUGMENT_JSON, "{}")),
+            **dict(o.result.augment or {}),
         }
-        for shard in sorted(ids_by_shard)
+        for shard, o in sorted(outcomes.items())
     ]
 
 
-def updated_metrics(metrics: dict[str, Any], request_no: int, ids_by_shard: dict[int, list[int]],
-                    reports: dict[int, dict[str, Any]], evaluation: dict[str, Any], wall: float) -> dict[str, Any]:
-    seconds = sum(float(r[keys.TRAIN_SECONDS]) for r in reports.values())
+def updated_metrics(metrics: dict[str, Any], request_no: int, outcomes: dict[int, UnlearnOutcome],
+                    shard_reports: dict[int, dict[str, Any]], evaluation: dict[str, Any],
+                    wall: float) -> dict[str, Any]:
+    seconds = sum(o.result.seconds for o in outcomes.values())
     full = float(metrics["timing"]["full_retrain_seconds"])
     for row in metrics["shards"]:
-        if row["shard"] in reports:
-            rep = reports[row["shard"]]
-            row.update(num_examples=int(rep[keys.NUM_EXAMPLES]), kl_bias=float(rep[keys.KL_BIAS]),
-                       model_hash=rep[keys.MODEL_HASH])
+        if row["shard"] in outcomes:
+            res = outcomes[row["shard"]].result
+            row.update(num_examples=res.num_examples, kl_bias=float(shard_reports[res.shard][keys.KL_BIAS]),
+                       model_hash=res.hash_after)
         row["accuracy_unbiased"] = evaluation["unbiased"]["per_model_accuracy"].get(row["shard"])
     metrics["ensemble"] = evaluation_summary(evaluation)
     metrics["unlearning"].append({
         "request": request_no,
-        "ids": sorted(i for v in ids_by_shard.values() for i in v),
-        "shards": sorted(ids_by_shard),
-        "restart_stages": {str(k): int(r[keys.RESTART_SLICE]) for k, r in sorted(reports.items())},
+        "ids": sorted(i for o in outcomes.values() for i in o.ids),
+        "shards": sorted(outcomes),
+        "restart_stages": {str(k): o.result.restart_stage for k, o in sorted(outcomes.items())},
         "seconds": seconds,
         "wall_seconds": wall,
         "full_retrain_seconds": full,
@@ -226,5 +173,9 @@ def updated_metrics(metrics: dict[str, Any], request_no: int, ids_by_shard: dict
         "accuracy_biased": evaluation["biased"]["accuracy"],
         "accuracy_unbiased": evaluation["unbiased"]["accuracy"],
         "worst_group_accuracy": evaluation["unbiased"]["worst_group"]["accuracy"],
+        "budget": {str(k): {"method": o.result.method, "decision": o.decision, "capacity_before": o.capacity_before,
+                            "capacity_after": o.capacity_after, "capacity": o.capacity,
+                            "approx_deletions": o.result.approx_deletions}
+                   for k, o in sorted(outcomes.items())},
     })
     return metrics

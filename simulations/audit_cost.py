@@ -24,13 +24,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clients.sisa import SisaSettings
 from fairforget.audit import ATTACKS, TargetOutputs
 from fairforget.audit.references import predict_probs, train_references
 from fairforget.audit.roc import summarize
 from fairforget.data import SampleSet, load_dataset, shard_of
-from server.audit import _model
-from server.run_files import RunDir, RunDirError
+from fairforget.model import load_model
+from fairforget.run import RunDir, RunDirError
+from fairforget.sisa import SisaSettings
 
 
 def main() -> int:
@@ -51,7 +51,7 @@ def main() -> int:
     settings = SisaSettings.from_config(cfg, bundle.num_classes)
     deleted = run.ledger.unlearned_ids()
     states = run.load_models()
-    models = {k: _model(s, bundle.num_classes, cfg.model_width) for k, s in states.items()}
+    models = {k: load_model(s, bundle.num_classes, cfg.model_width) for k, s in states.items()}
     shards = [s.subset([i for i, sid in enumerate(s.ids.tolist()) if sid not in deleted])
               for s in shard_of(cfg, bundle)]
     live = SampleSet.concat(shards)

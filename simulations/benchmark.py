@@ -4,30 +4,32 @@ Two measurements, taken one after the other in one run and printed as two tables
 
 (a) SISA unlearning cost. For S shards and R slices on the embedded Biased-Digits data (every other
     key at its ``pyproject.toml`` default), train all S shards from scratch in this process
-    (:class:`clients.sisa.SisaShard`, in a temporary folder) and sum their training seconds: the
+    (:class:`fairforget.sisa.SisaShard`, in a temporary folder) and sum their training seconds: the
     cost of a full retrain. Then delete single training samples, drawn at random with a seeded
     numpy Generator, one request at a time (successively, on the same shards), with
-    :func:`clients.unlearning.exact.unlearn`, and take the mean seconds of one deletion. Reported:
+    :func:`fairforget.unlearning.exact.unlearn`, and take the mean seconds of one deletion. Reported:
     the measured speed-up full / unlearn; SISA's expectation 2RS/(R+1) (Bourtoule et al. 2021,
     whose cost model keeps a shard's total training cost fixed as R grows); and the expectation for
     this project's schedule, in which every stage trains ``epochs-per-slice`` epochs: stage r costs
     r slice-units, a full shard R(R+1)/2, a deletion in slice k (uniform over 1..R) retrains stages
     k..R, so the expected speed-up is S * (R(R+1)/2) / mean_k(sum_{r=k..R} r).
 
-(b) Flower engine overhead. One small run through Flower's simulation engine
-    (:func:`fairforget.runner.run_flower`), timed end to end; ``metrics.json`` gives the wall time
-    of the strategy loop (``timing.train_wall_seconds``) and the difference is the time spent
-    outside it (engine start-up and shutdown, plus the ServerApp's own set-up and wrap-up). The
-    same SISA training is then run in a plain PyTorch loop in this process, shard after shard, and
-    the strategy loop's per-round server-side evaluation is redone in-process and timed, so the
-    loop can be compared with and without it.
+(b) Flower engine overhead, at two workloads: the demo's (the defaults, audit off) and one about
+    ten times larger (``model-width`` 16, ``epochs-per-slice`` 12). Each is one run through Flower's
+    simulation engine (:func:`fairforget.runner.run_flower`), timed end to end; ``metrics.json``
+    gives the wall time of the strategy loop (``timing.train_wall_seconds``) and the difference is
+    the time spent outside it (engine start-up and shutdown, plus the ServerApp's own set-up and
+    wrap-up), reported apart. The same SISA training is then run in a plain PyTorch loop in this
+    process, shard after shard, and the strategy loop's per-round server-side evaluation is redone
+    in-process and timed, so the loop can be compared with and without it.
 
 Torch runs on ``num-threads`` threads (default 1) throughout, so runs are comparable.
 
 Run from the repository root (about 2 minutes with ``--quick``, a few more without; on 2 cores)::
 
-    python simulations/benchmark.py                 # S in {4, 8}, R in {1, 4}, 4 deletions each
-    python simulations/benchmark.py --quick         # S = 4 only, 2 deletions each
+    python simulations/benchmark.py                 # S in {4, 8}, R in {1, 4}, 4 deletions each; both workloads
+    python simulations/benchmark.py --quick         # S = 4 only, 2 deletions each; demo workload only
+    python simulations/benchmark.py --parts b       # only the Flower overhead, at both workloads (about 8 min)
     python simulations/benchmark.py --out runs/bench.json
 
 The figures also go to ``--out`` (default ``runs/benchmark.json``) as JSON.
@@ -47,15 +49,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from clients.sisa import SisaSettings, SisaShard
-from clients.unlearning.exact import unlearn
 from fairforget.config import ConfigError, RunConfig, resolve
 from fairforget.data import load_dataset, shard_of
+from fairforget.run import RunDir
 from fairforget.runner import FlowerRunError, run_flower
+from fairforget.sisa import SisaSettings, SisaShard
 from fairforget.storage import atomic_write_json
+from fairforget.unlearning.exact import unlearn
 from server.evaluation import RoundEvaluator, evaluate_states
-from server.run_files import RunDir
-from strategies import STRATEGIES
+from strategies import build_strategy
 
 DEFAULT_OUT = Path("runs/benchmark.json")
 
@@ -67,17 +69,15 @@ class Plan:
     shard_counts: tuple[int, ...]      # S values of part (a)
     slice_counts: tuple[int, ...]      # R values of part (a)
     deletions: int                     # one-sample deletions per (S, R)
-    flower: dict[str, Any]             # run-config overrides of part (b)
+    flower: dict[str, dict[str, Any]]  # part (b): workload name -> run-config overrides
 
 
-FLOWER_RUN: dict[str, Any] = {
-    "num-shards": 2, "slices": 2, "epochs-per-slice": 1,
-    # The audit trains reference models after the strategy loop; it would count as engine overhead.
-    "audit": False,
-}
+# The audit trains reference models after the strategy loop; it would count as engine overhead.
+DEMO_RUN: dict[str, Any] = {"audit": False}
+LARGE_RUN: dict[str, Any] = {"audit": False, "model-width": 16, "epochs-per-slice": 12}
 PLANS = {
-    "full": Plan(shard_counts=(4, 8), slice_counts=(1, 4), deletions=4, flower=FLOWER_RUN),
-    "quick": Plan(shard_counts=(4,), slice_counts=(1, 4), deletions=2, flower=FLOWER_RUN),
+    "full": Plan(shard_counts=(4, 8), slice_counts=(1, 4), deletions=4, flower={"demo": DEMO_RUN, "10x": LARGE_RUN}),
+    "quick": Plan(shard_counts=(4,), slice_counts=(1, 4), deletions=2, flower={"demo": DEMO_RUN}),
 }
 
 
@@ -89,9 +89,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true",
                         help="S = 4 only and 2 deletions per setting (about 2 minutes on 2 cores)")
+    parser.add_argument("--parts", default="a,b", help="which parts to run: a, b or a,b (default)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help=f"where to write the figures as JSON (default {DEFAULT_OUT})")
     args = parser.parse_args(argv)
+    args.parts = {p.strip() for p in args.parts.split(",") if p.strip()}
+    if not args.parts or args.parts - {"a", "b"}:
+        parser.error(f"--parts takes a, b or a,b, got {','.join(sorted(args.parts)) or 'nothing'}")
     if args.out.is_dir():
         parser.error(f"--out {args.out} is a folder; give a file name such as {args.out / 'benchmark.json'}")
     return args
@@ -129,10 +133,10 @@ def bench_unlearning(cfg: RunConfig, deletions: int, workdir: Path) -> dict[str,
         trained = shard.trained
         result = unlearn(shard, [sample_id])
         # Training compute alone (no checkpoint I/O), comparable with how full_seconds is counted.
-        compute = float(sum(shard.index["stage_seconds"][result["restart_stage"]:trained]))
+        compute = float(sum(shard.index["stage_seconds"][result.restart_stage:trained]))
         requests.append({
-            "id": sample_id, "shard": owner[sample_id], "restart_stage": result["restart_stage"],
-            "retrained_stages": result["retrained_stages"], "seconds": result["seconds"],
+            "id": sample_id, "shard": owner[sample_id], "restart_stage": result.restart_stage,
+            "retrained_stages": result.retrained_stages, "seconds": result.seconds,
             "compute_seconds": compute,
         })
 
@@ -175,7 +179,7 @@ def bench_flower(cfg: RunConfig, workdir: Path) -> dict[str, Any]:
 
     # What the strategy loop spends on its per-round server-side evaluation, redone here, so the
     # loop's remaining time can be set against the plain loop.
-    evaluator = RoundEvaluator(STRATEGIES[cfg.strategy].from_config(cfg), bundle, cfg)
+    evaluator = RoundEvaluator(build_strategy(cfg, bundle.num_classes), bundle, cfg)
     t0 = time.perf_counter()
     for stage in range(1, cfg.slices + 1):
         evaluate_states({shard.shard: shard.model_state(stage) for shard in shards}, evaluator.bundle, cfg)
@@ -183,8 +187,8 @@ def bench_flower(cfg: RunConfig, workdir: Path) -> dict[str, Any]:
 
     mapping = cfg.to_mapping()
     return {
-        "config": {k: mapping[k] for k in ("num-shards", "slices", "epochs-per-slice", "client-cpus", "num-threads",
-                                           "audit")},
+        "config": {k: mapping[k] for k in ("num-shards", "slices", "epochs-per-slice", "model-width", "client-cpus",
+                                           "num-threads", "audit")},
         "cpu_cores": os.cpu_count(),
         "flower_total_seconds": flower_total,
         "flower_loop_seconds": flower_loop,
@@ -195,6 +199,7 @@ def bench_flower(cfg: RunConfig, workdir: Path) -> dict[str, Any]:
         "evaluation_seconds_in_process": evaluation,
         "loop_ratio": flower_loop / plain_loop,
         "loop_less_evaluation_ratio": (flower_loop - evaluation) / plain_loop,
+        "client_compute_ratio": float(timing["full_retrain_seconds"]) / plain_compute,
     }
 
 
@@ -217,10 +222,10 @@ def print_unlearning(rows: list[dict[str, Any]]) -> None:
           "compute-only: the speed-up from retraining compute alone (no checkpoint I/O), as full s counts it.")
 
 
-def print_flower(fl: dict[str, Any]) -> None:
+def print_flower(name: str, fl: dict[str, Any]) -> None:
     c = fl["config"]
-    print(f"(b) Flower simulation engine vs a plain PyTorch loop "
-          f"(S={c['num-shards']}, R={c['slices']}, {c['epochs-per-slice']} epoch(s) per slice, audit off)")
+    print(f"(b) {name} workload: Flower simulation engine vs a plain PyTorch loop (S={c['num-shards']}, "
+          f"R={c['slices']}, {c['epochs-per-slice']} epoch(s) per slice, width {c['model-width']}, audit off)")
     rows = [
         ("Flower run_flower, end to end", fl["flower_total_seconds"]),
         ("Flower strategy loop (train_wall_seconds)", fl["flower_loop_seconds"]),
@@ -234,6 +239,7 @@ def print_flower(fl: dict[str, Any]) -> None:
         print(f"{name:<44} {seconds:>8.2f} s")
     print(f"{'strategy loop / plain loop':<44} {fl['loop_ratio']:>8.2f}x")
     print(f"{'(strategy loop - evaluation) / plain loop':<44} {fl['loop_less_evaluation_ratio']:>8.2f}x")
+    print(f"{'training compute, Flower clients / plain':<44} {fl['client_compute_ratio']:>8.2f}x")
     print(f"Flower runs the {c['num-shards']} clients in parallel, client-cpus={c['client-cpus']} CPU each "
           f"(Ray; {fl['cpu_cores']} cores here);\nthe plain loop runs them one after another in this process. "
           "The strategy loop also evaluates\nthe ensemble on the server after every round (the plain loop does not; "
@@ -248,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = PLANS["quick" if args.quick else "full"]
     try:
         base = resolve({"dataset": "biased-digits"})
-        flower_cfg = resolve(plan.flower)
+        flower_cfgs = {name: resolve(over) for name, over in plan.flower.items()}
     except ConfigError as exc:
         print(f"benchmark: error: {exc}", file=sys.stderr)
         return 2
@@ -257,33 +263,36 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(base.seed)
 
     results: dict[str, Any] = {"plan": "quick" if args.quick else "full", "seed": base.seed,
-                               "torch_threads": torch.get_num_threads(), "unlearning": [], "flower": None}
+                               "torch_threads": torch.get_num_threads(), "unlearning": [], "flower": {}}
+    errors: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="fairforget-bench-") as tmp:
-        for S in plan.shard_counts:
+        for S in plan.shard_counts if "a" in args.parts else ():
             for R in plan.slice_counts:
                 cfg = base.replace(num_shards=S, slices=R)
                 print(f"benchmark: (a) S={S} R={R}: training {S} shards, then {plan.deletions} deletions",
                       file=sys.stderr, flush=True)
                 results["unlearning"].append(bench_unlearning(cfg, plan.deletions, Path(tmp) / f"a-s{S}-r{R}"))
-        print("benchmark: (b) one Flower simulation, then the same training in a plain loop",
-              file=sys.stderr, flush=True)
-        error = ""
-        try:
-            results["flower"] = bench_flower(flower_cfg, Path(tmp) / "b")
-        except FlowerRunError as exc:
-            error = str(exc)
-            results["flower"] = {"error": error}
+        for name, cfg in flower_cfgs.items() if "b" in args.parts else ():
+            print(f"benchmark: (b) {name} workload: one Flower simulation, then the same training in a plain loop",
+                  file=sys.stderr, flush=True)
+            try:
+                results["flower"][name] = bench_flower(cfg, Path(tmp) / f"b-{name}")
+            except FlowerRunError as exc:
+                errors[name] = str(exc)
+                results["flower"][name] = {"error": str(exc)}
 
-    print()
-    print_unlearning(results["unlearning"])
-    print()
-    if error:
-        print(f"(b) Flower engine overhead: not measured, the Flower run failed: {error}")
-    else:
-        print_flower(results["flower"])
+    if results["unlearning"]:
+        print()
+        print_unlearning(results["unlearning"])
+    for name, fl in results["flower"].items():
+        print()
+        if name in errors:
+            print(f"(b) {name} workload: not measured, the Flower run failed: {errors[name]}")
+        else:
+            print_flower(name, fl)
     atomic_write_json(args.out, results)
     print(f"\nfigures: {args.out}")
-    return 1 if error else 0
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":

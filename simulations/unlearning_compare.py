@@ -4,7 +4,7 @@ In-process, no Flower (like ``simulations/benchmark.py``): train one SISA shard 
 (shard 0; every key at its ``pyproject.toml`` default, rho = 0.1, unless ``--set``; with ``--run DIR``
 the config of that finished run instead, ``--set`` still applied on top, the rho = 0.1 default not) in a
 scratch folder, pick ``--k`` of its samples as the forget set, then serve the same request with every
-method in ``clients.unlearning.UNLEARNERS`` on a copy of the trained shard. By default the forget set's
+method in ``fairforget.unlearning.UNLEARNERS`` on a copy of the trained shard. By default the forget set's
 labels are shifted by one (y + 1 mod K) before training, so the model can only fit them by memorising:
 the regime in which unlearning is visible (``--natural`` keeps the true labels; with the colour shortcut
 at rho = 0.99 every model then scores about 1.0 on them, before and after). Reported per method:
@@ -43,9 +43,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from clients.sisa import SisaSettings, SisaShard
-from clients.unlearning import EXACT, UNLEARNERS, approx_state
-from clients.unlearning.approx_state import UnlearnParams, accuracy, model_from
 from fairforget.audit.base import TargetOutputs
 from fairforget.audit.loss import LossAttack
 from fairforget.audit.references import predict_probs
@@ -53,8 +50,11 @@ from fairforget.audit.roc import auc
 from fairforget.config import ConfigError, RunConfig, parse_set, resolve
 from fairforget.data import DatasetError, SampleSet, load_dataset, shard_of
 from fairforget.report import unlearning_methods_table, write_report
+from fairforget.run import RunDir, RunDirError
+from fairforget.sisa import SisaSettings, SisaShard
 from fairforget.storage import atomic_write_json
-from server.run_files import RunDir, RunDirError
+from fairforget.unlearning import EXACT, UNLEARNERS, approximate
+from fairforget.unlearning.approximate import UnlearnParams, accuracy, model_from
 
 DEFAULT_OUT = Path("runs/unlearning_compare.json")
 DEFAULTS = {"rho": 0.1}  # no colour shortcut: the digits must be learned, members can be memorised
@@ -76,7 +76,7 @@ def loss_auc(model: torch.nn.Module, members: SampleSet, nonmembers: SampleSet) 
 
 
 def figures(shard: SisaShard, forget: SampleSet, test: SampleSet, heldout: SampleSet) -> dict[str, float]:
-    model = model_from(approx_state.current_state(shard), shard)
+    model = model_from(approximate.current_state(shard), shard)
     return {
         "forget_accuracy": accuracy(model, forget),
         "retain_accuracy": accuracy(model, shard.live_data()),
@@ -118,9 +118,9 @@ def compare(cfg: RunConfig, k: int, natural: bool, workdir: Path,
         shard = SisaShard(workdir / name, 0, data, settings)
         result = UNLEARNERS[name](shard, ids, params)
         row = {"method": name, **figures(shard, forget, bundle.test_unbiased, bundle.heldout),
-               "seconds": float(result["seconds"])}
-        if "noise_sigma" in result:
-            row["noise_sigma"] = float(result["noise_sigma"])
+               "seconds": result.seconds}
+        if "noise_sigma" in result.figures:
+            row["noise_sigma"] = float(result.figures["noise_sigma"])
         rows.append(row)
     exact = rows[1]["seconds"]
     for row in rows[1:]:

@@ -3,22 +3,20 @@
 A strategy is built from the run config (:meth:`from_config`), says how many rounds it runs and
 where the models it produces come from (:meth:`ensemble_states`, one state dict per constituent),
 records each shard's reply figures (:attr:`shard_reports`), and declares whether it supports exact
-unlearning. Helpers here pack several shard models into one ArrayRecord, so that Flower's
-``Strategy.start`` loop, which carries one ArrayRecord between rounds, carries the whole ensemble.
+unlearning. Several shard models travel in one ArrayRecord (:mod:`fairforget.records`), so that
+Flower's ``Strategy.start`` loop, which carries one ArrayRecord between rounds, carries the ensemble.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord
 
 from fairforget import keys
-
-SEP = "/"
 
 
 class StrategyReplyError(RuntimeError):
@@ -36,8 +34,8 @@ class FairforgetStrategy(ABC):
 
     @classmethod
     @abstractmethod
-    def from_config(cls, cfg: Any) -> FairforgetStrategy:
-        """Build from a :class:`fairforget.config.RunConfig`."""
+    def from_config(cls, cfg: Any, num_classes: int) -> FairforgetStrategy:
+        """Build from a :class:`fairforget.config.RunConfig` for a task with ``num_classes`` classes."""
 
     @abstractmethod
     def num_rounds(self) -> int:
@@ -64,28 +62,10 @@ class FairforgetStrategy(ABC):
             info = reply.content.get(keys.CONFIG)
             if info is not None:
                 report.update({k: _plain(v) for k, v in info.items()})
-            report["node-id"] = reply.metadata.src_node_id
+            report[keys.NODE_ID] = reply.metadata.src_node_id
             self.shard_reports[shard] = report
             ok.append(reply)
         return ok
-
-
-def pack_shards(shards: Mapping[int, ArrayRecord]) -> ArrayRecord:
-    """One ArrayRecord holding every shard's arrays under ``shard-K/<name>``."""
-    packed = ArrayRecord()
-    for shard, record in sorted(shards.items()):
-        for name, array in record.items():
-            packed[f"shard-{shard}{SEP}{name}"] = array
-    return packed
-
-
-def unpack_shards(packed: ArrayRecord) -> dict[int, dict[str, torch.Tensor]]:
-    out: dict[int, dict[str, torch.Tensor]] = {}
-    for key, array in packed.items():
-        head, _, name = key.partition(SEP)
-        shard = int(head.removeprefix("shard-"))
-        out.setdefault(shard, {})[name] = torch.from_numpy(array.numpy().copy())
-    return out
 
 
 def mean_metrics(replies: list[Message], weight_key: str = keys.NUM_EXAMPLES) -> MetricRecord:

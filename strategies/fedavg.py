@@ -34,7 +34,7 @@ class FedAvgBaseline(FairforgetStrategy, FedAvg):
         self.rounds, self.local_epochs, self.seed, self.width = rounds, local_epochs, seed, width
 
     @classmethod
-    def from_config(cls, cfg: Any) -> FedAvgBaseline:
+    def from_config(cls, cfg: Any, num_classes: int) -> FedAvgBaseline:
         return cls(cfg.num_shards, cfg.rounds, cfg.local_epochs, cfg.seed, cfg.model_width)
 
     def num_rounds(self) -> int:

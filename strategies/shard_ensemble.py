@@ -6,15 +6,21 @@ model replaces that shard's constituent. The ensemble predicts by mean softmax o
 (:class:`fairforget.ensemble.Ensemble`). Deletion requests travel as ``train.unlearn`` messages
 to the owning nodes only (:meth:`configure_unlearn` / :meth:`aggregate_unlearn`).
 
-The strategy also holds the per-shard deletion budget (:attr:`budget`, a
-:class:`fairforget.capacity.DeletionBudget`, Sekhari et al. 2021) the way a DP strategy holds its
-accountant: the forget driver checks it before every request, approximate deletions consume it, an
-exact retrain resets it, and it is saved with the run.
+The strategy owns the per-shard deletion budget (:attr:`budget`, a
+:class:`fairforget.capacity.DeletionBudget`, Sekhari et al. 2021) the way Flower's DP strategies own
+their accountant (``dp_fixed_clipping.py``): :meth:`configure_unlearn` decides per shard with it and
+raises :class:`fairforget.capacity.BudgetExceeded` before any message is sent when the request does
+not fit (``capacity-policy = refuse``) or sends an exact retrain instead (``retrain``);
+:meth:`aggregate_unlearn` settles it (an approximate deletion consumes, an exact retrain resets).
+Augmentation retirements are granted from the same budget (:meth:`configure_augment`) and settled
+in :meth:`aggregate_augment`. Saving it is the caller's job (``state_dict``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from logging import INFO
 from typing import Any
 
@@ -25,16 +31,44 @@ from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from flwr.supercore import log
 
-from fairforget import keys
-from fairforget.capacity import DeletionBudget
-from strategies.base import FairforgetStrategy, mean_metrics, pack_shards, unpack_shards
+from fairforget import keys, ledger
+from fairforget.capacity import BudgetExceeded, DeletionBudget, head_parameters
+from fairforget.model import bottleneck_dim
+from fairforget.records import pack_shards, unpack_shards
+from fairforget.unlearning import EXACT, UnlearnResult
+from strategies.base import FairforgetStrategy, mean_metrics
+
+POLICIES = ("retrain", "refuse")
+
+
+@dataclass(frozen=True)
+class Planned:
+    """What :meth:`ShardEnsemble.configure_unlearn` decided for one shard."""
+
+    node_id: int
+    ids: list[int]
+    method: str  # what the shard is asked to run
+    decision: str  # fairforget.ledger.APPROXIMATE, EXACT_RETRAIN or EXACT_FALLBACK
+
+
+@dataclass(frozen=True)
+class UnlearnOutcome:
+    """One shard's unlearning, settled: the node's result and the budget before and after."""
+
+    ids: list[int]
+    decision: str
+    result: UnlearnResult
+    capacity_before: int
+    capacity_after: int
+    capacity: int
 
 
 class ShardEnsemble(FairforgetStrategy, Strategy):
     name = "shard-ensemble"
     exact_unlearning = True
 
-    def __init__(self, num_shards: int, num_slices: int, vote: str = "softmax") -> None:
+    def __init__(self, num_shards: int, num_slices: int, vote: str = "softmax",
+                 budget: DeletionBudget | None = None, policy: str = "retrain") -> None:
         FairforgetStrategy.__init__(self)
         if num_shards < 1:
             raise ValueError(f"num_shards must be >= 1, got {num_shards}")
@@ -42,15 +76,23 @@ class ShardEnsemble(FairforgetStrategy, Strategy):
             raise ValueError(f"num_slices must be >= 1, got {num_slices}")
         if vote not in ("softmax", "majority"):
             raise ValueError(f"vote must be 'softmax' or 'majority', got {vote!r}")
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
         self.num_shards = num_shards
         self.num_slices = num_slices
         self.vote = vote
         self.shard_arrays: dict[int, ArrayRecord] = {}
-        self.budget: DeletionBudget | None = None  # opened by the forget driver
+        self.budget = budget if budget is not None else DeletionBudget("newton", 1.0, 1e-5, 1)
+        self.policy = policy
+        self._planned: dict[int, Planned] = {}  # shard -> decision, between configure and aggregate
+        self._originals: dict[int, int] = {}  # shard -> originals left (augmentation)
+        self._granted: dict[int, int] = {}  # shard -> retirements granted this augmentation step
 
     @classmethod
-    def from_config(cls, cfg: Any) -> ShardEnsemble:
-        return cls(cfg.num_shards, cfg.slices, cfg.ensemble_vote)
+    def from_config(cls, cfg: Any, num_classes: int) -> ShardEnsemble:
+        d = head_parameters(bottleneck_dim(cfg.model_width), num_classes)  # SimpleConvNet.fc
+        budget = DeletionBudget(cfg.capacity_bound, cfg.capacity_eps, cfg.capacity_delta, d, cfg.capacity_c)
+        return cls(cfg.num_shards, cfg.slices, cfg.ensemble_vote, budget, cfg.capacity_policy)
 
     def num_rounds(self) -> int:
         return self.num_slices  # one SISA stage per round
@@ -103,40 +145,87 @@ class ShardEnsemble(FairforgetStrategy, Strategy):
         content = RecordDict({keys.CONFIG: ConfigRecord({keys.FORGET_IDS: list(ids)})})
         return [Message(content, dst_node_id=n, message_type=keys.MSG_DESCRIBE) for n in self._all_nodes(grid)]
 
-    def configure_unlearn(self, requests: dict[int, list[int]], method: str = "exact-sisa",
-                          methods: dict[int, str] | None = None) -> list[Message]:
-        """One ``train.unlearn`` message per owning node (``node_id -> ids``), with ``method`` or the
-        node's own entry in ``methods`` (``node_id -> method``, e.g. an exact fallback)."""
-        methods = methods or {}
+    def configure_unlearn(self, owners: Mapping[int, list[int]], shard_of: Mapping[int, int],
+                          sizes: Mapping[int, int], method: str) -> list[Message]:
+        """Decide, per owning node (``owners``: node id -> ids; ``shard_of``: node id -> shard;
+        ``sizes``: shard -> live samples), what it runs, and return one ``train.unlearn`` message each.
+
+        An exact ``method`` is sent as it is. An approximate one is sent where the shard's deletion
+        budget covers the request; where it does not, ``policy = "refuse"`` raises
+        :class:`BudgetExceeded` before any message exists, ``"retrain"`` sends an exact retrain."""
+        planned: dict[int, Planned] = {}
+        for node_id, ids in sorted(owners.items()):
+            shard, k = shard_of[node_id], len(ids)
+            self.budget.track(shard, sizes[shard])
+            if method == EXACT:
+                planned[shard] = Planned(node_id, sorted(ids), EXACT, ledger.EXACT_RETRAIN)
+            elif not self.budget.would_exceed(shard, k):
+                planned[shard] = Planned(node_id, sorted(ids), method, ledger.APPROXIMATE)
+            elif self.policy == "refuse":
+                b = self.budget.shards[shard]
+                raise BudgetExceeded(shard, b.remaining, b.capacity, k,
+                                     " (capacity-policy = refuse; nothing was changed)")
+            else:
+                planned[shard] = Planned(node_id, sorted(ids), EXACT, ledger.EXACT_FALLBACK)
+        self._planned = planned
         return [
-            Message(RecordDict({keys.CONFIG: ConfigRecord({
-                keys.FORGET_IDS: ids, keys.UNLEARN_METHOD: methods.get(node_id, method)})}),
-                dst_node_id=node_id, message_type=keys.MSG_UNLEARN)
-            for node_id, ids in sorted(requests.items())
+            Message(RecordDict({keys.CONFIG: ConfigRecord({keys.FORGET_IDS: p.ids, keys.UNLEARN_METHOD: p.method})}),
+                    dst_node_id=p.node_id, message_type=keys.MSG_UNLEARN)
+            for _, p in sorted(planned.items())
         ]
 
-    def aggregate_unlearn(self, replies: Iterable[Message]) -> dict[int, dict[str, Any]]:
-        """Replace the unlearned shards' constituents; return each shard's report."""
-        ok = self.record_replies(replies)
-        for reply in ok:
-            shard = int(reply.content[keys.METRICS][keys.SHARD])
-            self.shard_arrays[shard] = reply.content[keys.ARRAYS]
-        return {int(r.content[keys.METRICS][keys.SHARD]): self.shard_reports[int(r.content[keys.METRICS][keys.SHARD])]
-                for r in ok}
+    def aggregate_unlearn(self, replies: Iterable[Message]) -> dict[int, UnlearnOutcome]:
+        """Replace the unlearned shards' constituents and settle their budgets: an approximate
+        deletion consumes, an exact retrain resets. Returns each shard's outcome."""
+        out: dict[int, UnlearnOutcome] = {}
+        for reply in self.record_replies(replies):
+            result = UnlearnResult.from_records(reply.content)
+            plan = self._planned.pop(result.shard)
+            self.shard_arrays[result.shard] = reply.content[keys.ARRAYS]
+            before = self.budget.remaining(result.shard)
+            if plan.decision == ledger.APPROXIMATE:
+                self.budget.consume(result.shard, len(plan.ids))
+            else:
+                self.budget.reset(result.shard, result.num_examples)
+            out[result.shard] = UnlearnOutcome(plan.ids, plan.decision, result, before,
+                                               self.budget.remaining(result.shard),
+                                               self.budget.shards[result.shard].capacity)
+        return out
 
     # ------------------------------------------------------------------ augmentation
-    def configure_augment(self, grid: Grid, step: int, retire: dict[int, int],
-                          fidelity: ArrayRecord) -> list[Message]:
-        """One ``train.augment`` message per node: the step, how many originals it may retire
-        (``node_id -> count``, the deletion budget granted for this step), and the server's fidelity
-        classifiers (for the sample-quality figures)."""
-        return [Message(RecordDict({keys.CONFIG: ConfigRecord({keys.STEP: step, keys.RETIRE: retire.get(n, 0)}),
-                                    keys.ARRAYS: fidelity}), dst_node_id=n, message_type=keys.MSG_AUGMENT)
-                for n in self._all_nodes(grid)]
+    def configure_augment(self, step: int, retire_per_step: int, fidelity: ArrayRecord) -> list[Message]:
+        """One ``train.augment`` message per trained shard's node: the step, how many originals it may
+        retire (step 0: none; later steps: ``retire_per_step``, granted from the shard's deletion
+        budget for its current number of originals), and the server's fidelity classifiers (for
+        the sample-quality figures)."""
+        messages = []
+        self._granted = {}
+        for shard, report in sorted(self.shard_reports.items()):
+            n = self._originals.setdefault(shard, int(report[keys.NUM_EXAMPLES]))
+            self.budget.track(shard, n)
+            self._granted[shard] = 0 if step == 0 else self.budget.grant(shard, retire_per_step)
+            cfg = ConfigRecord({keys.STEP: step, keys.RETIRE: self._granted[shard]})
+            messages.append(Message(RecordDict({keys.CONFIG: cfg, keys.ARRAYS: fidelity}),
+                                    dst_node_id=int(report[keys.NODE_ID]), message_type=keys.MSG_AUGMENT))
+        return messages
+
+    def granted(self) -> dict[int, int]:
+        """Retirements granted per shard in the step last configured."""
+        return dict(self._granted)
 
     def aggregate_augment(self, replies: Iterable[Message]) -> dict[int, dict[str, Any]]:
-        """Replace every augmented shard's constituent; return each shard's report."""
-        return self.aggregate_unlearn(replies)
+        """Replace every augmented shard's constituent and settle its budget (the retirements are
+        spent, then the exact retrain resets it for the originals left); return each shard's step report."""
+        out: dict[int, dict[str, Any]] = {}
+        for reply in self.record_replies(replies):
+            shard = int(reply.content[keys.METRICS][keys.SHARD])
+            report = json.loads(str(reply.content[keys.CONFIG][keys.AUGMENT_JSON]))
+            self.shard_arrays[shard] = reply.content[keys.ARRAYS]
+            self.budget.consume(shard, len(report["retired_ids"]))
+            self._originals[shard] = int(report["num_originals"])
+            self.budget.reset(shard, self._originals[shard])
+            out[shard] = report
+        return out
 
     def load_states(self, states: dict[int, dict[str, torch.Tensor]]) -> None:
         """Restore the constituents of a finished run (before a forget request)."""

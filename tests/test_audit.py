@@ -6,15 +6,15 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
-from clients.sisa import SisaSettings
-from fairforget import cli
 from fairforget.audit import ATTACKS, AuditError, TargetOutputs
 from fairforget.audit.probe import bottleneck, linear_probe
 from fairforget.audit.references import ReferenceOutputs, predict_probs, train_references, train_sisa_model
 from fairforget.audit.roc import auc, roc_curve, summarize, tpr_at_fpr
+from fairforget.audit.suite import check_audit_config
 from fairforget.config import resolve
 from fairforget.data import SampleSet, load_dataset
-from server.audit import check_audit_config
+from fairforget.sisa import SisaSettings
+from server import cli
 
 N = 100  # members and non-members of the overfit target
 ONLINE_REFS = 8
@@ -133,7 +133,7 @@ def test_audit_cli_bad_input_writes_nothing(tiny_cfg, grid_for, capsys):
     cfg = tiny_cfg(audit=False)
     run_training(grid_for(cfg), cfg)
     before = (cfg.out_path / "metrics.json").read_bytes()
-    for args, expected in [(["--set", "audit-attacks=foo"], "unknown attack(s) foo"),
+    for args, expected in [(["--set", "audit-attacks=foo"], "unknown attack(s): foo"),
                            (["--set", "audit-references=1"], "needs audit-references >= 2"),
                            (["--set", "num-shards=3"], "audit --set takes only")]:
         code = cli.main(["audit", "--run", str(cfg.out_path), *args])

@@ -243,15 +243,26 @@ def test_bad_augmentation_config_is_rejected(tiny_cfg):
 
 
 def test_each_step_retires_within_the_deletion_capacity(tiny_cfg):
+    """The strategy grants retirements from the same deletion budget forget requests spend."""
+    from flwr.app import ArrayRecord
+
     from fairforget.capacity import newton_capacity
-    from server.augment import granted
+    from strategies.shard_ensemble import ShardEnsemble
+
+    def grants(cfg, step):
+        strategy = ShardEnsemble.from_config(cfg, 10)
+        strategy.shard_reports = {0: {keys.NUM_EXAMPLES: 540, keys.NODE_ID: 101}}
+        messages = strategy.configure_augment(step, cfg.augment_retire_per_step, ArrayRecord())
+        assert [m.metadata.dst_node_id for m in messages] == [101]
+        assert strategy.granted() == {0: int(messages[0].content[keys.CONFIG][keys.RETIRE])}
+        return strategy.granted()[0]
 
     cfg = tiny_cfg(**{"augment-retire-per-step": 10_000})
-    bundle = load_dataset(cfg)
-    d = 8 * cfg.model_width * bundle.num_classes + bundle.num_classes
+    d = 8 * cfg.model_width * 10 + 10
     expected = newton_capacity(cfg.capacity_eps, cfg.capacity_delta, 540, d, cfg.capacity_c)
-    assert 0 < granted(cfg, 540, bundle) == expected < 540  # the capacity binds
-    assert granted(tiny_cfg(**{"augment-retire-per-step": 3}), 540, bundle) == 3  # the per-step budget binds
+    assert 0 < grants(cfg, 1) == expected < 540  # the capacity binds
+    assert grants(tiny_cfg(**{"augment-retire-per-step": 3}), 1) == 3  # the per-step budget binds
+    assert grants(cfg, 0) == 0  # step 0 only augments
 
 
 @pytest.mark.slow

@@ -1,10 +1,9 @@
-"""Deletion capacity (Sekhari et al. 2021) and the per-shard budget the forget driver enforces."""
+"""Deletion capacity (Sekhari et al. 2021) and the per-shard budget the strategy owns and enforces."""
 
 import math
 
 import pytest
 
-from clients.sisa import SisaSettings, SisaShard
 from fairforget.capacity import (
     BudgetExceeded,
     DeletionBudget,
@@ -13,10 +12,11 @@ from fairforget.capacity import (
     newton_capacity,
 )
 from fairforget.data import load_dataset, shard_of
+from fairforget.run import RunDir
+from fairforget.sisa import SisaSettings, SisaShard
 from fairforget.storage import read_json, state_hash
 from server.experiment import run_training
 from server.forget import ForgetError, run_forget
-from server.run_files import RunDir
 
 
 # ---------------------------------------------------------------------- the bounds, by hand
@@ -67,19 +67,77 @@ def test_budget_accounting_by_hand():
     assert (budget.shards[0].capacity, budget.shards[0].used) == (301, 0)
 
 
-def test_budget_round_trips_and_survives_a_restart(tmp_path):
-    path = tmp_path / "budget.json"
+def test_budget_state_round_trips_through_a_run_folder(tmp_path):
     budget = DeletionBudget("dp", 1.0, 1e-5, d=5130, c=2.0)
     budget.track(0, 5000)
     budget.track(3, 1000)
     budget.consume(3, 2)
-    budget.save(path)
-    again = DeletionBudget.load_or_new(path, "dp", 1.0, 1e-5, 5130, 2.0)
-    assert again == budget and again.to_json() == read_json(path)
+    run = RunDir(tmp_path)
+    run.save_budget(budget)  # saving is the caller's job; the budget is pure accounting
+    assert read_json(run.budget_path) == budget.state_dict()
+    again = run.load_budget(DeletionBudget("dp", 1.0, 1e-5, 5130, 2.0))
+    assert again == budget
     # a changed run config recomputes the capacities and keeps what was used
-    changed = DeletionBudget.load_or_new(path, "newton", 1.0, 1e-5, 5130, 2.0)
+    changed = run.load_budget(DeletionBudget("newton", 1.0, 1e-5, 5130, 2.0))
     assert changed.shards[3].used == 2 and changed.shards[3].capacity == newton_capacity(1.0, 1e-5, 1000, 5130, 2.0)
-    assert DeletionBudget.load_or_new(tmp_path / "none.json", "dp", 1.0, 1e-5, 5130).shards == {}
+    assert RunDir(tmp_path / "none").load_budget(DeletionBudget("dp", 1.0, 1e-5, 5130)).shards == {}
+
+
+# ---------------------------------------------------------------------- owned by the strategy
+def _reply(to, shard, n, method, hash_after="h1"):
+    from flwr.app import ArrayRecord, Message, RecordDict
+
+    from fairforget import keys
+    from fairforget.unlearning import UnlearnResult
+
+    result = UnlearnResult(shard=shard, method=method, restart_stage=0, retrained_stages=0, seconds=0.1,
+                           wall_seconds=0.2, hash_before="h0", hash_after=hash_after, num_examples=n,
+                           full_train_seconds=1.0)
+    metrics, config = result.to_records()
+    return Message(RecordDict({keys.ARRAYS: ArrayRecord(), keys.METRICS: metrics, keys.CONFIG: config}), reply_to=to)
+
+
+def test_strategy_checks_before_sending_and_settles_when_aggregating():
+    from fairforget import ledger
+    from strategies.shard_ensemble import ShardEnsemble
+
+    budget = DeletionBudget("newton", 1.0, 1e-5, d=330, c=0.05)
+    strategy = ShardEnsemble(2, 2, budget=budget, policy="refuse")
+    shard_of, sizes = {101: 0, 102: 1}, {0: 540, 1: 539}  # capacity 3 each
+    # over budget under "refuse": a typed error, and no message exists
+    with pytest.raises(BudgetExceeded) as err:
+        strategy.configure_unlearn({101: [1, 2], 102: [5, 6, 7, 8]}, shard_of, sizes, "finetune")
+    assert (err.value.shard, err.value.remaining, err.value.needed) == (1, 3, 4)
+    assert budget.shards[0].used == 0 and budget.shards[1].used == 0  # nothing spent
+    # within budget: one message per owner, spent only when the replies are aggregated
+    messages = strategy.configure_unlearn({101: [2, 1]}, shard_of, sizes, "finetune")
+    assert [(m.metadata.dst_node_id, list(m.content["config"]["forget-ids"])) for m in messages] == [(101, [1, 2])]
+    assert budget.shards[0].used == 0
+    outcome = strategy.aggregate_unlearn([_reply(messages[0], 0, 538, "finetune")])[0]
+    assert (outcome.decision, outcome.capacity_before, outcome.capacity_after) == (ledger.APPROXIMATE, 3, 1)
+    assert budget.shards[0].used == 2 and outcome.result.hash_after == "h1"
+    # "retrain" past the budget: an exact retrain is sent instead, and it resets the budget
+    strategy.policy = "retrain"
+    messages = strategy.configure_unlearn({101: [3, 4]}, shard_of, sizes, "finetune")
+    assert messages[0].content["config"]["method"] == "exact-sisa"
+    outcome = strategy.aggregate_unlearn([_reply(messages[0], 0, 536, "exact-sisa")])[0]
+    assert outcome.decision == ledger.EXACT_FALLBACK and budget.shards[0].used == 0
+    assert budget.shards[0].n == 536
+
+
+def test_unlearn_result_round_trips_through_flower_records():
+    from fairforget.unlearning import UnlearnResult
+
+    result = UnlearnResult(shard=3, method="newton", restart_stage=1, retrained_stages=0, seconds=0.5,
+                           wall_seconds=0.7, hash_before="a", hash_after="b", num_examples=99,
+                           full_train_seconds=4.0, approx_deletions=2, figures={"noise_sigma": 0.25},
+                           augment={"generator_invalidated": True, "policy": "drop"})
+    metrics, config = result.to_records()
+    from flwr.app import RecordDict
+
+    from fairforget import keys
+
+    assert UnlearnResult.from_records(RecordDict({keys.METRICS: metrics, keys.CONFIG: config})) == result
 
 
 # ---------------------------------------------------------------------- enforced by the forget driver

@@ -2,10 +2,10 @@
 
 import pytest
 
-from fairforget import cli
 from fairforget.data import load_dataset, shard_of
+from fairforget.run import RunDir
+from server import cli
 from server.experiment import run_training
-from server.run_files import RunDir
 
 
 def _snapshot(path):

@@ -6,9 +6,9 @@ import pytest
 
 from fairforget import keys
 from fairforget.data import load_dataset, shard_of
+from fairforget.run import RunDir
 from server.experiment import run_training
 from server.forget import ForgetError, run_forget
-from server.run_files import RunDir
 
 
 @pytest.fixture
@@ -106,5 +106,29 @@ def test_forget_refuses_and_changes_nothing(trained, grid_for, case):
     assert not [m for m in g.sent if m.metadata.message_type == keys.MSG_UNLEARN]
 
 
-def test_metrics_json_is_plain_json(trained):
-    json.loads(RunDir(trained.out_path).metrics_path.read_text())
+def _strict(token: str):
+    raise ValueError(f"not JSON: {token}")
+
+
+def test_run_files_are_strict_json(trained, grid_for):
+    """No NaN or Infinity (json.dumps writes them by default, and most JSON readers reject them)."""
+    cfg = trained
+    victim = shard_of(cfg, load_dataset(cfg))[0].ids[0].item()
+    grid = grid_for(cfg.replace(mode="forget", forget_ids=str(victim)))
+    run_forget(grid, grid.cfg)
+    run = RunDir(cfg.out_path)
+    metrics = json.loads(run.metrics_path.read_text(), parse_constant=_strict)
+    assert metrics["unlearning"][0]["ids"] == [victim]
+    for line in (run.path / "ledger.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=_strict)
+    json.loads(run.budget_path.read_text(), parse_constant=_strict)
+    with pytest.raises(ValueError, match="not JSON: NaN"):
+        json.loads('{"a": NaN}', parse_constant=_strict)
+
+
+def test_nan_figures_are_written_as_null(tmp_path):
+    from fairforget.storage import atomic_write_json
+
+    atomic_write_json(tmp_path / "m.json", {"a": float("nan"), "b": [1.0, float("inf")], "c": 2.5})
+    assert json.loads((tmp_path / "m.json").read_text(), parse_constant=_strict) == {"a": None, "b": [1.0, None],
+                                                                                      "c": 2.5}

@@ -7,10 +7,10 @@ import sys
 import pytest
 import torch
 
-from clients.sisa import SisaSettings, SisaShard
 from fairforget.data import load_dataset, shard_of
+from fairforget.run import RunDir
+from fairforget.sisa import SisaSettings, SisaShard
 from fairforget.storage import read_json, read_jsonl, torch_load
-from server.run_files import RunDir
 
 pytestmark = pytest.mark.e2e
 
@@ -18,7 +18,7 @@ SETTINGS = ["num-shards=2", "slices=2", "epochs-per-slice=1", "model-width=4", "
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fairforget.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "server.cli", *args], capture_output=True, text=True,
                           timeout=600, check=False)
 
 

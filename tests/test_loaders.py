@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from fairforget import cli
 from fairforget.config import resolve
 from fairforget.data import DATASETS, DatasetError, load_dataset, shard_of
 from fairforget.data.base import BIASED_MNIST_COLOURS
+from server import cli
 from tests.fixtures_formats import (
     BLOND_RGB,
     CLASS_RGB,

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from clients.sisa import SisaError, SisaSettings, SisaShard, assign_slices
-from clients.unlearning.exact import unlearn
 from fairforget.data import load_dataset, shard_of
+from fairforget.sisa import SisaError, SisaSettings, SisaShard, assign_slices
+from fairforget.unlearning.exact import unlearn
 
 
 @pytest.fixture
@@ -52,9 +52,9 @@ def test_unlearning_equals_training_from_scratch_without_the_ids(shard_setup, sl
 
     result = unlearn(shard, forget)
 
-    assert result["restart_stage"] == slice_no
-    assert result["retrained_stages"] == settings.slices - slice_no
-    assert result["hash_before"] != result["hash_after"]
+    assert result.restart_stage == slice_no
+    assert result.retrained_stages == settings.slices - slice_no
+    assert result.hash_before != result.hash_after
     scratch = SisaShard(tmp / "scratch", 0, data, settings,
                         slices=[[i for i in s if i not in forget] for s in original_slices])
     scratch.train_through()
@@ -67,13 +67,17 @@ def test_deleted_ids_are_gone_from_index_and_checkpoints(shard_setup):
     shard = SisaShard(tmp / "s", 0, data, settings)
     shard.train_through()
     victim = shard.index["slices"][1][0]
+    stage1 = shard.checkpoint_path(1).read_bytes()
+    later = {st: shard.checkpoint_path(st).read_bytes() for st in (2, 3)}
     unlearn(shard, [victim])
     assert victim not in shard.live_ids()
     assert victim in shard.deleted
     for stage in range(1, settings.slices + 1):
         trained_on = torch.load(shard.checkpoint_path(stage), weights_only=True)["ids"].tolist()
         assert victim not in trained_on
-    # stage 1 never saw the victim (slice 2): it was kept, byte for byte
+    # stage 1 never saw the victim (slice 2): it was kept, byte for byte; stages 2 and 3 were retrained
+    assert shard.checkpoint_path(1).read_bytes() == stage1
+    assert all(shard.checkpoint_path(st).read_bytes() != later[st] for st in (2, 3))
     reopened = SisaShard(tmp / "s", 0, data, settings)
     assert victim not in reopened.live_ids() and reopened.trained == settings.slices
 

@@ -5,8 +5,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Error, Message
 
 from fairforget import keys
 from fairforget.model import build_model
+from fairforget.records import pack_shards, unpack_shards
 from strategies import STRATEGIES
-from strategies.base import StrategyReplyError, pack_shards, unpack_shards
+from strategies.base import StrategyReplyError
 from strategies.shard_ensemble import ShardEnsemble
 
 
@@ -18,7 +19,7 @@ def name(request):
 def test_contract_full_run(name, tiny_cfg, grid_for):
     cfg = tiny_cfg(strategy=name)
     grid = grid_for(cfg)
-    strategy = STRATEGIES[name].from_config(cfg)
+    strategy = STRATEGIES[name].from_config(cfg, 10)
     assert strategy.name == name
     rounds = strategy.num_rounds()
     assert rounds >= 1
@@ -38,7 +39,7 @@ def test_contract_full_run(name, tiny_cfg, grid_for):
 
 def test_error_reply_is_raised(name, tiny_cfg):
     cfg = tiny_cfg(strategy=name)
-    strategy = STRATEGIES[name].from_config(cfg)
+    strategy = STRATEGIES[name].from_config(cfg, 10)
     msg = Message(__import__("flwr.app", fromlist=["RecordDict"]).RecordDict(), dst_node_id=7,
                   message_type=keys.MSG_TRAIN)
     bad = Message(Error(code=1, reason="disk full"), reply_to=msg)
@@ -49,7 +50,7 @@ def test_error_reply_is_raised(name, tiny_cfg):
 def test_shard_ensemble_never_averages(tiny_cfg, grid_for):
     cfg = tiny_cfg()
     grid = grid_for(cfg)
-    strategy = ShardEnsemble.from_config(cfg)
+    strategy = ShardEnsemble.from_config(cfg, 10)
     result = strategy.start(grid=grid, initial_arrays=ArrayRecord(), num_rounds=strategy.num_rounds())
     states = strategy.ensemble_states(result.arrays)
     assert sorted(states) == list(range(cfg.num_shards))

@@ -1,4 +1,4 @@
-"""The unlearning methods (clients/unlearning/): one contract every approximate method inherits, on a
+"""The unlearning methods (fairforget/unlearning/): one contract every approximate method inherits, on a
 tiny memorising model, plus the Newton step's maths."""
 
 import copy
@@ -9,12 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clients.sisa import SisaSettings, SisaShard
-from clients.unlearning import EXACT, UNLEARNERS, approx_state
-from clients.unlearning.approx_state import UnlearnParams, accuracy, model_from
-from clients.unlearning.newton import newton_sigma, newton_step
 from fairforget.config import resolve
 from fairforget.data import load_dataset, shard_of
+from fairforget.sisa import SisaSettings, SisaShard
+from fairforget.unlearning import EXACT, UNLEARNERS, approximate
+from fairforget.unlearning.approximate import UnlearnParams, accuracy, model_from
+from fairforget.unlearning.newton import newton_sigma, newton_step
 
 APPROXIMATE = sorted(n for n in UNLEARNERS if n != EXACT)
 FLIPPED = 10  # forget set: samples whose label is shifted by one, so the model can only memorise them
@@ -66,22 +66,22 @@ def test_every_approximate_method_forgets_and_keeps_utility(memorised, name):
 
     result = UNLEARNERS[name](shard, m["ids"], UnlearnParams.from_config(m["cfg"]))
 
-    after = model_from(approx_state.current_state(shard), shard)
+    after = model_from(approximate.current_state(shard), shard)
     assert _forget_loss(after, forget) > loss_before
     if name != "newton":
         assert accuracy(after, forget) < acc_before
     # newton changes the head only; the encoder keeps what it memorised, so its forget-set accuracy may
-    # stay (the loss rises), see clients/unlearning/newton.py
+    # stay (the loss rises), see fairforget/unlearning/newton.py
     assert accuracy(after, test) >= m["exact_test"] - TEST_MARGIN
     # the SISA bookkeeping: the ids are deleted, the shard fell back to its clean stage, approx.pt serves
-    assert result["method"] == name and result["retrained_stages"] == 0
+    assert result.method == name and result.retrained_stages == 0
     assert set(m["ids"]) <= shard.deleted and not set(m["ids"]) & shard.live_ids()
-    assert shard.trained == result["restart_stage"] == 0  # ids in both slices
+    assert shard.trained == result.restart_stage == 0  # ids in both slices
     assert not list((shard.dir / "checkpoints").glob("stage-*.pt"))
-    assert approx_state.meta(shard)["approx_deletions"] == FLIPPED
-    assert result["hash_after"] == approx_state.current_hash(shard) != result["hash_before"]
+    assert approximate.meta(shard)["approx_deletions"] == FLIPPED
+    assert result.hash_after == approximate.current_hash(shard) != result.hash_before
     reloaded = SisaShard(shard.dir, 0, m["data"], m["settings"])  # a restarted node serves the same model
-    assert approx_state.current_hash(reloaded) == result["hash_after"]
+    assert approximate.current_hash(reloaded) == result.hash_after
 
 
 def test_exact_retrain_after_approximate_deletions_is_exact(memorised):
@@ -90,15 +90,15 @@ def test_exact_retrain_after_approximate_deletions_is_exact(memorised):
     slices = [list(s) for s in shard.index["slices"]]
     first, second = m["ids"][:3], m["ids"][3:5]
     UNLEARNERS["finetune"](shard, first)
-    assert approx_state.target_stage(shard) == m["settings"].slices
+    assert approximate.target_stage(shard) == m["settings"].slices
     result = UNLEARNERS[EXACT](shard, second)
-    assert not approx_state.approx_path(shard).exists()
-    assert shard.trained == m["settings"].slices and result["retrained_stages"] == m["settings"].slices
+    assert not approximate.approx_path(shard).exists()
+    assert shard.trained == m["settings"].slices and result.retrained_stages == m["settings"].slices
     gone = set(first) | set(second)
     scratch = SisaShard(m["root"] / "scratch", 0, m["data"], m["settings"],
                         slices=[[i for i in s if i not in gone] for s in slices])
     scratch.train_through()
-    assert shard.model_hash() == scratch.model_hash() == approx_state.current_hash(shard)
+    assert shard.model_hash() == scratch.model_hash() == approximate.current_hash(shard)
 
 
 def test_a_stale_approximate_model_is_never_served(memorised):
@@ -107,9 +107,9 @@ def test_a_stale_approximate_model_is_never_served(memorised):
     shard = _copy(m["root"], "stale", m["data"], m["settings"])
     UNLEARNERS["finetune"](shard, m["ids"][:2])
     shard.remove(m["ids"][2:4])  # the index moves on; no new approx.pt (the crash)
-    assert approx_state.meta(shard) is None
-    assert approx_state.current_hash(shard) == shard.model_hash()  # the clean checkpoint
-    assert approx_state.target_stage(shard) == m["settings"].slices
+    assert approximate.meta(shard) is None
+    assert approximate.current_hash(shard) == shard.model_hash()  # the clean checkpoint
+    assert approximate.target_stage(shard) == m["settings"].slices
 
 
 # ---------------------------------------------------------------------- the Newton step
@@ -131,10 +131,10 @@ def test_newton_unlearner_reports_the_formulas_sigma(memorised):
     n = len(shard.live_ids())
     params = UnlearnParams.from_config(m["cfg"])
     result = UNLEARNERS["newton"](shard, m["ids"][:2], params)
-    assert result["noise_sigma"] == newton_sigma(params.eps, params.delta, 2, n, params.newton_lambda)
+    assert result.figures["noise_sigma"] == newton_sigma(params.eps, params.delta, 2, n, params.newton_lambda)
     # only the head changed
     before = _copy(m["root"], "newton-ref", m["data"], m["settings"]).model_state()
-    after = approx_state.current_state(shard)
+    after = approximate.current_state(shard)
     assert [k for k in before if not torch.equal(before[k], after[k])] == ["fc.weight", "fc.bias"]
 
 
@@ -147,7 +147,7 @@ def _regularised_optimum(x, y, k, lam, iters=30):
 
 def _full_step(theta, x, y, lam):
     """H^-1 grad of the mean regularised loss (so that theta - this is a Newton iterate)."""
-    from clients.unlearning.newton import _hessian_sum
+    from fairforget.unlearning.newton import _hessian_sum
 
     p = torch.softmax(x @ theta.T, 1)
     grad = (p - F.one_hot(y, theta.shape[0]).double()).T @ x / len(x) + lam * theta
@@ -183,8 +183,8 @@ def _compare_script():
 
 def test_compare_on_a_finished_run_fills_metrics_and_report_and_leaves_the_run_alone(tiny_cfg, grid_for, capsys,
                                                                                      tmp_path, monkeypatch):
+    from fairforget.run import RunDir
     from server.experiment import run_training
-    from server.run_files import RunDir
 
     cfg = tiny_cfg(audit=False)
     run_training(grid_for(cfg), cfg)

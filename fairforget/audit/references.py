@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from clients.sisa import SisaSettings, assign_slices, derived_seed, train_epochs
 from fairforget.data.base import SampleSet
 from fairforget.model import build_model
+from fairforget.sisa import SisaSettings, assign_slices, derived_seed
+from fairforget.training import train
 
 
 @dataclass
@@ -42,13 +43,15 @@ def train_sisa_model(data: SampleSet, settings: SisaSettings, seed: int) -> torc
     if settings.num_threads > 0:
         torch.set_num_threads(settings.num_threads)
     model = build_model(settings.num_classes, settings.width, seed=derived_seed(seed, 0))
-    opt = torch.optim.Adam(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derived_seed(seed, 1) % (1 << 63))
+        objective = settings.build_objective()
+    opt = settings.optimizer.build(model, objective)
     slices = assign_slices(data.ids.tolist(), settings.slices, seed, 0)
     for stage in range(1, settings.slices + 1):
         part = data.select_ids(sorted(i for s in slices[:stage] for i in s))
         seeds = [derived_seed(seed, stage, e) for e in range(settings.epochs_per_slice)]
-        if len(part):
-            train_epochs(model, opt, part, settings.epochs_per_slice, settings.batch_size, seeds)
+        train(model, part, seeds=seeds, batch_size=settings.batch_size, objective=objective, optimizer=opt)
     return model.eval()
 
 

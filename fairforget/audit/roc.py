@@ -2,7 +2,7 @@
 TPR at a fixed low FPR with bootstrap confidence intervals, and the curve for a log-log plot.
 
 Higher scores mean "member". Carlini et al. 2022 argue for TPR at low FPR on a log-log ROC rather
-than AUC alone; both are reported.
+than AUC alone; both are reported. The curves come from ``sklearn.metrics.roc_curve``.
 """
 
 from __future__ import annotations
@@ -10,35 +10,34 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from sklearn import metrics
 
 LOW_FPRS = (0.01, 0.001)
 
 
 def roc_curve(scores: np.ndarray, is_member: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(fpr, tpr) over every threshold, from (0, 0) to (1, 1); ties handled as one step."""
-    scores = np.asarray(scores, dtype=np.float64)
+    """(fpr, tpr) over every distinct threshold, from (0, 0) to (1, 1): ``sklearn.metrics.roc_curve``."""
     labels = np.asarray(is_member, dtype=bool)
-    pos, neg = labels.sum(), (~labels).sum()
-    if pos == 0 or neg == 0:
+    if labels.all() or not labels.any():
         raise ValueError("ROC needs both members and non-members")
-    order = np.argsort(-scores, kind="mergesort")
-    s, y = scores[order], labels[order]
-    distinct = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]
-    tps = np.cumsum(y)[distinct]
-    fps = np.cumsum(~y)[distinct]
-    return np.r_[0.0, fps / neg], np.r_[0.0, tps / pos]
+    fpr, tpr, _ = metrics.roc_curve(labels, np.asarray(scores, dtype=np.float64), drop_intermediate=False)
+    return fpr, tpr
 
 
 def auc(scores: np.ndarray, is_member: np.ndarray) -> float:
     fpr, tpr = roc_curve(scores, is_member)
-    return float(np.trapezoid(tpr, fpr))
+    return float(metrics.auc(fpr, tpr))
+
+
+def tpr_at(fpr: np.ndarray, tpr: np.ndarray, target: float) -> float:
+    """The largest TPR of a curve whose FPR does not exceed ``target``."""
+    ok = fpr <= target + 1e-12
+    return float(tpr[ok].max()) if ok.any() else 0.0
 
 
 def tpr_at_fpr(scores: np.ndarray, is_member: np.ndarray, target: float) -> float:
     """The largest TPR whose FPR does not exceed ``target``."""
-    fpr, tpr = roc_curve(scores, is_member)
-    ok = fpr <= target + 1e-12
-    return float(tpr[ok].max()) if ok.any() else 0.0
+    return tpr_at(*roc_curve(scores, is_member), target)
 
 
 def summarize(scores: np.ndarray, is_member: np.ndarray, *, bootstrap: int = 200, seed: int = 0,
@@ -48,7 +47,7 @@ def summarize(scores: np.ndarray, is_member: np.ndarray, *, bootstrap: int = 200
     labels = np.asarray(is_member, dtype=bool)
     fpr, tpr = roc_curve(scores, labels)
     out: dict[str, Any] = {
-        "auc": float(np.trapezoid(tpr, fpr)),
+        "auc": float(metrics.auc(fpr, tpr)),
         "balanced_accuracy": float(np.max((tpr + 1.0 - fpr) / 2.0)),
         "advantage": float(np.max(tpr - fpr)),
         "n_members": int(labels.sum()),
@@ -56,13 +55,14 @@ def summarize(scores: np.ndarray, is_member: np.ndarray, *, bootstrap: int = 200
     }
     rng = np.random.default_rng(seed)
     mem, non = np.flatnonzero(labels), np.flatnonzero(~labels)
+    curves = []  # one ROC per bootstrap draw, stratified: members and non-members resampled apart
+    for _ in range(bootstrap):
+        idx = np.r_[rng.choice(mem, len(mem)), rng.choice(non, len(non))]
+        curves.append(roc_curve(scores[idx], labels[idx]))
     for target in LOW_FPRS:
         key = f"tpr_at_{target:g}_fpr"
-        out[key] = tpr_at_fpr(scores, labels, target)
-        draws = []
-        for _ in range(bootstrap):  # stratified: resample members and non-members separately
-            idx = np.r_[rng.choice(mem, len(mem)), rng.choice(non, len(non))]
-            draws.append(tpr_at_fpr(scores[idx], labels[idx], target))
+        out[key] = tpr_at(fpr, tpr, target)
+        draws = [tpr_at(f, t, target) for f, t in curves]
         lo, hi = np.percentile(draws, [2.5, 97.5]) if draws else (np.nan, np.nan)
         out[key + "_ci95"] = [float(lo), float(hi)]
     keep = np.unique(np.linspace(0, len(fpr) - 1, min(curve_points, len(fpr))).astype(int))

@@ -10,6 +10,7 @@ import functools
 from collections.abc import Callable
 from types import SimpleNamespace
 
+from fairforget.config import lookup
 from fairforget.data import biased_digits, biased_mnist, celeba, cifar10_skewed, image_folder
 from fairforget.data.base import DataBundle, DatasetError, SampleSet
 from fairforget.data.partition import partition_shards
@@ -37,7 +38,7 @@ def load_dataset(cfg) -> DataBundle:
 @functools.lru_cache(maxsize=4)
 def _load_cached(data_keys: tuple) -> DataBundle:
     data_cfg = SimpleNamespace(**dict(data_keys))
-    return DATASETS[data_cfg.dataset](data_cfg)
+    return lookup("dataset", data_cfg.dataset, DATASETS)(data_cfg)
 
 
 def shard_of(cfg, bundle: DataBundle) -> list[SampleSet]:

@@ -26,9 +26,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import linalg
+from torch import nn
 
 from fairforget.data.base import SampleSet
 from fairforget.model import SimpleConvNet, build_model
+from fairforget.objectives import Objective
+from fairforget.training import Batch, OptimizerSpec, train
 
 FIDELITY_WIDTH = 8
 FIDELITY_EPOCHS = 40
@@ -53,8 +56,8 @@ class FidelityClassifiers:
     @classmethod
     def train(cls, data: SampleSet, num_classes: int, num_private: int, seed: int,
               epochs: int = FIDELITY_EPOCHS) -> FidelityClassifiers:
-        target = _fit(data.x, data.y, num_classes, seed, epochs, view=shape_view)
-        private = _fit(data.x, data.private, num_private, seed + 1, epochs)
+        target = _fit(data, "y", num_classes, seed, epochs, view=shape_view)
+        private = _fit(data, "private", num_private, seed + 1, epochs)
         return cls(target, private)
 
     def state(self) -> dict[str, torch.Tensor]:
@@ -110,25 +113,32 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.sum((mu_a - mu_b) ** 2) + np.trace(cov_a + cov_b - 2 * covmean))
 
 
-def _fit(x: torch.Tensor, y: torch.Tensor, num_classes: int, seed: int, epochs: int,
+class NoisyViewCE(Objective):
+    """Cross-entropy on ``view(noisy x)`` for the target (``y``) or the private label: Gaussian pixel
+    noise (sigma uniform in [0, NOISE]) and a random brightness shift make the classifier judge a
+    sample's class or attribute, not whether its pixels are as clean as real ones (the Frechet
+    distance measures that)."""
+
+    name = "noisy-view-cross-entropy"
+
+    def __init__(self, label: str, seed: int, view: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        nn.Module.__init__(self)
+        self.label, self.view = label, view
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        n = len(batch)
+        sigma = torch.rand(n, 1, 1, 1, generator=self.gen) * NOISE
+        shift = (torch.rand(n, 1, 1, 1, generator=self.gen) - 0.5) * 0.2
+        noise = sigma * torch.randn(batch.x.shape, generator=self.gen) + shift
+        xb = (batch.x + noise.to(batch.x.device)).clamp(0, 1)
+        return F.cross_entropy(model(self.view(xb) if self.view else xb), getattr(batch, self.label))
+
+
+def _fit(data: SampleSet, label: str, num_classes: int, seed: int, epochs: int,
          view: Callable[[torch.Tensor], torch.Tensor] | None = None) -> SimpleConvNet:
-    """Adam on ``view(noisy x)``: Gaussian pixel noise (sigma uniform in [0, NOISE]) and a random
-    brightness shift make the classifier judge a sample's class or attribute, not whether its pixels
-    are as clean as real ones (the Frechet distance measures that)."""
+    """Adam (lr 3e-3, batches of 64) on :class:`NoisyViewCE`, through the training engine."""
     model = build_model(num_classes, FIDELITY_WIDTH, seed=seed)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    gen = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(len(x), generator=gen)
-        for start in range(0, len(perm), 64):
-            idx = perm[start : start + 64]
-            xb = x[idx]
-            sigma = torch.rand(len(idx), 1, 1, 1, generator=gen) * NOISE
-            shift = (torch.rand(len(idx), 1, 1, 1, generator=gen) - 0.5) * 0.2
-            xb = (xb + sigma * torch.randn(xb.shape, generator=gen) + shift).clamp(0, 1)
-            loss = F.cross_entropy(model(view(xb) if view else xb), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+    train(model, data, seeds=[seed + 1 + e for e in range(epochs)], batch_size=64,
+          objective=NoisyViewCE(label, seed, view), optimizer=OptimizerSpec(lr=3e-3).build(model))
     return model.eval()

@@ -8,14 +8,13 @@ but the forget set's influence only fades as far as the extra epochs overwrite i
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from clients.sisa import SisaShard
-from clients.unlearning.approx_state import UnlearnParams, approximate, batches, ce, descend
 from fairforget.data.base import SampleSet
 from fairforget.model import SimpleConvNet
+from fairforget.sisa import SisaShard
+from fairforget.unlearning.approximate import UnlearnParams, approximate, ce, descend
+from fairforget.unlearning.result import UnlearnResult
 
 NAME = "finetune"
 
@@ -23,17 +22,15 @@ NAME = "finetune"
 def finetune(model: SimpleConvNet, retain: SampleSet, params: UnlearnParams, batch_size: int, seed: int,
              parameters: list[torch.nn.Parameter] | None = None) -> None:
     """``params.epochs`` epochs of cross-entropy on ``retain`` (only ``parameters`` if given)."""
-    opt = torch.optim.Adam(parameters if parameters is not None else model.parameters(), lr=params.lr)
-    model.train()
-    for epoch in range(params.epochs):
-        descend(opt, batches(len(retain), batch_size, seed + epoch), lambda idx: ce(model, retain, idx))
+    opt = params.optimizer.build(parameters if parameters is not None else model)
+    descend(model, retain, lambda m, b: ce(m, b.x, b.y), opt, batch_size, [seed + e for e in range(params.epochs)])
 
 
 def _method(model: SimpleConvNet, retain: SampleSet, forget: SampleSet, params: UnlearnParams,
-            shard: SisaShard, seed: int) -> dict[str, Any]:
+            shard: SisaShard, seed: int) -> dict[str, float]:
     finetune(model, retain, params, shard.settings.batch_size, seed)
     return {}
 
 
-def unlearn(shard: SisaShard, ids: list[int], params: UnlearnParams | None = None) -> dict[str, Any]:
+def unlearn(shard: SisaShard, ids: list[int], params: UnlearnParams | None = None) -> UnlearnResult:
     return approximate(NAME, _method, shard, ids, params)

@@ -13,32 +13,34 @@ already unlearned and further ascent would only wreck the model (plain NegGrad's
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
+from torch import nn
 
-from clients.sisa import SisaShard
-from clients.unlearning.approx_state import UnlearnParams, approximate, batches, ce, descend
 from fairforget.data.base import SampleSet
 from fairforget.model import SimpleConvNet
+from fairforget.sisa import SisaShard
+from fairforget.training import Batch
+from fairforget.unlearning.approximate import UnlearnParams, approximate, ce, descend
+from fairforget.unlearning.result import UnlearnResult
 
 NAME = "neggrad"
 BETA = 0.9
 
 
 def _method(model: SimpleConvNet, retain: SampleSet, forget: SampleSet, params: UnlearnParams,
-            shard: SisaShard, seed: int) -> dict[str, Any]:
+            shard: SisaShard, seed: int) -> dict[str, float]:
     cap = 2.0 * math.log(shard.settings.num_classes)
-    all_forget = torch.arange(len(forget))
-    opt = torch.optim.Adam(model.parameters(), lr=params.lr)
-    model.train()
-    def loss_of(idx: torch.Tensor) -> torch.Tensor:
-        return BETA * ce(model, retain, idx) - (1.0 - BETA) * ce(model, forget, all_forget).clamp(max=cap)
+    device = next(model.parameters()).device
+    x_f, y_f = forget.x.to(device), forget.y.to(device)
 
-    for epoch in range(params.epochs):
-        descend(opt, batches(len(retain), shard.settings.batch_size, seed + epoch), loss_of)
+    def loss(m: nn.Module, batch: Batch) -> torch.Tensor:
+        return BETA * ce(m, batch.x, batch.y) - (1.0 - BETA) * ce(m, x_f, y_f).clamp(max=cap)
+
+    descend(model, retain, loss, params.optimizer.build(model), shard.settings.batch_size,
+            [seed + e for e in range(params.epochs)])
     return {}
 
 
-def unlearn(shard: SisaShard, ids: list[int], params: UnlearnParams | None = None) -> dict[str, Any]:
+def unlearn(shard: SisaShard, ids: list[int], params: UnlearnParams | None = None) -> UnlearnResult:
     return approximate(NAME, _method, shard, ids, params)

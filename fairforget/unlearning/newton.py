@@ -21,7 +21,7 @@ the deleted samples' influence (the encoder's budget is heuristic, :mod:`fairfor
 4. Noise: ``theta_bar + N(0, sigma^2 I)`` with ``gamma' = 2 M m^2 L^2 / (lambda^2 n^2)`` and
    ``sigma = (gamma' / eps) sqrt(2 ln(1.25 / delta))`` (:func:`newton_sigma`).
 
-The Hessian is computed at unlearning time from the model before the deletion (our ``clients/sisa.py``
+The Hessian is computed at unlearning time from the model before the deletion (our ``fairforget/sisa.py``
 stores no Hessian at training time). Since the model before the deletion is exactly the one training
 produced (or the previous request's output), this equals storing it then; it costs one forward pass
 over the shard and a d x d solve (d = 650 at the default width). Each request is one (eps, delta)
@@ -33,14 +33,14 @@ The theorem assumes the head is the regularised empirical risk minimiser; SISA's
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 
-from clients.sisa import SisaShard
-from clients.unlearning.approx_state import UnlearnParams, approximate
 from fairforget.data.base import SampleSet
 from fairforget.model import SimpleConvNet
+from fairforget.sisa import SisaShard
+from fairforget.unlearning.approximate import UnlearnParams, approximate
+from fairforget.unlearning.result import UnlearnResult
 
 NAME = "newton"
 X_NORM = math.sqrt(2.0)  # bound on ||x|| after rescaling
@@ -90,7 +90,7 @@ def newton_step(theta: torch.Tensor, x_retain: torch.Tensor, y_retain: torch.Ten
 
 
 def _method(model: SimpleConvNet, retain: SampleSet, forget: SampleSet, params: UnlearnParams,
-            shard: SisaShard, seed: int) -> dict[str, Any]:
+            shard: SisaShard, seed: int) -> dict[str, float]:
     phi_r, phi_f = _features(model, retain), _features(model, forget)
     radius = float(torch.cat([phi_r, phi_f]).norm(dim=1).max().clamp(min=1e-12))
 
@@ -110,5 +110,5 @@ def _method(model: SimpleConvNet, retain: SampleSet, forget: SampleSet, params: 
     return {"noise_sigma": sigma, "newton_step_norm": float((theta_bar - theta).norm()), "feature_radius": radius}
 
 
-def unlearn(shard: SisaShard, ids: list[int], params: UnlearnParams | None = None) -> dict[str, Any]:
+def unlearn(shard: SisaShard, ids: list[int], params: UnlearnParams | None = None) -> UnlearnResult:
     return approximate(NAME, _method, shard, ids, params)

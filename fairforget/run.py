@@ -1,11 +1,12 @@
-"""A run folder and what it holds; every write is atomic.
+"""A run folder and what it holds; every write is atomic. Used by the ServerApp's drivers, the
+command line and the simulations; it knows nothing of Flower.
 
 ::
 
     OUT/config.toml      the resolved run config (written by the CLI)
     OUT/metrics.json     figures (schema in README.md)
     OUT/ledger.jsonl     one line per deletion decision
-    OUT/budget.json      each shard's deletion capacity and what is used of it (fairforget.capacity)
+    OUT/budget.json      the strategy's deletion budget: each shard's capacity and what is used of it
     OUT/report.md        the report, with PNG plots beside it
     OUT/models/shard-K.pt  the server's copy of each constituent model
     OUT/status.json      how the last Flower run in this folder ended
@@ -21,6 +22,7 @@ from typing import Any
 
 import torch
 
+from fairforget.capacity import DeletionBudget
 from fairforget.config import ConfigError, RunConfig, resolve
 from fairforget.ledger import Ledger
 from fairforget.storage import atomic_torch_save, atomic_write_json, atomic_write_text, read_json, torch_load
@@ -70,6 +72,16 @@ class RunDir:
     def load_models(self) -> dict[int, dict[str, torch.Tensor]]:
         paths = sorted(self.models_dir.glob("shard-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
         return {int(p.stem.split("-")[1]): torch_load(p) for p in paths}
+
+    # ------------------------------------------------------------------ the deletion budget
+    def save_budget(self, budget: DeletionBudget) -> None:
+        atomic_write_json(self.budget_path, budget.state_dict())
+
+    def load_budget(self, budget: DeletionBudget) -> DeletionBudget:
+        """Restore the saved spend into ``budget`` (a fresh one from the run config); returns it."""
+        if self.budget_path.is_file():
+            budget.load_state_dict(read_json(self.budget_path))
+        return budget
 
     # ------------------------------------------------------------------ figures
     def metrics(self) -> dict[str, Any]:

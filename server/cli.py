@@ -1,4 +1,7 @@
-"""The ``fairforget`` command: ``simulate`` a federated run, ``forget`` samples from a finished one.
+"""The ``fairforget`` command: ``simulate`` a federated run, ``forget`` samples from a finished one,
+``audit`` it again. It launches the Flower App (``flwr run``) and checks every name the run config
+selects (dataset, strategy, objective, unlearning method, attacks) with the registry that owns it,
+before anything is written.
 
 User mistakes (bad config, missing data, unknown ids, a folder that is no run) end with one line
 ``fairforget: error: ...`` and exit status 2, before anything is written.
@@ -11,9 +14,16 @@ import shutil
 import sys
 from pathlib import Path
 
-from fairforget.config import ConfigError, parse_ids, parse_set, read_toml, resolve
+from fairforget.audit import AuditError
+from fairforget.audit.suite import check_audit_config, run_audit
+from fairforget.config import ConfigError, RunConfig, parse_ids, parse_set, read_toml, resolve
 from fairforget.data import DatasetError, load_dataset, shard_of
+from fairforget.report import write_report
+from fairforget.run import RunDir, RunDirError
 from fairforget.runner import FlowerRunError, run_flower
+from fairforget.sisa import SisaSettings
+from fairforget.unlearning import get_unlearner
+from strategies import build_strategy, strategy_class
 
 EXIT_USAGE = 2
 EXIT_RUN = 1
@@ -30,15 +40,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     cfg = resolve(overrides, sets)
     out = Path(args.out if args.out else cfg.out_dir).expanduser().resolve()
     cfg = cfg.replace(out_dir=str(out), mode="simulate", forget_ids="")
-    bundle = load_dataset(cfg)  # fail on a bad data root before starting Flower
-    shard_of(cfg, bundle)
-    from strategies import STRATEGIES
-
-    STRATEGIES[cfg.strategy].from_config(cfg)
-    if cfg.audit:
-        from server.audit import check_audit_config
-
-        check_audit_config(cfg, bundle)
+    bundle = preflight(cfg)
     if out.exists() and any(out.iterdir()):
         if not args.force:
             raise UserError(f"{out} already holds files; choose another --out or pass --force to replace it")
@@ -51,9 +53,19 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_summary(out: Path) -> None:
-    from server.run_files import RunDir
+def preflight(cfg: RunConfig):
+    """Every check that needs no Flower: the data root, the partition, and each registered name."""
+    bundle = load_dataset(cfg)  # fail on a bad data root before starting Flower
+    shard_of(cfg, bundle)
+    build_strategy(cfg, bundle.num_classes)
+    SisaSettings.from_config(cfg, bundle.num_classes, bundle.num_private).build_objective()
+    get_unlearner(cfg.unlearn_method)
+    if cfg.audit:
+        check_audit_config(cfg, bundle)
+    return bundle
 
+
+def _print_summary(out: Path) -> None:
     m = RunDir(out).metrics()
     ens = m["ensemble"]
     print(f"accuracy: biased test {ens['biased']['accuracy']:.3f}, unbiased test {ens['unbiased']['accuracy']:.3f}, "
@@ -70,9 +82,6 @@ def _print_summary(out: Path) -> None:
 
 # ---------------------------------------------------------------------- forget
 def cmd_forget(args: argparse.Namespace) -> int:
-    from server.run_files import RunDir
-    from strategies import STRATEGIES
-
     run = RunDir(Path(args.run).expanduser().resolve())
     run.require_finished()
     sets = parse_set(args.set or [])
@@ -83,7 +92,8 @@ def cmd_forget(args: argparse.Namespace) -> int:
     if args.method:
         sets["unlearn-method"] = args.method
     cfg = resolve(run.config().to_mapping(), sets).replace(out_dir=str(run.path))
-    if not STRATEGIES[cfg.strategy].exact_unlearning:
+    get_unlearner(cfg.unlearn_method)
+    if not strategy_class(cfg.strategy).exact_unlearning:
         raise UserError(f"run {run.path} used strategy '{cfg.strategy}', which keeps no shard models; "
                         "exact unlearning needs shard-ensemble")
     if args.ids_file:
@@ -138,10 +148,6 @@ AUDIT_KEYS = ("audit-attacks", "audit-references", "audit-bootstrap")
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from fairforget.report import write_report
-    from server.audit import run_audit
-    from server.run_files import RunDir
-
     run = RunDir(Path(args.run).expanduser().resolve())
     run.require_finished()
     sets = parse_set(args.set or [])
@@ -233,9 +239,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fairforget.audit import AuditError
-    from server.run_files import RunDirError
-
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

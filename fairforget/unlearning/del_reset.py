@@ -12,15 +12,14 @@ every other weight are masked).
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from clients.sisa import SisaShard, derived_seed
-from clients.unlearning.approx_state import UnlearnParams, approximate, ce
-from clients.unlearning.finetune import finetune
 from fairforget.data.base import SampleSet
 from fairforget.model import SimpleConvNet, build_model
+from fairforget.sisa import SisaShard, derived_seed
+from fairforget.unlearning.approximate import UnlearnParams, approximate, ce
+from fairforget.unlearning.finetune import finetune
+from fairforget.unlearning.result import UnlearnResult
 
 NAME = "del"
 FRACTION = 0.10  # of the scored weights
@@ -30,9 +29,10 @@ def _grads(model: SimpleConvNet, data: SampleSet, names: list[str], batch_size: 
     params = dict(model.named_parameters())
     total = {n: torch.zeros_like(params[n]) for n in names}
     model.eval()  # BatchNorm statistics of the trained model, not of the scored batch
+    device = next(model.parameters()).device
     for idx in torch.arange(len(data)).split(batch_size):
         model.zero_grad(set_to_none=True)
-        (ce(model, data, idx) * len(idx) / len(data)).backward()
+        (ce(model, data.x[idx].to(device), data.y[idx].to(device)) * len(idx) / len(data)).backward()
         for n in names:
             total[n] += params[n].grad.detach()
     model.zero_grad(set_to_none=True)
@@ -40,7 +40,7 @@ def _grads(model: SimpleConvNet, data: SampleSet, names: list[str], batch_size: 
 
 
 def _method(model: SimpleConvNet, retain: SampleSet, forget: SampleSet, params: UnlearnParams,
-            shard: SisaShard, seed: int) -> dict[str, Any]:
+            shard: SisaShard, seed: int) -> dict[str, float]:
     s = shard.settings
     names = [n for n, p in model.named_parameters() if p.dim() > 1]  # conv kernels and the head's weights
     g_f = _grads(model, forget, names, s.batch_size)
@@ -66,5 +66,5 @@ def _method(model: SimpleConvNet, retain: SampleSet, forget: SampleSet, params: 
     return {"reset_parameters": int(sum(m.sum().item() for m in masks.values()))}
 
 
-def unlearn(shard: SisaShard, ids: list[int], params: UnlearnParams | None = None) -> dict[str, Any]:
+def unlearn(shard: SisaShard, ids: list[int], params: UnlearnParams | None = None) -> UnlearnResult:
     return approximate(NAME, _method, shard, ids, params)

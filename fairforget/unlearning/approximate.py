@@ -1,6 +1,6 @@
 """The shard's current model after approximate unlearning, and what every approximate method shares.
 
-SISA keeps one model per trained stage (:mod:`clients.sisa`). An approximate deletion does the same
+SISA keeps one model per trained stage (:mod:`fairforget.sisa`). An approximate deletion does the same
 bookkeeping as an exact one first (:meth:`SisaShard.remove`: the ids leave the index, committed
 atomically, and every checkpoint trained on them is deleted, so the shard falls back to its last
 clean stage), but then does not retrain: it computes an approximate model from the model *before*
@@ -14,7 +14,11 @@ the index's version: a crash between the index commit and the save leaves an old
 whose version no longer matches, and the shard then serves its last clean checkpoint (a model never
 trained on the deleted ids) instead of a model that still holds them. ``target_stage`` remembers how
 many stages the shard had trained before its first approximate deletion, so that an exact retrain
-(:mod:`clients.unlearning.exact`) goes back through all of them; it then removes ``approx.pt``.
+(:mod:`fairforget.unlearning.exact`) goes back through all of them; it then removes ``approx.pt``.
+
+The methods that descend (fine-tune, NegGrad+, SCRUB, DEL) train through the training engine
+(:func:`fairforget.training.train`) with an objective of their own and an optimizer built once by
+:meth:`UnlearnParams.optimizer`.
 """
 
 from __future__ import annotations
@@ -27,11 +31,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from clients.sisa import SisaShard, derived_seed
 from fairforget.data.base import SampleSet
-from fairforget.model import SimpleConvNet, build_model
+from fairforget.model import SimpleConvNet, load_model
+from fairforget.objectives import Objective
+from fairforget.sisa import SisaShard, derived_seed
 from fairforget.storage import atomic_torch_save, state_hash, torch_load
+from fairforget.training import Batch, OptimizerSpec, train
+from fairforget.unlearning.result import UnlearnResult
 
 APPROX_FILE = "approx.pt"
 
@@ -58,6 +66,11 @@ class UnlearnParams:
         from fairforget.config import resolve
 
         return cls.from_config(resolve())
+
+    @property
+    def optimizer(self) -> OptimizerSpec:
+        """Adam at ``unlearn-lr``, for every method that descends."""
+        return OptimizerSpec(lr=self.lr)
 
 
 # ---------------------------------------------------------------------- the shard's current model
@@ -105,15 +118,7 @@ def clear(shard: SisaShard) -> None:
 # ---------------------------------------------------------------------- shared by every method
 def model_from(state: dict[str, torch.Tensor], shard: SisaShard) -> SimpleConvNet:
     s = shard.settings
-    model = build_model(s.num_classes, s.width, seed=0)
-    model.load_state_dict(state)
-    return model.to(s.device)
-
-
-def batches(n: int, batch_size: int, seed: int) -> list[torch.Tensor]:
-    """A seeded permutation of ``range(n)`` cut into batches (drawn on the CPU)."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return [perm[i : i + batch_size] for i in range(0, n, batch_size)]
+    return load_model(state, s.num_classes, s.width).to(s.device)
 
 
 @torch.no_grad()
@@ -129,29 +134,37 @@ def accuracy(model: torch.nn.Module, data: SampleSet, batch_size: int = 512) -> 
     return correct / len(data)
 
 
-def descend(opt: torch.optim.Optimizer, index_batches: list[torch.Tensor],
-            loss_of: Callable[[torch.Tensor], torch.Tensor]) -> None:
-    """One optimizer step per batch of indices on ``loss_of(batch)``."""
-    for idx in index_batches:
-        loss = loss_of(idx)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+def ce(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(model(x), y)
 
 
-def ce(model: torch.nn.Module, data: SampleSet, idx: torch.Tensor) -> torch.Tensor:
-    device = next(model.parameters()).device
-    return F.cross_entropy(model(data.x[idx].to(device)), data.y[idx].to(device))
+class LossOn(Objective):
+    """An unlearner's own loss as an engine objective: ``fn(model, batch)``."""
+
+    name = "unlearner"
+
+    def __init__(self, fn: Callable[[nn.Module, Batch], torch.Tensor]) -> None:
+        nn.Module.__init__(self)
+        self.fn = fn
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        return self.fn(model, batch)
 
 
-Method = Callable[[SimpleConvNet, SampleSet, SampleSet, UnlearnParams, SisaShard, int], dict[str, Any]]
+def descend(model: nn.Module, data: SampleSet, fn: Callable[[nn.Module, Batch], torch.Tensor],
+            optimizer: torch.optim.Optimizer, batch_size: int, seeds: list[int]) -> None:
+    """``len(seeds)`` epochs of ``fn`` over ``data`` through the training engine."""
+    train(model, data, seeds=seeds, batch_size=batch_size, objective=LossOn(fn), optimizer=optimizer)
+
+
+Method = Callable[[SimpleConvNet, SampleSet, SampleSet, UnlearnParams, SisaShard, int], dict[str, float]]
 
 
 def approximate(name: str, method: Method, shard: SisaShard, ids: list[int],
-                params: UnlearnParams | None) -> dict[str, Any]:
+                params: UnlearnParams | None) -> UnlearnResult:
     """Run one approximate method: load the model before the deletion, do the SISA bookkeeping
     (:meth:`SisaShard.remove`), let ``method(model, retain, forget, params, shard, seed)`` change the
-    model in place (it returns extra figures), save it as the shard's current model."""
+    model in place (it returns its own figures), save it as the shard's current model."""
     params = params or UnlearnParams.defaults()
     shard.check_ids(ids)
     if shard.settings.num_threads > 0:
@@ -172,18 +185,12 @@ def approximate(name: str, method: Method, shard: SisaShard, ids: list[int],
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     deletions = (int(previous["approx_deletions"]) if previous else 0) + len(ids)
     _save(shard, state, name, target, deletions)
-    return {
-        "method": name,
-        "restart_stage": clean_stage,  # where an exact retrain would start
-        "retrained_stages": 0,
-        "seconds": seconds,
-        "wall_seconds": time.perf_counter() - t0,
-        "hash_before": state_hash(before),
-        "hash_after": state_hash(state),
-        "num_examples": len(retain),
-        "approx_deletions": deletions,
-        **extra,
-    }
+    return UnlearnResult(
+        shard=shard.shard, method=name, restart_stage=clean_stage, retrained_stages=0, seconds=seconds,
+        wall_seconds=time.perf_counter() - t0, hash_before=state_hash(before), hash_after=state_hash(state),
+        num_examples=len(retain), full_train_seconds=shard.full_train_seconds(), approx_deletions=deletions,
+        figures=extra,
+    )
 
 
 def _save(shard: SisaShard, state: dict[str, torch.Tensor], name: str, target: int, deletions: int) -> None:

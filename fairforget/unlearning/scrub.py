@@ -15,15 +15,17 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from clients.sisa import SisaShard
-from clients.unlearning.approx_state import UnlearnParams, approximate, batches, descend
 from fairforget.data.base import SampleSet
 from fairforget.model import SimpleConvNet
+from fairforget.sisa import SisaShard
+from fairforget.training import Batch
+from fairforget.unlearning.approximate import UnlearnParams, approximate, descend
+from fairforget.unlearning.result import UnlearnResult
 
 NAME = "scrub"
 ALPHA = 1.0
@@ -36,25 +38,23 @@ def _kl(teacher: torch.nn.Module, student: torch.nn.Module, x: torch.Tensor) -> 
 
 
 def _method(model: SimpleConvNet, retain: SampleSet, forget: SampleSet, params: UnlearnParams,
-            shard: SisaShard, seed: int) -> dict[str, Any]:
+            shard: SisaShard, seed: int) -> dict[str, float]:
     teacher = copy.deepcopy(model).eval()
-    device = next(model.parameters()).device
     cap = math.log(shard.settings.num_classes)
     bs = shard.settings.batch_size
-    opt = torch.optim.Adam(model.parameters(), lr=params.lr)
-    def max_loss(idx: torch.Tensor) -> torch.Tensor:
-        return -_kl(teacher, model, forget.x[idx].to(device)).clamp(max=cap)
+    opt = params.optimizer.build(model)
 
-    def min_loss(idx: torch.Tensor) -> torch.Tensor:
-        x, y = retain.x[idx].to(device), retain.y[idx].to(device)
-        return ALPHA * _kl(teacher, model, x) + F.cross_entropy(model(x), y)
+    def max_loss(m: nn.Module, batch: Batch) -> torch.Tensor:
+        return -_kl(teacher, m, batch.x).clamp(max=cap)
+
+    def min_loss(m: nn.Module, batch: Batch) -> torch.Tensor:
+        return ALPHA * _kl(teacher, m, batch.x) + F.cross_entropy(m(batch.x), batch.y)
 
     for epoch in range(params.epochs):
-        model.train()
-        descend(opt, batches(len(forget), bs, seed + 1000 + epoch), max_loss)  # max-step
-        descend(opt, batches(len(retain), bs, seed + epoch), min_loss)  # min-step
+        descend(model, forget, max_loss, opt, bs, [seed + 1000 + epoch])  # max-step
+        descend(model, retain, min_loss, opt, bs, [seed + epoch])  # min-step
     return {}
 
 
-def unlearn(shard: SisaShard, ids: list[int], params: UnlearnParams | None = None) -> dict[str, Any]:
+def unlearn(shard: SisaShard, ids: list[int], params: UnlearnParams | None = None) -> UnlearnResult:
     return approximate(NAME, _method, shard, ids, params)

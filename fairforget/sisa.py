@@ -12,23 +12,25 @@ Training is deterministic: the initial weights and every epoch's batch order are
 (seed, shard, stage, epoch) alone, and the batch order is a permutation of the sorted live ids. So
 retraining from stage s after a deletion gives the same model as training from scratch on the
 shard without the deleted samples (same slices, less those samples). The exact unlearning that
-uses this is in :mod:`clients.unlearning.exact`.
+uses this is in :mod:`fairforget.unlearning.exact`. Each stage is one call of the training engine
+(:func:`fairforget.training.train`) with the run's objective; an objective's own trainable parts are
+checkpointed with the model.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from fairforget.data.base import SampleSet
-from fairforget.model import SimpleConvNet, build_model
+from fairforget.model import SimpleConvNet, bottleneck_dim, build_model
+from fairforget.objectives import Objective, ObjectiveContext, build_objective
 from fairforget.storage import atomic_torch_save, atomic_write_json, read_json, state_hash, torch_load
+from fairforget.training import NO_PRIVACY, OptimizerSpec, PrivacyHook, train
 
 
 @dataclass(frozen=True)
@@ -43,15 +45,25 @@ class SisaSettings:
     seed: int
     num_threads: int = 1
     device: str = "cpu"
+    objective: str = "cross-entropy"
+    num_private: int = 1
 
     @classmethod
-    def from_config(cls, cfg: Any, num_classes: int) -> SisaSettings:
+    def from_config(cls, cfg: Any, num_classes: int, num_private: int = 1) -> SisaSettings:
         return cls(
             slices=cfg.slices, epochs_per_slice=cfg.epochs_per_slice, batch_size=cfg.batch_size,
             lr=cfg.lr, weight_decay=cfg.weight_decay, width=cfg.model_width,
             num_classes=num_classes, seed=cfg.seed, num_threads=cfg.num_threads,
-            device=cfg.torch_device(),
+            device=cfg.torch_device(), objective=cfg.objective, num_private=num_private,
         )
+
+    @property
+    def optimizer(self) -> OptimizerSpec:
+        return OptimizerSpec(lr=self.lr, weight_decay=self.weight_decay)
+
+    def build_objective(self) -> Objective:
+        return build_objective(self.objective, ObjectiveContext(self.num_classes, self.num_private,
+                                                                bottleneck_dim(self.width)))
 
 
 class SisaError(ValueError):
@@ -69,39 +81,16 @@ def assign_slices(ids: list[int], num_slices: int, seed: int, shard: int) -> lis
     return [sorted(int(i) for i in part) for part in np.array_split(order, num_slices)]
 
 
-def train_epochs(model: SimpleConvNet, optimizer: torch.optim.Optimizer, data: SampleSet, epochs: int,
-                 batch_size: int, seeds: list[int]) -> float:
-    """Plain supervised epochs on the model's device; each epoch's order from its own seed (drawn on
-    the CPU, so the order is the same on every device). Returns the last mean loss."""
-    model.train()
-    device = next(model.parameters()).device
-    x, y = data.x.to(device), data.y.to(device)
-    last = float("nan")
-    for epoch in range(epochs):
-        gen = torch.Generator().manual_seed(seeds[epoch])
-        perm = torch.randperm(len(data), generator=gen)
-        total, count = 0.0, 0
-        for start in range(0, len(perm), batch_size):
-            idx = perm[start : start + batch_size].to(device)
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += float(loss.detach()) * len(idx)
-            count += len(idx)
-        last = total / max(count, 1)
-    return last
-
-
 class SisaShard:
     """One shard's SISA state: slices, checkpoints and the deleted ids, in ``state_dir``."""
 
     def __init__(self, state_dir: Path, shard: int, data: SampleSet, settings: SisaSettings,
-                 slices: list[list[int]] | None = None) -> None:
+                 slices: list[list[int]] | None = None, privacy: PrivacyHook = NO_PRIVACY) -> None:
         self.dir = Path(state_dir)
         self.shard = shard
         self.data = data
         self.settings = settings
+        self.privacy = privacy
         self.index_path = self.dir / "index.json"
         if self.index_path.exists():
             self.index = read_json(self.index_path)
@@ -157,19 +146,23 @@ class SisaShard:
                 path.unlink()
 
     # ------------------------------------------------------------------ training
-    def _fresh(self) -> tuple[SimpleConvNet, torch.optim.Optimizer]:
+    def _fresh(self) -> tuple[SimpleConvNet, Objective, torch.optim.Optimizer]:
         s = self.settings
         model = build_model(s.num_classes, s.width, seed=derived_seed(s.seed, self.shard, 0)).to(s.device)
-        opt = torch.optim.Adam(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
-        return model, opt
+        with torch.random.fork_rng(devices=[]):  # an objective's own parts start seeded too
+            torch.manual_seed(derived_seed(s.seed, self.shard, 1) % (1 << 63))
+            objective = s.build_objective().to(s.device)
+        return model, objective, s.optimizer.build(model, objective)
 
-    def load_stage(self, stage: int) -> tuple[SimpleConvNet, torch.optim.Optimizer]:
-        model, opt = self._fresh()
+    def load_stage(self, stage: int) -> tuple[SimpleConvNet, Objective, torch.optim.Optimizer]:
+        """Model, objective and optimizer after ``stage`` (0: freshly initialised)."""
+        model, objective, opt = self._fresh()
         if stage > 0:
             ckpt = torch_load(self.checkpoint_path(stage))
             model.load_state_dict(ckpt["model"])
+            objective.load_state_dict(ckpt.get("objective", {}))
             opt.load_state_dict(ckpt["optimizer"])  # moves the state to the parameters' device
-        return model, opt
+        return model, objective, opt
 
     def model_state(self, stage: int | None = None) -> dict[str, torch.Tensor]:
         """The model after ``stage`` (default: the last trained stage)."""
@@ -185,23 +178,24 @@ class SisaShard:
             raise SisaError(f"stage {stage} needs stage {stage - 1} first (trained: {self.trained})")
         if s.num_threads > 0:
             torch.set_num_threads(s.num_threads)
-        model, opt = self.load_stage(stage - 1)
+        model, objective, opt = self.load_stage(stage - 1)
         ids = sorted(i for sl in self.index["slices"][:stage] for i in sl)
         data = self.data.select_ids(ids)
         seeds = [derived_seed(s.seed, self.shard, stage, e + 1) for e in range(s.epochs_per_slice)]
-        t0 = time.perf_counter()
-        loss = train_epochs(model, opt, data, s.epochs_per_slice, s.batch_size, seeds) if len(data) else float("nan")
-        seconds = time.perf_counter() - t0
+        result = train(model, data, seeds=seeds, batch_size=s.batch_size, objective=objective, optimizer=opt,
+                       privacy=self.privacy)
         atomic_torch_save(self.checkpoint_path(stage), {
             "model": {k: v.cpu() for k, v in model.state_dict().items()},
+            "objective": {k: v.cpu() for k, v in objective.state_dict().items()},
             "optimizer": _to_cpu(opt.state_dict()),
             "ids": torch.as_tensor(ids, dtype=torch.long),
         })
         self.index["trained"] = stage
-        self.index["stage_seconds"][stage - 1] = seconds
+        self.index["stage_seconds"][stage - 1] = result.seconds
         self.index["version"] += 1
         self._save_index()
-        return {"stage": stage, "loss": loss, "seconds": seconds, "num_examples": len(data)}
+        return {"stage": stage, "loss": result.loss, "seconds": result.seconds, "num_examples": len(data),
+                "privacy": result.privacy}
 
     def train_through(self, last_stage: int | None = None) -> float:
         """Train every stage not yet trained up to ``last_stage`` (default R); returns seconds."""

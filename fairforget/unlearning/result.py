@@ -1,0 +1,78 @@
+"""What every unlearner returns, and its form on the wire.
+
+:class:`UnlearnResult` is produced by every unlearning path (exact SISA retraining, each approximate
+method, an augmented shard's forget) and turned into Flower records and back in exactly one place,
+:meth:`UnlearnResult.to_records` / :meth:`UnlearnResult.from_records`, under the names of
+:mod:`fairforget.keys`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
+
+from fairforget import keys
+
+FIGURE_PREFIX = "figure."  # method-specific figures travel as "figure.<name>" metrics
+
+
+@dataclass(frozen=True)
+class UnlearnResult:
+    shard: int
+    method: str  # a name of fairforget.unlearning.UNLEARNERS
+    restart_stage: int  # the last clean stage (where an exact retrain starts)
+    retrained_stages: int  # stages trained again (0 for an approximate method)
+    seconds: float  # training compute, as the full-retrain figure counts it
+    wall_seconds: float  # with the index update and checkpoint I/O
+    hash_before: str
+    hash_after: str
+    num_examples: int  # live samples of the shard afterwards
+    full_train_seconds: float  # SISA training compute of every stage of the shard (the full-retrain cost)
+    approx_deletions: int = 0  # deletions served approximately since the last exact retrain
+    figures: Mapping[str, float] = field(default_factory=dict)  # method-specific (noise_sigma, ...)
+    augment: Mapping[str, Any] | None = None  # augmented shard: what happened to its generator and samples
+
+    @property
+    def exact(self) -> bool:
+        return self.retrained_stages > 0 or self.approx_deletions == 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    # ------------------------------------------------------------------ wire form
+    def to_records(self) -> tuple[MetricRecord, ConfigRecord]:
+        """The reply's metrics and config entries (the caller adds the model's ArrayRecord)."""
+        metrics = MetricRecord({
+            keys.SHARD: self.shard,
+            keys.NUM_EXAMPLES: self.num_examples,
+            keys.TRAIN_SECONDS: self.seconds,
+            keys.RESTART_SLICE: self.restart_stage,
+            keys.RETRAINED_STAGES: self.retrained_stages,
+            keys.WALL_SECONDS: self.wall_seconds,
+            keys.FULL_TRAIN_SECONDS: self.full_train_seconds,
+            keys.APPROX_DELETIONS: self.approx_deletions,
+            **{FIGURE_PREFIX + k: float(v) for k, v in self.figures.items()},
+        })
+        config = ConfigRecord({keys.UNLEARN_METHOD: self.method, keys.HASH_BEFORE: self.hash_before,
+                               keys.MODEL_HASH: self.hash_after})
+        if self.augment is not None:
+            config[keys.AUGMENT_JSON] = json.dumps(dict(self.augment))
+        return metrics, config
+
+    @classmethod
+    def from_records(cls, content: RecordDict) -> UnlearnResult:
+        m, c = content[keys.METRICS], content[keys.CONFIG]
+        return cls(
+            shard=int(m[keys.SHARD]), method=str(c[keys.UNLEARN_METHOD]),
+            restart_stage=int(m[keys.RESTART_SLICE]), retrained_stages=int(m[keys.RETRAINED_STAGES]),
+            seconds=float(m[keys.TRAIN_SECONDS]), wall_seconds=float(m[keys.WALL_SECONDS]),
+            hash_before=str(c[keys.HASH_BEFORE]), hash_after=str(c[keys.MODEL_HASH]),
+            num_examples=int(m[keys.NUM_EXAMPLES]), full_train_seconds=float(m[keys.FULL_TRAIN_SECONDS]),
+            approx_deletions=int(m[keys.APPROX_DELETIONS]),
+            figures={k.removeprefix(FIGURE_PREFIX): float(v) for k, v in m.items() if k.startswith(FIGURE_PREFIX)},
+            augment=json.loads(str(c[keys.AUGMENT_JSON])) if keys.AUGMENT_JSON in c else None,
+        )
