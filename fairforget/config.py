@@ -31,6 +31,8 @@ AUGMENT_GROUPS = ("class-private", "class")
 ON_DELETE = ("regenerate", "drop")
 CAPACITY_BOUNDS = ("newton", "dp")  # fairforget.capacity
 CAPACITY_POLICIES = ("retrain", "refuse")
+DP_CALIBRATIONS = ("none", "epsilon", "attack-risk")
+DP_ACCOUNTANTS = ("prv", "rdp", "gdp")
 
 
 class ConfigError(ValueError):
@@ -80,6 +82,17 @@ class RunConfig:
     objective: str
     num_threads: int
     device: str
+    dp: bool
+    dp_noise_multiplier: float
+    dp_calibrate: str
+    dp_target_epsilon: float
+    dp_target_tpr: float
+    dp_target_fpr: float
+    dp_max_grad_norm: float
+    dp_delta: float
+    dp_accountant: str
+    dp_max_epsilon: float
+    dp_secure_mode: bool
     audit: bool
     audit_attacks: str
     audit_references: int
@@ -172,6 +185,16 @@ class RunConfig:
             ("model-width", 1 <= self.model_width <= 256, "in [1, 256]"),
             ("num-threads", self.num_threads >= 0, ">= 0 (0 = torch's default)"),
             ("device", self.device in DEVICES, f"one of {', '.join(DEVICES)}"),
+            ("dp-noise-multiplier", self.dp_noise_multiplier >= 0.0, ">= 0"),
+            ("dp-calibrate", self.dp_calibrate in DP_CALIBRATIONS, f"one of {', '.join(DP_CALIBRATIONS)}"),
+            ("dp-target-epsilon", self.dp_target_epsilon > 0.0, "> 0"),
+            ("dp-target-fpr", 0.0 < self.dp_target_fpr < 1.0, "in (0, 1)"),
+            ("dp-target-tpr", self.dp_target_fpr < self.dp_target_tpr <= 1.0,
+             f"in (dp-target-fpr, 1] (no attack can do worse than guessing, TPR = FPR = {self.dp_target_fpr})"),
+            ("dp-max-grad-norm", self.dp_max_grad_norm > 0.0, "> 0"),
+            ("dp-delta", 0.0 < self.dp_delta < 1.0, "in (0, 1)"),
+            ("dp-accountant", self.dp_accountant in DP_ACCOUNTANTS, f"one of {', '.join(DP_ACCOUNTANTS)}"),
+            ("dp-max-epsilon", self.dp_max_epsilon > 0.0, "> 0"),
             ("audit-references", 0 <= self.audit_references <= 64, "in [0, 64]"),
             ("audit-bootstrap", 0 <= self.audit_bootstrap <= 10_000, "in [0, 10000]"),
             ("unlearn-epochs", self.unlearn_epochs >= 1, ">= 1"),

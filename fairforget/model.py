@@ -3,7 +3,9 @@
 Four 7x7 convolutions (3 -> w -> 2w -> 4w -> 8w, BatchNorm + ReLU), global average pooling to the
 8w-dimensional bottleneck, and a linear classifier. ``width=16`` is the published 16-32-64-128
 network (about 531k parameters); the CPU default is narrower. :meth:`features` exposes the
-bottleneck for attribute-inference probes and debiasing regularisers.
+bottleneck for attribute-inference probes and debiasing regularisers. ``norm="group"`` swaps each
+BatchNorm for a GroupNorm (``min(32, C)`` groups, as Opacus' ``ModuleValidator.fix`` does): DP-SGD
+needs per-sample gradients, which BatchNorm's batch statistics do not have.
 """
 
 from __future__ import annotations
@@ -19,13 +21,25 @@ def bottleneck_dim(width: int) -> int:
     return 8 * width
 
 
+NORMS = ("batch", "group")
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "group":
+        return nn.GroupNorm(min(32, channels), channels)
+    raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {kind!r}")
+
+
 class SimpleConvNet(nn.Module):
-    def __init__(self, num_classes: int = 10, width: int = 16, in_channels: int = 3) -> None:
+    def __init__(self, num_classes: int = 10, width: int = 16, in_channels: int = 3, norm: str = "batch") -> None:
         super().__init__()
         chans = [in_channels, width, 2 * width, 4 * width, bottleneck_dim(width)]
+        self.norm = norm
         layers: list[nn.Module] = []
         for c_in, c_out in zip(chans[:-1], chans[1:], strict=True):
-            layers += [nn.Conv2d(c_in, c_out, kernel_size=7, padding=3), nn.BatchNorm2d(c_out), nn.ReLU()]
+            layers += [nn.Conv2d(c_in, c_out, kernel_size=7, padding=3), _norm(norm, c_out), nn.ReLU()]
         self.encoder = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.bottleneck_dim = chans[-1]
         self.fc = nn.Linear(self.bottleneck_dim, num_classes)
@@ -38,17 +52,23 @@ class SimpleConvNet(nn.Module):
         return self.fc(self.encoder(x))
 
 
-def build_model(num_classes: int, width: int, seed: int) -> SimpleConvNet:
-    """A freshly initialised model whose weights depend only on ``seed``."""
+def build_model(num_classes: int, width: int, seed: int, norm: str = "batch") -> SimpleConvNet:
+    """A freshly initialised model whose weights depend only on ``seed`` (and not on ``norm``: the
+    norms draw no random numbers)."""
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
-    model = SimpleConvNet(num_classes=num_classes, width=width)
+    model = SimpleConvNet(num_classes=num_classes, width=width, norm=norm)
     torch.random.set_rng_state(gen_state)
     return model
 
 
+def norm_of(state: Mapping[str, torch.Tensor]) -> str:
+    """Which norm a saved SimpleConvNet used: BatchNorm keeps running statistics, GroupNorm none."""
+    return "batch" if any(k.endswith("running_mean") for k in state) else "group"
+
+
 def load_model(state: Mapping[str, torch.Tensor], num_classes: int, width: int) -> SimpleConvNet:
-    """A SimpleConvNet holding ``state``, in eval mode."""
-    model = build_model(num_classes, width, seed=0)
+    """A SimpleConvNet holding ``state`` (BatchNorm or GroupNorm, read off the state), in eval mode."""
+    model = build_model(num_classes, width, seed=0, norm=norm_of(state))
     model.load_state_dict(state)
     return model.eval()

@@ -29,6 +29,9 @@ import torch
 from fairforget.data.base import SampleSet
 from fairforget.model import SimpleConvNet, bottleneck_dim, build_model
 from fairforget.objectives import Objective, ObjectiveContext, build_objective
+from fairforget.privacy.accountant import ShardAccountant
+from fairforget.privacy.dp_sgd import DPSettings
+from fairforget.privacy.gdp import Entry
 from fairforget.storage import atomic_torch_save, atomic_write_json, read_json, state_hash, torch_load
 from fairforget.training import NO_PRIVACY, OptimizerSpec, PrivacyHook, train
 
@@ -47,6 +50,7 @@ class SisaSettings:
     device: str = "cpu"
     objective: str = "cross-entropy"
     num_private: int = 1
+    dp: DPSettings | None = None  # DP-SGD for every training of the shard (fairforget/privacy/)
 
     @classmethod
     def from_config(cls, cfg: Any, num_classes: int, num_private: int = 1) -> SisaSettings:
@@ -55,7 +59,17 @@ class SisaSettings:
             lr=cfg.lr, weight_decay=cfg.weight_decay, width=cfg.model_width,
             num_classes=num_classes, seed=cfg.seed, num_threads=cfg.num_threads,
             device=cfg.torch_device(), objective=cfg.objective, num_private=num_private,
+            dp=DPSettings.from_config(cfg),
         )
+
+    @property
+    def norm(self) -> str:
+        """GroupNorm under DP-SGD (BatchNorm has no per-sample gradients), BatchNorm otherwise."""
+        return "group" if self.dp is not None else "batch"
+
+    def privacy_hook(self, seed: int, accountant: ShardAccountant | None = None) -> PrivacyHook:
+        """A DP-SGD hook for one training (seeded, so it can be replayed), or no privacy."""
+        return self.dp.hook(seed, accountant) if self.dp is not None else NO_PRIVACY
 
     @property
     def optimizer(self) -> OptimizerSpec:
@@ -92,6 +106,8 @@ class SisaShard:
         self.settings = settings
         self.privacy = privacy
         self.index_path = self.dir / "index.json"
+        self.accountant = (ShardAccountant.load(self.dir, shard, settings.dp.accountant, settings.dp.delta)
+                           if settings.dp is not None else None)
         if self.index_path.exists():
             self.index = read_json(self.index_path)
             if self.index.get("shard") != shard or len(self.index.get("slices", [])) != settings.slices:
@@ -148,10 +164,13 @@ class SisaShard:
     # ------------------------------------------------------------------ training
     def _fresh(self) -> tuple[SimpleConvNet, Objective, torch.optim.Optimizer]:
         s = self.settings
-        model = build_model(s.num_classes, s.width, seed=derived_seed(s.seed, self.shard, 0)).to(s.device)
+        model = build_model(s.num_classes, s.width, seed=derived_seed(s.seed, self.shard, 0), norm=s.norm).to(s.device)
         with torch.random.fork_rng(devices=[]):  # an objective's own parts start seeded too
             torch.manual_seed(derived_seed(s.seed, self.shard, 1) % (1 << 63))
             objective = s.build_objective().to(s.device)
+        if s.dp is not None and any(True for _ in objective.parameters()):
+            raise SisaError(f"objective {s.objective!r} trains parts of its own, which DP-SGD does not cover here; "
+                            "use it without dp")
         return model, objective, s.optimizer.build(model, objective)
 
     def load_stage(self, stage: int) -> tuple[SimpleConvNet, Objective, torch.optim.Optimizer]:
@@ -176,14 +195,17 @@ class SisaShard:
             raise SisaError(f"stage {stage} out of range 1..{s.slices}")
         if stage > self.trained + 1:
             raise SisaError(f"stage {stage} needs stage {stage - 1} first (trained: {self.trained})")
+        self.check_privacy(self.planned([stage]), f"SISA stage {stage}")
         if s.num_threads > 0:
             torch.set_num_threads(s.num_threads)
         model, objective, opt = self.load_stage(stage - 1)
         ids = sorted(i for sl in self.index["slices"][:stage] for i in sl)
         data = self.data.select_ids(ids)
         seeds = [derived_seed(s.seed, self.shard, stage, e + 1) for e in range(s.epochs_per_slice)]
+        privacy = self.privacy_hook(derived_seed(s.seed, self.shard, stage, 4242))
         result = train(model, data, seeds=seeds, batch_size=s.batch_size, objective=objective, optimizer=opt,
-                       privacy=self.privacy)
+                       privacy=privacy)
+        self.save_privacy()  # before the checkpoint: a crash may over-count the spend, never under-count it
         atomic_torch_save(self.checkpoint_path(stage), {
             "model": {k: v.cpu() for k, v in model.state_dict().items()},
             "objective": {k: v.cpu() for k, v in objective.state_dict().items()},
@@ -198,9 +220,50 @@ class SisaShard:
                 "privacy": result.privacy}
 
     def train_through(self, last_stage: int | None = None) -> float:
-        """Train every stage not yet trained up to ``last_stage`` (default R); returns seconds."""
+        """Train every stage not yet trained up to ``last_stage`` (default R); returns seconds. Under DP
+        the whole plan is checked against the shard's epsilon cap before the first stage trains."""
         target = self.settings.slices if last_stage is None else last_stage
-        return sum(self.train_stage(st)["seconds"] for st in range(self.trained + 1, target + 1))
+        stages = list(range(self.trained + 1, target + 1))
+        self.check_privacy(self.planned(stages), f"training stages {stages[0]}-{stages[-1]}" if stages else "")
+        return sum(self.train_stage(st)["seconds"] for st in stages)
+
+    # ------------------------------------------------------------------ privacy (DP-SGD)
+    def privacy_hook(self, seed: int) -> PrivacyHook:
+        """The hook one training of this shard runs with: DP-SGD into the shard's accountant, the
+        hook given to the constructor (tests), or none."""
+        if self.settings.dp is not None:
+            return self.settings.privacy_hook(seed, self.accountant)
+        return self.privacy
+
+    def planned(self, stages: list[int], slices: list[list[int]] | None = None) -> list[Entry]:
+        """The DP-SGD entries training ``stages`` would add (empty without DP)."""
+        s = self.settings
+        if s.dp is None:
+            return []
+        slices = self.index["slices"] if slices is None else slices
+        return [e for st in stages for e in s.dp.planned(sum(len(sl) for sl in slices[:st]), s.batch_size,
+                                                         s.epochs_per_slice)]
+
+    def planned_removal(self, ids: list[int], target: int) -> list[Entry]:
+        """What retraining after removing ``ids`` (through stage ``target``) would add."""
+        if self.settings.dp is None or not ids:
+            return []
+        drop = set(ids)
+        clean = min(min(self.slice_of(i) for i in ids), self.trained)
+        slices = [[i for i in sl if i not in drop] for sl in self.index["slices"]]
+        return self.planned(list(range(clean + 1, target + 1)), slices)
+
+    def check_privacy(self, planned: list[Entry], what: str) -> None:
+        """The hard stop: refuse (nothing trained, nothing changed) a training past ``dp-max-epsilon``."""
+        if self.accountant is not None and self.settings.dp is not None:
+            self.accountant.check(planned, self.settings.dp.max_epsilon, what)
+
+    def save_privacy(self) -> None:
+        if self.accountant is not None:
+            self.accountant.save(self.dir)
+
+    def privacy_summary(self) -> dict[str, Any] | None:
+        return self.accountant.summary() if self.accountant is not None else None
 
     def full_train_seconds(self) -> float:
         return float(sum(self.index["stage_seconds"]))

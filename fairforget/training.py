@@ -138,6 +138,8 @@ class PrivacyHook(Protocol):
 
     def spent(self) -> dict[str, float]: ...
 
+    def close(self) -> None: ...
+
 
 class NoPrivacy:
     """Plain training: nothing wrapped, nothing spent."""
@@ -150,6 +152,9 @@ class NoPrivacy:
 
     def spent(self) -> dict[str, float]:
         return {}
+
+    def close(self) -> None:
+        pass
 
 
 NO_PRIVACY = NoPrivacy()
@@ -178,23 +183,26 @@ def train(model: nn.Module, data: SampleSet, *, seeds: Sequence[int], batch_size
         return TrainResult(float("nan"), 0.0, 0, 0, privacy.spent())
     device = next(model.parameters()).device
     loader = make_loader(data, batch_size, seeds, device)
-    model, optimizer, loader = privacy.attach(model, optimizer, loader)
     model.train()
-    if isinstance(objective, nn.Module):
-        objective.train()
-    steps, last = 0, float("nan")
-    for _ in seeds:
-        total = torch.zeros((), dtype=torch.float64, device=device)
-        count = 0
-        for batch in loader:
-            if len(batch) == 0:  # Poisson sampling may draw an empty batch
-                continue
-            loss = objective.loss(model, batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.detach().double() * len(batch)
-            count += len(batch)
-            steps += 1
-        last = float(total) / max(count, 1)
-    return TrainResult(last, time.perf_counter() - t0, steps, len(data), privacy.spent())
+    model, optimizer, loader = privacy.attach(model, optimizer, loader)
+    try:
+        if isinstance(objective, nn.Module):
+            objective.train()
+        steps, last = 0, float("nan")
+        for _ in seeds:
+            total = torch.zeros((), dtype=torch.float64, device=device)
+            count = 0
+            for batch in loader:
+                if len(batch) == 0:  # Poisson sampling may draw an empty batch
+                    continue
+                loss = objective.loss(model, batch)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total += loss.detach().double() * len(batch)
+                count += len(batch)
+                steps += 1
+            last = float(total) / max(count, 1)
+        return TrainResult(last, time.perf_counter() - t0, steps, len(data), privacy.spent())
+    finally:
+        privacy.close()

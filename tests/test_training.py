@@ -141,6 +141,9 @@ class RecordingPrivacy:
     def spent(self):
         return {"epsilon": float(self.batches)}
 
+    def close(self):
+        self.closed = True
+
 
 def test_privacy_hook_wraps_the_loop_and_reports_its_spend(data):
     model = build_model(10, 4, seed=3)
@@ -151,7 +154,7 @@ def test_privacy_hook_wraps_the_loop_and_reports_its_spend(data):
     assert privacy.attached[0] is model and privacy.attached[1] is opt
     batches = math.ceil(len(data) / 32)
     assert result.steps == privacy.batches == math.ceil(batches / 2)
-    assert result.privacy == {"epsilon": float(privacy.batches)}
+    assert result.privacy == {"epsilon": float(privacy.batches)} and privacy.closed
 
 
 def test_optimizer_factory_and_objective_names_fail_clearly():

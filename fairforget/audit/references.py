@@ -37,12 +37,13 @@ class ReferenceOutputs:
 
 
 def train_sisa_model(data: SampleSet, settings: SisaSettings, seed: int) -> torch.nn.Module:
-    """A model trained exactly like a SISA shard (stages over slices), in memory, no checkpoints,
+    """A model trained exactly like a SISA shard (stages over slices, DP-SGD if the shards use it), in
+    memory, no checkpoints,
     on ``settings.num_threads`` torch threads like the shards themselves (so results do not depend
     on what ran before in the process)."""
     if settings.num_threads > 0:
         torch.set_num_threads(settings.num_threads)
-    model = build_model(settings.num_classes, settings.width, seed=derived_seed(seed, 0))
+    model = build_model(settings.num_classes, settings.width, seed=derived_seed(seed, 0), norm=settings.norm)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derived_seed(seed, 1) % (1 << 63))
         objective = settings.build_objective()
@@ -51,7 +52,8 @@ def train_sisa_model(data: SampleSet, settings: SisaSettings, seed: int) -> torc
     for stage in range(1, settings.slices + 1):
         part = data.select_ids(sorted(i for s in slices[:stage] for i in s))
         seeds = [derived_seed(seed, stage, e) for e in range(settings.epochs_per_slice)]
-        train(model, part, seeds=seeds, batch_size=settings.batch_size, objective=objective, optimizer=opt)
+        train(model, part, seeds=seeds, batch_size=settings.batch_size, objective=objective, optimizer=opt,
+              privacy=settings.privacy_hook(derived_seed(seed, stage, 4242)))  # DP-SGD too when the target had it
     return model.eval()
 
 

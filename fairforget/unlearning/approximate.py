@@ -36,9 +36,9 @@ from torch import nn
 from fairforget.data.base import SampleSet
 from fairforget.model import SimpleConvNet, load_model
 from fairforget.objectives import Objective
-from fairforget.sisa import SisaShard, derived_seed
+from fairforget.sisa import SisaError, SisaShard, derived_seed
 from fairforget.storage import atomic_torch_save, state_hash, torch_load
-from fairforget.training import Batch, OptimizerSpec, train
+from fairforget.training import NO_PRIVACY, Batch, OptimizerSpec, PrivacyHook, train
 from fairforget.unlearning.result import UnlearnResult
 
 APPROX_FILE = "approx.pt"
@@ -152,21 +152,35 @@ class LossOn(Objective):
 
 
 def descend(model: nn.Module, data: SampleSet, fn: Callable[[nn.Module, Batch], torch.Tensor],
-            optimizer: torch.optim.Optimizer, batch_size: int, seeds: list[int]) -> None:
+            optimizer: torch.optim.Optimizer, batch_size: int, seeds: list[int],
+            privacy: PrivacyHook = NO_PRIVACY) -> None:
     """``len(seeds)`` epochs of ``fn`` over ``data`` through the training engine."""
-    train(model, data, seeds=seeds, batch_size=batch_size, objective=LossOn(fn), optimizer=optimizer)
+    train(model, data, seeds=seeds, batch_size=batch_size, objective=LossOn(fn), optimizer=optimizer,
+          privacy=privacy)
 
 
 Method = Callable[[SimpleConvNet, SampleSet, SampleSet, UnlearnParams, SisaShard, int], dict[str, float]]
 
 
 def approximate(name: str, method: Method, shard: SisaShard, ids: list[int],
-                params: UnlearnParams | None) -> UnlearnResult:
+                params: UnlearnParams | None, dp_epochs: int | None = None) -> UnlearnResult:
     """Run one approximate method: load the model before the deletion, do the SISA bookkeeping
     (:meth:`SisaShard.remove`), let ``method(model, retain, forget, params, shard, seed)`` change the
-    model in place (it returns its own figures), save it as the shard's current model."""
+    model in place (it returns its own figures), save it as the shard's current model.
+
+    Under DP-SGD a method runs only if it declares how many DP epochs over the retained data it
+    trains (``dp_epochs``; 0 for one that does not train): that spend is checked against the
+    shard's epsilon cap before anything changes, and composed into its accountant."""
     params = params or UnlearnParams.defaults()
     shard.check_ids(ids)
+    if shard.settings.dp is not None:
+        if dp_epochs is None:
+            raise SisaError(f"unlearn-method {name!r} cannot run under DP-SGD: its loss mixes the forget set or a "
+                            "teacher into every step, or masks gradients, which Opacus' per-sample clipping does "
+                            "not cover; use finetune, newton or exact-sisa")
+        n_retain = len(shard.live_ids() - set(ids))
+        shard.check_privacy(shard.settings.dp.planned(n_retain, shard.settings.batch_size, dp_epochs),
+                            f"{name} unlearning")
     if shard.settings.num_threads > 0:
         torch.set_num_threads(shard.settings.num_threads)
     before = current_state(shard)
@@ -185,6 +199,7 @@ def approximate(name: str, method: Method, shard: SisaShard, ids: list[int],
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     deletions = (int(previous["approx_deletions"]) if previous else 0) + len(ids)
     _save(shard, state, name, target, deletions)
+    shard.save_privacy()
     return UnlearnResult(
         shard=shard.shard, method=name, restart_stage=clean_stage, retrained_stages=0, seconds=seconds,
         wall_seconds=time.perf_counter() - t0, hash_before=state_hash(before), hash_after=state_hash(state),

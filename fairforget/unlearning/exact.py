@@ -27,6 +27,7 @@ def unlearn(shard: SisaShard, ids: list[int], params: Any = None) -> UnlearnResu
     shard.check_ids(ids)
     hash_before = approximate.current_hash(shard)
     target = approximate.target_stage(shard)
+    shard.check_privacy(shard.planned_removal(ids, target), "retraining after this deletion")  # before anything changes
     t0 = time.perf_counter()
     clean_stage = shard.remove(ids)
     seconds = shard.train_through(target)

@@ -13,6 +13,7 @@ import torch
 from fairforget.data.base import SampleSet
 from fairforget.model import SimpleConvNet
 from fairforget.sisa import SisaShard
+from fairforget.training import NO_PRIVACY, PrivacyHook
 from fairforget.unlearning.approximate import UnlearnParams, approximate, ce, descend
 from fairforget.unlearning.result import UnlearnResult
 
@@ -20,17 +21,19 @@ NAME = "finetune"
 
 
 def finetune(model: SimpleConvNet, retain: SampleSet, params: UnlearnParams, batch_size: int, seed: int,
-             parameters: list[torch.nn.Parameter] | None = None) -> None:
+             parameters: list[torch.nn.Parameter] | None = None, privacy: PrivacyHook = NO_PRIVACY) -> None:
     """``params.epochs`` epochs of cross-entropy on ``retain`` (only ``parameters`` if given)."""
     opt = params.optimizer.build(parameters if parameters is not None else model)
-    descend(model, retain, lambda m, b: ce(m, b.x, b.y), opt, batch_size, [seed + e for e in range(params.epochs)])
+    descend(model, retain, lambda m, b: ce(m, b.x, b.y), opt, batch_size, [seed + e for e in range(params.epochs)],
+            privacy)
 
 
 def _method(model: SimpleConvNet, retain: SampleSet, forget: SampleSet, params: UnlearnParams,
             shard: SisaShard, seed: int) -> dict[str, float]:
-    finetune(model, retain, params, shard.settings.batch_size, seed)
+    finetune(model, retain, params, shard.settings.batch_size, seed, privacy=shard.privacy_hook(seed + 1))
     return {}
 
 
 def unlearn(shard: SisaShard, ids: list[int], params: UnlearnParams | None = None) -> UnlearnResult:
-    return approximate(NAME, _method, shard, ids, params)
+    return approximate(NAME, _method, shard, ids, params,
+                       dp_epochs=(params or UnlearnParams.defaults()).epochs)  # DP-SGD on the retained data
