@@ -23,6 +23,16 @@ State, in ``STATE/augment/`` next to the SISA state::
 Deleting an original the generator was trained on invalidates the generator and every sample it
 produced: policy ``regenerate`` retrains the generator without the deleted samples and regenerates
 the same number of samples per group; ``drop`` removes the samples and the generator.
+
+With ``dp`` on, the generator is trained with DP-SGD (:func:`fairforget.diffusion.generator.train_generator`)
+into the SISA shard's accountant, under the same ``dp-max-epsilon`` hard stop as the shard's own
+trainings (one budget per shard: they learn from the same people). Its weights, and every sample
+drawn from them, are then (epsilon, delta)-DP with respect to each original it was trained on, so a
+deletion leaves it and its samples in place (``generator_kept = "dp"`` in the ledger line); the
+deleted original still leaves the SISA index and checkpoints by exact retraining. What the
+guarantee does not cover: which groups and how many samples of each were asked for (the planner
+reads the shard's live counts), and the statistics a node reports (counts, KL, the real-vs-real
+Frechet distance), as without augmentation.
 """
 
 from __future__ import annotations
@@ -40,6 +50,7 @@ from fairforget.diffusion.generator import (
     ConditionalGenerator,
     GeneratorError,
     GeneratorSettings,
+    generator_planned,
     sample,
     train_generator,
 )
@@ -142,6 +153,8 @@ class Augmenter:
         live = self.sisa.live_data()
         report["kl_before"] = kl_to_target(self.counts(live))
         report["hash_before"] = self.sisa.model_hash() if self.sisa.trained else ""
+        if not self.store.state["generator_valid"]:  # the DP budget first: refuse before anything changes
+            self._check_generator_budget()
 
         # 1. retire originals (exact unlearning from the classifier; the site keeps them)
         retired = self._choose_retirees(retire, step)
@@ -216,17 +229,29 @@ class Augmenter:
         pick = rng.permutation(len(live))[: min(count, len(live))]
         return sorted(int(live[p]) for p in pick)
 
+    def _check_generator_budget(self) -> None:
+        """Under DP: raise ``PrivacyBudgetExceeded`` if training the generator would pass the shard's cap."""
+        dp = self.sisa.settings.dp
+        if dp is not None:
+            self.sisa.check_privacy(generator_planned(len(self.generator_data()), self.settings, dp),
+                                    "generator training")
+
     def _train_generator(self) -> None:
         data = self.generator_data()
         self._check_learnable(data)
         version = int(self.store.state["generator_version"]) + 1
         model = train_generator(data.x, data.y, data.private, self.settings,
                                 seed=derived_seed(self.seed, self.store.shard, 555, version),
-                                progress=_progress(self.store.shard, self.settings.train_steps))
+                                progress=_progress(self.store.shard, self.settings.train_steps),
+                                dp=self.sisa.settings.dp, accountant=self.sisa.accountant)
+        self.sisa.save_privacy()  # before the generator: a crash may over-count the spend, never under-count it
         trained_on = sorted(int(i) for i in data.ids.tolist())
         model.save(self.store.generator_dir, {"version": version, "shard": self.store.shard,
                                               "num_trained_on": len(trained_on)})
-        self.store.state.update(generator_version=version, generator_valid=True, generator_trained_on=trained_on)
+        privacy = model.privacy or {}
+        self.store.state.update(generator_version=version, generator_valid=True, generator_trained_on=trained_on,
+                                generator_dp=bool(privacy.get("dp")), generator_epsilon=privacy.get("epsilon"),
+                                generator_delta=privacy.get("delta"))
         self.store.save()
 
     def _check_learnable(self, data: SampleSet) -> None:
@@ -302,7 +327,8 @@ class Augmenter:
 
     def forget(self, ids: list[int]) -> UnlearnResult:
         """A user's deletion request: gone from the shard index and checkpoints (exact retraining),
-        from the generator and from every synthetic sample it produced."""
+        from the generator and from every synthetic sample it produced; a generator trained with DP
+        (and its samples) is kept, its guarantee covering the deleted original."""
         t0 = time.perf_counter()
         target = self.sisa.trained
         hash_before = self.sisa.model_hash()
@@ -313,7 +339,12 @@ class Augmenter:
         self.store.save()
         report: dict[str, Any] = {"generator_invalidated": False, "synthetic_dropped": 0, "synthetic_regenerated": 0,
                                   "policy": self.on_delete}
-        if set(ids) & set(self.store.state["generator_trained_on"]) and self.store.state["generator_version"] > 0:
+        trained_on = set(ids) & set(self.store.state["generator_trained_on"]) and self.store.state["generator_version"] > 0
+        if trained_on and self.store.state.get("generator_dp"):
+            report.update(generator_kept="dp", generator_version=int(self.store.state["generator_version"]),
+                          generator_epsilon=self.store.state.get("generator_epsilon"),
+                          generator_delta=self.store.state.get("generator_delta"))
+        elif trained_on:
             report["generator_invalidated"] = True
             report["old_generator_version"] = int(self.store.state["generator_version"])
             synth, versions = self.store.synthetic(self.shape)

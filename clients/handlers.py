@@ -39,6 +39,13 @@ def _shard_metrics(node: Node, data_len: int, seconds: float) -> MetricRecord:
     })
 
 
+def _privacy_info(node: Node) -> dict[str, str]:
+    """The shard's cumulative DP spend for the reply's ConfigRecord (nothing without DP-SGD)."""
+    if node.cfg.strategy != "shard-ensemble" or node.sisa.accountant is None:
+        return {}
+    return {keys.DP_JSON: json.dumps(node.sisa.privacy_summary())}
+
+
 def train(content: RecordDict, node: Node) -> RecordDict:
     config = content[keys.CONFIG]
     mode = config[keys.TRAIN_MODE]
@@ -65,7 +72,7 @@ def train(content: RecordDict, node: Node) -> RecordDict:
         metrics = _shard_metrics(node, len(node.data), result.seconds)
     else:
         raise ValueError(f"unknown train mode {mode!r}")
-    info = ConfigRecord({keys.MODEL_HASH: state_hash(state)})
+    info = ConfigRecord({keys.MODEL_HASH: state_hash(state), **_privacy_info(node)})
     return RecordDict({
         keys.ARRAYS: ArrayRecord(state),
         keys.METRICS: metrics,
@@ -90,6 +97,7 @@ def unlearn(content: RecordDict, node: Node) -> RecordDict:
 def _unlearn_reply(node: Node, result: UnlearnResult, state: dict[str, torch.Tensor]) -> RecordDict:
     """The ``train.unlearn`` reply: the shard's model, the unlearner's result and the shard's bias."""
     metrics, info = result.to_records()
+    info.update(_privacy_info(node))
     bias = _shard_metrics(node, result.num_examples, result.seconds)
     metrics.update({k: v for k, v in bias.items() if k not in metrics})
     return RecordDict({keys.ARRAYS: ArrayRecord(state), keys.METRICS: metrics, keys.CONFIG: info})
@@ -110,7 +118,8 @@ def augment(content: RecordDict, node: Node) -> RecordDict:
     report = node.augmenter.step(int(config[keys.STEP]), int(config[keys.RETIRE]), fidelity)
     state = node.sisa.model_state()
     metrics = _shard_metrics(node, len(node.sisa.live_ids()), node.sisa.full_train_seconds())
-    info = ConfigRecord({keys.MODEL_HASH: state_hash(state), keys.AUGMENT_JSON: json.dumps(report)})
+    info = ConfigRecord({keys.MODEL_HASH: state_hash(state), keys.AUGMENT_JSON: json.dumps(report),
+                         **_privacy_info(node)})
     return RecordDict({keys.ARRAYS: ArrayRecord(state), keys.METRICS: metrics, keys.CONFIG: info})
 
 
@@ -143,6 +152,7 @@ def describe(content: RecordDict, node: Node) -> RecordDict:
         keys.CONFIG: ConfigRecord({
             keys.OWNED_IDS: owned,
             keys.DELETED_IDS: gone,
+            **_privacy_info(node),
         }),
         keys.METRICS: MetricRecord({keys.SHARD: node.shard, keys.NUM_EXAMPLES: len(live), keys.TRAINED: shard.trained}),
     })

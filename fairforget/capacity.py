@@ -118,13 +118,15 @@ class DeletionBudget:
         capacity(self.bound, self.eps, self.delta, 0, self.d, self.c)  # validates every parameter
 
     # ------------------------------------------------------------------ accounting
-    def capacity_for(self, n: int) -> int:
-        return capacity(self.bound, self.eps, self.delta, n, self.d, self.c)
+    def capacity_for(self, n: int, eps: float | None = None) -> int:
+        """The capacity of a shard of ``n`` samples; ``eps`` overrides the budget's epsilon (a shard
+        trained with DP-SGD: the DP baseline at the epsilon that shard has spent)."""
+        return capacity(self.bound, self.eps if eps is None else eps, self.delta, n, self.d, self.c)
 
-    def track(self, shard: int, n: int) -> ShardBudget:
+    def track(self, shard: int, n: int, eps: float | None = None) -> ShardBudget:
         """The shard's budget, opened with size ``n`` if the shard has none yet."""
         if shard not in self.shards:
-            self.shards[shard] = ShardBudget(n=int(n), capacity=self.capacity_for(int(n)))
+            self.shards[shard] = ShardBudget(n=int(n), capacity=self.capacity_for(int(n), eps))
         return self.shards[shard]
 
     def remaining(self, shard: int) -> int:
@@ -145,9 +147,9 @@ class DeletionBudget:
             raise BudgetExceeded(shard, b.remaining, b.capacity, k)
         self.shards[shard].used += k
 
-    def reset(self, shard: int, n: int) -> None:
+    def reset(self, shard: int, n: int, eps: float | None = None) -> None:
         """After an exact retrain on ``n`` samples: a fresh capacity, nothing used."""
-        self.shards[shard] = ShardBudget(n=int(n), capacity=self.capacity_for(int(n)))
+        self.shards[shard] = ShardBudget(n=int(n), capacity=self.capacity_for(int(n), eps))
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

@@ -33,6 +33,7 @@ CAPACITY_BOUNDS = ("newton", "dp")  # fairforget.capacity
 CAPACITY_POLICIES = ("retrain", "refuse")
 DP_CALIBRATIONS = ("none", "epsilon", "attack-risk")
 DP_ACCOUNTANTS = ("prv", "rdp", "gdp")
+DP_FEDAVG_CLIPPINGS = ("server", "client")  # strategies/fedavg_dp.py: where an update is clipped
 
 
 class ConfigError(ValueError):
@@ -93,6 +94,7 @@ class RunConfig:
     dp_accountant: str
     dp_max_epsilon: float
     dp_secure_mode: bool
+    dp_fedavg_clipping: str
     audit: bool
     audit_attacks: str
     audit_references: int
@@ -195,6 +197,8 @@ class RunConfig:
             ("dp-delta", 0.0 < self.dp_delta < 1.0, "in (0, 1)"),
             ("dp-accountant", self.dp_accountant in DP_ACCOUNTANTS, f"one of {', '.join(DP_ACCOUNTANTS)}"),
             ("dp-max-epsilon", self.dp_max_epsilon > 0.0, "> 0"),
+            ("dp-fedavg-clipping", self.dp_fedavg_clipping in DP_FEDAVG_CLIPPINGS,
+             f"one of {', '.join(DP_FEDAVG_CLIPPINGS)}"),
             ("audit-references", 0 <= self.audit_references <= 64, "in [0, 64]"),
             ("audit-bootstrap", 0 <= self.audit_bootstrap <= 10_000, "in [0, 10000]"),
             ("unlearn-epochs", self.unlearn_epochs >= 1, ">= 1"),

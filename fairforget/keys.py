@@ -46,6 +46,7 @@ RETRAINED_STAGES = "retrained-stages"
 WALL_SECONDS = "wall-seconds"
 FULL_TRAIN_SECONDS = "full-train-seconds"
 TRAINED = "trained"  # SISA stages a node has trained (query.describe)
+DP_JSON = "dp-json"  # a shard's cumulative DP spend (fairforget.privacy.accountant.summarize), as JSON text
 
 # Key the strategies add to a shard's recorded reply figures (not sent): the node that replied.
 NODE_ID = "node-id"

@@ -13,6 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from fairforget.privacy.gdp import tpr_bound  # noqa: E402
 from fairforget.storage import atomic_write_bytes, atomic_write_text, read_json, read_jsonl  # noqa: E402
 
 
@@ -73,7 +74,16 @@ def plot_unlearning(metrics: dict[str, Any], path: Path) -> str | None:
     return _save(fig, path)
 
 
+def _dp_summary(metrics: dict[str, Any], target: str) -> dict[str, Any] | None:
+    dp = metrics.get("dp")
+    if not dp:
+        return None
+    return dp.get("ensemble") if target == "ensemble" else (dp.get("shards") or {}).get(target.removeprefix("shard-"))
+
+
 def plot_roc(metrics: dict[str, Any], path: Path) -> str | None:
+    """Log-log ROC of every attack; under DP also the mu-GDP bound Phi(Phi^-1(FPR) + mu) no attack may
+    cross (theory against practice)."""
     privacy = metrics.get("privacy")
     if not privacy:
         return None
@@ -85,10 +95,57 @@ def plot_roc(metrics: dict[str, Any], path: Path) -> str | None:
             keep = (fpr > 0) & (tpr > 0)
             ax.loglog(fpr[keep], tpr[keep], label=f"{name} (AUC {res['auc']:.2f})")
         ax.loglog([1e-3, 1], [1e-3, 1], "k--", lw=0.8)
+        summary = _dp_summary(metrics, target)
+        if summary and summary.get("mu") is not None:
+            grid = np.logspace(-3, 0, 200)
+            ax.loglog(grid, [tpr_bound(summary["mu"], f) for f in grid], "r-", lw=2,
+                      label=f"mu-GDP bound (mu {summary['mu']:.2f})")
         ax.set(xlim=(1e-3, 1), ylim=(1e-3, 1), xlabel="false positive rate", ylabel="true positive rate",
                title=f"Membership inference: {target}")
         ax.legend(fontsize=7)
     return _save(fig, path)
+
+
+def _dp_lines(metrics: dict[str, Any]) -> list[str]:
+    """The guarantee, per shard and for the ensemble, and how the noise was chosen."""
+    dp = metrics["dp"]
+    clip = dp.get("max_grad_norm", dp.get("clipping_norm"))
+    lines = [f"{dp['mechanism']}: noise multiplier {dp['noise_multiplier']:.3f}, clipping norm {clip}, "
+             f"accountant {dp['accountant']}, delta {dp['delta']:g}."]
+    if dp.get("model"):
+        lines[0] += (f" Model: {dp['model']}; sampling: {dp['sampling']}; "
+                     f"Opacus secure mode {'on' if dp.get('secure_mode') else 'off (seeded noise, replayable)'}.")
+    lines += ["", "| model | epsilon | mu (GDP) | TPR bound at 0.1% FPR | TPR bound at 1% FPR | DP-SGD steps |",
+              "|---|---|---|---|---|---|"]
+    rows = [(f"shard {k}", v) for k, v in (dp.get("shards") or {}).items()] + [("ensemble", dp["ensemble"])]
+    for name, v in rows:
+        lines.append(f"| {name} | {v['epsilon']:.3f} | {v['mu']:.3f} | {v['tpr_bound']['0.001']:.4f} | "
+                     f"{v['tpr_bound']['0.01']:.4f} | {v.get('steps', '')} |")
+    if dp["ensemble"].get("note"):
+        lines += ["", f"The ensemble: {dp['ensemble']['note']}."]
+    c = dp.get("calibration")
+    if c:
+        fpr = c["target"]["fpr"]
+        key = f"tpr_bound_at_{fpr:g}_fpr"
+        lines += ["", f"Noise calibration (`dp-calibrate = {c['mode']}`; smallest shard, {c['smallest_shard']} "
+                      f"samples, stages {c['stage_sizes']}):", "",
+                  f"| calibration | noise multiplier | epsilon | mu | TPR bound at {fpr:g} FPR |",
+                  "|---|---|---|---|---|"]
+        named = [("used by this run", c["chosen"]),
+                 (f"attack risk: TPR <= {c['target']['tpr']:g} at FPR {fpr:g}", c["attack_risk"]),
+                 (f"same risk via epsilon = {c['attack_risk_via_epsilon']['epsilon']:.2f}",
+                  c["attack_risk_via_epsilon"]),
+                 *[(f"epsilon-first, epsilon = {e}", f) for e, f in c["epsilon_first"].items()]]
+        lines += [f"| {n} | {f['noise_multiplier']:.3f} | {f['epsilon']:.3f} | {f['mu']:.3f} | {f[key]:.4f} |"
+                  for n, f in named]
+    violations = (metrics.get("privacy") or {}).get("dp_bound_violations") or []
+    if violations:
+        lines += ["", "**Empirical TPR above the DP bound (a bug in training, accounting or the attack):**", ""]
+        lines += [f"- **{v}**" for v in violations]
+    elif metrics.get("privacy"):
+        lines += ["", "Every attack's TPR at 0.1% and 1% FPR stays within its target's mu-GDP bound (or within "
+                      "the bootstrap interval of it); the ROC plot shows the bound as a red curve."]
+    return lines
 
 
 def _privacy_lines(metrics: dict[str, Any]) -> list[str]:
@@ -266,6 +323,8 @@ def write_report(run_dir: Path) -> Path:
                   *_unlearning_methods_lines(metrics["unlearning_methods"])]
     if metrics.get("augmentation"):
         lines += ["", "## Augmentation and step-wise unlearning", "", *_augmentation_lines(metrics, run_dir)]
+    if metrics.get("dp"):
+        lines += ["", "## Differential privacy", "", *_dp_lines(metrics)]
     lines += ["", "## Privacy audit", "", *_privacy_lines(metrics)]
     lines += ["", "## Plots", ""]
     lines += [f"### {title}\n\n![{title}]({name})\n" for title, name in plots if name]

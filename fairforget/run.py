@@ -7,6 +7,7 @@ command line and the simulations; it knows nothing of Flower.
     OUT/metrics.json     figures (schema in README.md)
     OUT/ledger.jsonl     one line per deletion decision
     OUT/budget.json      the strategy's deletion budget: each shard's capacity and what is used of it
+    OUT/calibration.json how the DP noise multiplier was chosen (dp = true)
     OUT/report.md        the report, with PNG plots beside it
     OUT/models/shard-K.pt  the server's copy of each constituent model
     OUT/status.json      how the last Flower run in this folder ended
@@ -43,6 +44,7 @@ class RunDir:
     models_dir = property(lambda self: self.path / "models")
     ledger = property(lambda self: Ledger(self.path / "ledger.jsonl"))
     budget_path = property(lambda self: self.path / "budget.json")
+    calibration_path = property(lambda self: self.path / "calibration.json")
 
     # ------------------------------------------------------------------ checks
     def require_finished(self) -> None:
@@ -82,6 +84,14 @@ class RunDir:
         if self.budget_path.is_file():
             budget.load_state_dict(read_json(self.budget_path))
         return budget
+
+    # ------------------------------------------------------------------ DP calibration
+    def write_calibration(self, record: dict[str, Any]) -> None:
+        atomic_write_json(self.calibration_path, record)
+
+    def calibration(self) -> dict[str, Any] | None:
+        """How the run's DP noise was chosen (written by ``fairforget simulate`` before the run)."""
+        return read_json(self.calibration_path) if self.calibration_path.is_file() else None
 
     # ------------------------------------------------------------------ figures
     def metrics(self) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from fairforget.audit import AuditError
 from fairforget.audit.suite import check_audit_config, run_audit
 from fairforget.config import ConfigError, RunConfig, parse_ids, parse_set, read_toml, resolve
 from fairforget.data import DatasetError, load_dataset, shard_of
+from fairforget.privacy.reporting import calibrate
 from fairforget.report import write_report
 from fairforget.run import RunDir, RunDirError
 from fairforget.runner import FlowerRunError, run_flower
@@ -41,15 +42,53 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     out = Path(args.out if args.out else cfg.out_dir).expanduser().resolve()
     cfg = cfg.replace(out_dir=str(out), mode="simulate", forget_ids="")
     bundle = preflight(cfg)
+    calibration = None
+    if cfg.dp and cfg.strategy == "shard-ensemble":  # the DP noise is chosen before the run starts
+        calibration = calibrate(cfg, [len(s) for s in shard_of(cfg, bundle)])
+        _print_calibration(calibration)
+        cfg = cfg.replace(dp_noise_multiplier=calibration["chosen"]["noise_multiplier"], dp_calibrate="none")
     if out.exists() and any(out.iterdir()):
         if not args.force:
             raise UserError(f"{out} already holds files; choose another --out or pass --force to replace it")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    if calibration is not None:
+        RunDir(out).write_calibration(calibration)
     print(f"fairforget: training {cfg.num_shards} shards x {cfg.slices} slices of {bundle.name} "
           f"({len(bundle.train)} members) with {cfg.strategy} via Flower; output in {out}", flush=True)
     run_flower(cfg, quiet=args.quiet)
     _print_summary(out)
+    return 0
+
+
+def _print_calibration(c: dict) -> None:
+    t, fpr = c["target"], c["target"]["fpr"]
+    key = f"tpr_bound_at_{fpr:g}_fpr"
+
+    def line(name: str, f: dict) -> str:
+        return (f"  {name:<44} sigma {f['noise_multiplier']:6.3f}  epsilon {f['epsilon']:7.3f}  mu {f['mu']:6.3f}  "
+                f"TPR bound at {fpr:.1%} FPR {f[key]:.3f}")
+
+    print(f"fairforget: DP-SGD noise for the smallest shard ({c['smallest_shard']} samples, stages "
+          f"{c['stage_sizes']}), delta {t['delta']:g}; dp-calibrate = {c['mode']}:")
+    print(line("used by this run", c["chosen"]))
+    print(line(f"attack risk: TPR <= {t['tpr']:g} at {fpr:g} FPR (mu-GDP)", c["attack_risk"]))
+    via = c["attack_risk_via_epsilon"]
+    print(line(f"same risk, epsilon-first (epsilon = {via['epsilon']:.2f})", via))
+    for eps, f in c["epsilon_first"].items():
+        print(line(f"epsilon-first, epsilon = {eps}", f))
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    overrides = read_toml(Path(args.config)) if args.config else {}
+    cfg = resolve(overrides, parse_set(args.set or []))
+    if args.shard_size:
+        sizes = [args.shard_size]
+    else:
+        sizes = [len(s) for s in shard_of(cfg, load_dataset(cfg))]
+    c = calibrate(cfg, sizes)
+    _print_calibration(c)
+    print(f"dp-noise-multiplier = {c['chosen']['noise_multiplier']:.4f}")
     return 0
 
 
@@ -76,8 +115,24 @@ def _print_summary(out: Path) -> None:
         auc = ", ".join(f"{a} {r['auc']:.3f}" for a, r in mia.items())
         print(f"{row['name']}: unbiased {row['accuracy_unbiased']:.3f}, worst group "
               f"{row['worst_group']['accuracy']:.3f}; MIA AUC {auc}")
+    dp = m.get("dp")
+    if dp:
+        ens = dp["ensemble"]
+        print(f"DP: ensemble (worst shard) epsilon {ens['epsilon']:.3f} at delta {ens['delta']:g}, mu {ens['mu']:.3f}; "
+              f"any membership attack: TPR <= {ens['tpr_bound']['0.001']:.3f} at 0.1% FPR, "
+              f"<= {ens['tpr_bound']['0.01']:.3f} at 1% FPR")
+        for k, v in (dp.get("shards") or {}).items():
+            print(f"  shard {k}: epsilon {v['epsilon']:.3f}, mu {v['mu']:.3f}, {v['steps']} DP-SGD steps")
+    _print_violations(m.get("privacy") or {})
     print(f"metrics: {out / 'metrics.json'}")
     print(f"report:  {out / 'report.md'}")
+
+
+def _print_violations(privacy: dict) -> bool:
+    found = privacy.get("dp_bound_violations") or []
+    for v in found:
+        print(f"WARNING: empirical TPR above the DP bound: {v}", file=sys.stderr)
+    return bool(found)
 
 
 # ---------------------------------------------------------------------- forget
@@ -158,8 +213,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
     bundle = load_dataset(cfg)
     states = run.load_models()
     print(f"fairforget: auditing {len(states)} model(s) of {run.path}", flush=True)
-    privacy = run_audit(run, cfg, bundle, states, deleted=run.ledger.unlearned_ids())
     metrics = run.metrics()
+    privacy = run_audit(run, cfg, bundle, states, deleted=run.ledger.unlearned_ids(), dp=metrics.get("dp"))
     if "sites" in metrics.get("privacy", {}):  # site audits need the federation: keep the last ones
         privacy["sites"] = metrics["privacy"]["sites"]
     metrics["privacy"] = privacy
@@ -171,6 +226,10 @@ def cmd_audit(args: argparse.Namespace) -> int:
     for target, p in privacy["attribute_inference"].items():
         print(f"{target}: private-attribute probe {p['unbiased_test_accuracy']:.3f} (chance {p['chance']:.3f})")
     print(f"audit took {privacy['seconds']:.1f}s; report: {run.path / 'report.md'}")
+    if _print_violations(privacy):
+        print("fairforget: error: an attack beat the differential-privacy bound beyond its confidence interval: "
+              "a bug in training, accounting or the attack (see the report)", file=sys.stderr)
+        return EXIT_RUN
     return 0
 
 
@@ -223,6 +282,20 @@ def build_parser() -> argparse.ArgumentParser:
                          "--set capacity-policy=refuse (repeatable)")
     fg.add_argument("--quiet", action="store_true", help="hide Flower's streamed logs")
     fg.set_defaults(func=cmd_forget)
+
+    ca = sub.add_parser(
+        "calibrate", help="choose the DP-SGD noise for a run config (and print the alternatives)",
+        description="For the planned SISA training of the smallest shard, the noise multiplier that keeps any "
+                    "membership attack at or below dp-target-tpr at dp-target-fpr (mu-GDP bound), next to the "
+                    "noise an epsilon-first calibration chooses (epsilon = 1, 4, 8, and the epsilon that implies "
+                    "the same risk). `simulate` does this itself; a deployment passes the printed "
+                    "dp-noise-multiplier in its run config.",
+    )
+    ca.add_argument("--config", metavar="FILE.toml", help="a TOML file of run-config keys")
+    ca.add_argument("--set", metavar="KEY=VALUE", action="append", help="override one run-config key (repeatable)")
+    ca.add_argument("--shard-size", type=int, metavar="N",
+                    help="calibrate for a shard of N samples (a site's size) instead of the run's own partition")
+    ca.set_defaults(func=cmd_calibrate)
 
     au = sub.add_parser(
         "audit", help="run the privacy audit on a finished run",

@@ -6,6 +6,7 @@ per round for the shard ensemble), save the constituent models, then the figures
 
 from __future__ import annotations
 
+import json
 import time
 from logging import INFO
 from typing import Any
@@ -16,8 +17,9 @@ from flwr.supercore import log
 
 from fairforget import keys
 from fairforget.audit.suite import check_audit_config, run_audit
-from fairforget.config import RunConfig
+from fairforget.config import ConfigError, RunConfig
 from fairforget.data import DataBundle, load_dataset
+from fairforget.privacy.reporting import dp_block
 from fairforget.report import write_report
 from fairforget.run import RunDir
 from server.audit import site_audits
@@ -28,6 +30,9 @@ from strategies import build_strategy
 
 def run_training(grid: Grid, cfg: RunConfig) -> None:
     run = RunDir(cfg.out_path)
+    if cfg.dp and cfg.dp_calibrate != "none":
+        raise ConfigError(f"dp-calibrate = {cfg.dp_calibrate!r} is resolved before the run starts: use `fairforget "
+                          "simulate`, or `fairforget calibrate` and pass the dp-noise-multiplier it prints")
     run.write_config(cfg)
     bundle = load_dataset(cfg)
     if cfg.audit:
@@ -52,19 +57,37 @@ def run_training(grid: Grid, cfg: RunConfig) -> None:
     if cfg.augment:  # diffusion augmentation, then step-wise unlearning of the originals
         augmentation, states, evaluation = run_augmentation(grid, cfg, strategy, bundle, run, states, evaluation)
     metrics = training_metrics(cfg, bundle, strategy.shard_reports, evaluator.history, evaluation, train_wall)
+    metrics["dp"] = dp_metrics(cfg, strategy, run.calibration())
     if augmentation is not None:
         metrics["augmentation"] = augmentation
         metrics["timing"]["augmentation_seconds"] = augmentation["seconds"]
         run.save_budget(strategy.budget)  # the retirements' spend, where a later forget goes on from
     if cfg.audit:
         retired = set(augmentation["retired_ids"]) if augmentation else set()
-        metrics["privacy"] = run_audit(run, cfg, bundle, states, deleted=retired)
+        metrics["privacy"] = run_audit(run, cfg, bundle, states, deleted=retired, dp=metrics["dp"])
         metrics["privacy"]["sites"] = site_audits(grid, states)
         metrics["timing"]["audit_seconds"] = metrics["privacy"]["seconds"]
     run.write_metrics(metrics)
     run.ledger.ensure()
     write_report(run.path)
     log(INFO, "fairforget: metrics and report written to %s", run.path)
+
+
+def dp_metrics(cfg: RunConfig, strategy: Any, calibration: dict[str, Any] | None,
+               previous: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The ``dp`` block of metrics.json: each shard's cumulative DP-SGD spend as its node last
+    reported it (shards that did not reply keep their ``previous`` figures), or FedAvg's user-level
+    spend, and the ensemble's; None without DP."""
+    if not cfg.dp:
+        return None
+    summary = getattr(strategy, "privacy_summary", None)
+    if summary is not None:  # FedAvg: user-level DP through Flower's wrappers
+        spent = summary()
+        return {**spent, "ensemble": spent, "shards": {}, "calibration": calibration} if spent else None
+    shards = {int(k): v for k, v in ((previous or {}).get("shards") or {}).items()}
+    shards.update({k: json.loads(str(r[keys.DP_JSON])) for k, r in strategy.shard_reports.items()
+                   if keys.DP_JSON in r})
+    return dp_block(cfg, shards, calibration)
 
 
 def training_metrics(cfg: RunConfig, bundle: DataBundle, shard_reports: dict[int, dict[str, Any]],

@@ -16,6 +16,7 @@ budget from ``OUT/budget.json`` and saves it after the strategy has settled it.
 
 from __future__ import annotations
 
+import json
 import time
 from logging import INFO
 from typing import Any
@@ -32,7 +33,7 @@ from fairforget.report import write_report
 from fairforget.run import RunDir
 from server.audit import site_audits
 from server.evaluation import evaluate_states
-from server.experiment import evaluation_summary
+from server.experiment import dp_metrics, evaluation_summary
 from strategies import build_strategy
 from strategies.shard_ensemble import UnlearnOutcome
 
@@ -61,10 +62,12 @@ def run_forget(grid: Grid, cfg: RunConfig) -> None:
     owners = route(replies, ids)
     shard_of = {r.metadata.src_node_id: int(r.content[keys.METRICS][keys.SHARD]) for r in replies}
     sizes = {shard_of[r.metadata.src_node_id]: int(r.content[keys.METRICS][keys.NUM_EXAMPLES]) for r in replies}
+    spent = {shard_of[r.metadata.src_node_id]: json.loads(str(r.content[keys.CONFIG][keys.DP_JSON]))["epsilon"]
+             for r in replies if keys.DP_JSON in r.content[keys.CONFIG]}  # DP-SGD: each shard's epsilon
 
     # 2. the strategy decides with its deletion budget before anything is sent (refuse raises here)
     try:
-        messages = strategy.configure_unlearn(owners, shard_of, sizes, cfg.unlearn_method)
+        messages = strategy.configure_unlearn(owners, shard_of, sizes, cfg.unlearn_method, spent)
     except BudgetExceeded as exc:  # refused: the ledger records the decision; nothing else changes
         request_no = run.ledger.next_request()
         run.ledger.append([{"request": request_no, "shard": shard_of[n], "ids": sorted(v),
@@ -90,13 +93,14 @@ def run_forget(grid: Grid, cfg: RunConfig) -> None:
     run.ledger.append(ledger_rows(request_no, outcomes))
     evaluation = evaluate_states(after, bundle, cfg)
     metrics = updated_metrics(metrics, request_no, outcomes, strategy.shard_reports, evaluation, wall)
+    metrics["dp"] = dp_metrics(cfg, strategy, run.calibration(), metrics.get("dp"))
     if cfg.audit:
         metrics["unlearning"][-1]["audit"] = {
             "deleted_vs_nonmembers_auc_before": unlearning_audit(cfg, bundle, before, ids, run),
             "deleted_vs_nonmembers_auc_after": unlearning_audit(cfg, bundle, after, ids, run),
         }
         metrics["unlearning"][-1]["privacy_before"] = headline(metrics.get("privacy"))
-        metrics["privacy"] = run_audit(run, cfg, bundle, after, deleted=run.ledger.unlearned_ids())
+        metrics["privacy"] = run_audit(run, cfg, bundle, after, deleted=run.ledger.unlearned_ids(), dp=metrics["dp"])
         metrics["privacy"]["sites"] = site_audits(grid, after)
         metrics["unlearning"][-1]["privacy_after"] = headline(metrics["privacy"])
     run.write_metrics(metrics)

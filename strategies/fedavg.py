@@ -3,6 +3,9 @@
 Every node trains ``local-epochs`` on its shard from the global model; the server averages. One
 global model is trained on everyone's data, so deleting a sample needs a full retrain: this
 strategy declares no exact unlearning, and ``fairforget forget`` refuses its runs.
+
+With ``dp = true``, :meth:`FedAvgBaseline.from_config` builds :class:`strategies.fedavg_dp.FedAvgUserDP`
+instead: the same FedAvg under user-level DP, through Flower's fixed-clipping wrappers.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from flwr.serverapp.strategy import FedAvg
 from fairforget import keys
 from fairforget.model import build_model
 from strategies.base import FairforgetStrategy
+from strategies.fedavg_dp import FedAvgUserDP
 
 
 class FedAvgBaseline(FairforgetStrategy, FedAvg):
@@ -34,7 +38,10 @@ class FedAvgBaseline(FairforgetStrategy, FedAvg):
         self.rounds, self.local_epochs, self.seed, self.width = rounds, local_epochs, seed, width
 
     @classmethod
-    def from_config(cls, cfg: Any, num_classes: int) -> FedAvgBaseline:
+    def from_config(cls, cfg: Any, num_classes: int) -> FairforgetStrategy:
+        """Plain FedAvg; with ``dp = true``, FedAvg under user-level DP (:class:`FedAvgUserDP`)."""
+        if cfg.dp:
+            return FedAvgUserDP.from_config(cfg, num_classes)
         return cls(cfg.num_shards, cfg.rounds, cfg.local_epochs, cfg.seed, cfg.model_width)
 
     def num_rounds(self) -> int:
@@ -58,3 +65,7 @@ class FedAvgBaseline(FairforgetStrategy, FedAvg):
 
     def ensemble_states(self, arrays: ArrayRecord) -> dict[int, dict[str, torch.Tensor]]:
         return {0: arrays.to_torch_state_dict()}
+
+    def privacy_summary(self) -> None:
+        """No DP: nothing spent (:meth:`FedAvgUserDP.privacy_summary` is the DP run's)."""
+        return None

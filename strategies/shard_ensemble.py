@@ -87,6 +87,7 @@ class ShardEnsemble(FairforgetStrategy, Strategy):
         self._planned: dict[int, Planned] = {}  # shard -> decision, between configure and aggregate
         self._originals: dict[int, int] = {}  # shard -> originals left (augmentation)
         self._granted: dict[int, int] = {}  # shard -> retirements granted this augmentation step
+        self._dp_epsilons: dict[int, float] = {}  # shard -> DP-SGD epsilon spent (capacity-bound = "dp")
 
     @classmethod
     def from_config(cls, cfg: Any, num_classes: int) -> ShardEnsemble:
@@ -146,17 +147,23 @@ class ShardEnsemble(FairforgetStrategy, Strategy):
         return [Message(content, dst_node_id=n, message_type=keys.MSG_DESCRIBE) for n in self._all_nodes(grid)]
 
     def configure_unlearn(self, owners: Mapping[int, list[int]], shard_of: Mapping[int, int],
-                          sizes: Mapping[int, int], method: str) -> list[Message]:
+                          sizes: Mapping[int, int], method: str,
+                          dp_epsilons: Mapping[int, float] | None = None) -> list[Message]:
         """Decide, per owning node (``owners``: node id -> ids; ``shard_of``: node id -> shard;
         ``sizes``: shard -> live samples), what it runs, and return one ``train.unlearn`` message each.
 
         An exact ``method`` is sent as it is. An approximate one is sent where the shard's deletion
         budget covers the request; where it does not, ``policy = "refuse"`` raises
-        :class:`BudgetExceeded` before any message exists, ``"retrain"`` sends an exact retrain."""
+        :class:`BudgetExceeded` before any message exists, ``"retrain"`` sends an exact retrain.
+
+        With DP-SGD training and ``capacity-bound = "dp"`` (``dp_epsilons``: shard -> epsilon spent),
+        a shard's capacity is the DP baseline at the epsilon that shard's training has spent: a DP
+        learner is its own unlearner for that many deletions (Sekhari et al. 2021)."""
+        self._dp_epsilons = dict(dp_epsilons or {}) if self.budget.bound == "dp" else {}
         planned: dict[int, Planned] = {}
         for node_id, ids in sorted(owners.items()):
             shard, k = shard_of[node_id], len(ids)
-            self.budget.track(shard, sizes[shard])
+            self.budget.track(shard, sizes[shard], self._dp_epsilons.get(shard))
             if method == EXACT:
                 planned[shard] = Planned(node_id, sorted(ids), EXACT, ledger.EXACT_RETRAIN)
             elif not self.budget.would_exceed(shard, k):
@@ -186,7 +193,7 @@ class ShardEnsemble(FairforgetStrategy, Strategy):
             if plan.decision == ledger.APPROXIMATE:
                 self.budget.consume(result.shard, len(plan.ids))
             else:
-                self.budget.reset(result.shard, result.num_examples)
+                self.budget.reset(result.shard, result.num_examples, self._dp_epsilons.get(result.shard))
             out[result.shard] = UnlearnOutcome(plan.ids, plan.decision, result, before,
                                                self.budget.remaining(result.shard),
                                                self.budget.shards[result.shard].capacity)

@@ -31,6 +31,7 @@ from fairforget.audit.roc import auc, summarize
 from fairforget.config import RunConfig
 from fairforget.data import DataBundle, SampleSet, shard_of
 from fairforget.model import load_model
+from fairforget.privacy.reporting import violations
 from fairforget.run import RunDir
 from fairforget.sisa import SisaSettings
 from fairforget.storage import atomic_torch_save, torch_load
@@ -61,8 +62,11 @@ def check_audit_config(cfg: RunConfig, bundle: DataBundle) -> list[str]:
 
 
 def run_audit(run: RunDir, cfg: RunConfig, bundle: DataBundle, states: dict[int, dict[str, torch.Tensor]],
-              deleted: set[int]) -> dict[str, Any]:
-    """Every attack on every target; the ``privacy`` block of metrics.json."""
+              deleted: set[int], dp: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every attack on every target; the ``privacy`` block of metrics.json. With the run's ``dp``
+    block, every attack's TPR at low FPR is set against its target's mu-GDP bound: an empirical TPR
+    above the bound beyond its confidence interval is listed in ``dp_bound_violations`` (a bug in
+    training, accounting or the attack)."""
     t0 = time.perf_counter()
     names = check_audit_config(cfg, bundle)
     settings = SisaSettings.from_config(cfg, bundle.num_classes, bundle.num_private)
@@ -110,12 +114,17 @@ def run_audit(run: RunDir, cfg: RunConfig, bundle: DataBundle, states: dict[int,
         probes[tname] = attribute_inference(torch.cat([feats[k][0] for k in shard_keys], 1), bundle.train,
                                             torch.cat([feats[k][1] for k in shard_keys], 1), bundle.test_unbiased,
                                             bundle.num_private, seed=cfg.seed)
-    return {
+    out = {
         "attacks": names,
         "population": "test_biased",
         "references": {"count": cfg.audit_references, "train_seconds": refs_time},
         "targets": results,
         "attribute_inference": probes,
+    }
+    if dp:
+        out["dp_bound_violations"] = violations(out, dp)
+    return {
+        **out,
         "seconds": time.perf_counter() - t0,
     }
 

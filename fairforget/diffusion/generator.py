@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -36,9 +37,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from opacus import GradSampleModule
+from opacus.optimizers import DPOptimizer
+from opacus.validators import ModuleValidator
 from torch import nn
 
-from fairforget.storage import torch_load
+from fairforget.privacy.accountant import ShardAccountant, epsilon_of
+from fairforget.privacy.dp_sgd import DPSettings
+from fairforget.privacy.gdp import Entry
+from fairforget.storage import finite, torch_load
 
 
 class GeneratorError(ValueError):
@@ -107,6 +114,7 @@ class ConditionalGenerator(nn.Module):
         )
         time_dim = self.unet.config.block_out_channels[0] * 4
         self.labels = LabelEmbedding(settings.num_classes, settings.num_private, time_dim)
+        self.privacy: dict[str, Any] | None = None  # what a DP training spent (train_generator with dp)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, private: torch.Tensor) -> torch.Tensor:
         return self.unet(x, t, class_labels=self.labels(y, private)).sample
@@ -130,7 +138,10 @@ class ConditionalGenerator(nn.Module):
         try:
             self.unet.save_pretrained(tmp / "unet")
             torch.save({k: v.cpu() for k, v in self.labels.state_dict().items()}, tmp / "labels.pt")
-            (tmp / "generator.json").write_text(json.dumps({"settings": asdict(self.settings), **meta}, indent=2))
+            info = {"settings": asdict(self.settings), **meta}
+            if self.privacy is not None:
+                info["privacy"] = finite(self.privacy)
+            (tmp / "generator.json").write_text(json.dumps(info, indent=2))
             old = folder.with_name(f".{folder.name}.old")
             if folder.exists():
                 folder.rename(old)
@@ -149,6 +160,7 @@ class ConditionalGenerator(nn.Module):
             model = cls(settings)
             model.unet = UNet2DModel.from_pretrained(folder / "unet", low_cpu_mem_usage=False)
             model.labels.load_state_dict(torch_load(folder / "labels.pt"))
+            model.privacy = info.get("privacy")
         except (OSError, KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
             raise GeneratorError(f"cannot load the generator in {folder}: {exc}") from None
         meta = {k: v for k, v in info.items() if k != "settings"}
@@ -157,37 +169,24 @@ class ConditionalGenerator(nn.Module):
 
 # ---------------------------------------------------------------------- training
 def train_generator(x: torch.Tensor, y: torch.Tensor, private: torch.Tensor, settings: GeneratorSettings,
-                    seed: int, progress: Callable[[int, float], None] | None = None) -> ConditionalGenerator:
-    """Train a conditional DDPM on images ``x`` in [0, 1] with labels ``y`` / ``private``."""
+                    seed: int, progress: Callable[[int, float], None] | None = None,
+                    dp: DPSettings | None = None, accountant: ShardAccountant | None = None) -> ConditionalGenerator:
+    """Train a conditional DDPM on images ``x`` in [0, 1] with labels ``y`` / ``private``.
+
+    With ``dp``: DP-SGD (:func:`_train_dp`), checked against and recorded into ``accountant``; the
+    returned model's ``privacy`` says what its training spent."""
     if len(x) == 0:
         raise GeneratorError("no real samples to train the generator on")
-    gen_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    model = ConditionalGenerator(settings)
-    torch.random.set_rng_state(gen_state)
-    device = torch.device(settings.device)
-    model.to(device).train()
-    scheduler = DDPMScheduler(num_train_timesteps=settings.timesteps)
-    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.0)
-    lr_at = lambda step: min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / settings.train_steps))  # noqa: E731
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    if dp is not None:
+        return _train_dp(x, y, private, settings, seed, progress, dp, accountant)
+    model, device, scheduler, opt, sched = _setup(settings, seed)
     gen = torch.Generator().manual_seed(seed)
     data = (x * 2 - 1).to(device)
     y, private = y.to(device), private.to(device)
-    null_y, null_a = model.null_labels(len(x), device)
     ema = 0.0
     for step in range(settings.train_steps):
         idx = torch.randint(0, len(data), (min(settings.batch_size, len(data)),), generator=gen).to(device)
-        x0 = data[idx]
-        noise = torch.randn(x0.shape, generator=gen).to(device)
-        t = torch.randint(0, settings.timesteps, (len(idx),), generator=gen).to(device)
-        # each factor is dropped on its own, so the network learns p(x | y), p(x | a) and p(x)
-        drop_y = (torch.rand(len(idx), generator=gen) < settings.label_dropout).to(device)
-        drop_a = (torch.rand(len(idx), generator=gen) < settings.label_dropout).to(device)
-        yy, aa = model.conditioning(y[idx], private[idx])
-        yy = torch.where(drop_y, null_y[: len(idx)], yy)
-        aa = torch.where(drop_a, null_a[: len(idx)], aa)
-        loss = F.mse_loss(model(scheduler.add_noise(x0, noise, t), t, yy, aa), noise)
+        loss = _denoising_loss(model, model, scheduler, data[idx], y[idx], private[idx], gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -197,6 +196,184 @@ def train_generator(x: torch.Tensor, y: torch.Tensor, private: torch.Tensor, set
         ema = value if step == 0 else 0.98 * ema + 0.02 * value
         if progress is not None:
             progress(step + 1, ema)
+    return model.eval()
+
+
+def _setup(settings: GeneratorSettings, seed: int) -> tuple[ConditionalGenerator, torch.device, DDPMScheduler,
+                                                            torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """The seeded initial model (the global RNG left as it was), the noise schedule, AdamW and its
+    warm-up + cosine learning-rate schedule."""
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    model = ConditionalGenerator(settings)
+    torch.random.set_rng_state(gen_state)
+    device = torch.device(settings.device)
+    model.to(device).train()
+    scheduler = DDPMScheduler(num_train_timesteps=settings.timesteps)
+    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.0)
+    lr_at = lambda step: min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / settings.train_steps))  # noqa: E731
+    return model, device, scheduler, opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+
+
+def _denoising_loss(model: ConditionalGenerator, forward: Callable[..., torch.Tensor], scheduler: DDPMScheduler,
+                    x0: torch.Tensor, y: torch.Tensor, private: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """MSE on the noise of one batch: a noise draw, a uniform timestep and each label factor's
+    dropout per sample, in this order from ``gen``. ``forward`` is the model or its Opacus wrapper.
+    The batch mean of per-sample means, so sample i's share of the gradient is its own loss's
+    gradient / batch size (Opacus' ``loss_reduction="mean"``)."""
+    s, device, n = model.settings, x0.device, len(x0)
+    noise = torch.randn(x0.shape, generator=gen).to(device)
+    t = torch.randint(0, s.timesteps, (n,), generator=gen).to(device)
+    # each factor is dropped on its own, so the network learns p(x | y), p(x | a) and p(x)
+    drop_y = (torch.rand(n, generator=gen) < s.label_dropout).to(device)
+    drop_a = (torch.rand(n, generator=gen) < s.label_dropout).to(device)
+    null_y, null_a = model.null_labels(n, device)
+    yy, aa = model.conditioning(y, private)
+    yy = torch.where(drop_y, null_y, yy)
+    aa = torch.where(drop_a, null_a, aa)
+    return F.mse_loss(forward(scheduler.add_noise(x0, noise, t), t, yy, aa), noise)
+
+
+# ---------------------------------------------------------------------- DP-SGD training
+def generator_planned(n: int, settings: GeneratorSettings, dp: DPSettings) -> list[Entry]:
+    """What DP training on ``n`` samples adds to the shard's accountant: ``train_steps`` Poisson
+    steps at rate ``q = batch_size / n`` (empty batches included: each is a noise-only step)."""
+    if n <= 0 or settings.train_steps <= 0:
+        return []
+    return [(dp.noise_multiplier, min(1.0, settings.batch_size / n), settings.train_steps)]
+
+
+def check_dp_trainable(model: nn.Module) -> None:
+    """Refuse, in one line, a generator Opacus cannot give per-sample gradients: a layer that mixes
+    the samples of a batch (BatchNorm and the like, found by Opacus' ``ModuleValidator``).
+
+    The UNet's self-attention block (``UNetMidBlock2D`` has one) is per sample: its parameters are
+    ``Linear`` and ``GroupNorm`` layers, and attention runs over one image's pixels only, so it is
+    trained with DP like the rest (its per-sample gradients are checked in the tests). Every
+    trainable layer of the generator (``Conv2d``, ``Linear``, ``GroupNorm``, ``Embedding``) has an
+    Opacus grad sampler; one without would get Opacus' functorch fallback for that layer alone.
+    Whatever a layer gets, the first DP step checks that its per-sample gradients add up to the
+    batch gradient (:func:`_verify_grad_samples`)."""
+    errors = ModuleValidator.validate(model, strict=False)
+    if errors:
+        raise GeneratorError(f"the generator cannot be trained with DP-SGD: {errors[0]}")
+
+
+def per_sample_module(model: nn.Module) -> tuple[GradSampleModule, list[Any]]:
+    """``model`` wrapped for per-sample gradients (Opacus' hooks mode, conv inputs made contiguous);
+    the hook handles to remove, with ``GradSampleModule._close``, after training."""
+    handles = _contiguous_conv_inputs(model)
+    return GradSampleModule(model, batch_first=True, loss_reduction="mean"), handles
+
+
+def _contiguous_conv_inputs(model: nn.Module) -> list[Any]:
+    """Make every ``Conv2d`` input NCHW-contiguous (the same values): Opacus' conv grad sampler
+    (``unfold2d``) reads its input through ``as_strided`` as if it were, and diffusers' attention
+    block hands the next ResNet a channels-last view (``transpose(-1, -2).reshape``), for which the
+    hooks' per-sample gradients of ``mid_block.resnets.1.conv1`` / ``conv2`` come out silently
+    wrong. Returns the hook handles to remove."""
+    def pre(_module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        return (args[0].contiguous(), *args[1:])
+
+    return [m.register_forward_pre_hook(pre) for m in model.modules() if isinstance(m, nn.Conv2d)]
+
+
+def _verify_grad_samples(model: nn.Module, batch: int) -> None:
+    """Every trainable parameter has a per-sample gradient for each of the ``batch`` samples, and
+    their mean is the batch gradient autograd computed (loss = batch mean); otherwise the per-sample
+    clipping would bound the wrong thing and the guarantee would be void, so refuse."""
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        gs = getattr(p, "grad_sample", None)
+        if not isinstance(gs, torch.Tensor) or gs.shape != (batch, *p.shape) or p.grad is None:
+            raise GeneratorError(f"the generator cannot be trained with DP-SGD: Opacus computed no per-sample "
+                                 f"gradient for {name}")
+        err = float((gs.mean(0) - p.grad).norm())
+        if err > 1e-3 * float(p.grad.norm()) + 1e-7:
+            raise GeneratorError(f"the generator cannot be trained with DP-SGD: Opacus' per-sample gradients of "
+                                 f"{name} do not add up to its batch gradient (relative error "
+                                 f"{err / max(float(p.grad.norm()), 1e-12):.2g})")
+
+
+def _train_dp(x: torch.Tensor, y: torch.Tensor, private: torch.Tensor, settings: GeneratorSettings, seed: int,
+              progress: Callable[[int, float], None] | None, dp: DPSettings,
+              accountant: ShardAccountant | None) -> ConditionalGenerator:
+    """DP-SGD (Abadi et al. 2016) on the generator, so the model and everything sampled from it are
+    (epsilon, delta)-DP with respect to each real sample.
+
+    Each step draws a Poisson batch (every real sample independently with probability ``q =
+    batch_size / n``), computes per-sample gradients with Opacus (``GradSampleModule``, hooks mode:
+    every layer has a grad sampler), and Opacus' ``DPOptimizer`` wrapping the same AdamW clips each
+    sample's gradient to ``dp.max_grad_norm`` and adds ``N(0, (noise_multiplier max_grad_norm)^2)``;
+    no global clipping on top. Timesteps, noise and label dropout are drawn per sample as without DP
+    (they are part of that sample's loss); an empty Poisson batch is a noise-only step (the
+    mechanism the accountant analyses), counted like any other. The check against
+    ``dp.max_epsilon`` comes first (nothing is built or trained past the cap); the spend is recorded
+    only after training completes.
+
+    Replayable unless ``dp.secure_mode``: the Poisson masks, the per-sample draws and the noise come
+    from CPU generators seeded by ``seed`` (so, as for the DP SISA shards, the guarantee holds
+    against an adversary who does not know the run's seed). Secure mode draws Opacus' secure noise
+    and seeds the Poisson masks from the OS, and cannot be replayed.
+
+    Out of scope of the guarantee (the caller's business): the per-group counts a node asks the
+    generator for are planned from its live data's counts. Classifier guidance at sampling time is
+    post-processing: the fidelity classifiers are the server's, trained on the held-out split, which
+    no shard trains on (:mod:`fairforget.diffusion.quality`)."""
+    n = len(x)
+    planned = generator_planned(n, settings, dp)
+    if accountant is not None:
+        accountant.check(planned, dp.max_epsilon, "generator training")
+    model, device, scheduler, opt, sched = _setup(settings, seed)
+    check_dp_trainable(model)
+    q = planned[0][1]
+    gen = torch.Generator().manual_seed(seed)  # per-sample draws: noise, timestep, label dropout
+    poisson_seed = secrets.randbits(63) if dp.secure_mode else (seed + 1) % (1 << 63)
+    poisson = torch.Generator().manual_seed(poisson_seed)
+    dp_noise = None if dp.secure_mode else torch.Generator(device=device).manual_seed((seed + 2) % (1 << 63))
+    gsm, handles = per_sample_module(model)
+    dp_opt = DPOptimizer(opt, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
+                         expected_batch_size=max(1, round(n * q)), loss_reduction="mean", generator=dp_noise,
+                         secure_mode=dp.secure_mode)
+    params = [p for p in model.parameters() if p.requires_grad]
+    data = (x * 2 - 1).to(device)
+    y, private = y.to(device), private.to(device)
+    ema, verified, empty = 0.0, False, 0  # verified: per-sample gradients checked (first non-empty batch)
+    try:
+        for step in range(settings.train_steps):
+            idx = torch.nonzero(torch.rand(n, generator=poisson) < q).flatten().to(device)
+            dp_opt.zero_grad(set_to_none=True)
+            if len(idx):
+                loss = _denoising_loss(model, gsm, scheduler, data[idx], y[idx], private[idx], gen)
+                loss.backward()
+                if not verified:
+                    _verify_grad_samples(model, len(idx))
+                    verified = True
+                value = float(loss.detach())
+                ema = value if step == empty else 0.98 * ema + 0.02 * value  # the first loss starts it
+            else:  # nobody sampled: no per-sample gradient, the step is noise only
+                empty += 1
+                for p in params:
+                    p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
+            dp_opt.step()
+            sched.step()
+            if progress is not None:
+                progress(step + 1, ema)
+    finally:
+        for h in handles:
+            h.remove()
+        gsm._close()
+        for p in params:
+            p.grad = None
+    if accountant is not None:
+        accountant.record(planned)
+    model.privacy = {
+        "dp": True, "noise_multiplier": dp.noise_multiplier, "max_grad_norm": dp.max_grad_norm, "sample_rate": q,
+        "steps": settings.train_steps, "empty_batches": empty, "accountant": dp.accountant,
+        "epsilon": epsilon_of(dp.accountant, planned, dp.delta), "delta": dp.delta,
+        "grad_sample_mode": "hooks", "secure_mode": dp.secure_mode,
+    }
     return model.eval()
 
 

@@ -140,10 +140,7 @@ class DPSGD:
                 self.accountant.record([entry])
             self._loader.batches = 0
         steps = sum(t for _, _, t in self._spent)
-        out = {"noise_multiplier": self.noise_multiplier, "sample_rate": self._rate, "steps": float(steps)}
-        if self.accountant is not None:
-            out.update(epsilon=self.accountant.epsilon(), mu=self.accountant.mu())
-        return out
+        return {"noise_multiplier": self.noise_multiplier, "sample_rate": self._rate, "steps": float(steps)}
 
     def close(self) -> None:
         """Take Opacus' hooks off the model again."""

@@ -73,7 +73,7 @@ def planned_sisa(n_per_stage: Sequence[int], batch_size: int, epochs: int, sigma
     return out
 
 
-def _bisect(ok, low: float = 1e-3, high: float = 64.0, tol: float = 1e-4) -> float:
+def _bisect(ok, low: float = 0.05, high: float = 64.0, tol: float = 1e-3) -> float:
     """The smallest sigma in [low, high] with ``ok(sigma)`` (``ok`` monotone in sigma)."""
     if not ok(high):
         raise ValueError(f"no noise multiplier up to {high} meets the target")

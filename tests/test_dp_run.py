@@ -1,0 +1,106 @@
+"""DP-SGD through the drivers (in-process grid): the guarantee in metrics.json, the report and the
+CLI; the audit set against the mu-GDP bound; calibration before the run; the DP capacity bound."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fairforget.capacity import dp_capacity, head_parameters
+from fairforget.config import ConfigError
+from fairforget.data import load_dataset, shard_of
+from fairforget.privacy.reporting import violations
+from fairforget.run import RunDir
+from server import cli
+from server.experiment import run_training
+from server.forget import run_forget
+
+DP_RUN = {"dp": True, "dp-accountant": "rdp", "dp-noise-multiplier": 1.5, "audit-attacks": "loss,rmia",
+          "audit-bootstrap": 20}
+
+
+@pytest.fixture(scope="module")
+def dp_run(tmp_path_factory):
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fairforget.config import resolve
+    from tests.conftest import TINY, InProcessGrid
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # module scope: before autouse
+    cfg = resolve({**TINY, **DP_RUN, "out-dir": str(tmp_path_factory.mktemp("dp") / "run")})
+    run_training(InProcessGrid(cfg), cfg)
+    return cfg
+
+
+def test_metrics_report_and_cli_state_the_guarantee(dp_run, capsys):
+    run = RunDir(dp_run.out_path)
+    m = run.metrics()
+    dp = m["dp"]
+    assert set(dp["shards"]) == {"0", "1"} and dp["accountant"] == "rdp" and "GroupNorm" in dp["model"]
+    for v in dp["shards"].values():
+        assert 0 < v["epsilon"] < 1e3 and v["mu"] > 0 and v["steps"] > 0
+        assert 0.001 <= v["tpr_bound"]["0.001"] <= v["tpr_bound"]["0.01"] <= 1
+    worst = max(dp["shards"].values(), key=lambda v: v["epsilon"])
+    assert dp["ensemble"]["epsilon"] == worst["epsilon"] and "disjoint" in dp["ensemble"]["note"]
+    assert m["privacy"]["dp_bound_violations"] == []  # the attacks stay within the bound
+    report = run.report_path.read_text()
+    assert "## Differential privacy" in report and "mu-GDP bound" in report
+    cli._print_summary(run.path)
+    out = capsys.readouterr().out
+    assert "DP: ensemble (worst shard) epsilon" in out and "TPR <=" in out
+
+
+def test_forget_under_dp_composes_the_retraining(dp_run, grid_for):
+    run = RunDir(dp_run.out_path)
+    before = run.metrics()["dp"]["shards"]
+    victim = shard_of(dp_run, load_dataset(dp_run))[1].ids[0].item()
+    grid = grid_for(dp_run.replace(mode="forget", forget_ids=str(victim)))
+    run_forget(grid, grid.cfg)
+    after = run.metrics()["dp"]["shards"]
+    assert after["0"] == before["0"]  # not contacted
+    assert after["1"]["epsilon"] > before["1"]["epsilon"] and after["1"]["trainings"] > before["1"]["trainings"]
+
+
+def test_bound_violations_are_flagged_and_fail_the_audit(dp_run, monkeypatch, capsys):
+    dp = {"ensemble": {"mu": 0.1, "tpr_bound": {"0.01": 0.012, "0.001": 0.0012}}, "shards": {}}
+    privacy = {"targets": {"ensemble": {"loss": {"tpr_at_0.01_fpr": 0.30, "tpr_at_0.01_fpr_ci95": [0.2, 0.4],
+                                                 "tpr_at_0.001_fpr": 0.0, "tpr_at_0.001_fpr_ci95": [0.0, 0.0]}}}}
+    found = violations(privacy, dp)
+    assert len(found) == 1 and "exceeds the mu-GDP bound 0.012" in found[0]
+    privacy["targets"]["ensemble"]["loss"]["tpr_at_0.01_fpr_ci95"] = [0.005, 0.4]  # within the interval: no flag
+    assert violations(privacy, dp) == []
+    real = cli.run_audit
+
+    def beaten(*args, **kwargs):  # an audit that beats the bound (a mock of a broken accountant)
+        out = real(*args, **kwargs)
+        return {**out, "dp_bound_violations": ["ensemble loss: TPR 0.300 at 1.0% FPR exceeds the bound"]}
+
+    monkeypatch.setattr(cli, "run_audit", beaten)
+    assert cli.main(["audit", "--run", str(dp_run.out_path), "--set", 'audit-attacks="loss"']) == cli.EXIT_RUN
+    err = capsys.readouterr().err
+    assert "beat the differential-privacy bound" in err
+    assert "**Empirical TPR above the DP bound" in RunDir(dp_run.out_path).report_path.read_text()
+
+
+def test_calibration_is_resolved_before_the_run(tiny_cfg, grid_for):
+    cfg = tiny_cfg(**{**DP_RUN, "dp-calibrate": "attack-risk"})
+    with pytest.raises(ConfigError, match="resolved before the run starts"):
+        run_training(grid_for(cfg), cfg)
+    assert not (cfg.out_path / "metrics.json").exists()
+
+
+def test_dp_capacity_uses_each_shards_spent_epsilon(dp_run, grid_for):
+    """capacity-bound = "dp" under DP-SGD: a shard's capacity is the DP baseline at its own epsilon."""
+    run = RunDir(dp_run.out_path)
+    eps = run.metrics()["dp"]["shards"]["0"]["epsilon"]
+    victim = shard_of(dp_run, load_dataset(dp_run))[0].ids[1].item()
+    cfg = dp_run.replace(mode="forget", forget_ids=str(victim), capacity_bound="dp", unlearn_method="finetune")
+    run.budget_path.unlink(missing_ok=True)
+    grid = grid_for(cfg)
+    run_forget(grid, grid.cfg)
+    row = run.ledger.entries()[-1]
+    n = len(shard_of(dp_run, load_dataset(dp_run))[0])
+    d = head_parameters(8 * dp_run.model_width, 10)
+    assert row["capacity"] == dp_capacity(eps, dp_run.dp_delta, n, d, dp_run.capacity_c)
+    assert json.loads(run.budget_path.read_text())["bound"] == "dp"
