@@ -101,6 +101,9 @@ def preflight(cfg: RunConfig):
     get_unlearner(cfg.unlearn_method)
     if cfg.audit:
         check_audit_config(cfg, bundle)
+    if cfg.dp and cfg.dp_calibrate != "none" and cfg.strategy != "shard-ensemble":
+        raise UserError(f"dp-calibrate = {cfg.dp_calibrate!r} calibrates the shards' DP-SGD; strategy "
+                        f"{cfg.strategy!r} takes dp-noise-multiplier as it is (dp-calibrate = \"none\")")
     return bundle
 
 

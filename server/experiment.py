@@ -19,6 +19,8 @@ from fairforget import keys
 from fairforget.audit.suite import check_audit_config, run_audit
 from fairforget.config import ConfigError, RunConfig
 from fairforget.data import DataBundle, load_dataset
+from fairforget.privacy.accountant import BOUND_FPRS
+from fairforget.privacy.gdp import tpr_bound
 from fairforget.privacy.reporting import dp_block
 from fairforget.report import write_report
 from fairforget.run import RunDir
@@ -83,7 +85,14 @@ def dp_metrics(cfg: RunConfig, strategy: Any, calibration: dict[str, Any] | None
     summary = getattr(strategy, "privacy_summary", None)
     if summary is not None:  # FedAvg: user-level DP through Flower's wrappers
         spent = summary()
-        return {**spent, "ensemble": spent, "shards": {}, "calibration": calibration} if spent else None
+        if not spent:
+            return None
+        # one record's membership changes its client's data, not the client's presence: a substitution,
+        # at most twice the add/remove sensitivity, so record-level attacks face 2 mu (the audit's bound)
+        mu = 2.0 * spent["mu"]
+        record = {**spent, "mu": mu, "tpr_bound": {f"{f:g}": tpr_bound(mu, f) for f in BOUND_FPRS},
+                  "note": "record level: 2 x the user-level mu (a record's membership substitutes its client's data)"}
+        return {**spent, "ensemble": record, "shards": {}, "calibration": calibration}
     shards = {int(k): v for k, v in ((previous or {}).get("shards") or {}).items()}
     shards.update({k: json.loads(str(r[keys.DP_JSON])) for k, r in strategy.shard_reports.items()
                    if keys.DP_JSON in r})

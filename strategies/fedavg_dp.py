@@ -44,6 +44,7 @@ from flwr.serverapp.strategy import (
     FedAvg,
     Strategy,
 )
+from flwr.serverapp.strategy.dp_fixed_clipping import DifferentialPrivacyFixedClippingBase
 from flwr.supercore import log
 
 from fairforget import keys
@@ -53,7 +54,7 @@ from fairforget.privacy.accountant import summarize
 from fairforget.privacy.gdp import Entry
 from strategies.base import FairforgetStrategy, StrategyReplyError
 
-WRAPPERS: dict[str, type[Strategy]] = {
+WRAPPERS: dict[str, type[DifferentialPrivacyFixedClippingBase]] = {  # run-config dp-fedavg-clipping
     "server": DifferentialPrivacyServerSideFixedClipping,
     "client": DifferentialPrivacyClientSideFixedClipping,
 }
@@ -142,7 +143,8 @@ class FedAvgUserDP(FairforgetStrategy, Strategy):
             "clipping_norm": self.clipping_norm,
             "rounds": len(self.history),
             "clients_per_round": self.num_shards,
-            "neighbouring": "add or remove one client with all its data",
+            "neighbouring": ("add or remove one client with all its data (a change inside one client's data, such "
+                             "as one record more or less, replaces that client: up to twice the mu)"),
             **summarize(self.history, self.accountant, self.delta),
             "flower": {"accountant": spent.accounting_method, "epsilon": spent.epsilon, "delta": spent.delta,
                        "releases": spent.num_releases},
