@@ -153,8 +153,7 @@ class Augmenter:
         live = self.sisa.live_data()
         report["kl_before"] = kl_to_target(self.counts(live))
         report["hash_before"] = self.sisa.model_hash() if self.sisa.trained else ""
-        if not self.store.state["generator_valid"]:  # the DP budget first: refuse before anything changes
-            self._check_generator_budget()
+        self._check_step_budget()  # the DP budget first: refuse before anything changes
 
         # 1. retire originals (exact unlearning from the classifier; the site keeps them)
         retired = self._choose_retirees(retire, step)
@@ -229,12 +228,18 @@ class Augmenter:
         pick = rng.permutation(len(live))[: min(count, len(live))]
         return sorted(int(live[p]) for p in pick)
 
-    def _check_generator_budget(self) -> None:
-        """Under DP: raise ``PrivacyBudgetExceeded`` if training the generator would pass the shard's cap."""
+    def _check_step_budget(self) -> None:
+        """Under DP: raise ``PrivacyBudgetExceeded`` if this step could pass the shard's cap: the
+        generator's training (when it needs one) and a retrain of every SISA stage at today's stage
+        sizes (an upper bound: retraining starts at the last clean stage, and the synthetic samples it
+        adds lower every stage's sampling rate)."""
         dp = self.sisa.settings.dp
-        if dp is not None:
-            self.sisa.check_privacy(generator_planned(len(self.generator_data()), self.settings, dp),
-                                    "generator training")
+        if dp is None:
+            return
+        planned = [] if self.store.state["generator_valid"] else generator_planned(
+            len(self.generator_data()), self.settings, dp)
+        planned += self.sisa.planned(list(range(1, self.sisa.settings.slices + 1)))
+        self.sisa.check_privacy(planned, "this augmentation step (generator and SISA retraining)")
 
     def _train_generator(self) -> None:
         data = self.generator_data()
@@ -339,11 +344,12 @@ class Augmenter:
         self.store.save()
         report: dict[str, Any] = {"generator_invalidated": False, "synthetic_dropped": 0, "synthetic_regenerated": 0,
                                   "policy": self.on_delete}
-        trained_on = set(ids) & set(self.store.state["generator_trained_on"]) and self.store.state["generator_version"] > 0
-        if trained_on and self.store.state.get("generator_dp"):
-            report.update(generator_kept="dp", generator_version=int(self.store.state["generator_version"]),
-                          generator_epsilon=self.store.state.get("generator_epsilon"),
-                          generator_delta=self.store.state.get("generator_delta"))
+        state = self.store.state
+        trained_on = bool(set(ids) & set(state["generator_trained_on"])) and state["generator_version"] > 0
+        if trained_on and state.get("generator_dp"):  # DP: the guarantee covers the deleted original; keep both
+            report.update(generator_kept="dp", generator_version=int(state["generator_version"]),
+                          generator_epsilon=state.get("generator_epsilon"),
+                          generator_delta=state.get("generator_delta"))
         elif trained_on:
             report["generator_invalidated"] = True
             report["old_generator_version"] = int(self.store.state["generator_version"])

@@ -18,7 +18,7 @@ from fairforget.sisa import SisaSettings, SisaShard
 from fairforget.training import NO_PRIVACY, OptimizerSpec, train
 from fairforget.unlearning.exact import unlearn
 
-DP = {"dp": True, "dp-noise-multiplier": 1.0, "slices": 2, "epochs-per-slice": 1}
+DP = {"dp": True, "dp-noise-multiplier": 1.0, "slices": 2, "epochs-per-slice": 1, "dp-accountant": "rdp"}
 
 
 @pytest.fixture
@@ -97,9 +97,12 @@ def test_accountant_survives_save_restart_and_reload(dp_shard, tmp_path):
     again = SisaShard(tmp_path / "s", 0, data, settings)
     assert len(again.accountant.history) == 2 and again.accountant.epsilon() > eps1
     state = again.accountant.state_dict()
-    assert state["mechanism"] == "prv" and len(state["history"]) == 2
-    with pytest.raises(ValueError, match="cannot change to 'rdp'"):
-        ShardAccountant.load(tmp_path / "s", 0, "rdp", 1e-5)
+    assert state["mechanism"] == "rdp" and len(state["history"]) == 2
+    with pytest.raises(ValueError, match="cannot change to 'prv'"):
+        ShardAccountant.load(tmp_path / "s", 0, "prv", 1e-5)
+    # the PRV accountant (the default) on the same history: tighter than RDP, and finite
+    prv = ShardAccountant(0, "prv", 1e-5, list(again.accountant.history))
+    assert 0 < prv.epsilon() <= again.accountant.epsilon()
 
 
 def test_hard_stop_fires_before_training_and_changes_nothing(dp_shard, tmp_path):

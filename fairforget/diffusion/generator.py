@@ -20,6 +20,15 @@ predicted clean image (the noise-free variant of Dhariwal & Nichol 2021).
 
 Images are (N, 3, H, W) in [0, 1]; the model works in [-1, 1]. Everything is seeded: the same
 generator, labels and seed give the same samples.
+
+With ``dp`` the generator is trained with DP-SGD (:func:`_train_dp`: Poisson batches, Opacus
+per-sample gradients in hooks mode, per-sample clipping and Gaussian noise, the shard's accountant
+and its hard stop), and nothing in it is left out of the guarantee: every trainable layer (convs,
+linears, GroupNorm, the label embeddings, the mid-block self-attention's projections) gets exact
+per-sample gradients. One Opacus pitfall is worked around, not refused: its conv grad sampler
+assumes NCHW-contiguous inputs, and the attention block hands the next ResNet a channels-last view
+(:func:`_contiguous_conv_inputs`); a self-check on the first step refuses training if any layer's
+per-sample gradients do not add up to the batch gradient.
 """
 
 from __future__ import annotations
@@ -200,7 +209,7 @@ def train_generator(x: torch.Tensor, y: torch.Tensor, private: torch.Tensor, set
 
 
 def _setup(settings: GeneratorSettings, seed: int) -> tuple[ConditionalGenerator, torch.device, DDPMScheduler,
-                                                            torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+                                                            torch.optim.Optimizer, Any]:
     """The seeded initial model (the global RNG left as it was), the noise schedule, AdamW and its
     warm-up + cosine learning-rate schedule."""
     gen_state = torch.random.get_rng_state()
