@@ -28,7 +28,7 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from fairforget.data.base import SampleSet
 
@@ -91,10 +91,29 @@ class SeededEpochs:
         return iter(perm.split(self.batch_size))
 
 
-def make_loader(data: SampleSet, batch_size: int, seeds: Sequence[int], device: torch.device | str) -> DataLoader:
+class BatchLoader:
+    """The engine's loader: batches of ``dataset`` as ``batch_sampler`` draws them, fetched whole.
+
+    It has what a privacy hook reads off a ``torch.utils.data.DataLoader`` (``dataset``,
+    ``batch_sampler``, ``collate_fn``, ``len``) without its per-batch machinery, which costs more
+    than these small models' steps: :class:`fairforget.privacy.dp_sgd.DPSGD` builds a real
+    DataLoader with Opacus' Poisson sampler from the same parts."""
+
+    def __init__(self, dataset: SampleDataset, batch_sampler: SeededEpochs) -> None:
+        self.dataset, self.batch_sampler, self.collate_fn = dataset, batch_sampler, _collate
+        self.batch_size = None  # batches come from the batch sampler, as with a DataLoader
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def __iter__(self) -> Iterator[Batch]:
+        for index in self.batch_sampler:
+            yield self.dataset.__getitems__(index)
+
+
+def make_loader(data: SampleSet, batch_size: int, seeds: Sequence[int], device: torch.device | str) -> BatchLoader:
     """The engine's data loader (a privacy hook may replace it, e.g. by Poisson sampling)."""
-    return DataLoader(SampleDataset(data, device), batch_sampler=SeededEpochs(len(data), batch_size, seeds),
-                      collate_fn=_collate)
+    return BatchLoader(SampleDataset(data, device), SeededEpochs(len(data), batch_size, seeds))
 
 
 # ---------------------------------------------------------------------- optimizers
@@ -134,7 +153,7 @@ class PrivacyHook(Protocol):
     name: str
 
     def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer,
-               loader: DataLoader) -> tuple[nn.Module, torch.optim.Optimizer, DataLoader]: ...
+               loader: BatchLoader) -> tuple[nn.Module, torch.optim.Optimizer, Iterable[Batch]]: ...
 
     def spent(self) -> dict[str, float]: ...
 
@@ -147,7 +166,7 @@ class NoPrivacy:
     name: ClassVar[str] = "none"
 
     def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer,
-               loader: DataLoader) -> tuple[nn.Module, torch.optim.Optimizer, DataLoader]:
+               loader: BatchLoader) -> tuple[nn.Module, torch.optim.Optimizer, Iterable[Batch]]:
         return model, optimizer, loader
 
     def spent(self) -> dict[str, float]:

@@ -75,7 +75,7 @@ class DPSettings:
 class _Counted:
     """The Poisson loader, counting the batches it draws (empty ones too: each is a DP-SGD step)."""
 
-    def __init__(self, loader: DataLoader) -> None:
+    def __init__(self, loader: Any) -> None:
         self.loader, self.batches = loader, 0
 
     def __len__(self) -> int:
@@ -108,7 +108,7 @@ class DPSGD:
         self._spent: list[Entry] = []
 
     def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer,
-               loader: DataLoader) -> tuple[nn.Module, torch.optim.Optimizer, Any]:
+               loader: Any) -> tuple[nn.Module, torch.optim.Optimizer, Any]:
         errors = ModuleValidator.validate(model, strict=False)
         if errors:
             raise ValueError(f"the model cannot be trained with DP-SGD: {errors[0]}")
