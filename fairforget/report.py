@@ -132,10 +132,11 @@ def _dp_lines(metrics: dict[str, Any]) -> list[str]:
                   f"| calibration | noise multiplier | epsilon | mu | TPR bound at {fpr:g} FPR |",
                   "|---|---|---|---|---|"]
         named = [("used by this run", c["chosen"]),
-                 (f"attack risk: TPR <= {c['target']['tpr']:g} at FPR {fpr:g}", c["attack_risk"]),
-                 (f"same risk via epsilon = {c['attack_risk_via_epsilon']['epsilon']:.2f}",
-                  c["attack_risk_via_epsilon"]),
-                 *[(f"epsilon-first, epsilon = {e}", f) for e, f in c["epsilon_first"].items()]]
+                 (f"attack risk: TPR <= {c['target']['tpr']:g} at FPR {fpr:g}", c["attack_risk"])]
+        if "epsilon_first" in c:
+            named += [(f"same risk via epsilon = {c['attack_risk_via_epsilon']['epsilon']:.2f}",
+                       c["attack_risk_via_epsilon"]),
+                      *[(f"epsilon-first, epsilon = {e}", f) for e, f in c["epsilon_first"].items()]]
         lines += [f"| {n} | {f['noise_multiplier']:.3f} | {f['epsilon']:.3f} | {f['mu']:.3f} | {f[key]:.4f} |"
                   for n, f in named]
     violations = (metrics.get("privacy") or {}).get("dp_bound_violations") or []

@@ -44,7 +44,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     bundle = preflight(cfg)
     calibration = None
     if cfg.dp and cfg.strategy == "shard-ensemble":  # the DP noise is chosen before the run starts
-        calibration = calibrate(cfg, [len(s) for s in shard_of(cfg, bundle)])
+        calibration = calibrate(cfg, [len(s) for s in shard_of(cfg, bundle)], compare=cfg.dp_calibrate != "none")
         _print_calibration(calibration)
         cfg = cfg.replace(dp_noise_multiplier=calibration["chosen"]["noise_multiplier"], dp_calibrate="none")
     if out.exists() and any(out.iterdir()):
@@ -73,10 +73,11 @@ def _print_calibration(c: dict) -> None:
           f"{c['stage_sizes']}), delta {t['delta']:g}; dp-calibrate = {c['mode']}:")
     print(line("used by this run", c["chosen"]))
     print(line(f"attack risk: TPR <= {t['tpr']:g} at {fpr:g} FPR (mu-GDP)", c["attack_risk"]))
-    via = c["attack_risk_via_epsilon"]
-    print(line(f"same risk, epsilon-first (epsilon = {via['epsilon']:.2f})", via))
-    for eps, f in c["epsilon_first"].items():
-        print(line(f"epsilon-first, epsilon = {eps}", f))
+    if "epsilon_first" in c:
+        via = c["attack_risk_via_epsilon"]
+        print(line(f"same risk, epsilon-first (epsilon = {via['epsilon']:.2f})", via))
+        for eps, f in c["epsilon_first"].items():
+            print(line(f"epsilon-first, epsilon = {eps}", f))
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:

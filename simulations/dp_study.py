@@ -107,7 +107,7 @@ def markdown(rows: list[dict], gen: dict | None) -> str:
         mu = f"{r['mu']:.3f}" if r["mu"] is not None else "-"
         lines.append(f"| {r['name']} | {sigma} | {eps} | {mu} | {r['accuracy_unbiased']:.3f} | "
                      f"{r['worst_group']:.3f} | {mia} | {bound} | {r['train_seconds']:.1f} | {ratio} |")
-    cal = next((r["calibration"] for r in rows if r["calibration"]), None)
+    cal = next((r["calibration"] for r in rows if r["calibration"] and "epsilon_first" in r["calibration"]), None)
     if cal:
         fpr = cal["target"]["fpr"]
         key = f"tpr_bound_at_{fpr:g}_fpr"

@@ -48,19 +48,19 @@ def _plan_figures(sizes: list[int], cfg: Any, sigma: float) -> dict[str, float]:
             f"tpr_bound_at_{cfg.dp_target_fpr:g}_fpr": tpr_bound(mu, cfg.dp_target_fpr)}
 
 
-def calibrate(cfg: Any, shard_sizes: Sequence[int]) -> dict[str, Any]:
-    """The calibration record (see the module docstring); ``chosen`` is the noise the run uses."""
+def calibrate(cfg: Any, shard_sizes: Sequence[int], compare: bool = True) -> dict[str, Any]:
+    """The calibration record (see the module docstring); ``chosen`` is the noise the run uses.
+    ``compare = False`` leaves out the epsilon-first alternatives (each is a bisection over the
+    accountant, seconds to a minute with PRV)."""
     n = int(min(shard_sizes))
     sizes = stage_sizes(n, cfg.slices)
     args = (sizes, cfg.batch_size, cfg.epochs_per_slice)
     direct = noise_for_tpr(cfg.dp_target_tpr, cfg.dp_target_fpr, *args)
-    eps_route = epsilon_for_tpr(cfg.dp_target_tpr, cfg.dp_target_fpr, cfg.dp_delta)
-    via_eps = noise_for_epsilon(eps_route, cfg.dp_delta, *args, accountant=cfg.dp_accountant)
     chosen = {"none": lambda: cfg.dp_noise_multiplier,
               "epsilon": lambda: noise_for_epsilon(cfg.dp_target_epsilon, cfg.dp_delta, *args,
                                                    accountant=cfg.dp_accountant),
               "attack-risk": lambda: direct}[cfg.dp_calibrate]()
-    return {
+    out: dict[str, Any] = {
         "mode": cfg.dp_calibrate,
         "smallest_shard": n,
         "stage_sizes": sizes,
@@ -68,11 +68,15 @@ def calibrate(cfg: Any, shard_sizes: Sequence[int]) -> dict[str, Any]:
                    "delta": cfg.dp_delta},
         "chosen": _plan_figures(sizes, cfg, chosen),
         "attack_risk": _plan_figures(sizes, cfg, direct),
-        "attack_risk_via_epsilon": {"epsilon": eps_route, **_plan_figures(sizes, cfg, via_eps)},
-        "epsilon_first": {f"{e:g}": _plan_figures(sizes, cfg, noise_for_epsilon(e, cfg.dp_delta, *args,
-                                                                                  accountant=cfg.dp_accountant))
-                          for e in EPSILON_FIRST},
     }
+    if compare:
+        eps_route = epsilon_for_tpr(cfg.dp_target_tpr, cfg.dp_target_fpr, cfg.dp_delta)
+        via_eps = noise_for_epsilon(eps_route, cfg.dp_delta, *args, accountant=cfg.dp_accountant)
+        out["attack_risk_via_epsilon"] = {"epsilon": eps_route, **_plan_figures(sizes, cfg, via_eps)}
+        out["epsilon_first"] = {f"{e:g}": _plan_figures(sizes, cfg, noise_for_epsilon(e, cfg.dp_delta, *args,
+                                                                                        accountant=cfg.dp_accountant))
+                                for e in EPSILON_FIRST}
+    return out
 
 
 def dp_block(cfg: Any, shard_summaries: Mapping[int, Mapping[str, Any]],
