@@ -19,7 +19,7 @@ from fairforget.config import RunConfig, resolve
 
 TINY = {
     "num-shards": 2, "slices": 2, "epochs-per-slice": 1, "model-width": 4, "image-size": 8,
-    "batch-size": 64, "rounds": 2, "local-epochs": 1, "device": "cpu",
+    "batch-size": 64, "rounds": 2, "local-epochs": 1, "device": "cpu", "audit-bootstrap": 50,
 }
 
 

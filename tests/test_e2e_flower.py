@@ -14,7 +14,8 @@ from fairforget.storage import read_json, read_jsonl, torch_load
 
 pytestmark = pytest.mark.e2e
 
-SETTINGS = ["num-shards=2", "slices=2", "epochs-per-slice=1", "model-width=4", "image-size=8", "device=\"cpu\""]
+SETTINGS = ["num-shards=2", "slices=2", "epochs-per-slice=1", "model-width=4", "image-size=8", "device=\"cpu\"",
+            "audit-bootstrap=50"]
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
