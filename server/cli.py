@@ -35,10 +35,22 @@ class UserError(Exception):
 
 
 # ---------------------------------------------------------------------- simulate
+def _config(args: argparse.Namespace) -> RunConfig:
+    """Defaults, then ``--config FILE.toml``, then every ``--set key=value``."""
+    return resolve(read_toml(Path(args.config)) if args.config else {}, parse_set(args.set or []))
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE.toml",
+                        help="a TOML file of run-config keys overriding the defaults (flat keys, or a "
+                             "[tool.flwr.app.config] table)")
+    parser.add_argument("--set", metavar="KEY=VALUE", action="append",
+                        help="override one run-config key, e.g. --set num-shards=8 "
+                             "(repeatable; applied after --config)")
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
-    overrides = read_toml(Path(args.config)) if args.config else {}
-    sets = parse_set(args.set or [])
-    cfg = resolve(overrides, sets)
+    cfg = _config(args)
     out = Path(args.out if args.out else cfg.out_dir).expanduser().resolve()
     cfg = cfg.replace(out_dir=str(out), mode="simulate", forget_ids="")
     bundle = preflight(cfg)
@@ -81,8 +93,7 @@ def _print_calibration(c: dict) -> None:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    overrides = read_toml(Path(args.config)) if args.config else {}
-    cfg = resolve(overrides, parse_set(args.set or []))
+    cfg = _config(args)
     if args.shard_size:
         sizes = [args.shard_size]
     else:
@@ -258,11 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "write OUT/metrics.json, OUT/ledger.jsonl, OUT/report.md (with PNG plots) and "
                     "OUT/config.toml. Defaults: pyproject.toml [tool.flwr.app.config].",
     )
-    sim.add_argument("--config", metavar="FILE.toml",
-                     help="a TOML file of run-config keys overriding the defaults (flat keys, or a "
-                          "[tool.flwr.app.config] table)")
-    sim.add_argument("--set", metavar="KEY=VALUE", action="append",
-                     help="override one run-config key, e.g. --set num-shards=8 (repeatable; applied after --config)")
+    _add_config_args(sim)
     sim.add_argument("--out", metavar="DIR", help="output folder (default: the out-dir key, runs/demo)")
     sim.add_argument("--force", action="store_true", help="replace an output folder that already holds files")
     sim.add_argument("--quiet", action="store_true", help="hide Flower's streamed logs")
@@ -295,8 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "the same risk). `simulate` does this itself; a deployment passes the printed "
                     "dp-noise-multiplier in its run config.",
     )
-    ca.add_argument("--config", metavar="FILE.toml", help="a TOML file of run-config keys")
-    ca.add_argument("--set", metavar="KEY=VALUE", action="append", help="override one run-config key (repeatable)")
+    _add_config_args(ca)
     ca.add_argument("--shard-size", type=int, metavar="N",
                     help="calibrate for a shard of N samples (a site's size) instead of the run's own partition")
     ca.set_defaults(func=cmd_calibrate)

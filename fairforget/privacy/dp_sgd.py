@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 
 from fairforget.config import ConfigError
 from fairforget.privacy.accountant import ShardAccountant
-from fairforget.privacy.gdp import Entry
+from fairforget.privacy.gdp import Entry, dp_sgd_entry
 
 
 @dataclass(frozen=True)
@@ -66,10 +66,7 @@ class DPSettings:
 
     def planned(self, n: int, batch_size: int, epochs: int) -> list[Entry]:
         """What ``epochs`` epochs on ``n`` samples will add to the accountant."""
-        if n <= 0 or epochs <= 0:
-            return []
-        q = min(1.0, batch_size / n)
-        return [(self.noise_multiplier, q, epochs * max(1, int(1.0 / q)))]
+        return dp_sgd_entry(n, batch_size, epochs, self.noise_multiplier)
 
 
 class _Counted:

@@ -60,17 +60,19 @@ def epsilon_of_mu(mu: float, delta: float) -> float:
     return float(opacus_gdp.eps_from_mu(mu=mu, delta=delta))
 
 
+def dp_sgd_entry(n: int, batch_size: int, epochs: int, sigma: float) -> list[Entry]:
+    """What ``epochs`` epochs of DP-SGD on ``n`` samples add to an accountant: Poisson sampling at
+    ``batch_size / n`` and ``int(n / batch_size)`` steps an epoch (Opacus' uniform-with-replacement
+    sampler, as :class:`fairforget.privacy.dp_sgd.DPSGD` draws them)."""
+    if n <= 0 or epochs <= 0:
+        return []
+    q = min(1.0, batch_size / n)
+    return [(sigma, q, epochs * max(1, int(1.0 / q)))]
+
+
 def planned_sisa(n_per_stage: Sequence[int], batch_size: int, epochs: int, sigma: float) -> list[Entry]:
-    """The accountant entries of SISA training a shard whose stages see ``n_per_stage`` samples, with
-    Poisson sampling at ``batch_size / n`` and ``int(n / batch_size)`` steps an epoch (Opacus'
-    uniform-with-replacement sampler)."""
-    out = []
-    for n in n_per_stage:
-        if n <= 0:
-            continue
-        q = min(1.0, batch_size / n)
-        out.append((sigma, q, epochs * max(1, int(1.0 / q))))
-    return out
+    """The accountant entries of SISA training a shard whose stages see ``n_per_stage`` samples."""
+    return [e for n in n_per_stage for e in dp_sgd_entry(n, batch_size, epochs, sigma)]
 
 
 def _bisect(ok, low: float = 0.05, high: float = 64.0, tol: float = 1e-3) -> float:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
@@ -35,13 +35,6 @@ class UnlearnResult:
     approx_deletions: int = 0  # deletions served approximately since the last exact retrain
     figures: Mapping[str, float] = field(default_factory=dict)  # method-specific (noise_sigma, ...)
     augment: Mapping[str, Any] | None = None  # augmented shard: what happened to its generator and samples
-
-    @property
-    def exact(self) -> bool:
-        return self.retrained_stages > 0 or self.approx_deletions == 0
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
     # ------------------------------------------------------------------ wire form
     def to_records(self) -> tuple[MetricRecord, ConfigRecord]:
