@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from fairforget.data.base import SYNTHETIC_ID_BASE, SampleSet, is_synthetic, make_sampleset
+from fairforget.diffusion.filter import FilterSettings, filtered_sample, train_filter
 from fairforget.diffusion.generator import (
     ConditionalGenerator,
     GeneratorError,
@@ -58,7 +59,15 @@ from fairforget.diffusion.planner import kl_to_target, plan_counts
 from fairforget.diffusion.quality import FidelityClassifiers, frechet_distance
 from fairforget.metrics import group_counts
 from fairforget.sisa import SisaShard, derived_seed
-from fairforget.storage import atomic_torch_save, atomic_write_json, read_json, torch_load
+from fairforget.storage import (
+    atomic_torch_save,
+    atomic_write_json,
+    durable_rmtree,
+    read_json,
+    recover_dir,
+    replace_dir,
+    torch_load,
+)
 from fairforget.unlearning import EXACT, UnlearnResult
 
 
@@ -72,6 +81,7 @@ class AugmentStore:
         self.synthetic_path = self.dir / "synthetic.pt"
         self.generator_dir = self.dir / "generator"
         self.grids_dir = self.dir / "grids"
+        recover_dir(self.generator_dir)  # a crash between the two renames of a generator save
         self.state: dict[str, Any] = read_json(self.state_path) if self.state_path.exists() else {
             "shard": shard, "generator_version": 0, "generator_valid": False, "generator_trained_on": [],
             "next_serial": 0, "retired": [], "deleted": [], "steps": [],
@@ -117,8 +127,10 @@ class Augmenter:
 
     def __init__(self, originals: SampleSet, sisa: SisaShard, store: AugmentStore, settings: GeneratorSettings,
                  seed: int, kl_threshold: float, on_delete: str = "regenerate",
-                 heldout: SampleSet | None = None) -> None:
+                 heldout: SampleSet | None = None, filter_settings: FilterSettings | None = None) -> None:
         self.originals = originals
+        self.filter = filter_settings  # rejection filtering of generated samples (augment-filter)
+        self.last_filter: dict[str, Any] | None = None  # what the last filtered generation drew and kept
         self.heldout = heldout if heldout is not None else originals.subset(np.arange(0))
         self.sisa = sisa
         self.store = store
@@ -159,7 +171,7 @@ class Augmenter:
         retired = self._choose_retirees(retire, step)
         restart = self.sisa.trained
         if retired:
-            restart = min(restart, self.sisa.remove(retired))
+            restart = min(restart, self.sisa.remove(retired, retrain_to=target_stage))
             self.store.state["retired"] = sorted(self.store.retired | set(retired))
             self.store.save()
         report["retired_ids"] = retired
@@ -180,10 +192,13 @@ class Augmenter:
         new = self._generate(generator, add, fidelity, tag=step)
         report["sampling_seconds"] = time.perf_counter() - t0
         report["generated"] = len(new)
+        if self.last_filter is not None:
+            report["filter"] = self.last_filter
 
         # 4. add to the shard, retrain from the last clean checkpoint
         if len(new):
-            restart = min(restart, self.sisa.add([int(i) for i in new.ids.tolist()], self.pool()))
+            restart = min(restart, self.sisa.add([int(i) for i in new.ids.tolist()], self.pool(),
+                                                 retrain_to=target_stage))
         report["restart_stage"] = restart
         report["retrain_seconds"] = self.sisa.train_through(target_stage)
         live = self.sisa.live_data()
@@ -281,7 +296,11 @@ class Augmenter:
         a = torch.as_tensor(groups % s.num_private if s.uses_private else np.zeros_like(groups), dtype=torch.long)
         version = int(self.store.state["generator_version"])
         seed = derived_seed(self.seed, self.store.shard, 777, version, tag)
-        x = sample(generator, y, a, seed, classifier=fidelity.target_logits if fidelity is not None else None)
+        self.last_filter = None
+        if self.filter is not None:
+            x, y, a = self._filtered(generator, y, a, seed)
+        else:
+            x = sample(generator, y, a, seed, classifier=fidelity.target_logits if fidelity is not None else None)
         if not s.uses_private:  # class mode: the private attribute is whatever the generator drew
             if fidelity is not None:
                 a = fidelity.predict(x)[1]
@@ -296,6 +315,23 @@ class Augmenter:
                                    torch.cat([versions, torch.full((len(new),), version, dtype=torch.long)]))
         self.store.save()
         return new
+
+    def _filtered(self, generator: ConditionalGenerator, y: torch.Tensor, a: torch.Tensor,
+                  seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Draw with the site's filter classifier (trained now on the site's originals) keeping what it
+        labels as the requested class; it also guides the sampler when ``classifier-guidance`` > 0."""
+        s, t0 = self.settings, time.perf_counter()
+        data = self.generator_data()
+        clf = train_filter(data, self.filter, s.num_classes, s.num_private,
+                           derived_seed(self.seed, self.store.shard, 888, len(data)), s.device)
+        train_seconds = time.perf_counter() - t0
+        device = next(clf.parameters()).device
+        result = filtered_sample(lambda yy, aa, sd: sample(generator, yy, aa, sd, classifier=clf),
+                                 lambda x: clf(x.to(device)), y, a, seed,
+                                 s.num_private if s.uses_private else 1, self.filter.max_draws)
+        self.last_filter = {**result.summary(), "objective": self.filter.objective, "train_seconds": train_seconds,
+                            "seconds": time.perf_counter() - t0}
+        return result.x, result.y, result.private
 
     def _write_grids(self, generator: ConditionalGenerator, fidelity: FidelityClassifiers | None) -> None:
         """``grids/class-C[_private-A].png`` (8 samples of each group) and ``grids/overview.png`` (the
@@ -318,8 +354,7 @@ class Augmenter:
             save_image(images[k * per : (k + 1) * per], tmp / name, nrow=per, padding=1)
         overview = images[::per] if s.uses_private else images
         save_image(overview, tmp / "overview.png", nrow=s.num_private if s.uses_private else per, padding=1)
-        shutil.rmtree(self.store.grids_dir, ignore_errors=True)
-        tmp.rename(self.store.grids_dir)
+        replace_dir(tmp, self.store.grids_dir)
 
     # ------------------------------------------------------------------ deletion requests
     def owned(self, asked: list[int]) -> tuple[list[int], list[int]]:
@@ -333,54 +368,94 @@ class Augmenter:
     def forget(self, ids: list[int]) -> UnlearnResult:
         """A user's deletion request: gone from the shard index and checkpoints (exact retraining),
         from the generator and from every synthetic sample it produced; a generator trained with DP
-        (and its samples) is kept, its guarantee covering the deleted original."""
+        (and its samples) is kept, its guarantee covering the deleted original.
+
+        Crash-safe in this order: (1) one atomic write of the augmentation state records the ids as
+        deleted and, when the generator learnt from them, the generator as invalid with what must be
+        regenerated; (2) the SISA index drops the ids (committed with its retrain target); (3) the
+        invalid generator, its samples and its sample grids are removed (and, with ``regenerate``, a
+        new generator trained without the ids draws replacements); (4) the shard retrains. A node
+        that starts with an unfinished invalidation or retrain finishes it (:meth:`resume`)."""
         t0 = time.perf_counter()
-        target = self.sisa.trained
+        target = self.sisa.target
         hash_before = self.sisa.model_hash()
         live_ids = [i for i in ids if i in self.sisa.live_ids()]
         self.sisa.check_ids(live_ids)
-        restart = self.sisa.remove(live_ids) if live_ids else self.sisa.trained
-        self.store.state["deleted"] = sorted(self.store.deleted | set(ids))
-        self.store.save()
+        state = self.store.state
         report: dict[str, Any] = {"generator_invalidated": False, "synthetic_dropped": 0, "synthetic_regenerated": 0,
                                   "policy": self.on_delete}
-        state = self.store.state
         trained_on = bool(set(ids) & set(state["generator_trained_on"])) and state["generator_version"] > 0
         if trained_on and state.get("generator_dp"):  # DP: the guarantee covers the deleted original; keep both
             report.update(generator_kept="dp", generator_version=int(state["generator_version"]),
                           generator_epsilon=state.get("generator_epsilon"),
                           generator_delta=state.get("generator_delta"))
-        elif trained_on:
-            report["generator_invalidated"] = True
-            report["old_generator_version"] = int(self.store.state["generator_version"])
-            synth, versions = self.store.synthetic(self.shape)
-            live_synth = sorted(i for i in synth.ids.tolist() if i in self.sisa.live_ids())
-            counts = self.counts(synth) if len(synth) else None
-            hint = synth.private[torch.argsort(synth.y, stable=True)]  # class order, as _generate draws them
-            if live_synth:
-                restart = min(restart, self.sisa.remove(live_synth))
-            self.store.write_synthetic(synth.subset(np.arange(0)), versions[:0])
-            shutil.rmtree(self.store.generator_dir, ignore_errors=True)
-            self.store.state.update(generator_valid=False, generator_trained_on=[])
-            self.store.save()
-            report["synthetic_dropped"] = len(live_synth)
-            if self.on_delete == "regenerate" and counts is not None:
-                self._train_generator()
-                generator, _ = ConditionalGenerator.load(self.store.generator_dir, self.settings.device)
-                new = self._generate(generator, counts, None, tag=10_000 + len(self.store.state["deleted"]),
-                                     private_hint=hint)
-                if len(new):
-                    restart = min(restart, self.sisa.add([int(i) for i in new.ids.tolist()], self.pool()))
-                report["synthetic_regenerated"] = len(new)
-                report["new_generator_version"] = int(self.store.state["generator_version"])
+        elif trained_on and not state.get("invalidated"):
+            synth, _ = self.store.synthetic(self.shape)
+            state["invalidated"] = {
+                "old_version": int(state["generator_version"]),
+                "counts": self.counts(synth).tolist() if len(synth) else None,
+                # class order, as _generate draws them: regenerated replacements keep the private labels
+                "hint": synth.private[torch.argsort(synth.y, stable=True)].tolist(),
+            }
+            state.update(generator_valid=False)
+        state["deleted"] = sorted(self.store.deleted | set(ids))
+        self.store.save()  # (1)
+        restart = self.sisa.remove(live_ids, retrain_to=target) if live_ids else self.sisa.trained  # (2)
+        report.update(self._finish_invalidation(target))  # (3)
+        restart = min(restart, report.pop("restart", restart))
         self.sisa.data = self.pool()
-        seconds = self.sisa.train_through(target)
+        seconds = self.sisa.train_through(target)  # (4)
         return UnlearnResult(
             shard=self.store.shard, method=EXACT, restart_stage=restart, retrained_stages=target - restart,
             seconds=seconds, wall_seconds=time.perf_counter() - t0, hash_before=hash_before,
             hash_after=self.sisa.model_hash(), num_examples=len(self.sisa.live_ids()),
             full_train_seconds=self.sisa.full_train_seconds(), augment=report,
         )
+
+    def _finish_invalidation(self, target: int) -> dict[str, Any]:
+        """Remove an invalidated generator, its synthetic samples (from the SISA index too) and its
+        grids; with ``regenerate``, train a new generator and draw the same number per group. Idempotent:
+        a crash part-way leaves ``invalidated`` in the state, and the next call goes on from there."""
+        state = self.store.state
+        inv = state.get("invalidated")
+        if not inv:
+            return {}
+        report: dict[str, Any] = {"generator_invalidated": True, "old_generator_version": int(inv["old_version"])}
+        synth, versions = self.store.synthetic(self.shape)
+        live_synth = sorted(i for i in synth.ids.tolist() if i in self.sisa.live_ids())
+        restart = self.sisa.trained
+        if live_synth:
+            restart = min(restart, self.sisa.remove(live_synth, retrain_to=target))
+        self.store.write_synthetic(synth.subset(np.arange(0)), versions[:0])
+        durable_rmtree(self.store.generator_dir)
+        durable_rmtree(self.store.grids_dir)  # the grids were drawn by the invalid generator
+        state["generator_trained_on"] = []
+        self.store.save()
+        report["synthetic_dropped"] = len(live_synth)
+        if self.on_delete == "regenerate" and inv.get("counts") is not None:
+            self._train_generator()
+            generator, _ = ConditionalGenerator.load(self.store.generator_dir, self.settings.device)
+            counts = np.asarray(inv["counts"])
+            new = self._generate(generator, counts, None, tag=10_000 + len(state["deleted"]),
+                                 private_hint=torch.as_tensor(inv["hint"], dtype=torch.long))
+            if len(new):
+                restart = min(restart, self.sisa.add([int(i) for i in new.ids.tolist()], self.pool(),
+                                                     retrain_to=target))
+            self._write_grids(generator, None)  # redrawn by the new generator
+            report["synthetic_regenerated"] = len(new)
+            report["new_generator_version"] = int(state["generator_version"])
+        state.pop("invalidated", None)
+        self.store.save()
+        report["restart"] = restart
+        return report
+
+    def resume(self) -> None:
+        """Finish what a crash interrupted: an invalidated generator's removal (and regeneration),
+        then the shard's retrain."""
+        if self.store.state.get("invalidated"):
+            self._finish_invalidation(self.sisa.target)
+            self.sisa.data = self.pool()
+        self.sisa.resume()
 
 
 def _progress(shard: int, total: int):

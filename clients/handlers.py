@@ -2,12 +2,17 @@
 audit.
 
 Each takes the incoming message's records and the :class:`clients.node.Node`, does its work, and
-returns the reply's RecordDict. :mod:`clients.app` only wires them to Flower.
+returns the reply's RecordDict. :mod:`clients.app` only wires them to Flower. Every handler runs
+holding the node's state lock, after the node has finished what a crash interrupted
+(:func:`on_node`).
 """
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -25,6 +30,20 @@ from fairforget.sisa import derived_seed
 from fairforget.storage import state_hash
 from fairforget.training import train as train_model
 from fairforget.unlearning import EXACT, UnlearnResult, approximate, get_unlearner
+
+Handler = Callable[[RecordDict, Node], RecordDict]
+
+
+def on_node(handler: Handler) -> Handler:
+    """Run ``handler`` holding the node's state folder, after :meth:`Node.resume`."""
+
+    @functools.wraps(handler)
+    def run(content: RecordDict, node: Node) -> RecordDict:
+        with node.locked():
+            node.resume()
+            return handler(content, node)
+
+    return run
 
 
 def _shard_metrics(node: Node, data_len: int, seconds: float) -> MetricRecord:
@@ -46,6 +65,7 @@ def _privacy_info(node: Node) -> dict[str, str]:
     return {keys.DP_JSON: json.dumps(node.sisa.privacy_summary())}
 
 
+@on_node
 def train(content: RecordDict, node: Node) -> RecordDict:
     config = content[keys.CONFIG]
     mode = config[keys.TRAIN_MODE]
@@ -80,18 +100,62 @@ def train(content: RecordDict, node: Node) -> RecordDict:
     })
 
 
+@on_node
 def unlearn(content: RecordDict, node: Node) -> RecordDict:
+    """Delete ``ids`` from this shard. The ids are tombstoned at the data's owner first; a re-sent
+    request (the server reconciling after a crash) whose ids this node already deleted is answered
+    from its state, finished by :meth:`Node.resume`, with ``resumed`` set."""
     config = content[keys.CONFIG]
     ids = [int(i) for i in config[keys.FORGET_IDS]]
     method = str(config.get(keys.UNLEARN_METHOD, EXACT))
-    if node.augment_store.active:  # an augmented shard: exact, and the generator forgets too
-        if method != EXACT:
-            raise ValueError(f"shard {node.shard} is augmented: only {EXACT} unlearning also removes a sample "
-                             f"from its generator and synthetic data (asked for {method})")
-        result = node.augmenter.forget(ids)
-        return _unlearn_reply(node, result, node.sisa.model_state())
-    result = get_unlearner(method)(node.sisa, ids, approximate.UnlearnParams.from_config(node.cfg))
-    return _unlearn_reply(node, result, approximate.current_state(node.sisa))  # the approximate model, if any
+    _, gone = describe_ids(node, ids)
+    todo = [i for i in ids if i not in set(gone)]
+    augmented = node.augment_store.active
+    if augmented and method != EXACT:  # an augmented shard: exact, and the generator forgets too
+        raise ValueError(f"shard {node.shard} is augmented: only {EXACT} unlearning also removes a sample "
+                         f"from its generator and synthetic data (asked for {method})")
+    state = (lambda: node.sisa.model_state()) if augmented else (lambda: approximate.current_state(node.sisa))
+    if not todo:
+        result = _resumed(node, method, state())
+        return _unlearn_reply(node, result, state())
+    if augmented:
+        owned, _ = node.augmenter.owned(todo)
+        unknown = sorted(set(todo) - set(owned))
+        if unknown:
+            raise ValueError(f"sample id(s) not in shard {node.shard}: {', '.join(map(str, unknown))}")
+    else:
+        node.sisa.check_ids(todo)
+    node.delete(todo)  # the owner's tombstones first: from here on a crash is finished by Node.resume
+    if augmented:
+        result = node.augmenter.forget(todo)
+    else:
+        result = get_unlearner(method)(node.sisa, todo, approximate.UnlearnParams.from_config(node.cfg))
+    result = replace(result, index_version=int(node.sisa.index["version"]))
+    return _unlearn_reply(node, result, state())  # the approximate model, if any
+
+
+def _resumed(node: Node, method: str, state: dict[str, torch.Tensor]) -> UnlearnResult:
+    """The result for a deletion committed before (its retrain finished by :meth:`Node.resume`)."""
+    meta = approximate.meta(node.sisa)
+    return UnlearnResult(
+        shard=node.shard, method=str(meta["method"]) if meta else EXACT, restart_stage=node.sisa.trained,
+        retrained_stages=0, seconds=0.0, wall_seconds=0.0, hash_before="", hash_after=state_hash(state),
+        num_examples=len(node.sisa.live_ids()), full_train_seconds=node.sisa.full_train_seconds(),
+        approx_deletions=int(meta["approx_deletions"]) if meta else 0, resumed=True,
+        index_version=int(node.sisa.index["version"]),
+    )
+
+
+def describe_ids(node: Node, asked: list[int]) -> tuple[list[int], list[int]]:
+    """(the asked ids this node holds, those it has deleted: in its index's or its generator's
+    deleted list, or tombstoned at the data's owner)."""
+    shard = node.sisa
+    tomb = node.tombstones.ids()
+    if node.augment_store.active:  # retired originals are still held (by the generator's data)
+        owned, gone = node.augmenter.owned(asked)
+        return owned, sorted(set(gone) | (set(asked) & tomb - set(owned)))
+    live, deleted = shard.live_ids(), shard.deleted | tomb
+    return [i for i in asked if i in live], [i for i in asked if i in deleted and i not in live]
 
 
 def _unlearn_reply(node: Node, result: UnlearnResult, state: dict[str, torch.Tensor]) -> RecordDict:
@@ -103,6 +167,7 @@ def _unlearn_reply(node: Node, result: UnlearnResult, state: dict[str, torch.Ten
     return RecordDict({keys.ARRAYS: ArrayRecord(state), keys.METRICS: metrics, keys.CONFIG: info})
 
 
+@on_node
 def augment(content: RecordDict, node: Node) -> RecordDict:
     """One augmentation step (:mod:`clients.augment`): retire originals, (re)train the generator if
     needed, generate what the bias plan asks for, retrain the shard. Replies with the shard model and
@@ -123,6 +188,7 @@ def augment(content: RecordDict, node: Node) -> RecordDict:
     return RecordDict({keys.ARRAYS: ArrayRecord(state), keys.METRICS: metrics, keys.CONFIG: info})
 
 
+@on_node
 def audit(content: RecordDict, node: Node) -> RecordDict:
     """Audit the ensemble sent by the server on this site's members and held-out data; reply with
     ROC statistics only (:mod:`fairforget.audit.site`)."""
@@ -139,15 +205,13 @@ def audit(content: RecordDict, node: Node) -> RecordDict:
     })
 
 
+@on_node
 def describe(content: RecordDict, node: Node) -> RecordDict:
     """Which of the asked ids this node holds, and which it has already deleted."""
     asked = [int(i) for i in content[keys.CONFIG][keys.FORGET_IDS]]
     shard = node.sisa
-    live, deleted = shard.live_ids(), shard.deleted
-    owned = [i for i in asked if i in live]
-    gone = [i for i in asked if i in deleted]
-    if node.augment_store.active:  # retired originals are still held (by the generator's data)
-        owned, gone = node.augmenter.owned(asked)
+    live = shard.live_ids()
+    owned, gone = describe_ids(node, asked)
     return RecordDict({
         keys.CONFIG: ConfigRecord({
             keys.OWNED_IDS: owned,

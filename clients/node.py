@@ -4,11 +4,19 @@ Simulation: Flower sets ``partition-id`` / ``num-partitions`` in the node config
 rebuilds the dataset from the run config (deterministic) and takes its partition; its state lives in
 ``OUT/nodes/shard-K``. Deployment: a hospital site sets ``state-dir`` and, for its own data,
 ``data-root`` (then its whole training split is its shard), plus ``partition-id`` as its shard id.
+
+Deletions are kept by the data's owner as tombstones (:mod:`fairforget.tombstones`: ``OUT/tombstones.jsonl``
+in simulation, ``DATA_ROOT/.fairforget-tombstones.jsonl`` at a site, or the node-config key
+``tombstones``): the node's data leaves them out, so a new state folder or a new run never trains on
+a deleted record. A node handles each message holding its state folder's lock
+(:meth:`Node.locked`) and first finishes what a crash interrupted (:meth:`Node.resume`).
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,8 +27,12 @@ from clients.augment import Augmenter, AugmentStore
 from fairforget import keys
 from fairforget.config import RunConfig
 from fairforget.data import DataBundle, SampleSet, load_dataset, shard_of
+from fairforget.diffusion.filter import FilterSettings
 from fairforget.diffusion.generator import GeneratorSettings
+from fairforget.locks import locked
 from fairforget.sisa import SisaSettings, SisaShard
+from fairforget.tombstones import Tombstones
+from fairforget.unlearning import exact
 
 
 @dataclass
@@ -29,7 +41,8 @@ class Node:
     shard: int
     state_dir: Path
     bundle: DataBundle
-    data: SampleSet
+    data: SampleSet  # the node's originals, tombstoned ones left out
+    tombstones: Tombstones
 
     @classmethod
     def from_context(cls, run_config: dict[str, Any], node_config: dict[str, Any]) -> Node:
@@ -39,15 +52,53 @@ class Node:
             cfg = cfg.replace(data_root=str(node_config[keys.NODE_DATA_ROOT]))
             bundle = load_dataset(cfg)
             data = bundle.train
+            tombstones = Tombstones.of_site(Path(cfg.data_root))
         else:
             num = int(node_config.get(keys.NODE_NUM_PARTITIONS, cfg.num_shards))
             if num != cfg.num_shards:
                 raise ValueError(f"the federation has {num} nodes but num-shards = {cfg.num_shards}")
             bundle = load_dataset(cfg)
             data = shard_of(cfg, bundle)[shard]
+            tombstones = Tombstones.of_run(Path(cfg.out_dir))
+        if node_config.get(keys.NODE_TOMBSTONES):
+            tombstones = Tombstones(Path(str(node_config[keys.NODE_TOMBSTONES])))
+        gone = tombstones.ids()
+        if gone:
+            data = data.subset([i for i, sid in enumerate(data.ids.tolist()) if sid not in gone])
         default_dir = Path(cfg.out_dir) / "nodes" / f"shard-{shard}"
         state_dir = Path(str(node_config.get(keys.NODE_STATE_DIR) or default_dir))
-        return cls(cfg, shard, state_dir, bundle, data)
+        return cls(cfg, shard, state_dir, bundle, data, tombstones)
+
+    # ------------------------------------------------------------------ crash safety
+    @contextmanager
+    def locked(self) -> Iterator[Node]:
+        """Hold this node's state folder (waiting for a handler of another run or process to finish)."""
+        with locked(self.state_dir, f"node of shard {self.shard}", wait=float("inf")):
+            yield self
+
+    def resume(self) -> None:
+        """Finish what a crash interrupted, before handling anything: a deletion whose tombstone was
+        written but whose shard still holds the id (finished by exact unlearning), an invalidated
+        generator's removal, a retrain that stopped short of its target stage."""
+        if not (self.state_dir / "index.json").exists():
+            return  # nothing trained here yet (a fresh index leaves the tombstoned ids out)
+        shard, tomb = self.sisa, self.tombstones.ids()
+        unfinished = sorted(shard.live_ids() & tomb)
+        if self.augment_store.active:  # also originals only the generator still holds (retired ones)
+            store = self.augment_store
+            held = shard.live_ids() | store.retired | set(store.state["generator_trained_on"])
+            unfinished = sorted((tomb - store.deleted) & held)
+            if unfinished:
+                self.augmenter.forget(unfinished)
+            self.augmenter.resume()
+        elif unfinished:
+            exact.unlearn(shard, unfinished)
+        else:
+            shard.resume()
+
+    def delete(self, ids: list[int]) -> None:
+        """Record a deletion at the data's owner (fsynced) before the shard changes."""
+        self.tombstones.add(ids)
 
     @functools.cached_property
     def heldout(self) -> SampleSet:
@@ -81,4 +132,5 @@ class Node:
     def augmenter(self) -> Augmenter:
         settings = GeneratorSettings.from_config(self.cfg, self.bundle.num_classes, self.bundle.num_private)
         return Augmenter(self.data, self.sisa, self.augment_store, settings, self.cfg.seed,
-                         self.cfg.augment_kl_threshold, self.cfg.augment_on_delete, self.heldout)
+                         self.cfg.augment_kl_threshold, self.cfg.augment_on_delete, self.heldout,
+                         FilterSettings.from_config(self.cfg))

@@ -45,6 +45,8 @@ APPROX_DELETIONS = "approx-deletions"  # deletions served approximately since th
 RETRAINED_STAGES = "retrained-stages"
 WALL_SECONDS = "wall-seconds"
 FULL_TRAIN_SECONDS = "full-train-seconds"
+RESUMED = "resumed"  # 1: a re-sent deletion the node had already committed (reconciliation)
+INDEX_VERSION = "index-version"  # the shard index's version after a deletion (what a replay starts from)
 TRAINED = "trained"  # SISA stages a node has trained (query.describe)
 DP_JSON = "dp-json"  # a shard's cumulative DP spend (fairforget.privacy.accountant.summarize), as JSON text
 
@@ -56,3 +58,4 @@ NODE_PARTITION_ID = "partition-id"
 NODE_NUM_PARTITIONS = "num-partitions"
 NODE_STATE_DIR = "state-dir"
 NODE_DATA_ROOT = "data-root"
+NODE_TOMBSTONES = "tombstones"  # the site's deletion list (default: DATA_ROOT/.fairforget-tombstones.jsonl)

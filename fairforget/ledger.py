@@ -1,20 +1,35 @@
-"""The deletion ledger: one JSON line per (request, shard) decision, kept in ``OUT/ledger.jsonl``.
+"""The deletion ledger ``OUT/ledger.jsonl``: an append-only record of decisions, in two phases.
 
-Each line records the request number, the ids, the owning shard, the method, the decision (a request
-refused by the deletion budget gets ``decision = "refused"`` and its reason, and changes nothing
-else), the stage retraining started from (the last clean checkpoint), the seconds spent, and the
-shard model's hash before and after. Appends rewrite the file atomically, so a crash never leaves
-half a line.
+* An **intent** line (``phase = "intent"``) is written, and fsynced, before any deletion message is
+  sent: the request number, every id, the shards that own them (``shards``: shard -> ids), and per
+  shard the method and the decision the deletion budget took.
+* A **completion** line (``phase = "done"``, the decision rows below) is appended per shard as soon as
+  that shard's reply is stored (its model saved in ``models/``): the ids, the owning shard, the
+  method, the decision, the stage retraining started from, the seconds, the model hash before and
+  after, the shard's capacity before and after, and what a replay needs (seed, index version, code
+  version; ``fairforget verify``).
+* A request the budget refuses gets ``refused`` completion lines and no intent (nothing was sent).
+
+A shard of an intent without a completion line is **pending**: its node may or may not have
+deleted (a crash, a failed or lost node). The forget driver reconciles pending shards before it
+does anything else (:func:`server.forget.reconcile`): it re-sends the deletion, which a node that
+already committed it answers from its state, and then records the completion.
+
+Lines are appended whole and fsynced (:func:`fairforget.storage.durable_append_lines`), never
+rewritten. On read every line is validated: a torn last line (a crash mid-append) is reported in
+:attr:`Ledger.torn` and ignored; a broken line elsewhere is a one-line :class:`LedgerError`.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from fairforget.storage import atomic_write_jsonl, read_jsonl
+from fairforget.capacity import DeletionBudget, ShardBudget
+from fairforget.storage import TornLine, atomic_write_bytes, durable_append_lines, finite, read_jsonl
 
 # The decisions a ledger line records.
 APPROXIMATE = "approximate"  # served by an approximate unlearner within the shard's deletion budget
@@ -23,13 +38,58 @@ EXACT_FALLBACK = "exact-fallback"  # exact SISA retraining because the budget wa
 REFUSED = "refused"  # refused by the budget (capacity-policy = refuse): nothing changed
 RETIRE_ORIGINAL = "retire-original"  # an original retired by step-wise augmentation (exact SISA unlearning)
 
+INTENT = "intent"
+DONE = "done"
+
+
+class LedgerError(ValueError):
+    """A ledger that cannot be trusted as it is; the message is one line for the user."""
+
 
 class Ledger:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        self.torn: str = ""  # set by a read that found a torn last line
+
+    # ------------------------------------------------------------------ reading
+    def lines(self) -> list[dict[str, Any]]:
+        """Every valid line, intents included, in order."""
+        try:
+            rows = read_jsonl(self.path)
+        except TornLine as exc:
+            try:
+                rows = read_jsonl(self.path, allow_torn_tail=True)
+            except TornLine:
+                raise LedgerError(str(exc)) from None
+            self.torn = str(exc)
+        for n, row in enumerate(rows, 1):
+            if "request" not in row or not isinstance(row.get("ids", []), list):
+                raise LedgerError(f"{self.path}: entry {n} has no request number or no id list: {json.dumps(row)[:80]}")
+        return rows
 
     def entries(self) -> list[dict[str, Any]]:
-        return read_jsonl(self.path)
+        """The decision lines (completions and refusals), in order; intents left out."""
+        return [e for e in self.lines() if e.get("phase", DONE) != INTENT]
+
+    def intents(self) -> list[dict[str, Any]]:
+        return [e for e in self.lines() if e.get("phase") == INTENT]
+
+    def pending(self) -> dict[int, dict[int, dict[str, Any]]]:
+        """``request -> shard -> {"ids", "method", "decision"}`` for every intent shard without a
+        completion line."""
+        lines = self.lines()
+        done = {(int(e["request"]), int(e["shard"])) for e in lines if e.get("phase", DONE) != INTENT and "shard" in e}
+        out: dict[int, dict[int, dict[str, Any]]] = {}
+        for e in lines:
+            if e.get("phase") != INTENT:
+                continue
+            for shard, plan in e["shards"].items():
+                if (int(e["request"]), int(shard)) not in done:
+                    out.setdefault(int(e["request"]), {})[int(shard)] = dict(plan)
+        return out
+
+    def pending_ids(self) -> set[int]:
+        return {int(i) for shards in self.pending().values() for p in shards.values() for i in p["ids"]}
 
     def deleted_ids(self) -> set[int]:
         """Ids a deletion request removed (a ``refused`` request removed nothing; a retired original,
@@ -42,14 +102,43 @@ class Ledger:
         return {int(i) for e in self.entries() if e.get("decision") != REFUSED for i in e.get("ids", [])}
 
     def next_request(self) -> int:
-        return 1 + max((int(e["request"]) for e in self.entries()), default=0)
+        return 1 + max((int(e["request"]) for e in self.lines()), default=0)
 
+    def last_done(self, shard: int) -> dict[str, Any] | None:
+        """The shard's last completion line that changed it (not a refusal)."""
+        rows = [e for e in self.entries() if int(e.get("shard", -1)) == shard and e.get("decision") != REFUSED]
+        return rows[-1] if rows else None
+
+    def settle(self, budget: DeletionBudget) -> DeletionBudget:
+        """Bring a restored deletion budget in line with the ledger, the record of decisions: for each
+        shard whose last completion line records its capacity, that line's state wins over the saved
+        ``budget.json`` (a crash between the ledger line and the budget write, or a hand-edited file)."""
+        shards = {int(e["shard"]) for e in self.entries() if "shard" in e}
+        for shard in sorted(shards):
+            row = self.last_done(shard)
+            if row is None or not {"capacity", "capacity_after", "num_examples"} <= set(row):
+                continue
+            cap, left = int(row["capacity"]), int(row["capacity_after"])
+            budget.shards[shard] = ShardBudget(n=int(row["num_examples"]), capacity=cap, used=cap - left)
+        return budget
+
+    # ------------------------------------------------------------------ writing (append only)
     def append(self, rows: Iterable[Mapping[str, Any]]) -> None:
         stamp = datetime.now(UTC).isoformat(timespec="seconds")
-        new = [{"time": stamp, **dict(r)} for r in rows]
-        atomic_write_jsonl(self.path, [*self.entries(), *new])
+        durable_append_lines(self.path, [json.dumps(finite({"time": stamp, **dict(r)}), sort_keys=True,
+                                                     allow_nan=False) for r in rows])
+
+    def intend(self, request: int, plans: Mapping[int, Mapping[str, Any]], method: str) -> None:
+        """The intent line of ``request``: ``plans`` is shard -> {"ids", "method", "decision"}."""
+        shards = {str(k): {"ids": sorted(int(i) for i in p["ids"]), "method": p["method"], "decision": p["decision"]}
+                  for k, p in sorted(plans.items())}
+        self.append([{"phase": INTENT, "request": request, "method": method, "shards": shards,
+                      "ids": sorted({i for p in shards.values() for i in p["ids"]})}])
+
+    def complete(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        self.append([{"phase": DONE, **dict(r)} for r in rows])
 
     def ensure(self) -> None:
         """Create an empty ledger if the run has none."""
         if not self.path.exists():
-            atomic_write_jsonl(self.path, [])
+            atomic_write_bytes(self.path, b"")

@@ -5,14 +5,20 @@ The shard's samples are assigned once to R slices. Stage r (1..R) trains on slic
 and optimizer state). Everything lives in a node-local state folder that persists across Flower
 rounds and runs::
 
-    STATE/index.json              slices (ids), deleted ids, stages trained, seconds per stage
+    STATE/index.json              slices (ids), deleted ids, stages trained, the stage a pending
+                                  retrain must reach (``target``), seconds per stage
     STATE/checkpoints/stage-R.pt  {"model", "optimizer", "ids"} after stage R
 
 Training is deterministic: the initial weights and every epoch's batch order are seeded by
 (seed, shard, stage, epoch) alone, and the batch order is a permutation of the sorted live ids. So
 retraining from stage s after a deletion gives the same model as training from scratch on the
 shard without the deleted samples (same slices, less those samples). The exact unlearning that
-uses this is in :mod:`fairforget.unlearning.exact`. Each stage is one call of the training engine
+uses this is in :mod:`fairforget.unlearning.exact`.
+
+Retraining is resumable: :meth:`SisaShard.remove` commits the deletion and the stage the retrain
+must reach (``target``) in one atomic index write, before any checkpoint is removed; a shard whose
+``target`` is above its trained stage (a crash mid-retrain) finishes it in :meth:`SisaShard.resume`,
+which a node calls before it handles any message. Each stage is one call of the training engine
 (:func:`fairforget.training.train`) with the run's objective; an objective's own trainable parts are
 checkpointed with the model.
 """
@@ -28,11 +34,11 @@ import torch
 
 from fairforget.data.base import SampleSet
 from fairforget.model import SimpleConvNet, bottleneck_dim, build_model
-from fairforget.objectives import Objective, ObjectiveContext, build_objective
+from fairforget.objectives import Objective, ObjectiveContext, build_objective, objective_options
 from fairforget.privacy.accountant import ShardAccountant
 from fairforget.privacy.dp_sgd import DPSettings
 from fairforget.privacy.gdp import Entry
-from fairforget.storage import atomic_torch_save, atomic_write_json, read_json, state_hash, torch_load
+from fairforget.storage import atomic_torch_save, atomic_write_json, durable_unlink, read_json, state_hash, torch_load
 from fairforget.training import NO_PRIVACY, OptimizerSpec, PrivacyHook, train
 
 
@@ -51,6 +57,7 @@ class SisaSettings:
     objective: str = "cross-entropy"
     num_private: int = 1
     dp: DPSettings | None = None  # DP-SGD for every training of the shard (fairforget/privacy/)
+    objective_options: tuple[tuple[str, float], ...] = ()  # the objectives' keys (end-alpha, ...)
 
     @classmethod
     def from_config(cls, cfg: Any, num_classes: int, num_private: int = 1) -> SisaSettings:
@@ -59,7 +66,7 @@ class SisaSettings:
             lr=cfg.lr, weight_decay=cfg.weight_decay, width=cfg.model_width,
             num_classes=num_classes, seed=cfg.seed, num_threads=cfg.num_threads,
             device=cfg.torch_device(), objective=cfg.objective, num_private=num_private,
-            dp=DPSettings.from_config(cfg),
+            dp=DPSettings.from_config(cfg), objective_options=objective_options(cfg),
         )
 
     @property
@@ -77,7 +84,8 @@ class SisaSettings:
 
     def build_objective(self) -> Objective:
         return build_objective(self.objective, ObjectiveContext(self.num_classes, self.num_private,
-                                                                bottleneck_dim(self.width)))
+                                                                bottleneck_dim(self.width),
+                                                                dict(self.objective_options)))
 
 
 class SisaError(ValueError):
@@ -123,6 +131,7 @@ class SisaShard:
                 "slices": slices if slices is not None else assign_slices(ids, settings.slices, settings.seed, shard),
                 "deleted": [],
                 "trained": 0,
+                "target": 0,
                 "stage_seconds": [0.0] * settings.slices,
                 "version": 0,
             }
@@ -159,7 +168,16 @@ class SisaShard:
         """Remove checkpoints past the committed stage count (left by a crash mid-unlearning)."""
         for path in (self.dir / "checkpoints").glob("stage-*.pt"):
             if int(path.stem.split("-")[1]) > self.trained:
-                path.unlink()
+                durable_unlink(path)
+
+    @property
+    def target(self) -> int:
+        """The stage count the shard is committed to reach (above ``trained`` while a retrain is pending)."""
+        return max(int(self.index.get("target", self.trained)), self.trained)
+
+    def resume(self) -> float:
+        """Finish a retrain a crash interrupted (``target`` above the trained stages); returns seconds."""
+        return self.train_through(self.target) if self.target > self.trained else 0.0
 
     # ------------------------------------------------------------------ training
     def _fresh(self) -> tuple[SimpleConvNet, Objective, torch.optim.Optimizer]:
@@ -279,10 +297,12 @@ class SisaShard:
         if unknown:
             raise SisaError(f"sample id(s) not in shard {self.shard}: {_fmt(unknown)}")
 
-    def remove(self, ids: list[int]) -> int:
+    def remove(self, ids: list[int], retrain_to: int | None = None) -> int:
         """Drop ``ids`` from the index and every checkpoint trained on them; returns the last clean
-        stage (the one retraining starts from). The index is committed first, atomically, so a crash
-        afterwards leaves the deletion in force and the stale checkpoints are removed on next load."""
+        stage (the one retraining starts from). The index is committed first, atomically, with the
+        stage a retrain must reach (``retrain_to``; None: no retrain, an approximate unlearner serves
+        the shard), so a crash afterwards leaves the deletion in force, the stale checkpoints are
+        removed on next load and the retrain is finished by :meth:`resume`."""
         self.check_ids(ids)
         first_slice = min(self.slice_of(i) for i in ids)
         clean_stage = min(first_slice, self.trained)
@@ -290,12 +310,13 @@ class SisaShard:
         self.index["slices"] = [[i for i in sl if i not in drop] for sl in self.index["slices"]]
         self.index["deleted"] = sorted(self.deleted | drop)
         self.index["trained"] = clean_stage
+        self.index["target"] = max(clean_stage, retrain_to if retrain_to is not None else clean_stage)
         self.index["version"] += 1
         self._save_index()
         self._drop_stale_checkpoints()
         return clean_stage
 
-    def add(self, ids: list[int], data: SampleSet) -> int:
+    def add(self, ids: list[int], data: SampleSet, retrain_to: int | None = None) -> int:
         """Add new samples (synthetic ones) to the shard; ``data`` is the shard's sample pool with
         them. Each id goes to a slice drawn from (seed, shard, id) alone, so a from-scratch run with
         the same ids builds the same slices. Checkpoints from the earliest slice that grew on are
@@ -314,6 +335,7 @@ class SisaShard:
             touched.append(s)
         self.index["slices"] = [sorted(sl) for sl in self.index["slices"]]
         clean_stage = min(min(touched), self.trained)
+        self.index["target"] = max(self.target, retrain_to if retrain_to is not None else 0)
         self.index["trained"] = clean_stage
         self.index["version"] += 1
         self._save_index()

@@ -1,8 +1,11 @@
 """Atomic file writes and model hashing.
 
-Every file the project saves (checkpoints, shard index, ledger, metrics, report) is written to a
-temporary file in the same folder, flushed, fsynced and renamed over the target, so a crash leaves
-either the old file or the new one, never half of either.
+Every file the project saves (checkpoints, shard index, metrics, report) is written to a temporary
+file in the same folder, flushed, fsynced and renamed over the target, and the folder is fsynced
+after the rename, so a crash (or a power cut) leaves either the old file or the new one, never half
+of either, and never loses a rename or an unlink that returned. Append-only logs (the deletion
+ledger, the tombstones) get whole lines appended and fsynced (:func:`durable_append_lines`); a
+reader reports a torn last line (:class:`TornLine`) instead of failing on it.
 """
 
 from __future__ import annotations
@@ -12,12 +15,22 @@ import io
 import json
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the folder's entries (a rename, a new or unlinked file) durable."""
+    fd = os.open(Path(path), os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -33,6 +46,79 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
+
+
+def durable_unlink(path: Path) -> bool:
+    """Remove a file (if there) and fsync its folder; True if it was there."""
+    path = Path(path)
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    fsync_dir(path.parent)
+    return True
+
+
+def durable_rmtree(path: Path) -> None:
+    """Remove a folder tree: first renamed aside (one durable step, so it is never half-present under
+    its name), then deleted."""
+    path = Path(path)
+    if not path.exists():
+        return
+    aside = path.with_name(f".{path.name}.removing-{os.getpid()}")
+    os.replace(path, aside)
+    fsync_dir(path.parent)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Put the complete folder ``src`` (written beside ``dst``) in place of ``dst``: the old folder is
+    renamed aside (``.NAME.old``), the new one in, the parent fsynced, the old one deleted. A crash
+    between the two renames leaves ``dst`` absent and the old folder aside, which
+    :func:`recover_dir` renames back; never a half-written ``dst``."""
+    src, dst = Path(src), Path(dst)
+    old = dst.with_name(f".{dst.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dst.exists():
+        os.replace(dst, old)
+    os.replace(src, dst)
+    fsync_dir(dst.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_dir(dst: Path) -> None:
+    """Undo a :func:`replace_dir` cut short between its renames: the old folder goes back in place."""
+    dst = Path(dst)
+    old = dst.with_name(f".{dst.name}.old")
+    if not dst.exists() and old.is_dir():
+        os.replace(old, dst)
+        fsync_dir(dst.parent)
+
+
+def durable_append_lines(path: Path, lines: Iterable[str]) -> None:
+    """Append whole lines (each ending in a newline) to a log and fsync it (and its folder when the
+    file is new). One ``write`` call, so a crash can tear at most the last line; such a torn line (an
+    append that never returned) is cut off before the next append, so every line stays whole."""
+    path = Path(path)
+    data = "".join(line if line.endswith("\n") else line + "\n" for line in lines).encode("utf-8")
+    if not data:
+        return
+    new = not path.exists()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        if size:  # a torn last line (a crash mid-append, never fsynced whole) is cut off first
+            whole = path.read_bytes()
+            if not whole.endswith(b"\n"):
+                os.ftruncate(fd, whole.rfind(b"\n") + 1)
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if new:
+        fsync_dir(path.parent)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -75,11 +161,34 @@ def read_json(path: Path) -> Any:
         return json.load(fh)
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
+class TornLine(ValueError):
+    """A JSON-lines file with a line that is not a JSON object; the message is one line."""
+
+
+def read_jsonl(path: Path, *, allow_torn_tail: bool = False) -> list[dict[str, Any]]:
+    """The JSON objects of a JSON-lines file ([] if there is none). A line that does not parse is a
+    :class:`TornLine` error, except, with ``allow_torn_tail``, an unterminated last line (a crash
+    mid-append), which is skipped."""
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    text = path.read_text(encoding="utf-8")
+    lines = text.split("\n")
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            if allow_torn_tail and n == len(lines):  # the last line, with no newline after it
+                continue
+            raise TornLine(f"{path} line {n} is not a JSON object (a torn or hand-edited line): "
+                           f"{line[:60]!r}") from None
+        rows.append(row)
+    return rows
 
 
 def state_hash(state: Mapping[str, torch.Tensor]) -> str:

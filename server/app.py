@@ -1,4 +1,5 @@
-"""fairforget ServerApp. Thin: reads the run config once and hands it to the driver for its mode."""
+"""fairforget ServerApp. Thin: reads the run config once and hands it to the driver for its mode,
+holding the run folder's lock, and writes the run's status (what was deleted, what is pending)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fairforget.config import RunConfig
+from fairforget.locks import locked
 from fairforget.run import RunDir
 from server.experiment import run_training
 from server.forget import run_forget
@@ -15,13 +17,33 @@ app = ServerApp()
 DRIVERS = {"simulate": run_training, "forget": run_forget}
 
 
+def run_driver(grid: Grid, cfg: RunConfig) -> None:
+    """Run ``cfg.mode``'s driver holding the run folder's lock (a second writer fails at once, with
+    nothing written); then write ``status.json``: ok or the error, and, from the ledger, the
+    deletions this run completed and every one still pending."""
+    run = RunDir(cfg.out_path)
+    with locked(run.path, cfg.mode):
+        first = run.ledger.next_request() if run.ledger.path.exists() else 1
+        try:
+            DRIVERS[cfg.mode](grid, cfg)
+        except Exception as exc:
+            run.write_status(cfg.mode, ok=False, error=f"{type(exc).__name__}: {exc}", **_deletions(run, first))
+            raise
+        run.write_status(cfg.mode, ok=True, **_deletions(run, first))
+
+
+def _deletions(run: RunDir, first: int) -> dict:
+    """``deleted``: request -> shard -> ids this run completed; ``pending``: every unfinished one."""
+    if not run.ledger.path.exists():
+        return {}
+    deleted: dict[str, dict[str, list[int]]] = {}
+    for e in run.ledger.entries():
+        if int(e["request"]) >= first and e.get("decision") not in ("refused",) and "shard" in e:
+            deleted.setdefault(str(e["request"]), {})[str(e["shard"])] = e["ids"]
+    pending = {str(r): {str(k): p["ids"] for k, p in shards.items()} for r, shards in run.ledger.pending().items()}
+    return {"deleted": deleted, "pending": pending}
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    cfg = RunConfig.from_mapping(dict(context.run_config))
-    run = RunDir(cfg.out_path)
-    try:
-        DRIVERS[cfg.mode](grid, cfg)
-    except Exception as exc:
-        run.write_status(cfg.mode, ok=False, error=f"{type(exc).__name__}: {exc}")
-        raise
-    run.write_status(cfg.mode, ok=True)
+    run_driver(grid, RunConfig.from_mapping(dict(context.run_config)))

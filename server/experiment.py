@@ -24,6 +24,7 @@ from fairforget.privacy.gdp import tpr_bound
 from fairforget.privacy.reporting import dp_block
 from fairforget.report import write_report
 from fairforget.run import RunDir
+from fairforget.tombstones import Tombstones
 from server.audit import site_audits
 from server.augment import run_augmentation
 from server.evaluation import RoundEvaluator, evaluate_states
@@ -66,7 +67,8 @@ def run_training(grid: Grid, cfg: RunConfig) -> None:
         run.save_budget(strategy.budget)  # the retirements' spend, where a later forget goes on from
     if cfg.audit:
         retired = set(augmentation["retired_ids"]) if augmentation else set()
-        metrics["privacy"] = run_audit(run, cfg, bundle, states, deleted=retired, dp=metrics["dp"])
+        deleted = retired | Tombstones.of_run(run.path).ids()  # a replaced run's deletions stay deleted
+        metrics["privacy"] = run_audit(run, cfg, bundle, states, deleted=deleted, dp=metrics["dp"])
         metrics["privacy"]["sites"] = site_audits(grid, states)
         metrics["timing"]["audit_seconds"] = metrics["privacy"]["seconds"]
     run.write_metrics(metrics)

@@ -1,26 +1,35 @@
 """The forgetting driver (``mode = forget``): route deletion requests to the owning shards.
 
-Reads top to bottom: restore the finished run's ensemble, ask every node which of the ids it holds
-(``query.describe``), refuse the whole request if any id is unknown or already deleted, send each
-owning node a ``train.unlearn`` message with its ids, then replace those shards' models and append
-the ledger, the figures and the report. Shards that own none of the ids are not contacted again
-and their models stay byte-identical.
+Reads top to bottom: restore the finished run's ensemble and its deletion budget (brought in line
+with the ledger), ask every node which of the ids it holds (``query.describe``), finish any
+deletion an earlier run left unfinished (:func:`reconcile`), refuse the whole request if any id is
+unknown or already deleted, let the strategy decide per shard with its deletion budget, write the
+ledger's **intent** line, send each owning node a ``train.unlearn`` message with its ids, and store
+each reply as it is good: the shard's model, then its **completion** line, then the budget. Shards
+that own none of the ids are not contacted again and their models stay byte-identical.
 
 With an approximate ``unlearn-method`` the strategy decides per shard with its deletion budget
 (:meth:`strategies.shard_ensemble.ShardEnsemble.configure_unlearn`) before anything is sent: within
 budget the shard unlearns approximately and the budget is consumed; past it, ``capacity-policy =
 refuse`` refuses the whole request (nothing changes but a ``refused`` ledger line) and ``retrain``
-sends that shard an exact SISA retrain instead, which resets its budget. This driver restores the
-budget from ``OUT/budget.json`` and saves it after the strategy has settled it.
+sends that shard an exact SISA retrain instead, which resets its budget.
+
+Crash safety (:mod:`fairforget.ledger`): a shard of an intent without a completion line is pending.
+Its node may have committed the deletion (it tombstones the ids at the data's owner first, then
+commits its index with the retrain target) or not. :func:`reconcile` sends the same decision again;
+a node that already deleted answers from its state (finishing a cut-short retrain first), one that
+did not deletes now; either way the completion is recorded. A node that fails leaves its shard
+pending and the run's status names it; the shards that succeeded are stored regardless.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from logging import INFO
+from logging import INFO, WARNING
 from typing import Any
 
+from flwr.app import Message
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
@@ -31,81 +40,168 @@ from fairforget.config import RunConfig, parse_ids
 from fairforget.data import load_dataset
 from fairforget.report import write_report
 from fairforget.run import RunDir
+from fairforget.tombstones import Tombstones
 from server.audit import site_audits
 from server.evaluation import evaluate_states
 from server.experiment import dp_metrics, evaluation_summary
 from strategies import build_strategy
 from strategies.shard_ensemble import UnlearnOutcome
 
+CODE_VERSION = "fairforget-sisa-1"  # bump when a change of training code changes what a replay produces
+
 
 class ForgetError(ValueError):
-    """A deletion request that cannot be served; nothing was changed."""
+    """A deletion request that cannot be served; nothing was changed (or, for a failed node, what
+    was stored is named in the message and the run's status)."""
 
 
 def run_forget(grid: Grid, cfg: RunConfig) -> None:
     run = RunDir(cfg.out_path)
     run.require_finished()
     ids = parse_ids(cfg.forget_ids)
-    if not ids:
+    pending = run.ledger.pending()
+    if not ids and not pending:
         raise ForgetError("no sample ids to forget")
     bundle = load_dataset(cfg)
     strategy = build_strategy(cfg, bundle.num_classes)
     if not strategy.exact_unlearning:
         raise ForgetError(f"strategy '{cfg.strategy}' keeps no shard models; exact unlearning needs shard-ensemble")
     strategy.load_states(run.load_models())
-    run.load_budget(strategy.budget)
+    run.ledger.settle(run.load_budget(strategy.budget))
     if cfg.audit:
         check_audit_config(cfg, bundle)
+    metrics = run.metrics()
+    before = run.load_models()
 
-    # 1. who holds what
-    replies = list(grid.send_and_receive(strategy.configure_describe(grid, ids)))
+    # 1. who holds what (the ids asked now and those of unfinished requests)
+    asked = sorted(set(ids) | run.ledger.pending_ids())
+    replies = list(grid.send_and_receive(strategy.configure_describe(grid, asked)))
+    shard_of, sizes, spent = nodes_table(replies)
+    node_of = {shard: node for node, shard in shard_of.items()}
+
+    # 2. finish what an earlier request left unfinished
+    done: list[int] = []
+    if pending:
+        done = reconcile(grid, run, strategy, pending, node_of, cfg.seed)
+        for request_no in done:
+            metrics = _record_figures(run, cfg, bundle, strategy, metrics, request_no)
+        if ids:  # the ids of this request are asked again: the reconciled ones are deleted now
+            replies = list(grid.send_and_receive(strategy.configure_describe(grid, ids)))
+    if not ids:
+        _finish(run, cfg, bundle, grid, strategy, metrics, before, [i for r in done for i in _request_ids(run, r)])
+        return
     owners = route(replies, ids)
-    shard_of = {r.metadata.src_node_id: int(r.content[keys.METRICS][keys.SHARD]) for r in replies}
-    sizes = {shard_of[r.metadata.src_node_id]: int(r.content[keys.METRICS][keys.NUM_EXAMPLES]) for r in replies}
-    spent = {shard_of[r.metadata.src_node_id]: json.loads(str(r.content[keys.CONFIG][keys.DP_JSON]))["epsilon"]
-             for r in replies if keys.DP_JSON in r.content[keys.CONFIG]}  # DP-SGD: each shard's epsilon
 
-    # 2. the strategy decides with its deletion budget before anything is sent (refuse raises here)
+    # 3. the strategy decides with its deletion budget before anything is sent (refuse raises here)
     try:
         messages = strategy.configure_unlearn(owners, shard_of, sizes, cfg.unlearn_method, spent)
     except BudgetExceeded as exc:  # refused: the ledger records the decision; nothing else changes
         request_no = run.ledger.next_request()
-        run.ledger.append([{"request": request_no, "shard": shard_of[n], "ids": sorted(v),
-                            "method": cfg.unlearn_method, "decision": ledger.REFUSED, "reason": str(exc)}
-                           for n, v in sorted(owners.items())])
+        run.ledger.complete([{"request": request_no, "shard": shard_of[n], "ids": sorted(v),
+                              "method": cfg.unlearn_method, "decision": ledger.REFUSED, "reason": str(exc)}
+                             for n, v in sorted(owners.items())])
         raise ForgetError(str(exc)) from None
 
-    # 3. unlearn on the owning nodes only; the strategy settles the budget
-    t0 = time.perf_counter()
-    outcomes = strategy.aggregate_unlearn(grid.send_and_receive(messages))
-    wall = time.perf_counter() - t0
-    run.save_budget(strategy.budget)
-    for shard, o in sorted(outcomes.items()):
-        log(INFO, "fairforget: shard %d: %s (%s), deletion capacity %d -> %d of %d", shard, o.decision,
-            o.result.method, o.capacity_before, o.capacity_after, o.capacity)
-
-    # 4. save models, ledger, figures (with the audit before and after), report
-    before = run.load_models()
-    run.save_models({k: strategy.shard_arrays[k].to_torch_state_dict() for k in outcomes})
-    after = run.load_models()
-    metrics = run.metrics()
+    # 4. intent, unlearn on the owning nodes only, store each good reply
     request_no = run.ledger.next_request()
-    run.ledger.append(ledger_rows(request_no, outcomes))
-    evaluation = evaluate_states(after, bundle, cfg)
-    metrics = updated_metrics(metrics, request_no, outcomes, strategy.shard_reports, evaluation, wall)
+    run.ledger.intend(request_no, strategy.planned(), cfg.unlearn_method)
+    failed = unlearn_and_store(grid, run, strategy, messages, request_no, cfg.seed)
+    metrics = _record_figures(run, cfg, bundle, strategy, metrics, request_no)
+    _finish(run, cfg, bundle, grid, strategy, metrics, before, ids)
+    if failed:
+        raise ForgetError(failed)
+    log(INFO, "fairforget: forgot %d sample(s) from shard(s) %s", len(ids), sorted(strategy.planned()))
+
+
+def nodes_table(replies: list[Message]) -> tuple[dict[int, int], dict[int, int], dict[int, float]]:
+    """From ``query.describe`` replies: node -> shard, shard -> live samples, shard -> DP epsilon spent."""
+    for reply in replies:
+        if reply.has_error():
+            raise ForgetError(f"node {reply.metadata.src_node_id} failed: {reply.error.reason}")
+    shard_of = {r.metadata.src_node_id: int(r.content[keys.METRICS][keys.SHARD]) for r in replies}
+    sizes = {shard_of[r.metadata.src_node_id]: int(r.content[keys.METRICS][keys.NUM_EXAMPLES]) for r in replies}
+    spent = {shard_of[r.metadata.src_node_id]: json.loads(str(r.content[keys.CONFIG][keys.DP_JSON]))["epsilon"]
+             for r in replies if keys.DP_JSON in r.content[keys.CONFIG]}  # DP-SGD: each shard's epsilon
+    return shard_of, sizes, spent
+
+
+def unlearn_and_store(grid: Grid, run: RunDir, strategy: Any, messages: list[Message], request_no: int,
+                      seed: int) -> str:
+    """Send ``messages``; store each good reply (model, completion line), then the budget. Returns a
+    one-line account of the failed shards ('' when none failed): they stay pending in the ledger."""
+    failed: list[Message] = []
+    t0 = time.perf_counter()
+    outcomes = strategy.aggregate_unlearn(grid.send_and_receive(messages), failed)
+    wall = time.perf_counter() - t0
+    for shard, o in sorted(outcomes.items()):
+        run.save_models({shard: strategy.shard_arrays[shard].to_torch_state_dict()})
+        run.ledger.complete(ledger_rows(request_no, {shard: o}, wall, seed))
+        log(INFO, "fairforget: shard %d: %s (%s)%s, deletion capacity %d -> %d of %d", shard, o.decision,
+            o.result.method, " finished after a crash" if o.result.resumed else "", o.capacity_before,
+            o.capacity_after, o.capacity)
+    run.save_budget(strategy.budget)
+    if not failed:
+        return ""
+    left = run.ledger.pending().get(request_no, {})
+    what = "; ".join(f"node {r.metadata.src_node_id}: {r.error.reason}" for r in failed)
+    stored = ", ".join(str(k) for k in sorted(outcomes)) or "none"
+    log(WARNING, "fairforget: request %d: shard(s) %s failed (%s)", request_no, sorted(left), what)
+    return (f"request {request_no}: deleted and stored at shard(s) {stored}; shard(s) "
+            f"{', '.join(map(str, sorted(left)))} did not finish ({what}); run `fairforget forget --run "
+            f"{run.path} --resume` to finish them")
+
+
+def reconcile(grid: Grid, run: RunDir, strategy: Any, pending: dict[int, dict[int, dict[str, Any]]],
+              node_of: dict[int, int], seed: int) -> list[int]:
+    """Finish every pending (request, shard) of the ledger: send the recorded decision again and
+    store the reply. Returns the requests that are now complete."""
+    complete = []
+    for request_no, plans in sorted(pending.items()):
+        missing = sorted(set(plans) - set(node_of))
+        if missing:
+            raise ForgetError(f"request {request_no} is unfinished at shard(s) {missing}, whose node is not "
+                              "connected; start it and run `fairforget forget --resume`")
+        log(INFO, "fairforget: finishing request %d at shard(s) %s (left unfinished by an earlier run)",
+            request_no, sorted(plans))
+        failed = unlearn_and_store(grid, run, strategy, strategy.plan_unlearn(plans, node_of), request_no, seed)
+        if failed:
+            raise ForgetError(failed)
+        complete.append(request_no)
+    return complete
+
+
+def _request_ids(run: RunDir, request_no: int) -> list[int]:
+    return sorted(int(i) for e in run.ledger.entries() if e["request"] == request_no for i in e["ids"])
+
+
+def _record_figures(run: RunDir, cfg: RunConfig, bundle: Any, strategy: Any, metrics: dict[str, Any],
+                    request_no: int) -> dict[str, Any]:
+    """The request's entry in metrics.json, from its completion lines and the shards' replies."""
+    rows = {int(e["shard"]): e for e in run.ledger.entries() if e["request"] == request_no}
+    if not rows:
+        return metrics
+    evaluation = evaluate_states(run.load_models(), bundle, cfg)
+    wall = max(float(e.get("request_wall_seconds", e.get("wall_seconds", 0.0))) for e in rows.values())
+    return updated_metrics(metrics, request_no, rows, strategy.shard_reports, evaluation, wall)
+
+
+def _finish(run: RunDir, cfg: RunConfig, bundle: Any, grid: Grid, strategy: Any, metrics: dict[str, Any],
+            before: dict[int, Any], ids: list[int]) -> None:
+    """Figures after the deletions: DP block, the audit before and after, report."""
+    after = run.load_models()
     metrics["dp"] = dp_metrics(cfg, strategy, run.calibration(), metrics.get("dp"))
-    if cfg.audit:
+    if cfg.audit and ids and metrics["unlearning"]:
+        deleted = run.ledger.unlearned_ids() | Tombstones.of_run(run.path).ids()
         metrics["unlearning"][-1]["audit"] = {
             "deleted_vs_nonmembers_auc_before": unlearning_audit(cfg, bundle, before, ids, run),
             "deleted_vs_nonmembers_auc_after": unlearning_audit(cfg, bundle, after, ids, run),
         }
         metrics["unlearning"][-1]["privacy_before"] = headline(metrics.get("privacy"))
-        metrics["privacy"] = run_audit(run, cfg, bundle, after, deleted=run.ledger.unlearned_ids(), dp=metrics["dp"])
+        metrics["privacy"] = run_audit(run, cfg, bundle, after, deleted=deleted, dp=metrics["dp"])
         metrics["privacy"]["sites"] = site_audits(grid, after)
         metrics["unlearning"][-1]["privacy_after"] = headline(metrics["privacy"])
     run.write_metrics(metrics)
     write_report(run.path)
-    log(INFO, "fairforget: forgot %d sample(s) from shard(s) %s", len(ids), sorted(outcomes))
 
 
 def route(replies: list[Any], ids: list[int]) -> dict[int, list[int]]:
@@ -129,7 +225,9 @@ def route(replies: list[Any], ids: list[int]) -> dict[int, list[int]]:
     return owned
 
 
-def ledger_rows(request_no: int, outcomes: dict[int, UnlearnOutcome]) -> list[dict[str, Any]]:
+def ledger_rows(request_no: int, outcomes: dict[int, UnlearnOutcome], wall: float, seed: int) -> list[dict[str, Any]]:
+    """One completion line per shard: the decision, what it cost, the model hashes, the budget after,
+    and what a replay needs (``fairforget verify``: seed, index version, code version)."""
     return [
         {
             "request": request_no,
@@ -140,12 +238,19 @@ def ledger_rows(request_no: int, outcomes: dict[int, UnlearnOutcome]) -> list[di
             "capacity_before": o.capacity_before,
             "capacity_after": o.capacity_after,
             "capacity": o.capacity,
+            "num_examples": o.result.num_examples,
+            "approx_deletions": o.result.approx_deletions,
             "restart_stage": o.result.restart_stage,
             "retrained_stages": o.result.retrained_stages,
             "seconds": o.result.seconds,
             "wall_seconds": o.result.wall_seconds,
+            "request_wall_seconds": wall,
             "hash_before": o.result.hash_before,
             "hash_after": o.result.hash_after,
+            "resumed": o.result.resumed,  # finished after a crash: the node had committed it before
+            "seed": seed,
+            "index_version": o.result.index_version,
+            "code_version": CODE_VERSION,
             # augmented shards: what happened to the generator and its samples (clients/augment.py)
             **dict(o.result.augment or {}),
         }
@@ -153,23 +258,26 @@ def ledger_rows(request_no: int, outcomes: dict[int, UnlearnOutcome]) -> list[di
     ]
 
 
-def updated_metrics(metrics: dict[str, Any], request_no: int, outcomes: dict[int, UnlearnOutcome],
+def updated_metrics(metrics: dict[str, Any], request_no: int, rows: dict[int, dict[str, Any]],
                     shard_reports: dict[int, dict[str, Any]], evaluation: dict[str, Any],
                     wall: float) -> dict[str, Any]:
-    seconds = sum(o.result.seconds for o in outcomes.values())
+    """metrics.json after request ``request_no``, from its completion lines (shard -> line)."""
+    seconds = sum(float(r["seconds"]) for r in rows.values())
     full = float(metrics["timing"]["full_retrain_seconds"])
     for row in metrics["shards"]:
-        if row["shard"] in outcomes:
-            res = outcomes[row["shard"]].result
-            row.update(num_examples=res.num_examples, kl_bias=float(shard_reports[res.shard][keys.KL_BIAS]),
-                       model_hash=res.hash_after)
+        line = rows.get(row["shard"])
+        if line is not None:
+            row.update(num_examples=line["num_examples"], model_hash=line["hash_after"])
+            if row["shard"] in shard_reports:
+                row["kl_bias"] = float(shard_reports[row["shard"]][keys.KL_BIAS])
         row["accuracy_unbiased"] = evaluation["unbiased"]["per_model_accuracy"].get(row["shard"])
     metrics["ensemble"] = evaluation_summary(evaluation)
+    metrics["unlearning"] = [u for u in metrics["unlearning"] if u["request"] != request_no]
     metrics["unlearning"].append({
         "request": request_no,
-        "ids": sorted(i for o in outcomes.values() for i in o.ids),
-        "shards": sorted(outcomes),
-        "restart_stages": {str(k): o.result.restart_stage for k, o in sorted(outcomes.items())},
+        "ids": sorted(int(i) for r in rows.values() for i in r["ids"]),
+        "shards": sorted(rows),
+        "restart_stages": {str(k): r["restart_stage"] for k, r in sorted(rows.items())},
         "seconds": seconds,
         "wall_seconds": wall,
         "full_retrain_seconds": full,
@@ -177,9 +285,10 @@ def updated_metrics(metrics: dict[str, Any], request_no: int, outcomes: dict[int
         "accuracy_biased": evaluation["biased"]["accuracy"],
         "accuracy_unbiased": evaluation["unbiased"]["accuracy"],
         "worst_group_accuracy": evaluation["unbiased"]["worst_group"]["accuracy"],
-        "budget": {str(k): {"method": o.result.method, "decision": o.decision, "capacity_before": o.capacity_before,
-                            "capacity_after": o.capacity_after, "capacity": o.capacity,
-                            "approx_deletions": o.result.approx_deletions}
-                   for k, o in sorted(outcomes.items())},
+        "resumed_shards": sorted(k for k, r in rows.items() if r.get("resumed")),
+        "budget": {str(k): {"method": r["method"], "decision": r["decision"], "capacity_before": r["capacity_before"],
+                            "capacity_after": r["capacity_after"], "capacity": r["capacity"],
+                            "approx_deletions": r["approx_deletions"]}
+                   for k, r in sorted(rows.items())},
     })
     return metrics

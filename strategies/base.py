@@ -48,11 +48,15 @@ class FairforgetStrategy(ABC):
     def ensemble_states(self, arrays: ArrayRecord) -> dict[int, dict[str, torch.Tensor]]:
         """One state dict per constituent model, from the strategy's ArrayRecord."""
 
-    def record_replies(self, replies: Iterable[Message]) -> list[Message]:
-        """Raise on error replies; keep each shard's metrics and model hash; return the replies."""
+    def record_replies(self, replies: Iterable[Message], failed: list[Message] | None = None) -> list[Message]:
+        """Keep each shard's metrics and model hash; return the good replies. An error reply raises,
+        or, given a ``failed`` list, is put there (the caller stores the good ones regardless)."""
         ok = []
         for reply in replies:
             if reply.has_error():
+                if failed is not None:
+                    failed.append(reply)
+                    continue
                 raise StrategyReplyError(f"node {reply.metadata.src_node_id} failed: {reply.error.reason}")
             metrics = reply.content.get(keys.METRICS)
             if metrics is None:

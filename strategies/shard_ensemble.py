@@ -181,20 +181,43 @@ class ShardEnsemble(FairforgetStrategy, Strategy):
             for _, p in sorted(planned.items())
         ]
 
-    def aggregate_unlearn(self, replies: Iterable[Message]) -> dict[int, UnlearnOutcome]:
+    def plan_unlearn(self, plans: Mapping[int, Mapping[str, Any]], node_of: Mapping[int, int]) -> list[Message]:
+        """The ``train.unlearn`` messages of decisions taken before (a ledger intent's ``shards``:
+        shard -> {"ids", "method", "decision"}), sent again to each shard's node (``node_of``) when
+        reconciling a deletion a crash or a failed node left unfinished; no new budget decision."""
+        self._planned = {int(k): Planned(node_of[int(k)], sorted(int(i) for i in p["ids"]), str(p["method"]),
+                                         str(p["decision"])) for k, p in plans.items()}
+        return [
+            Message(RecordDict({keys.CONFIG: ConfigRecord({keys.FORGET_IDS: p.ids, keys.UNLEARN_METHOD: p.method})}),
+                    dst_node_id=p.node_id, message_type=keys.MSG_UNLEARN)
+            for _, p in sorted(self._planned.items())
+        ]
+
+    def planned(self) -> dict[int, dict[str, Any]]:
+        """The decisions of the last :meth:`configure_unlearn`: shard -> {"ids", "method", "decision"}
+        (what the ledger's intent line records)."""
+        return {k: {"ids": p.ids, "method": p.method, "decision": p.decision} for k, p in sorted(self._planned.items())}
+
+    def aggregate_unlearn(self, replies: Iterable[Message],
+                          failed: list[Message] | None = None) -> dict[int, UnlearnOutcome]:
         """Replace the unlearned shards' constituents and settle their budgets: an approximate
-        deletion consumes, an exact retrain resets. Returns each shard's outcome."""
+        deletion consumes, an exact retrain resets. Returns each shard's outcome; error replies go to
+        ``failed`` (given) or raise."""
         out: dict[int, UnlearnOutcome] = {}
-        for reply in self.record_replies(replies):
+        for reply in self.record_replies(replies, failed):
             result = UnlearnResult.from_records(reply.content)
             plan = self._planned.pop(result.shard)
             self.shard_arrays[result.shard] = reply.content[keys.ARRAYS]
+            self.budget.track(result.shard, result.num_examples + len(plan.ids))
             before = self.budget.remaining(result.shard)
-            if plan.decision == ledger.APPROXIMATE:
+            decision = plan.decision
+            if plan.decision == ledger.APPROXIMATE and result.method == EXACT:
+                decision = ledger.EXACT_FALLBACK  # a crashed approximate deletion the node finished exactly
+            if decision == ledger.APPROXIMATE:
                 self.budget.consume(result.shard, len(plan.ids))
             else:
                 self.budget.reset(result.shard, result.num_examples, self._dp_epsilons.get(result.shard))
-            out[result.shard] = UnlearnOutcome(plan.ids, plan.decision, result, before,
+            out[result.shard] = UnlearnOutcome(plan.ids, decision, result, before,
                                                self.budget.remaining(result.shard),
                                                self.budget.shards[result.shard].capacity)
         return out

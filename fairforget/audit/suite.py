@@ -84,8 +84,9 @@ def run_audit(run: RunDir, cfg: RunConfig, bundle: DataBundle, states: dict[int,
         if len(models) > 1:
             targets[f"shard-{k}"] = ([models[k]], shards[k])
 
-    # bottleneck features once per model: the probes of the shards and of the ensemble share them
-    feats = {k: (bottleneck([m], bundle.train.x), bottleneck([m], bundle.test_unbiased.x)) for k, m in models.items()}
+    # bottleneck features once per model: the probes of the shards and of the ensemble share them. The
+    # probe trains on live members only: a deleted (or retired) record is used by nothing after its deletion
+    feats = {k: (bottleneck([m], live.x), bottleneck([m], bundle.test_unbiased.x)) for k, m in models.items()}
     refs_time = 0.0
     results: dict[str, Any] = {}
     probes: dict[str, Any] = {}
@@ -111,7 +112,7 @@ def run_audit(run: RunDir, cfg: RunConfig, bundle: DataBundle, states: dict[int,
                 summary["groups"] = _group_aucs(scores, is_member, cand, bundle.num_private)
             results[tname][name] = summary
         shard_keys = list(models) if tname == "ensemble" else [int(tname.split("-")[1])]
-        probes[tname] = attribute_inference(torch.cat([feats[k][0] for k in shard_keys], 1), bundle.train,
+        probes[tname] = attribute_inference(torch.cat([feats[k][0] for k in shard_keys], 1), live,
                                             torch.cat([feats[k][1] for k in shard_keys], 1), bundle.test_unbiased,
                                             bundle.num_private, seed=cfg.seed)
     out = {

@@ -37,7 +37,7 @@ from fairforget.data.base import SampleSet
 from fairforget.model import SimpleConvNet, load_model
 from fairforget.objectives import Objective
 from fairforget.sisa import SisaError, SisaShard, derived_seed
-from fairforget.storage import atomic_torch_save, state_hash, torch_load
+from fairforget.storage import atomic_torch_save, durable_unlink, state_hash, torch_load
 from fairforget.training import NO_PRIVACY, Batch, OptimizerSpec, PrivacyHook, train
 from fairforget.unlearning.result import UnlearnResult
 
@@ -112,7 +112,7 @@ def target_stage(shard: SisaShard) -> int:
 
 
 def clear(shard: SisaShard) -> None:
-    approx_path(shard).unlink(missing_ok=True)
+    durable_unlink(approx_path(shard))
 
 
 # ---------------------------------------------------------------------- shared by every method

@@ -29,7 +29,7 @@ def unlearn(shard: SisaShard, ids: list[int], params: Any = None) -> UnlearnResu
     target = approximate.target_stage(shard)
     shard.check_privacy(shard.planned_removal(ids, target), "retraining after this deletion")  # before anything changes
     t0 = time.perf_counter()
-    clean_stage = shard.remove(ids)
+    clean_stage = shard.remove(ids, retrain_to=target)  # committed with its target: a crash resumes
     seconds = shard.train_through(target)
     approximate.clear(shard)
     return UnlearnResult(

@@ -35,6 +35,8 @@ class UnlearnResult:
     approx_deletions: int = 0  # deletions served approximately since the last exact retrain
     figures: Mapping[str, float] = field(default_factory=dict)  # method-specific (noise_sigma, ...)
     augment: Mapping[str, Any] | None = None  # augmented shard: what happened to its generator and samples
+    resumed: bool = False  # a re-sent deletion the node had committed before (a crash): finished, not redone
+    index_version: int = 0  # the shard index's version afterwards (a replay's starting point)
 
     # ------------------------------------------------------------------ wire form
     def to_records(self) -> tuple[MetricRecord, ConfigRecord]:
@@ -48,6 +50,8 @@ class UnlearnResult:
             keys.WALL_SECONDS: self.wall_seconds,
             keys.FULL_TRAIN_SECONDS: self.full_train_seconds,
             keys.APPROX_DELETIONS: self.approx_deletions,
+            keys.RESUMED: int(self.resumed),
+            keys.INDEX_VERSION: self.index_version,
             **{FIGURE_PREFIX + k: float(v) for k, v in self.figures.items()},
         })
         config = ConfigRecord({keys.UNLEARN_METHOD: self.method, keys.HASH_BEFORE: self.hash_before,
@@ -66,6 +70,7 @@ class UnlearnResult:
             hash_before=str(c[keys.HASH_BEFORE]), hash_after=str(c[keys.MODEL_HASH]),
             num_examples=int(m[keys.NUM_EXAMPLES]), full_train_seconds=float(m[keys.FULL_TRAIN_SECONDS]),
             approx_deletions=int(m[keys.APPROX_DELETIONS]),
+            resumed=bool(int(m.get(keys.RESUMED, 0))), index_version=int(m.get(keys.INDEX_VERSION, 0)),
             figures={k.removeprefix(FIGURE_PREFIX): float(v) for k, v in m.items() if k.startswith(FIGURE_PREFIX)},
             augment=json.loads(str(c[keys.AUGMENT_JSON])) if keys.AUGMENT_JSON in c else None,
         )
