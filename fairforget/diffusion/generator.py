@@ -54,7 +54,7 @@ from torch import nn
 from fairforget.privacy.accountant import ShardAccountant, epsilon_of
 from fairforget.privacy.dp_sgd import DPSettings
 from fairforget.privacy.gdp import Entry
-from fairforget.storage import finite, torch_load
+from fairforget.storage import finite, replace_dir, torch_load
 
 
 class GeneratorError(ValueError):
@@ -77,6 +77,7 @@ class GeneratorSettings:
     ddim_eta: float = 1.0
     guidance_scale: float = 1.5
     classifier_scale: float = 0.0
+    group_reweight: float = 0.0  # batch sampling weight n_group^-power (0 = uniform; 1 = every group equal)
     device: str = "cpu"
 
     @classmethod
@@ -87,7 +88,8 @@ class GeneratorSettings:
             batch_size=cfg.diffusion_batch_size, lr=cfg.diffusion_lr, timesteps=cfg.diffusion_timesteps,
             label_dropout=cfg.label_dropout, ddim_steps=cfg.ddim_steps, ddim_eta=cfg.ddim_eta,
             guidance_scale=cfg.guidance_scale,
-            classifier_scale=cfg.classifier_guidance, device=cfg.torch_device(),
+            classifier_scale=cfg.classifier_guidance, group_reweight=cfg.diffusion_group_reweight,
+            device=cfg.torch_device(),
         )
 
     @property
@@ -140,7 +142,9 @@ class ConditionalGenerator(nn.Module):
 
     # ------------------------------------------------------------------ persistence (atomic folder)
     def save(self, folder: Path, meta: dict[str, Any]) -> None:
-        """Write ``folder`` whole or not at all: a temporary sibling folder renamed into place."""
+        """Write ``folder`` whole or not at all: a temporary sibling folder renamed into place
+        (:func:`fairforget.storage.replace_dir`; :func:`fairforget.storage.recover_dir` puts the old one
+        back should a crash fall between its two renames)."""
         folder = Path(folder)
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
@@ -151,11 +155,7 @@ class ConditionalGenerator(nn.Module):
             if self.privacy is not None:
                 info["privacy"] = finite(self.privacy)
             (tmp / "generator.json").write_text(json.dumps(info, indent=2))
-            old = folder.with_name(f".{folder.name}.old")
-            if folder.exists():
-                folder.rename(old)
-            tmp.rename(folder)
-            shutil.rmtree(old, ignore_errors=True)
+            replace_dir(tmp, folder)  # the old folder renamed aside, the new one in, the parent fsynced
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -187,14 +187,22 @@ def train_generator(x: torch.Tensor, y: torch.Tensor, private: torch.Tensor, set
     if len(x) == 0:
         raise GeneratorError("no real samples to train the generator on")
     if dp is not None:
+        if settings.group_reweight > 0:
+            raise GeneratorError("group reweighting changes each sample's sampling rate, which the DP accountant "
+                                 "does not model: use diffusion-group-reweight = 0 with dp")
         return _train_dp(x, y, private, settings, seed, progress, dp, accountant)
     model, device, scheduler, opt, sched = _setup(settings, seed)
     gen = torch.Generator().manual_seed(seed)
+    weights = group_weights(y, private, settings) if settings.group_reweight > 0 else None
     data = (x * 2 - 1).to(device)
     y, private = y.to(device), private.to(device)
     ema = 0.0
+    batch = min(settings.batch_size, len(data))
     for step in range(settings.train_steps):
-        idx = torch.randint(0, len(data), (min(settings.batch_size, len(data)),), generator=gen).to(device)
+        if weights is None:
+            idx = torch.randint(0, len(data), (batch,), generator=gen).to(device)
+        else:  # groups drawn by weight: the few bias-conflicting originals are seen as often as a common group
+            idx = torch.multinomial(weights, batch, replacement=True, generator=gen).to(device)
         loss = _denoising_loss(model, model, scheduler, data[idx], y[idx], private[idx], gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -206,6 +214,18 @@ def train_generator(x: torch.Tensor, y: torch.Tensor, private: torch.Tensor, set
         if progress is not None:
             progress(step + 1, ema)
     return model.eval()
+
+
+def group_weights(y: torch.Tensor, private: torch.Tensor, settings: GeneratorSettings) -> torch.Tensor:
+    """Each sample's weight in the generator's batches, ``n_g ** -group_reweight`` with ``n_g`` the
+    count of its group ((class, private) pair, or class in ``class`` mode) in the site's own data,
+    normalised to sum to 1. A site knows its own labels, so it knows which groups are rare: at rho =
+    0.99 the two or three bias-conflicting originals of a shard are its only evidence that a colour
+    and a digit are separate factors, and with power 1 each present group weighs the same."""
+    g = y.long() * settings.num_private + private.long() if settings.uses_private else y.long()
+    counts = torch.bincount(g)
+    w = counts[g].double().pow(-settings.group_reweight)
+    return (w / w.sum()).float()
 
 
 def _setup(settings: GeneratorSettings, seed: int) -> tuple[ConditionalGenerator, torch.device, DDPMScheduler,

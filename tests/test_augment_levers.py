@@ -1,0 +1,139 @@
+"""The augmentation levers of issue 12: the generator's group reweighting, the rejection filter, the
+presets and their run-config keys (tiny and fast: seconds each)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fairforget.config import ConfigError, read_toml, resolve
+from fairforget.data.base import make_sampleset
+from fairforget.diffusion.filter import FilterSettings, filtered_sample, keep_rate_by_kind, train_filter
+from fairforget.diffusion.generator import GeneratorError, GeneratorSettings, group_weights, train_generator
+from fairforget.privacy.dp_sgd import DPSettings
+
+PRESETS = Path(__file__).resolve().parents[1] / "presets"
+
+
+def _settings(**kw) -> GeneratorSettings:
+    base = dict(image_size=8, num_classes=3, num_private=3, width=8, train_steps=4, batch_size=8, ddim_steps=2)
+    return GeneratorSettings(**{**base, **kw})
+
+
+# ---------------------------------------------------------------------- upweighting the conflicting originals
+def test_group_weights_are_inverse_group_frequency():
+    # 9 bias-aligned samples (class == private) and one conflicting (class 0 on private 2)
+    y = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2, 0])
+    a = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2, 2])
+    w = group_weights(y, a, _settings(group_reweight=1.0))
+    assert w.sum().item() == pytest.approx(1.0)
+    assert w[9].item() == pytest.approx(3 * w[0].item())  # its group has 1 sample, the others 3
+    groups = y * 3 + a
+    totals = {int(g): float(w[groups == g].sum()) for g in groups.unique()}
+    assert all(t == pytest.approx(0.25) for t in totals.values())  # every present group weighs the same
+    torch.testing.assert_close(group_weights(y, a, _settings(group_reweight=0.0)), torch.full((10,), 0.1))
+    # class mode: groups are classes, the private label is ignored
+    w_class = group_weights(y, a, _settings(group_reweight=1.0, groups="class"))
+    assert w_class[9].item() == pytest.approx(w_class[6].item() * 3 / 4)  # class 0 has 4 samples, class 2 has 3
+
+
+def test_reweighted_training_differs_and_refuses_dp():
+    x = torch.rand(12, 3, 8, 8)
+    y, a = torch.arange(12) % 3, torch.zeros(12, dtype=torch.long)
+    a[0] = 1
+    plain = train_generator(x, y, a, _settings(), seed=0)
+    weighted = train_generator(x, y, a, _settings(group_reweight=1.0), seed=0)
+    assert any(not torch.equal(p, q) for p, q in zip(plain.parameters(), weighted.parameters(), strict=True))
+    with pytest.raises(GeneratorError, match="diffusion-group-reweight = 0 with dp"):
+        train_generator(x, y, a, _settings(group_reweight=1.0), seed=0, dp=DPSettings(1.0, 1.0, 1e-5, "rdp", 50.0))
+
+
+# ---------------------------------------------------------------------- the rejection filter
+def _draw(y: torch.Tensor, a: torch.Tensor, seed: int) -> torch.Tensor:
+    """Candidates whose first pixel encodes the class they show: the requested one with probability
+    0.5 (group (2, *): never), otherwise another class, drawn from ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    shown = torch.randint(0, 3, (len(y),), generator=gen)
+    right = torch.rand(len(y), generator=gen) < 0.5
+    shown = torch.where(right & (y != 2), y, shown)
+    shown = torch.where(y == 2, (y + 1) % 3, shown)
+    x = torch.zeros(len(y), 3, 4, 4)
+    x[:, 0, 0, 0] = shown.float()
+    return x
+
+
+def _reader(x: torch.Tensor) -> torch.Tensor:
+    """Class logits: one-hot of the class the first pixel encodes."""
+    return torch.nn.functional.one_hot(x[:, 0, 0, 0].long(), 3).float()
+
+
+def test_filter_keeps_only_what_the_classifier_labels_as_requested():
+    y = torch.tensor([0] * 10 + [1] * 6 + [2] * 4)
+    a = torch.tensor([1] * 10 + [0] * 6 + [0] * 4)
+    result = filtered_sample(_draw, _reader, y, a, seed=0, num_private=3, max_draws=8)
+    assert len(result.x) == len(result.y) == len(result.private) == int(result.kept.sum())
+    assert torch.equal(_reader(result.x).argmax(1), result.y)  # every kept sample is labelled as asked
+    groups = (result.y * 3 + result.private).numpy()
+    np.testing.assert_array_equal(np.bincount(groups, minlength=len(result.kept)), result.kept)
+    assert result.kept[1] == 10 and result.kept[3] == 6  # the passable groups reach their quotas
+    assert result.kept[6] == 0 and result.drawn[6] == 8 * 4  # a group that never passes stops at the cap
+    assert (result.drawn <= 8 * result.requested).all()
+    assert result.shortfall == 4 and 0 < result.keep_rate < 1
+    rates = keep_rate_by_kind(result, 3)
+    assert np.isnan(rates["aligned"]) and rates["conflicting"] == pytest.approx(result.keep_rate)  # all off-diagonal
+
+
+def test_filter_is_seeded_and_cap_one_draws_once():
+    y, a = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 0, 1, 1])
+    first = filtered_sample(_draw, _reader, y, a, seed=3, num_private=2, max_draws=4)
+    again = filtered_sample(_draw, _reader, y, a, seed=3, num_private=2, max_draws=4)
+    assert torch.equal(first.x, again.x) and (first.drawn == again.drawn).all()
+    once = filtered_sample(_draw, _reader, y, a, seed=3, num_private=2, max_draws=1)
+    assert once.rounds == 1 and int(once.drawn.sum()) == 4
+
+
+def test_filter_classifier_trains_through_the_engine_and_unknown_objective_is_one_line():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(24, 3, 8, 8, generator=gen)
+    y = torch.arange(24) % 3
+    data = make_sampleset(x, y.numpy(), (torch.arange(24) % 2).numpy(), np.arange(24))
+    settings = FilterSettings(objective="cross-entropy", epochs=2, width=4)
+    clf = train_filter(data, settings, 3, 2, seed=0)
+    assert clf(x).shape == (24, 3) and not clf.training
+    again = train_filter(data, settings, 3, 2, seed=0)
+    torch.testing.assert_close(clf(x), again(x))  # seeded
+    with pytest.raises(ConfigError, match="'objective' = 'nope': must be one of") as err:
+        train_filter(data, FilterSettings(objective="nope", epochs=1, width=4), 3, 2, seed=0)
+    assert "\n" not in str(err.value)
+
+
+# ---------------------------------------------------------------------- presets and config keys
+def test_presets_load_into_a_valid_config():
+    gpu = resolve(read_toml(PRESETS / "augment-gpu.toml"))
+    cpu = resolve(read_toml(PRESETS / "augment-cpu.toml"))
+    defaults = resolve()
+    assert gpu.augment and cpu.augment
+    assert gpu.diffusion_width > defaults.diffusion_width and gpu.diffusion_train_steps > defaults.diffusion_train_steps
+    assert cpu.diffusion_width == defaults.diffusion_width  # the CPU preset keeps the default generator
+    assert FilterSettings.from_config(gpu) is not None and FilterSettings.from_config(defaults) is None
+    assert GeneratorSettings.from_config(gpu, 10, 10).group_reweight == gpu.diffusion_group_reweight
+
+
+@pytest.mark.parametrize(("key", "value", "match"), [
+    ("diffusion-group-reweight", -1.0, "'diffusion-group-reweight' = -1.0: must be in \\[0, 2\\]"),
+    ("augment-filter-max-draws", 0, "'augment-filter-max-draws' = 0: must be in \\[1, 100\\]"),
+    ("augment-filter", " ", "'augment-filter'"),
+    ("diffusion-group-reweight", "lots", "expected float"),
+])
+def test_bad_lever_value_is_a_one_line_config_error(key, value, match):
+    with pytest.raises(ConfigError, match=match) as err:
+        resolve({key: value})
+    assert "\n" not in str(err.value)
+
+
+def test_reweighting_with_dp_is_refused_in_the_config():
+    with pytest.raises(ConfigError, match="diffusion-group-reweight' must be 0 with dp"):
+        resolve({"dp": True, "augment": True, "diffusion-group-reweight": 0.5})
