@@ -81,6 +81,11 @@ class RunConfig:
     weight_decay: float
     model_width: int
     objective: str
+    end_alpha: float
+    end_beta: float
+    learned_mixin_entropy: float
+    rebias_lambda: float
+    rebias_lambda_g: float
     num_threads: int
     device: str
     dp: bool
@@ -170,6 +175,11 @@ class RunConfig:
             ("dataset", bool(self.dataset.strip()), "a dataset name"),
             ("strategy", bool(self.strategy.strip()), "a strategy name"),
             ("objective", bool(self.objective.strip()), "an objective name"),
+            ("end-alpha", self.end_alpha >= 0.0, ">= 0"),
+            ("end-beta", self.end_beta >= 0.0, ">= 0"),
+            ("learned-mixin-entropy", self.learned_mixin_entropy >= 0.0, ">= 0"),
+            ("rebias-lambda", self.rebias_lambda >= 0.0, ">= 0"),
+            ("rebias-lambda-g", self.rebias_lambda_g >= 0.0, ">= 0"),
             ("partition", self.partition in PARTITIONS, f"one of {', '.join(PARTITIONS)}"),
             ("ensemble-vote", self.ensemble_vote in VOTES, f"one of {', '.join(VOTES)}"),
             ("out-dir", bool(self.out_dir.strip()), "a non-empty path"),

@@ -109,7 +109,10 @@ def preflight(cfg: RunConfig):
     bundle = load_dataset(cfg)  # fail on a bad data root before starting Flower
     shard_of(cfg, bundle)
     build_strategy(cfg, bundle.num_classes)
-    SisaSettings.from_config(cfg, bundle.num_classes, bundle.num_private).build_objective()
+    objective = SisaSettings.from_config(cfg, bundle.num_classes, bundle.num_private).build_objective()
+    if cfg.dp and cfg.strategy == "shard-ensemble" and not objective.per_sample:
+        raise UserError(f"objective {cfg.objective!r} couples the samples of a batch, so DP-SGD's per-sample "
+                        "clipping bounds no sample's influence: use it without dp, or with strategy = \"fedavg\"")
     get_unlearner(cfg.unlearn_method)
     if cfg.audit:
         check_audit_config(cfg, bundle)

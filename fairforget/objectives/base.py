@@ -3,6 +3,8 @@
 An objective is an ``nn.Module``: besides ``loss(model, batch)`` it may own trainable parts (a
 bias-only branch, a projection head). The optimizer trains them beside the model, SISA checkpoints
 save their ``state_dict`` with the model's, so exact unlearning stays exact with any objective.
+Its hyper-parameters are run-config keys (``end-alpha``, ...), read with :meth:`Objective.option`:
+the value in ``ctx.options``, else the app's default from ``pyproject.toml`` (the one source).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from fairforget.config import ConfigError, load_defaults
 from fairforget.training import Batch
 
 
@@ -30,13 +33,24 @@ class ObjectiveContext:
 
 
 class Objective(nn.Module, ABC):
-    """``loss(model, batch) -> scalar tensor``; subclasses register a ``name``."""
+    """``loss(model, batch) -> scalar tensor``; subclasses register a ``name``.
+
+    ``per_sample`` is False for a loss that couples the samples of a batch (EnD's Gram matrix,
+    HSIC): DP-SGD's per-sample clipping then bounds no single sample's influence."""
 
     name: ClassVar[str]
+    per_sample: ClassVar[bool] = True
 
     def __init__(self, ctx: ObjectiveContext) -> None:
         super().__init__()
         self.ctx = ctx
+
+    def option(self, key: str) -> float:
+        """Run-config key ``key`` (a non-negative weight): ``ctx.options`` or the app's default."""
+        value = float(self.ctx.options[key] if key in self.ctx.options else load_defaults()[key])
+        if not value >= 0.0:
+            raise ConfigError(f"config key '{key}' = {value!r}: must be >= 0")
+        return value
 
     @abstractmethod
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
