@@ -160,15 +160,57 @@ class DeletionBudget:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore a saved budget. If its parameters differ from this budget's (the run config
-        changed), capacities are recomputed with this budget's parameters; deletions used are kept."""
-        same = (str(state["bound"]), float(state["eps"]), float(state["delta"]), int(state["d"]),
-                float(state["c"])) == (self.bound, self.eps, self.delta, self.d, self.c)
-        self.shards = {}
+        """Restore a saved budget, validated: its parameters must be this budget's (they are fixed when
+        the run is created: a budget recomputed with other ones would let a request raise its own
+        bound), and every shard's ``n``, ``capacity`` and ``used`` whole numbers with
+        ``0 <= used <= capacity``. Anything else is a one-line :class:`BudgetStateError`; nothing of
+        this budget changes then."""
+        if not isinstance(state, Mapping):
+            raise BudgetStateError("not a deletion budget (expected a JSON object)")
+        missing = [k for k in ("bound", "eps", "delta", "d", "c", "shards") if k not in state]
+        if missing:
+            raise BudgetStateError(f"missing field(s) {', '.join(missing)}")
+        saved = (state["bound"], _number(state, "eps"), _number(state, "delta"), _whole(state, "d"),
+                 _number(state, "c"))
+        mine = (self.bound, self.eps, self.delta, self.d, self.c)
+        if saved != mine:
+            names = ("bound", "eps", "delta", "d", "c")
+            diff = ", ".join(f"{n} {a!r} (run: {b!r})" for n, a, b in zip(names, saved, mine, strict=True) if a != b)
+            raise BudgetStateError(f"parameters differ from the run's: {diff}; the capacity parameters are fixed "
+                                   "when the run is created")
+        if not isinstance(state["shards"], Mapping):
+            raise BudgetStateError("shards is not an object")
+        shards = {}
         for k, v in state["shards"].items():
-            n = int(v["n"])
-            cap = int(v["capacity"]) if same else self.capacity_for(n)
-            self.shards[int(k)] = ShardBudget(n=n, capacity=cap, used=int(v["used"]))
+            if not (isinstance(k, str) and k.isdigit()) or not isinstance(v, Mapping):
+                raise BudgetStateError(f"shard {k!r}: not a shard number with an object")
+            n, cap, used = (_whole(v, f, f"shard {k}: ") for f in ("n", "capacity", "used"))
+            if used > cap:
+                raise BudgetStateError(f"shard {k}: used {used} is more than its capacity {cap}")
+            shards[int(k)] = ShardBudget(n=n, capacity=cap, used=used)
+        self.shards = shards
+
+
+class BudgetStateError(ValueError):
+    """A saved budget that cannot be trusted (a missing, negative or inconsistent field, or other
+    parameters than the run's); one line for the user."""
+
+
+def _whole(state: Mapping[str, Any], key: str, where: str = "") -> int:
+    """``state[key]``, a whole number >= 0."""
+    if key not in state:
+        raise BudgetStateError(f"{where}missing field {key}")
+    v = state[key]
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise BudgetStateError(f"{where}{key} = {v!r} is not a whole number >= 0")
+    return v
+
+
+def _number(state: Mapping[str, Any], key: str) -> float:
+    v = state[key]
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v <= 0:
+        raise BudgetStateError(f"{key} = {v!r} is not a number > 0")
+    return float(v)
 
 
 def head_parameters(bottleneck_dim: int, num_classes: int) -> int:

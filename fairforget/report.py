@@ -1,5 +1,6 @@
-"""``OUT/report.md`` and its plots, rendered from ``metrics.json`` and ``ledger.jsonl`` alone, so
-that every command that changes the figures (simulate, forget) can render it again."""
+"""``OUT/report.md`` and its plots, rendered from ``metrics.json``, ``ledger.jsonl`` and (after a
+``fairforget verify``) ``verify.json`` alone, so that every command that changes the figures
+(simulate, forget, audit, verify) can render it again."""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from fairforget.ledger import Ledger  # noqa: E402
 from fairforget.privacy.gdp import tpr_bound  # noqa: E402
-from fairforget.storage import atomic_write_bytes, atomic_write_text, read_json, read_jsonl  # noqa: E402
+from fairforget.storage import atomic_write_bytes, atomic_write_text, read_json  # noqa: E402
+from fairforget.verify import read_verification  # noqa: E402
 
 
 def _save(fig: Any, path: Path) -> str:
@@ -262,10 +265,29 @@ def _augmentation_lines(metrics: dict[str, Any], run_dir: Path) -> list[str]:
     return lines
 
 
+def _verification_lines(record: dict[str, Any], metrics: dict[str, Any]) -> list[str]:
+    """The last ``fairforget verify`` of each shard (``verify.json``)."""
+    current = {str(s["shard"]): s.get("model_hash") for s in metrics["shards"]}
+    lines = ["The last from-scratch replay of each shard (`fairforget verify`; a match proves the served model "
+             "is exactly the one trained without the deleted samples):", "",
+             "| shard | verified (UTC) | result | replay hash | served hash | ledger hash_after | seconds | "
+             "still served |", "|---|---|---|---|---|---|---|---|"]
+    for k, v in record["shards"].items():
+        served = v.get("served_hash")
+        still = "" if current.get(k) is None else ("yes" if current[k] == served else "no (the model changed since)")
+        result = v.get("status", "") + (f": {v['note']}" if v.get("note") else "")
+        if v.get("problems"):
+            result += "; " + "; ".join(v["problems"][:3])
+        code = [f"`{h}`" if h else "" for h in (v.get("replay_hash"), served, v.get("ledger_hash"))]
+        lines.append(f"| {k} | {v.get('time', '')} | {result} | {' | '.join(code)} | {v.get('seconds', 0.0):.2f} | "
+                     f"{still} |")
+    return lines
+
+
 def write_report(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
     metrics = read_json(run_dir / "metrics.json")
-    ledger = read_jsonl(run_dir / "ledger.jsonl")
+    ledger = Ledger(run_dir / "ledger.jsonl").entries()  # the decisions (a forget's intent lines left out)
     plots = [
         ("Accuracy by round", plot_rounds(metrics, run_dir / "accuracy_rounds.png")),
         ("Accuracy per (class, private attribute) group", plot_groups(metrics, run_dir / "group_accuracy.png")),
@@ -319,6 +341,9 @@ def write_report(run_dir: Path) -> Path:
             lines.append(f"| {e['request']} | {e['shard']} | {len(e.get('ids', []))} | {e.get('method', '')} | "
                          f"{e.get('decision', '')} | {cap} | {e.get('restart_stage', '')} | {secs} | "
                          f"`{e.get('hash_before', '')}` | `{e.get('hash_after', '')}` |")
+    verification = read_verification(run_dir)
+    if verification:
+        lines += ["", "## Verification (deletion receipts)", "", *_verification_lines(verification, metrics)]
     if metrics.get("unlearning_methods"):
         lines += ["", "## Unlearning methods vs exact retraining", "",
                   *_unlearning_methods_lines(metrics["unlearning_methods"])]

@@ -80,9 +80,14 @@ class RunDir:
         atomic_write_json(self.budget_path, budget.state_dict())
 
     def load_budget(self, budget: DeletionBudget) -> DeletionBudget:
-        """Restore the saved spend into ``budget`` (a fresh one from the run config); returns it."""
+        """Restore the saved spend into ``budget`` (a fresh one from the run config); returns it. A
+        budget file that is not valid JSON, or not a valid budget with the run's parameters
+        (:meth:`DeletionBudget.load_state_dict`), is a one-line :class:`RunDirError`, never recomputed."""
         if self.budget_path.is_file():
-            budget.load_state_dict(read_json(self.budget_path))
+            try:
+                budget.load_state_dict(read_json(self.budget_path))
+            except ValueError as exc:  # json's JSONDecodeError and BudgetStateError alike
+                raise RunDirError(f"{self.budget_path}: {exc}") from None
         return budget
 
     # ------------------------------------------------------------------ DP calibration

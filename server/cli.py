@@ -10,6 +10,7 @@ User mistakes (bad config, missing data, unknown ids, a folder that is no run) e
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -18,12 +19,16 @@ from fairforget.audit import AuditError
 from fairforget.audit.suite import check_audit_config, run_audit
 from fairforget.config import ConfigError, RunConfig, parse_ids, parse_set, read_toml, resolve
 from fairforget.data import DatasetError, load_dataset, shard_of
+from fairforget.locks import LockBusy, check_free, locked
 from fairforget.privacy.reporting import calibrate
 from fairforget.report import write_report
 from fairforget.run import RunDir, RunDirError
 from fairforget.runner import FlowerRunError, run_flower
 from fairforget.sisa import SisaSettings
+from fairforget.storage import atomic_write_bytes, replace_dir
+from fairforget.tombstones import Tombstones
 from fairforget.unlearning import get_unlearner
+from fairforget.verify import MATCH, MISMATCH, VerifyError, verify_run, write_verification
 from strategies import build_strategy, strategy_class
 
 EXIT_USAGE = 2
@@ -53,16 +58,15 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     cfg = _config(args)
     out = Path(args.out if args.out else cfg.out_dir).expanduser().resolve()
     cfg = cfg.replace(out_dir=str(out), mode="simulate", forget_ids="")
+    replace = _replaceable(out, args.force)  # before anything else: only a run is ever replaced
     bundle = preflight(cfg)
     calibration = None
     if cfg.dp and cfg.strategy == "shard-ensemble":  # the DP noise is chosen before the run starts
         calibration = calibrate(cfg, [len(s) for s in shard_of(cfg, bundle)], compare=cfg.dp_calibrate != "none")
         _print_calibration(calibration)
         cfg = cfg.replace(dp_noise_multiplier=calibration["chosen"]["noise_multiplier"], dp_calibrate="none")
-    if out.exists() and any(out.iterdir()):
-        if not args.force:
-            raise UserError(f"{out} already holds files; choose another --out or pass --force to replace it")
-        shutil.rmtree(out)
+    if replace:
+        _replace_run(out)
     out.mkdir(parents=True, exist_ok=True)
     if calibration is not None:
         RunDir(out).write_calibration(calibration)
@@ -71,6 +75,53 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     run_flower(cfg, quiet=args.quiet)
     _print_summary(out)
     return 0
+
+
+def _replaceable(out: Path, force: bool) -> bool:
+    """Whether ``out`` holds a run that ``--force`` replaces; a folder with other files (or a run
+    without ``--force``) is a :class:`UserError`, and nothing is deleted."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file, not a folder; choose another --out")
+    if not out.exists() or not any(out.iterdir()):
+        return False
+    if not force:
+        raise UserError(f"{out} already holds files; choose another --out or pass --force to replace it")
+    if out == Path(out.anchor) or out == Path.home().resolve() or Path.cwd().resolve().is_relative_to(out):
+        raise UserError(f"--force will not replace {out}: it is the root, the home folder or holds the current folder")
+    if not _holds_run(out):
+        raise UserError(f"--force replaces only a fairforget run, and {out} holds none (no valid config.toml); "
+                        "nothing was deleted")
+    return True
+
+
+def _holds_run(out: Path) -> bool:
+    """``out/config.toml`` is a run config a fairforget run wrote (a valid config naming its own
+    out-dir, mode and shards: an empty or foreign TOML file is not)."""
+    run = RunDir(out)
+    if not run.config_path.is_file():
+        return False
+    try:
+        run.config()
+        return {"out-dir", "mode", "num-shards"} <= set(read_toml(run.config_path))
+    except (RunDirError, ConfigError):
+        return False
+
+
+def _replace_run(out: Path) -> None:
+    """Replace the run in ``out`` by an empty folder, keeping its tombstones (the deletions its data
+    owner recorded: no later run may train on those records). The new folder is made beside it and
+    swapped in (:func:`fairforget.storage.replace_dir`), so a crash never leaves the tombstones lost."""
+    try:
+        check_free(out, "simulate --force")  # a command still writing the old run
+    except LockBusy as exc:
+        raise UserError(str(exc)) from None
+    fresh = out.with_name(f".{out.name}.new-{os.getpid()}")
+    shutil.rmtree(fresh, ignore_errors=True)
+    fresh.mkdir()
+    old = Tombstones.of_run(out).path
+    if old.is_file():
+        atomic_write_bytes(Tombstones.of_run(fresh).path, old.read_bytes())
+    replace_dir(fresh, out)
 
 
 def _print_calibration(c: dict) -> None:
@@ -158,10 +209,14 @@ def cmd_forget(args: argparse.Namespace) -> int:
     run = RunDir(Path(args.run).expanduser().resolve())
     run.require_finished()
     sets = parse_set(args.set or [])
+    fixed = sorted(k for k in sets if k in FIXED_CAPACITY_KEYS)
+    if fixed:
+        raise UserError(f"forget --set {', '.join(fixed)}: the capacity parameters are fixed when the run is "
+                        "created (only capacity-policy may change per request)")
     other = sorted(k for k in sets if not k.startswith(FORGET_KEY_PREFIXES))
     if other:
-        raise UserError(f"forget --set takes only the unlearn-*, newton-*, capacity-* and augment-on-delete keys, "
-                        f"got {', '.join(other)}")
+        raise UserError(f"forget --set takes only the unlearn-*, newton-*, capacity-policy and augment-on-delete "
+                        f"keys, got {', '.join(other)}")
     if args.method:
         sets["unlearn-method"] = args.method
     cfg = resolve(run.config().to_mapping(), sets).replace(out_dir=str(run.path))
@@ -179,6 +234,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
     ids = parse_ids(text)
     if not ids:
         raise UserError("no sample ids given (--ids 3,17,42 or --ids-file FILE)")
+    run.load_budget(build_strategy(cfg, load_dataset(cfg).num_classes).budget)  # a broken budget.json: one line
     owner = _owners(cfg)
     already = sorted(set(ids) & run.ledger.deleted_ids())
     if already:
@@ -213,7 +269,9 @@ def cmd_forget(args: argparse.Namespace) -> int:
     return 0
 
 
-FORGET_KEY_PREFIXES = ("unlearn-", "newton-", "capacity-", "augment-on-delete")
+FORGET_KEY_PREFIXES = ("unlearn-", "newton-", "capacity-policy", "augment-on-delete")
+# fixed when the run is created: whoever asks for a deletion cannot raise the deletion capacity
+FIXED_CAPACITY_KEYS = ("capacity-bound", "capacity-eps", "capacity-delta", "capacity-c")
 
 
 # ---------------------------------------------------------------------- audit
@@ -249,6 +307,42 @@ def cmd_audit(args: argparse.Namespace) -> int:
               "a bug in training, accounting or the attack (see the report)", file=sys.stderr)
         return EXIT_RUN
     return 0
+
+
+# ---------------------------------------------------------------------- verify
+def cmd_verify(args: argparse.Namespace) -> int:
+    run = RunDir(Path(args.run).expanduser().resolve())
+    run.require_finished()
+    cfg = run.config()
+    if not strategy_class(cfg.strategy).exact_unlearning:
+        raise UserError(f"run {run.path} used strategy '{cfg.strategy}', which keeps no shard models to verify")
+    if args.shard is not None and not 0 <= args.shard < cfg.num_shards:
+        raise UserError(f"no shard {args.shard}: the run has shards 0-{cfg.num_shards - 1}")
+    shards = list(range(cfg.num_shards)) if args.shard is None else [args.shard]
+    print(f"fairforget: replaying the SISA training of shard(s) {', '.join(map(str, shards))} of {run.path}",
+          flush=True)
+    try:
+        with locked(run.path, "verify"):  # no forget may change the models while they are replayed
+            verdicts = verify_run(run.path, cfg, shards)
+            write_verification(run.path, verdicts)
+            write_report(run.path)
+    except (VerifyError, LockBusy) as exc:
+        raise UserError(str(exc)) from None
+    for v in verdicts:
+        head = f"shard {v.shard}: {v.status}"
+        if v.replay_hash is not None:
+            head += f" (replay {v.replay_hash}, served {v.served_hash}"
+            head += f", ledger {v.ledger_hash} of request {v.ledger_request})" if v.ledger_hash else ", no ledger line)"
+            head += f" in {v.seconds:.2f}s; {v.live} live, {v.deleted} deleted"
+        print(head + (f": {v.note}" if v.note else ""))
+        for p in v.problems:
+            print(f"  {p}")
+    mismatched = [v.shard for v in verdicts if v.status == MISMATCH]
+    proven = [v.shard for v in verdicts if v.status == MATCH]
+    print(f"verified: {len(proven)} of {len(verdicts)} shard(s) match their from-scratch replay"
+          + (f"; MISMATCH: shard(s) {', '.join(map(str, mismatched))}" if mismatched else ""))
+    print(f"receipt: {run.path / 'verify.json'}")
+    return EXIT_RUN if mismatched else 0
 
 
 def _owners(cfg) -> dict[int, int]:
@@ -292,8 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="unlearning method (the unlearn-method key): exact-sisa (default), finetune, neggrad, "
                          "scrub, newton or del; the approximate ones spend the shard's deletion budget")
     fg.add_argument("--set", metavar="KEY=VALUE", action="append",
-                    help="override an unlearn-*, newton-*, capacity-* or augment-on-delete key for this request, e.g. "
-                         "--set capacity-policy=refuse (repeatable)")
+                    help="override an unlearn-*, newton-*, capacity-policy or augment-on-delete key for this request, "
+                         "e.g. --set capacity-policy=refuse (repeatable; the capacity-bound, -eps, -delta and -c "
+                         "parameters are fixed when the run is created)")
     fg.add_argument("--quiet", action="store_true", help="hide Flower's streamed logs")
     fg.set_defaults(func=cmd_forget)
 
@@ -321,6 +416,19 @@ def build_parser() -> argparse.ArgumentParser:
                     help="override audit-attacks, audit-references or audit-bootstrap for this audit, "
                          'e.g. --set audit-attacks="loss,rmia" (repeatable)')
     au.set_defaults(func=cmd_audit)
+
+    ve = sub.add_parser(
+        "verify", help="check that each shard model is exactly its from-scratch training without the deleted ids",
+        description="Replay each shard's SISA training from scratch in a temporary folder on its live samples "
+                    "(the deleted ids left out) and compare the model hash with the served model "
+                    "(DIR/models/shard-K.pt) and the ledger's last hash_after: a match proves the model holds no "
+                    "trace of the deleted records. Writes DIR/verify.json and the report's verification section. "
+                    "Exit 0: every replayed shard matches (an approximate or DP secure-mode shard is reported, "
+                    "not proven); 1: a mismatch; 2: bad input.",
+    )
+    ve.add_argument("--run", metavar="DIR", required=True, help="the folder of a finished `simulate` run")
+    ve.add_argument("--shard", type=int, metavar="K", help="verify only shard K (default: every shard)")
+    ve.set_defaults(func=cmd_verify)
     return parser
 
 

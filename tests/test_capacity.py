@@ -12,7 +12,7 @@ from fairforget.capacity import (
     newton_capacity,
 )
 from fairforget.data import load_dataset, shard_of
-from fairforget.run import RunDir
+from fairforget.run import RunDir, RunDirError
 from fairforget.sisa import SisaSettings, SisaShard
 from fairforget.storage import read_json, state_hash
 from server.experiment import run_training
@@ -77,9 +77,9 @@ def test_budget_state_round_trips_through_a_run_folder(tmp_path):
     assert read_json(run.budget_path) == budget.state_dict()
     again = run.load_budget(DeletionBudget("dp", 1.0, 1e-5, 5130, 2.0))
     assert again == budget
-    # a changed run config recomputes the capacities and keeps what was used
-    changed = run.load_budget(DeletionBudget("newton", 1.0, 1e-5, 5130, 2.0))
-    assert changed.shards[3].used == 2 and changed.shards[3].capacity == newton_capacity(1.0, 1e-5, 1000, 5130, 2.0)
+    # the capacity parameters are fixed when the run is created: other ones are refused, never recomputed
+    with pytest.raises(RunDirError, match=r"parameters differ from the run's: bound 'dp' \(run: 'newton'\)"):
+        run.load_budget(DeletionBudget("newton", 1.0, 1e-5, 5130, 2.0))
     assert RunDir(tmp_path / "none").load_budget(DeletionBudget("dp", 1.0, 1e-5, 5130)).shards == {}
 
 

@@ -1,0 +1,317 @@
+"""A deletion receipt anyone can check: replay a shard's SISA training from scratch and compare.
+
+SISA training here is deterministic (:mod:`fairforget.sisa`: initial weights and every epoch's order
+are seeded by seed, shard, stage and epoch alone), so a shard that was unlearned exactly is, bit for
+bit, the model trained from scratch on its live samples. :func:`verify_shard` does that training
+again, in a temporary folder, on the samples the node's index says are live (the deleted ids left
+out), and compares the model hash (:func:`fairforget.storage.state_hash`) with
+
+* the model the server serves (``OUT/models/shard-K.pt``), and
+* the ledger's last ``hash_after`` for that shard (the receipt the deletion request was given).
+
+Before replaying it checks the index itself, so that a replay cannot be fooled by it: no id the ledger
+records as deleted from the shard is live, and the live slices are the shard's own from-scratch slice
+assignment (:func:`fairforget.sisa.assign_slices` over its originals, a synthetic sample in the slice
+its id draws) less the deleted ids. A match is then proof that the served model holds no trace of the
+deleted records.
+
+Deleted means: in the index's deleted ids, in a ledger line of the shard, or in the run's tombstones
+(``OUT/tombstones.jsonl``, :mod:`fairforget.tombstones`). What cannot be proven is said so, not failed:
+
+* a shard served by an approximate unlearner (a valid ``STATE/approx.pt``): no exactness receipt;
+* DP-SGD with ``dp-secure-mode``: its noise is cryptographic and cannot be drawn again.
+
+The node state is read, never written: in simulation it is ``OUT/nodes/shard-K`` (``index.json``,
+and for an augmented shard ``augment/synthetic.pt``, whose live samples are part of the shard's
+pool). The results go to ``OUT/verify.json`` (the last verification of each shard), which the report
+shows.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from fairforget import __version__
+from fairforget.data import load_dataset, shard_of
+from fairforget.data.base import SYNTHETIC_ID_BASE, SampleSet, make_sampleset
+from fairforget.ledger import REFUSED, Ledger
+from fairforget.sisa import SisaError, SisaSettings, SisaShard, assign_slices, derived_seed
+from fairforget.storage import atomic_write_json, read_json, state_hash, torch_load
+from fairforget.tombstones import Tombstones
+from fairforget.unlearning.approximate import APPROX_FILE
+
+VERIFY_FILE = "verify.json"
+
+# A shard's verdict.
+MATCH = "match"  # the replay equals the served model (and the ledger's receipt): exact, proven
+MISMATCH = "mismatch"  # the replay, the served model and the receipt disagree, or the index is inconsistent
+APPROXIMATE = "approximate"  # served by an approximate unlearner: no exactness receipt (not a failure)
+NOT_REPLAYABLE = "not-replayable"  # DP-SGD with secure (cryptographic) noise cannot be drawn again
+
+
+class VerifyError(ValueError):
+    """Input that cannot be verified (no such shard, no node state); one line for the user."""
+
+
+@dataclass
+class ShardVerdict:
+    shard: int
+    status: str
+    served_hash: str
+    replay_hash: str | None = None
+    ledger_hash: str | None = None  # the last hash_after the ledger records for the shard
+    ledger_request: int | None = None
+    index_version: int | None = None
+    trained_stages: int = 0
+    live: int = 0
+    deleted: int = 0
+    seconds: float = 0.0
+    problems: list[str] = field(default_factory=list)
+    note: str = ""
+    ledger_fields: dict[str, Any] = field(default_factory=dict)  # seed, index_version, code_version if recorded
+
+    @property
+    def ok(self) -> bool:
+        return self.status != MISMATCH
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------- node state, read only
+@dataclass
+class NodeState:
+    """What the replay of one shard needs, read from the run folder (nothing is written)."""
+
+    shard: int
+    index: dict[str, Any]
+    pool: SampleSet  # the node's originals and its synthetic samples
+    served_hash: str
+    approx_meta: dict[str, Any] | None  # the valid approximate model's metadata, if the shard serves one
+
+
+def node_dir(run_dir: Path, shard: int) -> Path:
+    return Path(run_dir) / "nodes" / f"shard-{shard}"
+
+
+def read_node(run_dir: Path, cfg: Any, originals: SampleSet, shard: int) -> NodeState:
+    """The shard's index, sample pool, served model hash and approximate state; :class:`VerifyError`
+    for anything missing or malformed."""
+    run_dir, state = Path(run_dir), node_dir(run_dir, shard)
+    model_path = run_dir / "models" / f"shard-{shard}.pt"
+    if not model_path.is_file():
+        raise VerifyError(f"{model_path} is missing: the run serves no model for shard {shard}")
+    index_path = state / "index.json"
+    if not index_path.is_file():
+        raise VerifyError(f"{index_path} is missing: shard {shard}'s node state is not in this run folder "
+                          "(a deployment keeps it at its site)")
+    try:
+        index = read_json(index_path)
+        slices = [[int(i) for i in sl] for sl in index["slices"]]
+        index.update(slices=slices, deleted=[int(i) for i in index["deleted"]], trained=int(index["trained"]),
+                     version=int(index["version"]))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise VerifyError(f"{index_path} is not a valid shard index: {type(exc).__name__}: {exc}") from None
+    if index.get("shard") != shard or len(slices) != cfg.slices or not 0 <= index["trained"] <= cfg.slices:
+        raise VerifyError(f"{index_path} belongs to shard {index.get('shard')} with {len(slices)} slices and "
+                          f"{index['trained']} trained, not to shard {shard} of a run with {cfg.slices} slices")
+    try:
+        served_hash = state_hash(torch_load(model_path))
+    except Exception as exc:  # noqa: BLE001 - any unreadable model file is the same one-line error
+        raise VerifyError(f"{model_path} is not a readable model: {type(exc).__name__}") from None
+    return NodeState(shard, index, _pool(state, originals), served_hash, _approx_meta(state, index))
+
+
+def _pool(state: Path, originals: SampleSet) -> SampleSet:
+    """The node's originals plus its synthetic samples (``STATE/augment/synthetic.pt``: x, y, private,
+    ids; written by the node's augmentation store), as the node builds its SISA shard."""
+    path = state / "augment" / "synthetic.pt"
+    if not path.is_file():
+        return originals
+    try:
+        blob = torch_load(path)
+        synth = make_sampleset(blob["x"], blob["y"].numpy(), blob["private"].numpy(), blob["ids"].numpy())
+    except Exception as exc:  # noqa: BLE001
+        raise VerifyError(f"{path} is not a readable synthetic-sample file: {type(exc).__name__}") from None
+    return SampleSet.concat([originals, synth]) if len(synth) else originals
+
+
+def _approx_meta(state: Path, index: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The approximate model's metadata when ``approx.pt`` is valid (made for this index version:
+    :mod:`fairforget.unlearning.approximate`), else None."""
+    path = state / APPROX_FILE
+    if not path.is_file():
+        return None
+    try:
+        meta = dict(torch_load(path)["meta"])
+        int(meta["index_version"])
+    except Exception as exc:  # noqa: BLE001
+        raise VerifyError(f"{path} is not a readable approximate model: {type(exc).__name__}") from None
+    return meta if int(meta["index_version"]) == int(index["version"]) else None
+
+
+# ---------------------------------------------------------------------- checks on the index
+def ledger_lines(entries: list[dict[str, Any]], shard: int) -> list[dict[str, Any]]:
+    """The shard's completed ledger lines (a decision that changed its model: it has ``hash_after``)."""
+    return [e for e in entries
+            if e.get("shard") == shard and e.get("decision") != REFUSED and e.get("hash_after")]
+
+
+def index_problems(node: NodeState, settings: SisaSettings, ledger_deleted: set[int],
+                   tombstoned: set[int]) -> list[str]:
+    """Where the index is not the shard's from-scratch slice assignment less the deleted ids, or
+    still holds an id the ledger or the data's owner (its tombstones) deleted."""
+    index, problems = node.index, []
+    live = [i for sl in index["slices"] for i in sl]
+    deleted = set(index["deleted"])
+    if len(live) != len(set(live)):
+        problems.append("an id is live in two slices")
+    resurrected = sorted(set(live) & (deleted | ledger_deleted | tombstoned))
+    if resurrected:
+        problems.append(f"deleted id(s) still live: {_fmt(resurrected)}")
+    unrecorded = sorted(ledger_deleted - deleted)
+    if unrecorded:
+        problems.append(f"id(s) the ledger deleted are not deleted in the index: {_fmt(unrecorded)}")
+    if int(index.get("target", 0)) > index["trained"]:
+        problems.append(f"a retrain is pending (stage {index['trained']} of target {index['target']}): "
+                        "the node finishes it before its next message")
+    # the originals' slices come from the shard's original ids alone (assign_slices): those in its data
+    # when the index was made (an id tombstoned before then never entered it) and those deleted since;
+    # a synthetic id draws its own slice from (seed, shard, id) (SisaShard.add)
+    pool = {int(i) for i in node.pool.ids.tolist()}
+    never = tombstoned - deleted - set(live)
+    originals = sorted({i for i in (pool - never) | deleted if i < SYNTHETIC_ID_BASE})
+    expected = assign_slices(originals, settings.slices, settings.seed, node.shard)
+    for s, members in enumerate(index["slices"]):
+        want = set(expected[s]) - deleted
+        have = {i for i in members if i < SYNTHETIC_ID_BASE}
+        if have != want:
+            extra, missing = sorted(have - want), sorted(want - have)
+            problems.append(f"slice {s + 1} is not the from-scratch assignment (extra: {_fmt(extra)}; "
+                            f"missing: {_fmt(missing)})")
+        wrong = sorted(i for i in members if i >= SYNTHETIC_ID_BASE
+                       and derived_seed(settings.seed, node.shard, 91, i) % settings.slices != s)
+        if wrong:
+            problems.append(f"synthetic id(s) in slice {s + 1} belong to another slice: {_fmt(wrong)}")
+    unknown = sorted(set(live) - pool)
+    if unknown:
+        problems.append(f"live id(s) with no sample in the node's data: {_fmt(unknown)}")
+    return problems
+
+
+# ---------------------------------------------------------------------- replay
+def replay_hash(node: NodeState, settings: SisaSettings) -> str:
+    """Train the shard from scratch in a temporary folder, on the index's live slices, through the
+    stages the index has trained; the model's hash."""
+    live = sorted(i for sl in node.index["slices"] for i in sl)
+    data = node.pool.select_ids(live)
+    with tempfile.TemporaryDirectory(prefix=f"fairforget-verify-{node.shard}-") as tmp:
+        shard = SisaShard(Path(tmp), node.shard, data, settings, slices=node.index["slices"])
+        shard.train_through(node.index["trained"])
+        return shard.model_hash()
+
+
+def verify_shard(node: NodeState, settings: SisaSettings | None, ledger: list[dict[str, Any]],
+                 tombstoned: set[int] | None = None) -> ShardVerdict:
+    """Verify one shard (``settings`` None: its training cannot be replayed, DP secure mode;
+    ``ledger``: the run's ledger entries; ``tombstoned``: the ids the data's owner deleted,
+    :mod:`fairforget.tombstones`)."""
+    index = node.index
+    lines = ledger_lines(ledger, node.shard)
+    last = lines[-1] if lines else None
+    verdict = ShardVerdict(
+        shard=node.shard, status=MISMATCH, served_hash=node.served_hash,
+        ledger_hash=str(last["hash_after"]) if last else None,
+        ledger_request=int(last["request"]) if last and "request" in last else None,
+        index_version=index["version"], trained_stages=index["trained"],
+        live=sum(len(sl) for sl in index["slices"]), deleted=len(index["deleted"]),
+        ledger_fields={k: last[k] for k in ("seed", "index_version", "code_version") if last and k in last},
+    )
+    if node.approx_meta is not None:
+        verdict.status = APPROXIMATE
+        verdict.note = (f"no exactness receipt (served by {node.approx_meta.get('method', '?')}; "
+                        "an exact retrain, forget --method exact-sisa, makes it verifiable)")
+        return verdict
+    if settings is None:
+        verdict.status = NOT_REPLAYABLE
+        verdict.note = "DP-SGD with dp-secure-mode: cryptographic noise cannot be replayed"
+        return verdict
+    ledger_deleted = {int(i) for e in lines for i in e.get("ids", [])}
+    verdict.problems = index_problems(node, settings, ledger_deleted, set(tombstoned or ()))
+    if "seed" in verdict.ledger_fields and int(verdict.ledger_fields["seed"]) != settings.seed:
+        verdict.problems.append(f"the ledger's seed {verdict.ledger_fields['seed']} is not the run's {settings.seed}")
+    t0 = time.perf_counter()
+    if not any(p.startswith("live id(s) with no sample") for p in verdict.problems):
+        try:
+            verdict.replay_hash = replay_hash(node, settings)
+        except SisaError as exc:  # e.g. a DP replay refused by the epsilon cap
+            verdict.problems.append(f"replay failed: {exc}")
+    verdict.seconds = time.perf_counter() - t0
+    if verdict.replay_hash is not None and verdict.replay_hash != node.served_hash:
+        verdict.problems.append(f"the served model {node.served_hash} is not the replay {verdict.replay_hash}")
+    if verdict.ledger_hash is not None and verdict.ledger_hash != node.served_hash:
+        verdict.problems.append(f"the served model {node.served_hash} is not the ledger's receipt "
+                                f"{verdict.ledger_hash} (request {verdict.ledger_request})")
+    if not verdict.problems and verdict.replay_hash is not None:
+        verdict.status = MATCH
+    return verdict
+
+
+def verify_run(run_dir: Path, cfg: Any, shards: list[int]) -> list[ShardVerdict]:
+    """Verify ``shards`` of the run in ``run_dir`` (config ``cfg``). Every input is read and checked
+    before the first replay, so bad input raises :class:`VerifyError` having spent nothing."""
+    bundle = load_dataset(cfg)
+    parts = shard_of(cfg, bundle)
+    bad = [k for k in shards if not 0 <= k < len(parts)]
+    if bad:
+        raise VerifyError(f"no shard {bad[0]}: the run has shards 0-{len(parts) - 1}")
+    nodes = [read_node(run_dir, cfg, parts[k], k) for k in shards]
+    secure = bool(cfg.dp and cfg.dp_secure_mode)
+    settings = None if secure else SisaSettings.from_config(cfg, bundle.num_classes, bundle.num_private)
+    try:
+        ledger = Ledger(Path(run_dir) / "ledger.jsonl").entries()
+        tombstoned = Tombstones.of_run(run_dir).ids()
+    except ValueError as exc:  # a broken ledger or tombstone line: one line, as the ledger words it
+        raise VerifyError(str(exc)) from None
+    return [verify_shard(node, settings, ledger, tombstoned) for node in nodes]
+
+
+# ---------------------------------------------------------------------- verify.json
+def write_verification(run_dir: Path, verdicts: list[ShardVerdict]) -> dict[str, Any]:
+    """Merge ``verdicts`` into ``OUT/verify.json`` (the last verification of each shard), atomically."""
+    path = Path(run_dir) / VERIFY_FILE
+    record = read_verification(run_dir) or {"shards": {}}
+    stamp = datetime.now(UTC).isoformat(timespec="seconds")
+    for v in verdicts:
+        record["shards"][str(v.shard)] = {"time": stamp, "code_version": __version__, **v.to_dict()}
+    record["shards"] = dict(sorted(record["shards"].items(), key=lambda kv: int(kv[0])))
+    record["last"] = {"time": stamp, "shards": [v.shard for v in verdicts], "ok": all(v.ok for v in verdicts)}
+    atomic_write_json(path, record)
+    return record
+
+
+def read_verification(run_dir: Path) -> dict[str, Any] | None:
+    """``OUT/verify.json``, or None when there is none (or it is not one: it is derived, and is redone)."""
+    path = Path(run_dir) / VERIFY_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = read_json(path)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("shards"), dict) else None
+
+
+def _fmt(ids: list[int], limit: int = 10) -> str:
+    text = ", ".join(map(str, ids[:limit])) or "none"
+    return text + (f" (+{len(ids) - limit} more)" if len(ids) > limit else "")
+
+
+__all__ = ["APPROXIMATE", "MATCH", "MISMATCH", "NOT_REPLAYABLE", "ShardVerdict", "VerifyError", "read_node",
+           "read_verification", "verify_run", "verify_shard", "write_verification"]
