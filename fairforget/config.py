@@ -129,14 +129,14 @@ class RunConfig:
     ddim_eta: float
     guidance_scale: float
     classifier_guidance: float
+    diffusion_group_reweight: float
+    augment_filter: str
+    augment_filter_max_draws: int
     client_cpus: int
     client_gpus: float
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    diffusion_group_reweight: float
-    augment_filter: str
-    augment_filter_max_draws: int
     def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:
         """Build from a complete kebab-case mapping (Flower's ``context.run_config``)."""
         known = {f.name: f for f in fields(cls)}
@@ -238,6 +238,9 @@ class RunConfig:
             ("ddim-eta", 0.0 <= self.ddim_eta <= 1.0, "in [0, 1]"),
             ("guidance-scale", self.guidance_scale >= 0.0, ">= 0"),
             ("classifier-guidance", self.classifier_guidance >= 0.0, ">= 0"),
+            ("diffusion-group-reweight", 0.0 <= self.diffusion_group_reweight <= 2.0, "in [0, 2]"),
+            ("augment-filter", bool(self.augment_filter.strip()), "none or an objective name"),
+            ("augment-filter-max-draws", 1 <= self.augment_filter_max_draws <= 100, "in [1, 100]"),
             ("client-cpus", self.client_cpus >= 1, ">= 1"),
             ("client-gpus", 0.0 <= self.client_gpus <= 8.0, "in [0, 8]"),
         ]
@@ -247,10 +250,10 @@ class RunConfig:
         if self.heldout_fraction + self.test_fraction >= 0.8:
             raise ConfigError("heldout-fraction + test-fraction must leave at least 20% for training")
         parse_ids(self.forget_ids)
+        if self.dp and self.augment and self.diffusion_group_reweight > 0:
+            raise ConfigError("config key 'diffusion-group-reweight' must be 0 with dp = true (reweighting changes "
+                              "each sample's sampling rate, which the accountant does not model)")
         if self.augment and self.strategy != "shard-ensemble":
-            ("diffusion-group-reweight", 0.0 <= self.diffusion_group_reweight <= 2.0, "in [0, 2]"),
-            ("augment-filter", bool(self.augment_filter.strip()), "none or an objective name"),
-            ("augment-filter-max-draws", 1 <= self.augment_filter_max_draws <= 100, "in [1, 100]"),
             raise ConfigError(f"config key 'augment' = true needs strategy = \"shard-ensemble\" (SISA shards to "
                               f"unlearn from), not {self.strategy!r}")
 
@@ -260,9 +263,6 @@ class RunConfig:
 
     def torch_device(self) -> str:
         """``auto`` resolves to ``cuda`` when a GPU is visible, else ``cpu``."""
-        if self.dp and self.augment and self.diffusion_group_reweight > 0:
-            raise ConfigError("config key 'diffusion-group-reweight' must be 0 with dp = true (reweighting changes "
-                              "each sample's sampling rate, which the accountant does not model)")
         if self.device != "auto":
             return self.device
         import torch
