@@ -17,8 +17,8 @@ demo: $(VENV)/.installed  ## train a 4-shard SISA ensemble on Biased-Digits via 
 	$(BIN)/fairforget forget --run $(OUT) --ids 17,42,5
 	@echo "report: $(OUT)/report.md"
 
-test: $(VENV)/.installed  ## unit tests + one end-to-end Flower simulation
-	$(BIN)/python -m pytest -q
+test: $(VENV)/.installed  ## unit tests + end-to-end Flower runs, on 2 workers (the Flower runs one after another)
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
 bench: $(VENV)/.installed  ## unlearning speed-ups and Flower engine overhead (prints figures)
 	$(BIN)/python simulations/benchmark.py

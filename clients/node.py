@@ -86,8 +86,8 @@ class Node:
         unfinished = sorted(shard.live_ids() & tomb)
         if self.augment_store.active:  # also originals only the generator still holds (retired ones)
             store = self.augment_store
-            held = shard.live_ids() | store.retired | set(store.state["generator_trained_on"])
-            unfinished = sorted((tomb - store.deleted) & held)
+            held = store.retired | set(store.state["generator_trained_on"])
+            unfinished = sorted((shard.live_ids() & tomb) | ((tomb - store.deleted) & held))
             if unfinished:
                 self.augmenter.forget(unfinished)
             self.augmenter.resume()

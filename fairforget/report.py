@@ -341,6 +341,12 @@ def write_report(run_dir: Path) -> Path:
             lines.append(f"| {e['request']} | {e['shard']} | {len(e.get('ids', []))} | {e.get('method', '')} | "
                          f"{e.get('decision', '')} | {cap} | {e.get('restart_stage', '')} | {secs} | "
                          f"`{e.get('hash_before', '')}` | `{e.get('hash_after', '')}` |")
+    pending = Ledger(run_dir / "ledger.jsonl").pending()
+    if pending:
+        unfinished = "; ".join(f"request {r} at shard(s) {', '.join(map(str, sorted(sh)))}"
+                               for r, sh in sorted(pending.items()))
+        lines += ["", "**Unfinished deletions** (an intent without a completion line: a crash or a failed node; "
+                  f"`fairforget forget --run DIR --resume` finishes them): {unfinished}"]
     verification = read_verification(run_dir)
     if verification:
         lines += ["", "## Verification (deletion receipts)", "", *_verification_lines(verification, metrics)]

@@ -10,7 +10,9 @@ command line and the simulations; it knows nothing of Flower.
     OUT/calibration.json how the DP noise multiplier was chosen (dp = true)
     OUT/report.md        the report, with PNG plots beside it
     OUT/models/shard-K.pt  the server's copy of each constituent model
-    OUT/status.json      how the last Flower run in this folder ended
+    OUT/status.json      how the last Flower run in this folder ended (deletions done, pending)
+    OUT/tombstones.jsonl the run's deleted ids, honoured by every loader (fairforget/tombstones.py)
+    OUT/.lock            held by the command writing the folder (fairforget/locks.py)
     OUT/nodes/shard-K/   node-local SISA state (simulation only; a site keeps its own)
 """
 
@@ -105,10 +107,11 @@ class RunDir:
     def write_metrics(self, metrics: dict[str, Any]) -> None:
         atomic_write_json(self.metrics_path, metrics)
 
-    def write_status(self, mode: str, ok: bool, error: str = "") -> None:
+    def write_status(self, mode: str, ok: bool, error: str = "", **details: Any) -> None:
+        """How the last Flower run ended; ``details``: e.g. the deletions it completed and those pending."""
         atomic_write_json(self.status_path, {
             "mode": mode, "ok": ok, "error": error,
-            "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+            "finished": datetime.now(UTC).isoformat(timespec="seconds"), **details,
         })
 
     def status(self) -> dict[str, Any] | None:

@@ -19,6 +19,7 @@ from fairforget.audit import AuditError
 from fairforget.audit.suite import check_audit_config, run_audit
 from fairforget.config import ConfigError, RunConfig, parse_ids, parse_set, read_toml, resolve
 from fairforget.data import DatasetError, load_dataset, shard_of
+from fairforget.ledger import LedgerError
 from fairforget.locks import LockBusy, check_free, locked
 from fairforget.privacy.reporting import calibrate
 from fairforget.report import write_report
@@ -121,6 +122,9 @@ def _replace_run(out: Path) -> None:
     old = Tombstones.of_run(out).path
     if old.is_file():
         atomic_write_bytes(Tombstones.of_run(fresh).path, old.read_bytes())
+    unfinished = RunDir(out).ledger.pending_ids()  # deletions decided but not finished: deleted all the same
+    if unfinished:
+        Tombstones.of_run(fresh).add(unfinished)
     replace_dir(fresh, out)
 
 
@@ -208,6 +212,8 @@ def _print_violations(privacy: dict) -> bool:
 def cmd_forget(args: argparse.Namespace) -> int:
     run = RunDir(Path(args.run).expanduser().resolve())
     run.require_finished()
+    check_free(run.path, "forget")  # another command writing the run: one line now, not after Flower starts
+    pending = run.ledger.pending()  # validates the ledger (a torn last line is an unfinished intent)
     sets = parse_set(args.set or [])
     fixed = sorted(k for k in sets if k in FIXED_CAPACITY_KEYS)
     if fixed:
@@ -232,8 +238,18 @@ def cmd_forget(args: argparse.Namespace) -> int:
     else:
         text = args.ids or ""
     ids = parse_ids(text)
-    if not ids:
+    if not ids and not args.resume:
         raise UserError("no sample ids given (--ids 3,17,42 or --ids-file FILE)")
+    if not ids and not pending:
+        print(f"fairforget: {run.path} has no unfinished deletion; nothing to resume")
+        return 0
+    waiting = sorted(set(ids) & run.ledger.pending_ids())
+    if waiting:
+        raise UserError(f"sample id(s) {', '.join(map(str, waiting))} belong to an unfinished deletion; run "
+                        f"`fairforget forget --run {run.path} --resume` to finish it")
+    for request_no, shards in sorted(pending.items()):
+        print(f"fairforget: request {request_no} is unfinished at shard(s) {', '.join(map(str, sorted(shards)))} "
+              "(a crash or a failed node); finishing it first", flush=True)
     run.load_budget(build_strategy(cfg, load_dataset(cfg).num_classes).budget)  # a broken budget.json: one line
     owner = _owners(cfg)
     already = sorted(set(ids) & run.ledger.deleted_ids())
@@ -245,16 +261,22 @@ def cmd_forget(args: argparse.Namespace) -> int:
         raise UserError(f"unknown sample id(s) (not a training member of this run): {shown}")
     before = {s["shard"]: s for s in run.metrics()["shards"]}
     shards = sorted({owner[i] for i in ids})
-    print(f"fairforget: forgetting {len(ids)} sample(s) owned by shard(s) {', '.join(map(str, shards))}", flush=True)
+    if ids:
+        print(f"fairforget: forgetting {len(ids)} sample(s) owned by shard(s) {', '.join(map(str, shards))}",
+              flush=True)
+    first = run.ledger.next_request()
     run_flower(cfg.replace(mode="forget", forget_ids=",".join(map(str, ids))), quiet=args.quiet)
     metrics = run.metrics()
     last = metrics["unlearning"][-1]
-    for entry in [e for e in run.ledger.entries() if e["request"] == last["request"]]:
+    finished = sorted(set(pending) | set(range(first, run.ledger.next_request())))
+    for entry in [e for e in run.ledger.entries() if e["request"] in finished]:
         how = (f"approximately ({entry['method']})" if entry.get("decision") == "approximate" else
                f"retrained from stage {entry['restart_stage']}"
                + (" (budget spent: exact fallback)" if entry.get("decision") == "exact-fallback" else ""))
-        print(f"shard {entry['shard']}: {len(entry['ids'])} id(s), {how} in {entry['seconds']:.2f}s; "
-              f"model {entry['hash_before']} -> {entry['hash_after']}")
+        if entry.get("resumed"):
+            how = "finished after a crash (the node had committed it)"
+        print(f"request {entry['request']}, shard {entry['shard']}: {len(entry['ids'])} id(s), {how} in "
+              f"{entry['seconds']:.2f}s; model {entry['hash_before'] or '?'} -> {entry['hash_after']}")
         if "capacity_before" in entry:
             print(f"shard {entry['shard']}: deletion capacity {entry['capacity_before']} -> {entry['capacity_after']} "
                   f"of {entry['capacity']} left")
@@ -286,11 +308,21 @@ def cmd_audit(args: argparse.Namespace) -> int:
     if other:
         raise UserError(f"audit --set takes only {', '.join(AUDIT_KEYS)}, got {', '.join(other)}")
     cfg = resolve(run.config().to_mapping(), sets).replace(out_dir=str(run.path), audit=True)
+    if run.ledger.pending():  # models of an unfinished deletion may still hold its ids: finish it first
+        check_free(run.path, "audit")
+        print("fairforget: the run has an unfinished deletion; finishing it first", flush=True)
+        run_flower(cfg.replace(mode="forget", forget_ids=""), quiet=True)
+    with locked(run.path, "audit"):
+        return _audit(run, cfg)
+
+
+def _audit(run: RunDir, cfg: RunConfig) -> int:
     bundle = load_dataset(cfg)
     states = run.load_models()
     print(f"fairforget: auditing {len(states)} model(s) of {run.path}", flush=True)
     metrics = run.metrics()
-    privacy = run_audit(run, cfg, bundle, states, deleted=run.ledger.unlearned_ids(), dp=metrics.get("dp"))
+    deleted = run.ledger.unlearned_ids() | Tombstones.of_run(run.path).ids()
+    privacy = run_audit(run, cfg, bundle, states, deleted=deleted, dp=metrics.get("dp"))
     if "sites" in metrics.get("privacy", {}):  # site audits need the federation: keep the last ones
         privacy["sites"] = metrics["privacy"]["sites"]
     metrics["privacy"] = privacy
@@ -351,6 +383,21 @@ def _owners(cfg) -> dict[int, int]:
     return {int(i): k for k, shard in enumerate(shard_of(cfg, bundle)) for i in shard.ids.tolist()}
 
 
+# ---------------------------------------------------------------------- compare
+def cmd_compare(args: argparse.Namespace) -> int:
+    from fairforget.compare import CompareError, write
+
+    out = Path(args.out)
+    if out.suffix in (".md", ".png"):
+        out = out.with_suffix("")
+    try:
+        md, png, rows = write([Path(r) for r in args.runs], out)
+    except CompareError as exc:
+        raise UserError(str(exc)) from None
+    print(f"compared {len(rows)} runs: {md} and {png}")
+    return 0
+
+
 # ---------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -380,6 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fg.add_argument("--run", metavar="DIR", required=True, help="the folder of a finished `simulate` run")
     ids = fg.add_mutually_exclusive_group(required=True)
+    ids.add_argument("--resume", action="store_true",
+                     help="finish the deletions a crash or a failed node left unfinished (the ledger's intents "
+                          "without a completion line), and nothing else; `forget --ids` does this first too")
     ids.add_argument("--ids", metavar="ID,ID,...", help="comma-separated sample ids, e.g. 3,17,42")
     ids.add_argument("--ids-file", metavar="FILE", help="a file of sample ids, separated by commas or newlines")
     fg.add_argument("--method", metavar="NAME",
@@ -429,6 +479,18 @@ def build_parser() -> argparse.ArgumentParser:
     ve.add_argument("--run", metavar="DIR", required=True, help="the folder of a finished `simulate` run")
     ve.add_argument("--shard", type=int, metavar="K", help="verify only shard K (default: every shard)")
     ve.set_defaults(func=cmd_verify)
+
+    co = sub.add_parser(
+        "compare", help="one table and one plot across finished runs",
+        description="Read each run folder's config.toml and metrics.json and write OUT.md (a table: objective, "
+                    "rho, strategy, augmentation, biased and unbiased accuracy, worst (class, private) group, the "
+                    "private-attribute probe's accuracy, the strongest membership attack's AUC, seconds) and OUT.png "
+                    "(probe accuracy against unbiased accuracy, and the figures per run).",
+    )
+    co.add_argument("runs", nargs="+", metavar="RUN_DIR", help="folders of finished runs")
+    co.add_argument("--out", metavar="OUT", default="runs/compare",
+                    help="output prefix: writes OUT.md and OUT.png (default runs/compare)")
+    co.set_defaults(func=cmd_compare)
     return parser
 
 
@@ -437,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
-    except (UserError, ConfigError, DatasetError, RunDirError, AuditError) as exc:
+    except (UserError, ConfigError, DatasetError, RunDirError, AuditError, LedgerError, LockBusy) as exc:
         print(f"fairforget: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except FlowerRunError as exc:

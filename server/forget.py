@@ -110,7 +110,8 @@ def run_forget(grid: Grid, cfg: RunConfig) -> None:
     _finish(run, cfg, bundle, grid, strategy, metrics, before, ids)
     if failed:
         raise ForgetError(failed)
-    log(INFO, "fairforget: forgot %d sample(s) from shard(s) %s", len(ids), sorted(strategy.planned()))
+    shards = sorted({int(e["shard"]) for e in run.ledger.entries() if e["request"] == request_no})
+    log(INFO, "fairforget: forgot %d sample(s) from shard(s) %s", len(ids), shards)
 
 
 def nodes_table(replies: list[Message]) -> tuple[dict[int, int], dict[int, int], dict[int, float]]:

@@ -3,6 +3,7 @@ ClientApp handlers, so strategies and drivers are tested without Ray or a networ
 
 from __future__ import annotations
 
+import traceback
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,20 @@ TINY = {
     "num-shards": 2, "slices": 2, "epochs-per-slice": 1, "model-width": 4, "image-size": 8,
     "batch-size": 64, "rounds": 2, "local-epochs": 1, "device": "cpu", "audit-bootstrap": 50,
 }
+
+
+# Files whose module-scoped fixtures train something: each runs whole on one xdist worker (so the
+# fixture is built once); the end-to-end Flower runs share one local SuperLink and run one at a time.
+GROUPED_FILES = ("test_audit", "test_augment", "test_crash_safety", "test_dp_run", "test_training", "test_unlearners")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``make test`` runs ``pytest -n 2 --dist loadgroup``: tests of a group stay on one worker."""
+    for item in items:
+        if item.get_closest_marker("e2e"):
+            item.add_marker(pytest.mark.xdist_group("flower"))
+        elif item.module is not None and item.module.__name__.rsplit(".", 1)[-1] in GROUPED_FILES:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
 
 @pytest.fixture(autouse=True)
@@ -71,6 +86,7 @@ class InProcessGrid(Grid):
                 content = self.HANDLERS[msg.metadata.message_type](msg.content, self.node(msg.metadata.dst_node_id))
                 reply = Message(content, reply_to=msg)
             except Exception as exc:  # noqa: BLE001 - mirrors Flower's error replies
+                traceback.print_exc()  # shown with a failing test's captured output
                 reply = Message(Error(code=1, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
             replies.append(reply)
         return replies

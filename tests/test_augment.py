@@ -222,6 +222,47 @@ def test_deleting_an_original_invalidates_generator_and_its_samples(augmented_ru
         run_forget(grid, cfg.replace(mode="forget", forget_ids=str(retired_victim)))
 
 
+def test_a_crash_inside_an_augmented_forget_is_finished_on_restart(augmented_run, grid_for, tmp_path, monkeypatch):
+    """Crash after the augmentation state recorded the deletion and the invalid generator, before the
+    SISA index or the generator changed: the restart removes the generator, its samples and its grids,
+    regenerates without the deleted original, retrains, and records the completion."""
+    from fairforget.sisa import SisaShard
+
+    cfg = _copy(augmented_run, tmp_path)
+    grid = grid_for(cfg)
+    node = grid.node(101)
+    old_synth = set(node.augment_store.synthetic((3, 8, 8))[0].ids.tolist())
+    grids = node.augment_store.grids_dir / "overview.png"
+    old_grid = grids.read_bytes()
+    victim = sorted(i for i in node.sisa.live_ids() if i < SYNTHETIC_ID_BASE)[0]
+
+    def crash(self, *a, **k):
+        raise RuntimeError("injected crash")
+
+    monkeypatch.setattr(SisaShard, "remove", crash)
+    with pytest.raises(ForgetError, match="did not finish"):
+        run_forget(grid, cfg.replace(mode="forget", forget_ids=str(victim)))
+    monkeypatch.undo()
+    state = json.loads((node.augment_store.state_path).read_text())
+    assert state["invalidated"] and not state["generator_valid"] and victim in state["deleted"]
+    run_forget(grid, cfg.replace(mode="forget", forget_ids=""))  # the restart reconciles
+
+    node = grid.node(101)
+    store = node.augment_store
+    synth, versions = store.synthetic((3, 8, 8))
+    assert "invalidated" not in store.state and store.state["generator_valid"]
+    assert store.state["generator_version"] == 2 and victim not in store.state["generator_trained_on"]
+    assert not (old_synth & node.sisa.live_ids()) and not (old_synth & set(synth.ids.tolist()))
+    assert (versions == 2).all() and grids.read_bytes() != old_grid  # grids redrawn by the new generator
+    for path in (Path(node.state_dir) / "checkpoints").glob("stage-*.pt"):
+        ckpt_ids = set(torch.load(path, weights_only=True)["ids"].tolist())
+        assert victim not in ckpt_ids and not (old_synth & ckpt_ids)
+    from fairforget.ledger import Ledger
+
+    lg = Ledger(Path(cfg.out_dir) / "ledger.jsonl")
+    assert lg.pending() == {} and lg.entries()[-1]["resumed"] is True
+
+
 def test_group_without_real_samples_is_a_clear_error(tiny_cfg, grid_for):
     # class 9 removed from the training data: the generator cannot learn it
     cfg = tiny_cfg()

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from fairforget.config import APP_DIR
-from fairforget.storage import read_json, read_jsonl
+from fairforget.ledger import Ledger
+from fairforget.storage import read_json
 
 pytestmark = pytest.mark.e2e
 
@@ -89,7 +90,8 @@ def test_train_and_forget_on_separate_supernodes(federation):
 
     forget = _flwr_run(env, RUN.format(out=out) + f' mode="forget" forget-ids="{victim}"')
     assert read_json(out / "status.json")["ok"], forget.stdout[-3000:] + forget.stderr[-3000:]
-    assert [(e["shard"], e["ids"]) for e in read_jsonl(out / "ledger.jsonl")] == [(1, [victim])]
+    assert [(e["shard"], e["ids"]) for e in Ledger(out / "ledger.jsonl").entries()] == [(1, [victim])]
+    assert read_json(out / "status.json")["deleted"] == {"1": {"1": [victim]}}
     assert victim in read_json(tmp / "site1" / "index.json")["deleted"]
     assert read_json(tmp / "site0" / "index.json")["deleted"] == []
     # each SuperNode audited the ensemble on its own data and sent back ROC statistics only

@@ -45,7 +45,8 @@ def test_simulate_then_forget_through_flower(tmp_path):
     assert (out / "models" / "shard-0.pt").read_bytes() == model0
 
     ledger = read_jsonl(out / "ledger.jsonl")
-    assert [(e["shard"], e["ids"]) for e in ledger] == [(1, sorted(victims))]
+    assert [(e["phase"], e.get("shard"), e["ids"]) for e in ledger] == [("intent", None, sorted(victims)),
+                                                                         ("done", 1, sorted(victims))]
     assert run.metrics()["unlearning"][0]["ids"] == sorted(victims)
 
     # exactness through the Flower path: the unlearned constituent equals a from-scratch SISA model
