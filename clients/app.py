@@ -57,6 +57,16 @@ def audit(msg: Message, context: Context) -> Message:
     return Message(handlers.audit(msg.content, _node(context)), reply_to=msg)
 
 
+@app.query("identify")
+def identify(msg: Message, context: Context) -> Message:
+    return Message(handlers.identify(msg.content, _node(context)), reply_to=msg)
+
+
+@app.query("evaluate")
+def evaluate(msg: Message, context: Context) -> Message:
+    return Message(handlers.evaluate(msg.content, _node(context)), reply_to=msg)
+
+
 @app.query("describe")
 def describe(msg: Message, context: Context) -> Message:
     return Message(handlers.describe(msg.content, _node(context)), reply_to=msg)

@@ -43,11 +43,24 @@ class Node:
     bundle: DataBundle
     data: SampleSet  # the node's originals, tombstoned ones left out
     tombstones: Tombstones
+    site: str = ""  # the site's name (node-config key site; default site-<partition-id>)
+    server_has_data: bool = True  # False: a deployment whose server keeps no patient data
 
     @classmethod
     def from_context(cls, run_config: dict[str, Any], node_config: dict[str, Any]) -> Node:
         cfg = RunConfig.from_mapping(run_config)
-        shard = int(node_config.get(keys.NODE_PARTITION_ID, 0))
+        server_has_data = cfg.server_has_data
+        if keys.NODE_PARTITION_ID not in node_config:
+            raise ValueError("this node's config has no partition-id (its shard): start the SuperNode with "
+                             '--node-config "partition-id=K site=\"NAME\" data-root=... state-dir=..."')
+        shard = int(node_config[keys.NODE_PARTITION_ID])
+        site = str(node_config.get(keys.NODE_SITE) or f"site-{shard}")
+        if not server_has_data and not node_config.get(keys.NODE_DATA_ROOT):
+            raise ValueError(f"site {site!r}: the run keeps no data on the server, so this node needs data-root "
+                             "(its own image folder) in its node config")
+        if node_config.get(keys.NODE_DATA_ROOT) and not node_config.get(keys.NODE_STATE_DIR):
+            raise ValueError(f"site {site!r}: a node with its own data-root needs state-dir (where its shard's "
+                             "checkpoints live) in its node config")
         if node_config.get(keys.NODE_DATA_ROOT):
             cfg = cfg.replace(data_root=str(node_config[keys.NODE_DATA_ROOT]))
             bundle = load_dataset(cfg)
@@ -67,7 +80,7 @@ class Node:
             data = data.subset([i for i, sid in enumerate(data.ids.tolist()) if sid not in gone])
         default_dir = Path(cfg.out_dir) / "nodes" / f"shard-{shard}"
         state_dir = Path(str(node_config.get(keys.NODE_STATE_DIR) or default_dir))
-        return cls(cfg, shard, state_dir, bundle, data, tombstones)
+        return cls(cfg, shard, state_dir, bundle, data, tombstones, site, server_has_data)
 
     # ------------------------------------------------------------------ crash safety
     @contextmanager

@@ -34,6 +34,7 @@ CAPACITY_POLICIES = ("retrain", "refuse")
 DP_CALIBRATIONS = ("none", "epsilon", "attack-risk")
 DP_ACCOUNTANTS = ("prv", "rdp", "gdp")
 DP_FEDAVG_CLIPPINGS = ("server", "client")  # strategies/fedavg_dp.py: where an update is clipped
+SITE_AUDIT_SCOPES = ("shard", "ensemble")  # fairforget/audit/site.py: what a site audits
 
 
 class ConfigError(ValueError):
@@ -57,6 +58,8 @@ class RunConfig:
     mode: str
     out_dir: str
     forget_ids: str
+    forget_site: str
+    forget_records: str
     seed: int
     dataset: str
     data_root: str
@@ -70,6 +73,8 @@ class RunConfig:
     celeba_private: str
     num_shards: int
     partition: str
+    reply_timeout: float
+    min_shards: int
     strategy: str
     ensemble_vote: str
     rounds: int
@@ -104,6 +109,7 @@ class RunConfig:
     audit_attacks: str
     audit_references: int
     audit_bootstrap: int
+    site_audit_scope: str
     unlearn_method: str
     unlearn_epochs: int
     unlearn_lr: float
@@ -190,6 +196,10 @@ class RunConfig:
             ("image-size", 8 <= self.image_size <= 64, "in [8, 64]"),
             ("max-samples", self.max_samples >= 0, ">= 0"),
             ("num-shards", 1 <= self.num_shards <= 64, "in [1, 64]"),
+            ("reply-timeout", self.reply_timeout > 0, "> 0 seconds"),
+            ("min-shards", 0 <= self.min_shards <= self.num_shards, "in [0, num-shards]"),
+            ("forget-records", not self.forget_records.strip() or bool(self.forget_site.strip()),
+             "given with forget-site (the site whose record ids they are)"),
             ("rounds", self.rounds >= 1, ">= 1"),
             ("local-epochs", self.local_epochs >= 1, ">= 1"),
             ("slices", 1 <= self.slices <= 64, "in [1, 64]"),
@@ -214,6 +224,7 @@ class RunConfig:
              f"one of {', '.join(DP_FEDAVG_CLIPPINGS)}"),
             ("audit-references", 0 <= self.audit_references <= 64, "in [0, 64]"),
             ("audit-bootstrap", 0 <= self.audit_bootstrap <= 10_000, "in [0, 10000]"),
+            ("site-audit-scope", self.site_audit_scope in SITE_AUDIT_SCOPES, f"one of {', '.join(SITE_AUDIT_SCOPES)}"),
             ("unlearn-epochs", self.unlearn_epochs >= 1, ">= 1"),
             ("unlearn-lr", self.unlearn_lr > 0.0, "> 0"),
             ("newton-lambda", self.newton_lambda > 0.0, "> 0 (the head's loss must be strongly convex)"),
@@ -260,6 +271,18 @@ class RunConfig:
     @property
     def out_path(self) -> Path:
         return Path(self.out_dir)
+
+    @property
+    def required_shards(self) -> int:
+        """Shards that must reply for a round to count (``min-shards``; 0 = all of them)."""
+        return self.min_shards or self.num_shards
+
+    @property
+    def server_has_data(self) -> bool:
+        """Whether the ServerApp can load the data itself: the embedded data, or a real loader with a
+        ``data-root`` on the server. Without it (sites with their own data), evaluation and audits
+        run at the sites and the server keeps no patient data."""
+        return self.dataset == "biased-digits" or bool(self.data_root.strip())
 
     def torch_device(self) -> str:
         """``auto`` resolves to ``cuda`` when a GPU is visible, else ``cpu``."""

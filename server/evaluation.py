@@ -1,14 +1,18 @@
-"""Server-side evaluation of the ensemble on the biased and the unbiased test sets."""
+"""Evaluation of the ensemble on the biased and the unbiased test sets: on the server when it has the
+data (:func:`evaluate_states`), else at the sites (:func:`evaluate_at_sites`), each site scoring its own
+shard model on its own test split and returning accuracies only."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
+from fairforget import keys
 from fairforget.config import RunConfig
 from fairforget.data import DataBundle
 from fairforget.ensemble import Ensemble
@@ -60,3 +64,33 @@ class RoundEvaluator:
         }
         self.history.append(row)
         return MetricRecord({k: float(v) for k, v in row.items() if k != "round"})
+
+
+def evaluate_at_sites(grid: Any, cfg: RunConfig) -> dict[str, Any]:
+    """``query.evaluate`` to every bound site: each scores its own shard model on its own test split.
+    The same shape as :func:`evaluate_states`: accuracy pooled over the sites' test samples, each
+    group's accuracy the mean over the sites that have the group, the worst of those, and each shard's
+    own accuracy. No weights travel to the sites, no counts per group come back."""
+    messages = [Message(RecordDict({keys.CONFIG: ConfigRecord({})}), dst_node_id=n, message_type=keys.MSG_EVALUATE)
+                for n in grid.bound_nodes()]
+    sites = {}
+    for reply in grid.send_and_receive(messages):
+        if not reply.has_error():
+            shard = int(reply.content[keys.METRICS][keys.SHARD])
+            sites[shard] = json.loads(str(reply.content[keys.CONFIG][keys.EVAL_JSON]))
+    out: dict[str, Any] = {}
+    for name in ("biased", "unbiased"):
+        rows = {k: v[name] for k, v in sites.items()}
+        n = sum(r["n"] for r in rows.values())
+        acc = sum(r["accuracy"] * r["n"] for r in rows.values()) / n if n else float("nan")
+        pooled: dict[tuple[int, int], list[float]] = {}
+        for r in rows.values():
+            for g in r["groups"]:
+                pooled.setdefault((g["class"], g["private"]), []).append(g["accuracy"])
+        groups = [{"class": c, "private": a, "accuracy": float(np.mean(v)), "sites": len(v)}
+                  for (c, a), v in sorted(pooled.items())]
+        worst = min(groups, key=lambda g: g["accuracy"]) if groups else {"accuracy": float("nan")}
+        out[name] = {"accuracy": acc, "n": n, "worst_group": worst, "groups": groups,
+                     "per_model_accuracy": {k: r["accuracy"] for k, r in rows.items()},
+                     "scope": "each site's own shard model on its own test split"}
+    return out

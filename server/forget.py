@@ -29,21 +29,22 @@ import time
 from logging import INFO, WARNING
 from typing import Any
 
-from flwr.app import Message
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from fairforget import keys, ledger
-from fairforget.audit.suite import check_audit_config, headline, run_audit, unlearning_audit
+from fairforget.audit.suite import check_audit_config, headline, unlearning_audit
 from fairforget.capacity import BudgetExceeded
 from fairforget.config import RunConfig, parse_ids
 from fairforget.data import load_dataset
 from fairforget.report import write_report
 from fairforget.run import RunDir
 from fairforget.tombstones import Tombstones
-from server.audit import site_audits
-from server.evaluation import evaluate_states
+from server.audit import federated_audit
+from server.evaluation import evaluate_at_sites, evaluate_states
 from server.experiment import dp_metrics, evaluation_summary
+from server.grid import site_grid
 from strategies import build_strategy
 from strategies.shard_ensemble import UnlearnOutcome
 
@@ -58,24 +59,35 @@ class ForgetError(ValueError):
 def run_forget(grid: Grid, cfg: RunConfig) -> None:
     run = RunDir(cfg.out_path)
     run.require_finished()
+    grid = site_grid(grid, cfg)  # the node binding, reply timeouts, the wire log
     ids = parse_ids(cfg.forget_ids)
+    records = [r.strip() for r in cfg.forget_records.split(",") if r.strip()]
     pending = run.ledger.pending()
-    if not ids and not pending:
+    if not ids and not records and not pending:
         raise ForgetError("no sample ids to forget")
-    bundle = load_dataset(cfg)
-    strategy = build_strategy(cfg, bundle.num_classes)
+    bundle = load_dataset(cfg) if cfg.server_has_data else None  # the data may stay at the sites
+    num_classes = bundle.num_classes if bundle is not None else grid.task()[0]
+    strategy = build_strategy(cfg, num_classes)
     if not strategy.exact_unlearning:
         raise ForgetError(f"strategy '{cfg.strategy}' keeps no shard models; exact unlearning needs shard-ensemble")
     strategy.load_states(run.load_models())
     run.ledger.settle(run.load_budget(strategy.budget))
-    if cfg.audit:
+    if cfg.audit and bundle is not None:
         check_audit_config(cfg, bundle)
     metrics = run.metrics()
     before = run.load_models()
 
-    # 1. who holds what (the ids asked now and those of unfinished requests)
-    asked = sorted(set(ids) | run.ledger.pending_ids())
-    replies = list(grid.send_and_receive(strategy.configure_describe(grid, asked)))
+    # 1. who holds what: the site a request names is asked alone (its records -> its sample ids);
+    #    without a site (simulation), every node is asked for the ids; unfinished requests' shards too
+    extra = run.ledger.pending_ids()
+    if records:
+        node = grid.node_of(grid.binding.shard_of_site(cfg.forget_site.strip()))
+        replies = list(grid.send_and_receive([_describe(node, [], records)]))
+        ids = _site_ids(replies, records, cfg.forget_site.strip())
+        nodes = sorted({node} | {grid.node_of(k) for p in pending.values() for k in p})
+        replies = list(grid.send_and_receive([_describe(n, sorted(set(ids) | extra)) for n in nodes]))
+    else:
+        replies = list(grid.send_and_receive(strategy.configure_describe(grid, sorted(set(ids) | extra))))
     shard_of, sizes, spent = nodes_table(replies)
     node_of = {shard: node for node, shard in shard_of.items()}
 
@@ -84,9 +96,9 @@ def run_forget(grid: Grid, cfg: RunConfig) -> None:
     if pending:
         done = reconcile(grid, run, strategy, pending, node_of, cfg.seed)
         for request_no in done:
-            metrics = _record_figures(run, cfg, bundle, strategy, metrics, request_no)
+            metrics = _record_figures(run, cfg, bundle, grid, strategy, metrics, request_no)
         if ids:  # the ids of this request are asked again: the reconciled ones are deleted now
-            replies = list(grid.send_and_receive(strategy.configure_describe(grid, ids)))
+            replies = list(grid.send_and_receive([_describe(n, ids) for n in sorted(shard_of)]))
     if not ids:
         _finish(run, cfg, bundle, grid, strategy, metrics, before, [i for r in done for i in _request_ids(run, r)])
         return
@@ -105,8 +117,9 @@ def run_forget(grid: Grid, cfg: RunConfig) -> None:
     # 4. intent, unlearn on the owning nodes only, store each good reply
     request_no = run.ledger.next_request()
     run.ledger.intend(request_no, strategy.planned(), cfg.unlearn_method)
-    failed = unlearn_and_store(grid, run, strategy, messages, request_no, cfg.seed)
-    metrics = _record_figures(run, cfg, bundle, strategy, metrics, request_no)
+    failed = unlearn_and_store(grid, run, strategy, messages, request_no, cfg.seed,
+                               {"site": cfg.forget_site.strip(), "records": records} if records else None)
+    metrics = _record_figures(run, cfg, bundle, grid, strategy, metrics, request_no)
     _finish(run, cfg, bundle, grid, strategy, metrics, before, ids)
     if failed:
         raise ForgetError(failed)
@@ -127,7 +140,7 @@ def nodes_table(replies: list[Message]) -> tuple[dict[int, int], dict[int, int],
 
 
 def unlearn_and_store(grid: Grid, run: RunDir, strategy: Any, messages: list[Message], request_no: int,
-                      seed: int) -> str:
+                      seed: int, naming: dict[str, Any] | None = None) -> str:
     """Send ``messages``; store each good reply (model, completion line), then the budget. Returns a
     one-line account of the failed shards ('' when none failed): they stay pending in the ledger."""
     failed: list[Message] = []
@@ -136,7 +149,9 @@ def unlearn_and_store(grid: Grid, run: RunDir, strategy: Any, messages: list[Mes
     wall = time.perf_counter() - t0
     for shard, o in sorted(outcomes.items()):
         run.save_models({shard: strategy.shard_arrays[shard].to_torch_state_dict()})
-        run.ledger.complete(ledger_rows(request_no, {shard: o}, wall, seed))
+        site = {"site": grid.binding.site_of.get(shard, "")} if hasattr(grid, "binding") else {}
+        run.ledger.complete([{**row, **site, **(naming or {})} for row in ledger_rows(request_no, {shard: o}, wall,
+                                                                                     seed)])
         log(INFO, "fairforget: shard %d: %s (%s)%s, deletion capacity %d -> %d of %d", shard, o.decision,
             o.result.method, " finished after a crash" if o.result.resumed else "", o.capacity_before,
             o.capacity_after, o.capacity)
@@ -171,17 +186,41 @@ def reconcile(grid: Grid, run: RunDir, strategy: Any, pending: dict[int, dict[in
     return complete
 
 
+def _describe(node: int, ids: list[int], records: list[str] | None = None) -> Message:
+    """A ``query.describe`` to one node: which of these ids (or of its own record ids) it holds."""
+    config = ConfigRecord({keys.FORGET_IDS: list(ids)})
+    if records:
+        config[keys.FORGET_RECORDS] = list(records)
+    return Message(RecordDict({keys.CONFIG: config}), dst_node_id=node, message_type=keys.MSG_DESCRIBE)
+
+
+def _site_ids(replies: list[Message], records: list[str], site: str) -> list[int]:
+    """The sample ids a site's describe reply gives for its record ids; unknown or deleted ones refuse
+    the whole request (nothing changed)."""
+    (reply,) = replies
+    if reply.has_error():
+        raise ForgetError(f"site {site!r} failed: {reply.error.reason}")
+    info = reply.content[keys.CONFIG]
+    unknown = [str(r) for r in info.get(keys.UNKNOWN_RECORDS, [])]
+    if unknown:
+        raise ForgetError(f"unknown record id(s) at site {site!r} (not a training member there): {', '.join(unknown)}")
+    gone = [int(i) for i in info[keys.DELETED_IDS]]
+    if gone:
+        raise ForgetError(f"record(s) at site {site!r} already deleted: {', '.join(records)}")
+    return [int(i) for i in info[keys.OWNED_IDS]]
+
+
 def _request_ids(run: RunDir, request_no: int) -> list[int]:
     return sorted(int(i) for e in run.ledger.entries() if e["request"] == request_no for i in e["ids"])
 
 
-def _record_figures(run: RunDir, cfg: RunConfig, bundle: Any, strategy: Any, metrics: dict[str, Any],
+def _record_figures(run: RunDir, cfg: RunConfig, bundle: Any, grid: Any, strategy: Any, metrics: dict[str, Any],
                     request_no: int) -> dict[str, Any]:
     """The request's entry in metrics.json, from its completion lines and the shards' replies."""
     rows = {int(e["shard"]): e for e in run.ledger.entries() if e["request"] == request_no}
     if not rows:
         return metrics
-    evaluation = evaluate_states(run.load_models(), bundle, cfg)
+    evaluation = evaluate_states(run.load_models(), bundle, cfg) if bundle is not None else evaluate_at_sites(grid, cfg)
     wall = max(float(e.get("request_wall_seconds", e.get("wall_seconds", 0.0))) for e in rows.values())
     return updated_metrics(metrics, request_no, rows, strategy.shard_reports, evaluation, wall)
 
@@ -191,15 +230,16 @@ def _finish(run: RunDir, cfg: RunConfig, bundle: Any, grid: Grid, strategy: Any,
     """Figures after the deletions: DP block, the audit before and after, report."""
     after = run.load_models()
     metrics["dp"] = dp_metrics(cfg, strategy, run.calibration(), metrics.get("dp"))
-    if cfg.audit and ids and metrics["unlearning"]:
+    if cfg.audit and bundle is None:  # the data stays at the sites: each site audits on its own data
+        metrics["privacy"] = federated_audit(grid, run, cfg, None, after, deleted=set(), dp=metrics["dp"])
+    elif cfg.audit and ids and metrics["unlearning"]:
         deleted = run.ledger.unlearned_ids() | Tombstones.of_run(run.path).ids()
         metrics["unlearning"][-1]["audit"] = {
             "deleted_vs_nonmembers_auc_before": unlearning_audit(cfg, bundle, before, ids, run),
             "deleted_vs_nonmembers_auc_after": unlearning_audit(cfg, bundle, after, ids, run),
         }
         metrics["unlearning"][-1]["privacy_before"] = headline(metrics.get("privacy"))
-        metrics["privacy"] = run_audit(run, cfg, bundle, after, deleted=deleted, dp=metrics["dp"])
-        metrics["privacy"]["sites"] = site_audits(grid, after)
+        metrics["privacy"] = federated_audit(grid, run, cfg, bundle, after, deleted=deleted, dp=metrics["dp"])
         metrics["unlearning"][-1]["privacy_after"] = headline(metrics["privacy"])
     run.write_metrics(metrics)
     write_report(run.path)

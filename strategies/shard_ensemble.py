@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from logging import INFO
+from logging import INFO, WARNING
 from typing import Any
 
 import torch
@@ -36,7 +36,7 @@ from fairforget.capacity import BudgetExceeded, DeletionBudget, head_parameters
 from fairforget.model import bottleneck_dim
 from fairforget.records import pack_shards, unpack_shards
 from fairforget.unlearning import EXACT, UnlearnResult
-from strategies.base import FairforgetStrategy, mean_metrics
+from strategies.base import FairforgetStrategy, StrategyReplyError, mean_metrics
 
 POLICIES = ("retrain", "refuse")
 
@@ -68,7 +68,7 @@ class ShardEnsemble(FairforgetStrategy, Strategy):
     exact_unlearning = True
 
     def __init__(self, num_shards: int, num_slices: int, vote: str = "softmax",
-                 budget: DeletionBudget | None = None, policy: str = "retrain") -> None:
+                 budget: DeletionBudget | None = None, policy: str = "retrain", required: int | None = None) -> None:
         FairforgetStrategy.__init__(self)
         if num_shards < 1:
             raise ValueError(f"num_shards must be >= 1, got {num_shards}")
@@ -84,6 +84,8 @@ class ShardEnsemble(FairforgetStrategy, Strategy):
         self.shard_arrays: dict[int, ArrayRecord] = {}
         self.budget = budget if budget is not None else DeletionBudget("newton", 1.0, 1e-5, 1)
         self.policy = policy
+        self.required = num_shards if not required else int(required)  # shards a round needs (min-shards)
+        self.last_round: dict[int, int] = {}  # shard -> the last training round it replied to
         self._planned: dict[int, Planned] = {}  # shard -> decision, between configure and aggregate
         self._originals: dict[int, int] = {}  # shard -> originals left (augmentation)
         self._granted: dict[int, int] = {}  # shard -> retirements granted this augmentation step
@@ -93,7 +95,7 @@ class ShardEnsemble(FairforgetStrategy, Strategy):
     def from_config(cls, cfg: Any, num_classes: int) -> ShardEnsemble:
         d = head_parameters(bottleneck_dim(cfg.model_width), num_classes)  # SimpleConvNet.fc
         budget = DeletionBudget(cfg.capacity_bound, cfg.capacity_eps, cfg.capacity_delta, d, cfg.capacity_c)
-        return cls(cfg.num_shards, cfg.slices, cfg.ensemble_vote, budget, cfg.capacity_policy)
+        return cls(cfg.num_shards, cfg.slices, cfg.ensemble_vote, budget, cfg.capacity_policy, cfg.required_shards)
 
     def num_rounds(self) -> int:
         return self.num_slices  # one SISA stage per round
@@ -104,6 +106,11 @@ class ShardEnsemble(FairforgetStrategy, Strategy):
         log(INFO, "\t└── Ensemble vote: %s", self.vote)
 
     def _all_nodes(self, grid: Grid) -> list[int]:
+        """The node of every shard: the run's bound nodes (``server.grid.SiteGrid``: identified, at most
+        one per shard, waited for up to the reply timeout), else the first ``num_shards`` to connect."""
+        bound = getattr(grid, "bound_nodes", None)
+        if bound is not None:
+            return sorted(bound())
         node_ids, _ = sample_nodes(grid, self.num_shards, self.num_shards)
         return sorted(node_ids)
 
@@ -121,13 +128,36 @@ class ShardEnsemble(FairforgetStrategy, Strategy):
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        ok = self.record_replies(replies)
+        """Keep each replying shard's model. A shard whose node failed or did not reply in time keeps
+        its model of an earlier round (stale) or has none (missing); with fewer than ``min-shards``
+        replies the run stops with a one-line :class:`StrategyReplyError`."""
+        failed: list[Message] = []
+        ok = self.record_replies(replies, failed)
         for reply in ok:
             shard = int(reply.content[keys.METRICS][keys.SHARD])
             self.shard_arrays[shard] = reply.content[keys.ARRAYS]
+            self.last_round[shard] = server_round
+        lost = self.lagging(server_round)
+        if len(ok) < self.required:
+            why = "; ".join(f"node {r.metadata.src_node_id}: {r.error.reason}" for r in failed) or "no reply in time"
+            raise StrategyReplyError(f"round {server_round}: {len(ok)} of {self.num_shards} shards replied (shard(s) "
+                                     f"{', '.join(map(str, lost))} lost: {why}); min-shards = {self.required}")
+        if lost:
+            log(WARNING, "round %d: going on without shard(s) %s (min-shards = %d)", server_round, lost,
+                self.required)
         if not ok:
             return None, None
         return pack_shards(self.shard_arrays), mean_metrics(ok)
+
+    def lagging(self, server_round: int) -> list[int]:
+        """Shards that did not reply to round ``server_round`` (missing, or stale from an earlier round)."""
+        return [k for k in range(self.num_shards) if self.last_round.get(k, 0) < server_round]
+
+    def federation_report(self, rounds: int) -> dict[str, Any]:
+        """Which shards the run ended without (``missing``) or with a model of an earlier round (``stale``)."""
+        return {"missing": [k for k in range(self.num_shards) if k not in self.last_round],
+                "stale": {str(k): r for k, r in sorted(self.last_round.items()) if r < rounds},
+                "min_shards": self.required}
 
     # ------------------------------------------------------------------ evaluation happens on the server
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,

@@ -63,7 +63,8 @@ class InProcessGrid(Grid):
 
     HANDLERS = {keys.MSG_TRAIN: handlers.train, keys.MSG_UNLEARN: handlers.unlearn,
                 keys.MSG_DESCRIBE: handlers.describe, keys.MSG_AUDIT: handlers.audit,
-                keys.MSG_AUGMENT: handlers.augment}
+                keys.MSG_AUGMENT: handlers.augment, keys.MSG_IDENTIFY: handlers.identify,
+                keys.MSG_EVALUATE: handlers.evaluate}
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg

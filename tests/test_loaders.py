@@ -437,15 +437,20 @@ def test_image_folder_labels_csv_and_site_partition(tmp_path):
         check_split(s, 8)
     label_of = {"benign": 0, "malignant": 1}
     site_of = np.array([int(r["site"].split("-")[1]) for r in rows])
+    row_of = {r["path"]: n for n, r in enumerate(rows)}  # without an id column a record is named by its path
+
+    def rows_of(s):
+        return np.array([row_of[b.records[i]] for i in s.ids.tolist()], dtype=np.int64)
+
     for s in (b.train, b.heldout, b.test_biased):
-        ids = s.ids.numpy()
+        ids = rows_of(s)
         assert np.array_equal(s.y.numpy(), [label_of[rows[i]["label"]] for i in ids])
         assert np.array_equal(s.private.numpy(), [int(rows[i]["private"]) for i in ids])
         assert np.array_equal(s.site.numpy(), site_of[ids])
         # the PNG's colour is its label's
         colour = torch.tensor(CLASS_RGB, dtype=torch.float32)[s.y] / 255.0
         assert torch.allclose(s.x.mean(dim=(2, 3)), colour, atol=1e-3)
-    all_ids = [set(s.ids.tolist()) for s in (b.train, b.heldout, b.test_biased)]
+    all_ids = [set(rows_of(s).tolist()) for s in (b.train, b.heldout, b.test_biased)]
     assert not (all_ids[0] & all_ids[1] or all_ids[0] & all_ids[2] or all_ids[1] & all_ids[2])
     assert set().union(*all_ids) == set(range(60))
     assert len(b.test_biased) == 12  # test-fraction 0.2 of each class's 30 rows
@@ -453,7 +458,7 @@ def test_image_folder_labels_csv_and_site_partition(tmp_path):
     assert len(shards) == 3
     for k, shard in enumerate(shards):
         assert set(shard.site.tolist()) == {k}
-        expect = {i for i in b.train.ids.tolist() if site_of[i] == k}
+        expect = {i for i, n in zip(b.train.ids.tolist(), rows_of(b.train), strict=True) if site_of[n] == k}
         assert set(shard.ids.tolist()) == expect and expect
     assert sum(len(s) for s in shards) == len(b.train)
     with pytest.raises(DatasetError) as exc:
@@ -469,8 +474,9 @@ def test_image_folder_csv_split_column_and_numeric_labels(tmp_path):
         lines.append(f"{i}.png,{label},{'test' if i >= 18 else ''}")
     (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
     b = load_dataset(folder_cfg(tmp_path))
-    assert sorted(b.test_biased.ids.tolist()) == list(range(18, 24))
-    assert np.array_equal(b.train.y.numpy(), b.train.ids.numpy() % 2)
+    row = {i: int(b.records[i].split(".")[0]) for i in b.records}  # record id = path = "<row>.png"
+    assert sorted(row[i] for i in b.test_biased.ids.tolist()) == list(range(18, 24))
+    assert np.array_equal(b.train.y.numpy(), np.array([row[i] for i in b.train.ids.tolist()]) % 2)
     assert b.num_private == 1 and set(b.train.site.tolist()) == {-1}
 
 
@@ -541,3 +547,43 @@ def test_cli_bad_data_root_is_one_line_exit_2(tmp_path, capsys, root):
     assert str(data) in err
     assert not out.exists()
     assert "training" not in captured.out
+
+
+def _site_folder(root, rows: list[str], header: str = "id,path,label,private,split"):
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(len(rows)):
+        write_png(root / f"{i}.png", CLASS_RGB[i % 2])
+    (root / "labels.csv").write_text("\n".join([header, *rows]) + "\n")
+    return root
+
+
+def test_site_record_ids_are_the_sites_own_and_survive_reordering(tmp_path):
+    """Record ids come from the id column, never the row number: reordering labels.csv renames nothing;
+    rows marked heldout are never members, rows marked train always are."""
+    rows = [f"P-{i:04d},{i}.png,{i % 2},{(i // 2) % 2},{'heldout' if i < 4 else 'train' if i < 8 else ''}"
+            for i in range(24)]
+    a = load_dataset(folder_cfg(_site_folder(tmp_path / "a", rows)))
+    b = load_dataset(folder_cfg(_site_folder(tmp_path / "b", rows[::-1])))
+    for bundle in (a, b):
+        members = {bundle.records[i] for i in bundle.train.ids.tolist()}
+        held = {bundle.records[i] for i in bundle.heldout.ids.tolist()}
+        assert {f"P-{i:04d}" for i in range(4)} <= held and not {f"P-{i:04d}" for i in range(4)} & members
+        assert {f"P-{i:04d}" for i in range(4, 8)} <= members
+    assert a.records == b.records  # same record -> same sample id, whatever the row order
+    known, unknown = a.sample_ids(["P-0005", "P-9999"])
+    assert [a.records[k] for k in known] == ["P-0005"] and unknown == ["P-9999"]
+
+
+@pytest.mark.parametrize("rows,expected", [
+    (["P-1,0.png,0,0,", "P-1,1.png,1,1,"], "duplicate record id 'P-1'"),
+    (["P-1,../0.png,0,0,", "P-2,1.png,1,1,"], "outside the data root"),
+    (["P-1,missing.png,0,0,", "P-2,1.png,1,1,"], "missing.png does not exist"),
+    (["P-1,0.png,0,,", "P-2,1.png,1,1,"], "empty 'private' value"),
+    ([",0.png,0,0,", "P-2,1.png,1,1,"], "empty 'id'"),
+])
+def test_bad_site_labels_are_one_line_errors(tmp_path, rows, expected):
+    root = _site_folder(tmp_path / "site", rows)
+    (tmp_path / "0.png").write_bytes((root / "0.png").read_bytes())  # a real file outside the root
+    with pytest.raises(DatasetError) as exc:
+        load_dataset(folder_cfg(root))
+    assert expected in one_line(exc)

@@ -8,7 +8,7 @@ and ``test_unbiased`` (private attribute independent of the label).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ BIASED_MNIST_COLOURS = np.array(
 UNBIASED_RHO = 0.1
 # Synthetic samples (diffusion augmentation) get ids from here on: SYNTHETIC_ID_BASE + shard * 2**28
 # + serial, far above any dataset's ids, so an id alone says whether a sample is real.
-SYNTHETIC_ID_BASE = 1 << 40
+SYNTHETIC_ID_BASE = 1 << 62  # above every record id (site record ids hash below 1 << 61)
 
 
 def is_synthetic(ids: torch.Tensor | np.ndarray | list[int]) -> np.ndarray:
@@ -84,6 +84,19 @@ class DataBundle:
     test_unbiased: SampleSet
     num_classes: int
     num_private: int
+    records: dict[int, str] = field(default_factory=dict)  # sample id -> the site's own record id (site data)
+
+    def record_of(self, sample_id: int) -> str:
+        """The site's record id of a sample (its int id for data without record ids)."""
+        return self.records.get(int(sample_id), str(int(sample_id)))
+
+    def sample_ids(self, records: list[str]) -> tuple[list[int], list[str]]:
+        """(the sample ids of the given record ids, the record ids this data does not have)."""
+        if not self.records:
+            known = [int(r) for r in records if r.strip().lstrip("-").isdigit()]
+            return known, [r for r in records if not r.strip().lstrip("-").isdigit()]
+        back = {v: k for k, v in self.records.items()}
+        return [back[r] for r in records if r in back], [r for r in records if r not in back]
 
     @property
     def num_groups(self) -> int:
@@ -225,6 +238,8 @@ def image_bundle(
     class_imbalance: float,
     heldout_fraction: float,
     seed: int,
+    roles: np.ndarray | None = None,
+    records: dict[int, str] | None = None,
 ) -> DataBundle:
     """Splits for datasets that come with their own private attribute (CelebA, site folders).
 
@@ -234,8 +249,13 @@ def image_bundle(
     """
     rng = np.random.default_rng(seed)
     y = pool.y.numpy()
-    pool = pool.subset(long_tail_keep(y, class_imbalance, rng, num_classes))
-    heldout_pos, train_pos = stratified_split(pool.y.numpy(), (heldout_fraction,), rng)
+    keep = long_tail_keep(y, class_imbalance, rng, num_classes)
+    pool = pool.subset(keep)
+    roles = np.full(len(pool), "", dtype=object) if roles is None else np.asarray(roles, dtype=object)[keep]
+    free = np.flatnonzero(roles == "")  # rows a site marked train / heldout keep their role
+    held_free, train_free = stratified_split(pool.y.numpy()[free], (heldout_fraction,), rng)
+    heldout_pos = np.sort(np.concatenate([np.flatnonzero(roles == "heldout"), free[held_free]]).astype(np.int64))
+    train_pos = np.sort(np.concatenate([np.flatnonzero(roles == "train"), free[train_free]]).astype(np.int64))
     groups = test.y.numpy() * num_private + test.private.numpy()
     present = [g for g in np.unique(groups)]
     per_group = min(int((groups == g).sum()) for g in present)
@@ -248,6 +268,7 @@ def image_bundle(
         test.subset(balanced),
         num_classes=num_classes,
         num_private=num_private,
+        records=dict(records or {}),
     )
 
 

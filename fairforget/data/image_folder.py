@@ -1,15 +1,24 @@
 """A site's own images: a folder with ``labels.csv`` (columns ``path,label`` and optionally
-``private``, ``site``, ``split``), or, without a CSV, torchvision's ImageFolder layout
+``id``, ``private``, ``site``, ``split``), or, without a CSV, torchvision's ImageFolder layout
 (``ROOT/<class>/<image>``, private label 0).
 
-``path`` is relative to the root. ``split = test`` marks test rows (without any, a stratified
-``test-fraction`` is drawn); the rest are split into members and held-out non-members. ``site``
-feeds ``partition = "site"`` (one shard per site).
+Record ids belong to the site: the ``id`` column (a pseudonymous patient or image id), else the
+row's ``path``; never the row number, so editing or reordering ``labels.csv`` renames nothing. A
+sample's id inside the framework is a 61-bit hash of its record id (:func:`record_key`); the bundle
+keeps the map back (``DataBundle.records``), and deletion requests name records by site and record
+id. ``path`` is relative to the root and must stay inside it. ``split``: ``test`` rows are the test
+split (without any, a stratified ``test-fraction`` is drawn), ``train`` rows are always members,
+``heldout`` rows never (the audits' non-members); unmarked rows are split by ``heldout-fraction``.
+``site`` feeds ``partition = "site"`` (one shard per site).
+
+Bad input is a one-line :class:`DatasetError` at start-up: a missing or unreadable file, a path
+outside the root, duplicate record ids, an empty label or private value.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +51,41 @@ def _codes(values: list[str], column: str) -> tuple[np.ndarray, list[str]]:
     return np.array([lookup[v] for v in values], dtype=np.int64), uniq
 
 
+def record_key(record_id: str) -> int:
+    """The sample id of a site record id: 61 bits of its SHA-256 (below the synthetic ids)."""
+    return int.from_bytes(hashlib.sha256(f"record:{record_id}".encode()).digest()[:8], "big") >> 3
+
+
+def _record_ids(rows: list[dict[str, str]], root: Path) -> list[str]:
+    if "id" in rows[0]:
+        ids = [(r.get("id") or "").strip() for r in rows]
+        empty = [n for n, v in enumerate(ids, 2) if not v]
+        if empty:
+            raise DatasetError(f"{root}/labels.csv: empty 'id' on line(s) {', '.join(map(str, empty[:5]))}")
+    else:
+        ids = [r["path"].strip() for r in rows]
+    seen: dict[str, int] = {}
+    for n, v in enumerate(ids, 2):
+        if v in seen:
+            raise DatasetError(f"{root}/labels.csv: duplicate record id {v!r} (lines {seen[v]} and {n})")
+        seen[v] = n
+    return ids
+
+
+def _paths(rows: list[dict[str, str]], root: Path) -> list[str]:
+    base = root.resolve()
+    out = []
+    for n, r in enumerate(rows, 2):
+        rel = (r.get("path") or "").strip()
+        path = (root / rel).resolve()
+        if not rel or not path.is_relative_to(base):
+            raise DatasetError(f"{root}/labels.csv line {n}: path {rel!r} is outside the data root")
+        if not path.is_file():
+            raise DatasetError(f"{root}/labels.csv line {n}: {rel} does not exist")
+        out.append(str(path))
+    return out
+
+
 def load(cfg) -> DataBundle:
     if not cfg.data_root:
         raise DatasetError("dataset 'image-folder' needs data-root (a folder with labels.csv or class folders)")
@@ -52,9 +96,10 @@ def load(cfg) -> DataBundle:
         rows = _read_csv(root)
         if not rows:
             raise DatasetError(f"{root}/labels.csv has no rows")
-        paths = [str(root / r["path"]) for r in rows]
+        paths = _paths(rows, root)
+        records = _record_ids(rows, root)
         y, classes = _codes([r["label"] for r in rows], "label")
-        private = _codes([r.get("private") or "0" for r in rows], "private")[0]
+        private = _codes([r.get("private") if "private" in r else "0" for r in rows], "private")[0]
         site = _codes([r.get("site") or "0" for r in rows], "site")[0] if "site" in rows[0] else None
         split = [(r.get("split") or "").strip().lower() for r in rows]
         bad = sorted({s for s in split if s not in ("", "train", "heldout", "test")})
@@ -66,11 +111,14 @@ def load(cfg) -> DataBundle:
         except (FileNotFoundError, RuntimeError) as exc:
             raise DatasetError(f"{root} has no labels.csv and is not an image folder: {exc}") from None
         paths = [p for p, _ in folder.samples]
+        records = [str(Path(p).relative_to(root)) for p in paths]
         y = np.array([t for _, t in folder.samples], dtype=np.int64)
         classes = folder.classes
         private, site, split = np.zeros(len(y), dtype=np.int64), None, [""] * len(y)
     x = torch.stack([load_image_file(p, cfg.image_size) for p in paths])
-    ids = np.arange(len(y))
+    ids = np.array([record_key(r) for r in records], dtype=np.int64)
+    if len(set(ids.tolist())) != len(ids):
+        raise DatasetError(f"{root}: two record ids hash to the same sample id; rename one of them")
     full = make_sampleset(x, y, private, ids, site)
     split_arr = np.array(split)
     rng = np.random.default_rng(cfg.seed)
@@ -87,4 +135,5 @@ def load(cfg) -> DataBundle:
         "image-folder", full.subset(pool_pos), full.subset(test_pos),
         num_classes=len(classes), num_private=num_private,
         class_imbalance=cfg.class_imbalance, heldout_fraction=cfg.heldout_fraction, seed=cfg.seed,
+        roles=split_arr[pool_pos], records=dict(zip(ids.tolist(), records, strict=True)),
     )
