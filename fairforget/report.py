@@ -311,8 +311,16 @@ def write_report(run_dir: Path) -> Path:
     ]
     for name in ("biased", "unbiased"):
         w = ens[name]["worst_group"]
-        lines.append(f"| {name} | {ens[name]['accuracy']:.3f} | ({w['class']}, {w['private']}), n = {w['n']} | "
+        n = f", n = {w['n']}" if "n" in w else ""  # sites report no counts per group
+        lines.append(f"| {name} | {ens[name]['accuracy']:.3f} | ({w.get('class', '-')}, {w.get('private', '-')}){n} | "
                      f"{w['accuracy']:.3f} | {len(ens[name]['groups'])} |")
+    if ens["unbiased"].get("scope"):
+        lines += ["", f"Evaluated at the sites ({ens['unbiased']['scope']}): the server holds no patient data; each "
+                  "group's accuracy is the mean over the sites that have the group."]
+    fed = metrics.get("federation") or {}
+    if fed.get("missing") or fed.get("stale"):
+        lines += ["", f"**Lost sites**: the run ended without shard(s) {fed.get('missing') or 'none'}; stale models "
+                  f"(last round they replied to): {fed.get('stale') or 'none'} (min-shards = {fed.get('min_shards')})."]
     lines += ["", "## Shards", "", "| shard | samples | KL bias | train seconds | unbiased accuracy | model hash |",
               "|---|---|---|---|---|---|"]
     for s in metrics["shards"]:

@@ -1,0 +1,148 @@
+"""Hospital sites without a network: two sites with their own image folders (colliding record ids and
+row numbers), a server with no data-root, through the real ClientApp handlers. The deployment engine
+itself (TLS, SuperNode authentication, killed nodes) is exercised by tests/test_e2e_sites.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fairforget import keys
+from fairforget.binding import Binding, BindingError
+from fairforget.ledger import Ledger
+from fairforget.run import RunDir
+from server.experiment import run_training
+from server.forget import ForgetError, run_forget
+from strategies.base import StrategyReplyError
+from tests.conftest import TINY, InProcessGrid
+from tests.fixtures_formats import CLASS_RGB, write_png
+
+pytestmark = pytest.mark.xdist_group("test_sites")
+
+
+def write_site(root: Path, n: int = 40) -> Path:
+    """A site's folder: ``labels.csv`` with record ids P-0000.. (the same at every site) and PNGs."""
+    rows = ["id,path,label,private"]
+    for i in range(n):
+        label, private = i % 2, (i // 2) % 2 if i % 10 else 1 - i % 2  # a few bias-conflicting rows
+        write_png(root / f"img/{i}.png", CLASS_RGB[label] if private == label else CLASS_RGB[2])
+        rows.append(f"P-{i:04d},img/{i}.png,{label},{private}")
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+class SitesGrid(InProcessGrid):
+    """The in-process grid with each node configured as a site: its own data-root, state-dir, name."""
+
+    def __init__(self, cfg, sites: dict[int, tuple[Path, Path, str]], claims: dict[int, int] | None = None) -> None:
+        super().__init__(cfg)
+        self.sites = sites
+        self.nodes = {101 + k: k for k in sites} | (claims or {})
+        self.fail: set[int] = set()
+
+    def node(self, node_id: int):
+        from clients.node import Node
+
+        if node_id in self.fail:
+            raise RuntimeError(f"site of node {node_id} is down")
+        shard = self.nodes[node_id]
+        data, state, name = self.sites[shard]
+        return Node.from_context(self.cfg.to_mapping(), {
+            keys.NODE_PARTITION_ID: shard, keys.NODE_SITE: name,
+            keys.NODE_DATA_ROOT: str(data), keys.NODE_STATE_DIR: str(state)})
+
+
+@pytest.fixture
+def federation(tmp_path):
+    sites = {k: (write_site(tmp_path / f"data-{name}"), tmp_path / f"state-{name}", f"site-{name}")
+             for k, name in enumerate("ab")}
+    cfg = __import__("fairforget.config", fromlist=["resolve"]).resolve({
+        **TINY, "dataset": "image-folder", "data-root": "", "out-dir": str(tmp_path / "server"),
+        "audit-attacks": "loss,confidence", "reply-timeout": 5.0})
+    return cfg, sites
+
+
+def _state_bytes(state: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(state)): p.read_bytes() for p in sorted(state.rglob("*")) if p.is_file()
+            and p.name != ".lock"}
+
+
+def test_a_server_without_data_trains_evaluates_and_deletes_at_one_site(federation):
+    cfg, sites = federation
+    assert not cfg.server_has_data
+    run_training(SitesGrid(cfg, sites), cfg)
+    run = RunDir(cfg.out_path)
+    m = run.metrics()
+    assert m["federation"]["binding"] == {"0": {"node": 101, "site": "site-a"}, "1": {"node": 102, "site": "site-b"}}
+    assert m["federation"]["missing"] == [] and m["ensemble"]["unbiased"]["n"] > 0
+    assert all(0.0 <= s["accuracy_unbiased"] <= 1.0 for s in m["shards"])  # each site's own model, at the site
+    assert m["privacy"]["sites"]  # the audits ran at the sites
+    assert json.loads((run.path / "nodes.json").read_text())["shards"]["1"]["site"] == "site-b"
+
+    # the same record id at both sites: the request names site-b, so site-a is never asked
+    site_a = _state_bytes(sites[0][1])
+    grid = SitesGrid(cfg, sites)
+    run_forget(grid, cfg.replace(mode="forget", forget_site="site-b", forget_records="P-0003"))
+    asked = {m.metadata.dst_node_id for m in grid.sent if m.metadata.message_type in (keys.MSG_DESCRIBE,
+                                                                                     keys.MSG_UNLEARN)}
+    assert asked == {102}  # no membership question to site-a
+    assert _state_bytes(sites[0][1]) == site_a  # byte-identical at the other site
+    (line,) = Ledger(run.path / "ledger.jsonl").entries()
+    assert (line["site"], line["records"], line["shard"]) == ("site-b", ["P-0003"], 1)
+    index = json.loads((sites[1][1] / "index.json").read_text())
+    assert line["ids"] == index["deleted"] and len(index["deleted"]) == 1
+
+    with pytest.raises(ForgetError, match="already deleted"):
+        run_forget(SitesGrid(cfg, sites), cfg.replace(mode="forget", forget_site="site-b", forget_records="P-0003"))
+    with pytest.raises(ForgetError, match="unknown record id.*P-9999"):
+        run_forget(SitesGrid(cfg, sites), cfg.replace(mode="forget", forget_site="site-a", forget_records="P-9999"))
+    with pytest.raises(BindingError, match="site 'site-c'"):
+        run_forget(SitesGrid(cfg, sites), cfg.replace(mode="forget", forget_site="site-c", forget_records="P-0001"))
+    assert len(Ledger(run.path / "ledger.jsonl").entries()) == 1  # refused requests changed nothing
+
+    # what left the sites: statistics and models, never samples, ids or per-group counts
+    for entry in (json.loads(x) for x in (run.path / "wire.jsonl").read_text().splitlines()):
+        for name, record in entry.get("records", {}).items():
+            names = set(record.get("entries", {}))
+            assert not names & {"group-counts", "retired-ids"}, entry
+            if entry["message_type"] != keys.MSG_DESCRIBE:
+                assert not names & {keys.OWNED_IDS, keys.DELETED_IDS, keys.UNKNOWN_RECORDS}, entry
+
+
+def test_binding_refuses_a_second_node_for_a_bound_shard(federation):
+    cfg, sites = federation
+    grid = SitesGrid(cfg, sites, claims={103: 1})  # a misconfigured third node says it is shard 1 too
+    with pytest.raises(BindingError, match="both claim shard 1"):
+        run_training(grid, cfg)
+    b = Binding(2)
+    b.bind(7, 0, "site-a", connected=[7])
+    with pytest.raises(BindingError, match="bound to shard 0 but now says shard 1"):
+        b.bind(7, 1, "site-a", connected=[7])
+    assert not b.bind(7, 0, "site-a", connected=[7])
+    assert b.bind(8, 0, "site-a", connected=[8])  # a restarted node (new id) takes over once the old one left
+
+
+@pytest.mark.parametrize("min_shards", [0, 1])
+def test_a_lost_site_stops_the_run_or_is_reported(federation, min_shards):
+    cfg, sites = federation
+    cfg = cfg.replace(min_shards=min_shards, audit=False)
+    grid = SitesGrid(cfg, sites)
+    original = grid.HANDLERS[keys.MSG_TRAIN]
+
+    def train_fails_at_b(content, node):
+        if node.site == "site-b":
+            raise RuntimeError("site-b lost its disk")
+        return original(content, node)
+
+    grid.HANDLERS = {**grid.HANDLERS, keys.MSG_TRAIN: train_fails_at_b}
+    if min_shards == 0:
+        with pytest.raises(StrategyReplyError, match=r"1 of 2 shards replied \(shard\(s\) 1 lost"):
+            run_training(grid, cfg)
+        return
+    grid.fail = set()
+    run_training(grid, cfg)
+    m = RunDir(cfg.out_path).metrics()
+    assert m["federation"]["missing"] == [1] and m["federation"]["min_shards"] == 1
+    assert sorted(p.name for p in RunDir(cfg.out_path).models_dir.iterdir()) == ["shard-0.pt"]
