@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import io
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -157,17 +157,32 @@ def plot(rows: Sequence[RunRow]) -> bytes:
     return _png(fig)
 
 
-def plot_by(rows: Sequence[RunRow], x: str, y: str, group: str, title: str = "") -> bytes:
-    """``y`` against ``x`` (RunRow fields), one line per value of ``group``; x on a categorical axis."""
+def plot_by(rows: Sequence[RunRow], x: str, y: str, label: Callable[[RunRow], str], title: str = "") -> bytes:
+    """``y`` against ``x`` (RunRow fields), one line per ``label(row)``; x on a categorical axis."""
     xs = sorted({getattr(r, x) for r in rows})
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for g in sorted({getattr(r, group) for r in rows}):
-        pts = sorted((getattr(r, x), getattr(r, y)) for r in rows
-                     if getattr(r, group) == g and getattr(r, y) is not None)
+    for g in sorted({label(r) for r in rows}):
+        pts = sorted((getattr(r, x), getattr(r, y)) for r in rows if label(r) == g and getattr(r, y) is not None)
         if pts:
-            ax.plot([xs.index(p[0]) for p in pts], [p[1] for p in pts], marker="o", label=str(g))
+            ax.plot([xs.index(p[0]) for p in pts], [p[1] for p in pts], marker="o", label=g)
     ax.set_xticks(range(len(xs)), [f"{v:g}" if isinstance(v, float) else str(v) for v in xs])
     ax.set(xlabel=x, ylabel=y, ylim=(0, 1.02), title=title)
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def plot_tradeoff(rows: Sequence[RunRow], label: Callable[[RunRow], str], title: str = "") -> bytes:
+    """Probe accuracy against unbiased accuracy, one colour per ``label(row)``."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for g in sorted({label(r) for r in rows}):
+        pts = [(r.accuracy_unbiased, r.probe) for r in rows if label(r) == g and r.probe is not None]
+        if pts:
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=g)
+    chance = next((r.probe_chance for r in rows if r.probe_chance), None)
+    if chance:
+        ax.axhline(chance, color="grey", ls=":", label="probe chance")
+    ax.set(xlabel="unbiased test accuracy", ylabel="private-attribute probe accuracy", xlim=(0, 1.02),
+           ylim=(0, 1.02), title=title)
     ax.legend(fontsize=8)
     return _png(fig)
 

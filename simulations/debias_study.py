@@ -1,0 +1,123 @@
+"""Debiasing study (issue 12; Barbano et al., ICCVW 2021, on Biased-Digits): vanilla, the four
+debiasing objectives, diffusion augmentation, and augmentation + an objective, at several rho,
+through Flower's simulation engine. Reports unbiased accuracy, worst (class, colour) group, the
+private-attribute probe's accuracy (the audit's linear probe on the ensemble's bottleneck; chance
+0.10), the strongest membership attack's AUC and seconds.
+
+    python simulations/debias_study.py                                 # everything (hours on 2 CPU cores)
+    python simulations/debias_study.py --quick --methods vanilla,end --rhos 0.99,0.999
+    python simulations/debias_study.py --methods augment,augment+end --rhos 0.99
+
+Each row is one ``fairforget simulate`` run in ``OUT/<method>-rho<rho>/`` (a finished one is reused
+unless ``--rerun``). Augmented rows run at the rhos in ``--augment-rhos`` only (default 0.99: each
+costs about 15 minutes on 2 cores). Output, through :mod:`fairforget.compare`: ``OUT/table.md`` and
+``OUT/table.png`` (``fairforget compare`` of every row), ``OUT/probe_per_rho.png`` and
+``OUT/probe_vs_unbiased.png`` (the seed's two plots), ``OUT/study.json`` (rows and wall seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fairforget.compare import markdown, plot_by, plot_tradeoff, rows_as_dicts, write  # noqa: E402
+from fairforget.config import ConfigError, parse_set, resolve  # noqa: E402
+from fairforget.objectives import OBJECTIVES  # noqa: E402
+from fairforget.storage import atomic_write_bytes, atomic_write_json, atomic_write_text  # noqa: E402
+
+RHOS = (0.99, 0.995, 0.997, 0.999, 0.90, 0.95)
+METHODS = ("vanilla", "end", "learned-mixin", "rubi", "rebias", "augment", "augment+end")
+BASE = {"audit-attacks": '"loss,rmia"', "audit-references": 2}
+QUICK = {"audit-attacks": '"loss,confidence,entropy"', "audit-references": 0, "audit-bootstrap": 50}
+
+
+def method_sets(method: str) -> dict[str, object]:
+    """Run-config keys of one method: ``vanilla``, an objective name, ``augment`` or ``augment+NAME``."""
+    augment, _, objective = method.rpartition("+") if "+" in method else ("", "", method)
+    if method == "augment":
+        augment, objective = "augment", "cross-entropy"
+    objective = "cross-entropy" if objective == "vanilla" else objective
+    if objective not in OBJECTIVES or augment not in ("", "augment"):
+        raise ConfigError(f"--methods: unknown method {method!r} (vanilla, {', '.join(sorted(OBJECTIVES))}, "
+                          "augment, augment+OBJECTIVE)")
+    sets: dict[str, object] = {"objective": json.dumps(objective)}
+    if augment:
+        sets["augment"] = "true"
+    return sets
+
+
+def simulate(out: Path, sets: dict[str, object], rerun: bool) -> float:
+    """Run one ``fairforget simulate`` (or reuse a finished one); its wall seconds (0 when reused)."""
+    if not rerun and (out / "metrics.json").is_file() and (out / "status.json").is_file():
+        if json.loads((out / "status.json").read_text()).get("ok"):
+            print(f"reusing {out}", flush=True)
+            return 0.0
+    cmd = [sys.executable, "-m", "server.cli", "simulate", "--out", str(out), "--force", "--quiet"]
+    for k, v in sets.items():
+        cmd += ["--set", f"{k}={v}"]
+    print("$", " ".join(cmd[1:]), flush=True)
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    return time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="debias_study.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rhos", default=",".join(f"{r:g}" for r in RHOS), help="rho values, comma-separated")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help="vanilla, an objective (end, learned-mixin, rubi, rebias), augment, augment+OBJECTIVE")
+    parser.add_argument("--augment-rhos", default="0.99", help="rhos at which augmented methods run (default 0.99)")
+    parser.add_argument("--quick", action="store_true",
+                        help="reference-free attacks only (LOSS, confidence, entropy), 50 bootstrap resamples")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra run-config keys")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "debias_study")
+    parser.add_argument("--rerun", action="store_true", help="rerun rows whose folder already holds a finished run")
+    args = parser.parse_args(argv)
+    try:
+        rhos = [float(r) for r in args.rhos.split(",") if r.strip()]
+        aug_rhos = {float(r) for r in args.augment_rhos.split(",") if r.strip()}
+        if not rhos or any(not 0.0 <= r <= 1.0 for r in rhos):
+            raise ConfigError(f"--rhos: every rho must be in [0, 1], got {args.rhos!r}")
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        extra = {k: (json.dumps(v) if isinstance(v, str) else v) for k, v in parse_set(args.set).items()}
+        base = {**BASE, **(QUICK if args.quick else {}), **extra}
+        plan = [(m, r) for m in methods for r in rhos if not m.startswith("augment") or r in aug_rhos]
+        for m, r in plan:  # every row's config is checked before the first run starts
+            resolve(parse_set([f"{k}={v}" for k, v in {**base, **method_sets(m), "rho": r}.items()]))
+    except (ConfigError, ValueError) as exc:
+        print(f"debias_study: error: {exc}", file=sys.stderr)
+        return 2
+    if not plan:
+        print("debias_study: error: no rows to run (augmented methods run only at --augment-rhos)", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    folders, walls, method_of = [], {}, {}
+    for m, r in plan:
+        folder = args.out / f"{m.replace('+', '-')}-rho{r:g}"
+        walls[folder.name] = simulate(folder, {**base, **method_sets(m), "rho": r}, args.rerun)
+        folders.append(folder)
+        method_of[folder.name] = m
+    md, png, rows = write(folders, args.out / "table")
+    label = lambda row: method_of[row.name]  # noqa: E731
+    atomic_write_bytes(args.out / "probe_per_rho.png",
+                       plot_by(rows, "rho", "probe", label, "private-attribute probe accuracy per rho (chance 0.10)"))
+    atomic_write_bytes(args.out / "probe_vs_unbiased.png",
+                       plot_tradeoff(rows, label, "probe accuracy vs unbiased accuracy"))
+    atomic_write_json(args.out / "study.json", {"base": base, "rows": rows_as_dicts(rows),
+                                                "methods": method_of, "wall_seconds": walls})
+    atomic_write_text(args.out / "command.txt", "python simulations/debias_study.py " + " ".join(
+        argv if argv is not None else sys.argv[1:]) + "\n")
+    print(markdown(rows))
+    print(f"table: {md}\nplots: {png}, {args.out / 'probe_per_rho.png'}, {args.out / 'probe_vs_unbiased.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
