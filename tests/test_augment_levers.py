@@ -73,7 +73,7 @@ def _reader(x: torch.Tensor) -> torch.Tensor:
 def test_filter_keeps_only_what_the_classifier_labels_as_requested():
     y = torch.tensor([0] * 10 + [1] * 6 + [2] * 4)
     a = torch.tensor([1] * 10 + [0] * 6 + [0] * 4)
-    result = filtered_sample(_draw, _reader, y, a, seed=0, num_private=3, max_draws=8)
+    result = filtered_sample(_draw, _reader, y, a, seed=0, num_private=3, max_draws=8, fill=False)
     assert len(result.x) == len(result.y) == len(result.private) == int(result.kept.sum())
     assert torch.equal(_reader(result.x).argmax(1), result.y)  # every kept sample is labelled as asked
     groups = (result.y * 3 + result.private).numpy()
@@ -84,6 +84,29 @@ def test_filter_keeps_only_what_the_classifier_labels_as_requested():
     assert result.shortfall == 4 and 0 < result.keep_rate < 1
     rates = keep_rate_by_kind(result, 3)
     assert np.isnan(rates["aligned"]) and rates["conflicting"] == pytest.approx(result.keep_rate)  # all off-diagonal
+
+
+def test_filter_fills_a_short_group_with_its_best_scored_rejects():
+    y, a = torch.tensor([2] * 4), torch.tensor([0] * 4)
+
+    def soft_reader(x: torch.Tensor) -> torch.Tensor:  # class 0 (what group (2, 0) shows) wins; pixel 1 scores class 2
+        logits = torch.nn.functional.one_hot(x[:, 0, 0, 0].long(), 3).float() * 5
+        logits[:, 2] = x[:, 0, 0, 1] * 4
+        return logits
+
+    def draw(yy: torch.Tensor, aa: torch.Tensor, seed: int) -> torch.Tensor:
+        x = _draw(yy, aa, seed)
+        x[:, 0, 0, 1] = torch.rand(len(yy), generator=torch.Generator().manual_seed(seed))
+        return x
+
+    result = filtered_sample(draw, soft_reader, y, a, seed=1, num_private=2, max_draws=3)
+    assert result.kept[4] == 0 and result.filled[4] == 4 and result.shortfall == 0  # group (2, 0): class 2 on 0
+    filled = result.x[result.y == 2]
+    candidates = torch.cat([draw(torch.tensor([2] * n), torch.zeros(n, dtype=torch.long), (1 + 7_919 * r) % (1 << 63))
+                            for r, n in ((0, 4), (1, 8))])  # round 2 asks 12 - 4 = 8 (keep rate 0: the cap)
+    assert int(result.drawn.sum()) == 12
+    top = torch.sort(candidates[:, 0, 0, 1], descending=True).values[:4]
+    torch.testing.assert_close(torch.sort(filled[:, 0, 0, 1], descending=True).values, top)
 
 
 def test_filter_is_seeded_and_cap_one_draws_once():

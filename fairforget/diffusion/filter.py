@@ -15,14 +15,16 @@ clean the pixels are. It is retrained from the site's live originals whenever it
 seconds), so a deleted original never survives in it.
 
 Cost: a group whose keep rate is ``k`` costs about ``1 / k`` draws per kept sample, at most
-``max_draws``; groups still short after the cap are left short (the report says how many).
+``max_draws``; a group still short after the cap is filled with its rejected candidates that the
+classifier scores highest for the requested class (the report counts them apart), so the bias plan's
+counts are met.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -88,7 +90,8 @@ def train_filter(data: SampleSet, settings: FilterSettings, num_classes: int, nu
 
 @dataclass
 class FilterResult:
-    """The kept samples (group order) and what it took: candidates drawn and kept per group."""
+    """The samples (group order) and what it took: per group, candidates drawn, candidates kept (labelled
+    as asked) and, with ``fill``, the best-scored rejected candidates that filled a group left short."""
 
     x: torch.Tensor
     y: torch.Tensor
@@ -96,8 +99,8 @@ class FilterResult:
     requested: np.ndarray  # per group (flat index class * num_private + private)
     drawn: np.ndarray
     kept: np.ndarray
+    filled: np.ndarray
     rounds: int = 0
-    extra: dict[str, float] = field(default_factory=dict)
 
     @property
     def keep_rate(self) -> float:
@@ -105,19 +108,23 @@ class FilterResult:
 
     @property
     def shortfall(self) -> int:
-        return int((self.requested - self.kept).sum())
+        return int((self.requested - self.kept - self.filled).sum())
 
     def summary(self) -> dict[str, float]:
         return {"requested": int(self.requested.sum()), "drawn": int(self.drawn.sum()), "kept": int(self.kept.sum()),
-                "keep_rate": self.keep_rate, "shortfall": self.shortfall, "rounds": self.rounds}
+                "filled": int(self.filled.sum()), "keep_rate": self.keep_rate, "shortfall": self.shortfall,
+                "rounds": self.rounds}
 
 
 def filtered_sample(draw: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor],
                     classifier: Callable[[torch.Tensor], torch.Tensor], y: torch.Tensor, private: torch.Tensor,
-                    seed: int, num_private: int, max_draws: int, max_rounds: int = MAX_ROUNDS) -> FilterResult:
+                    seed: int, num_private: int, max_draws: int, max_rounds: int = MAX_ROUNDS,
+                    fill: bool = True) -> FilterResult:
     """Draw candidates for labels ``(y, private)`` with ``draw(y, private, seed)`` and keep those
     ``classifier`` (images -> class logits) labels as their ``y``, until every group has as many as
-    asked or has used ``max_draws`` candidates per requested sample.
+    asked or has used ``max_draws`` candidates per requested sample. With ``fill``, a group still
+    short then takes its rejected candidates with the highest ``p(y | x)``, so the bias plan's counts
+    are met (a filter that starves the rare groups leaves the shard biased).
 
     Round 1 draws once per requested sample; each later round draws, for every short group, what it
     still needs divided by the group's keep rate so far (at least what it needs), within its budget."""
@@ -127,6 +134,7 @@ def filtered_sample(draw: Callable[[torch.Tensor, torch.Tensor, int], torch.Tens
     budget = requested * max_draws
     drawn = np.zeros(size, dtype=np.int64)
     kept: list[list[torch.Tensor]] = [[] for _ in range(size)]
+    rejected: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(size)]  # (scores, images)
     rounds, shape = 0, (0,)
     while rounds < max_rounds:
         have = np.array([sum(len(k) for k in kept[g]) for g in range(size)], dtype=np.int64)
@@ -145,22 +153,35 @@ def filtered_sample(draw: Callable[[torch.Tensor, torch.Tensor, int], torch.Tens
         x = draw(cy, ca, (seed + 7_919 * rounds) % (1 << 63))
         shape = tuple(x.shape[1:])
         with torch.no_grad():
-            pred = classifier(x).argmax(1).cpu()
-        ok = (pred == cy).numpy()
+            probs = classifier(x).softmax(1).cpu()
+        ok = (probs.argmax(1) == cy).numpy()
+        score = probs.gather(1, cy.view(-1, 1)).flatten()
         for g in np.unique(cand):
             rows = np.nonzero((cand == g) & ok)[0][: max(short[g], 0)]
             if len(rows):
                 kept[g].append(x[torch.as_tensor(rows)])
+            other = torch.as_tensor(np.nonzero((cand == g) & ~ok)[0])
+            if fill and len(other):
+                rejected[g].append((score[other], x[other]))
         drawn += ask
         rounds += 1
-    xs = [torch.cat(k) for k in kept if k]
     counts = np.array([sum(len(k) for k in kept[g]) for g in range(size)], dtype=np.int64)
-    flat = np.repeat(np.arange(size), counts)
+    filled = np.zeros(size, dtype=np.int64)
+    out = []
+    for g in range(size):
+        out += kept[g]
+        need = int(requested[g] - counts[g])
+        if fill and need > 0 and rejected[g]:
+            scores = torch.cat([r[0] for r in rejected[g]])
+            best = torch.argsort(scores, descending=True, stable=True)[:need]
+            out.append(torch.cat([r[1] for r in rejected[g]])[best])
+            filled[g] = len(best)
+    flat = np.repeat(np.arange(size), counts + filled)
     return FilterResult(
-        x=torch.cat(xs) if xs else torch.empty(0, *shape),
+        x=torch.cat(out) if out else torch.empty(0, *shape),
         y=torch.as_tensor(flat // num_private, dtype=torch.long),
         private=torch.as_tensor(flat % num_private, dtype=torch.long),
-        requested=requested, drawn=drawn, kept=counts, rounds=rounds,
+        requested=requested, drawn=drawn, kept=counts, filled=filled, rounds=rounds,
     )
 
 
