@@ -20,7 +20,8 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from clients.node import Node
 from fairforget import keys
-from fairforget.audit.site import site_audit
+from fairforget.audit import parse_attacks
+from fairforget.audit.site import SiteAudit, site_audit, site_seed
 from fairforget.data.base import is_synthetic
 from fairforget.diffusion.quality import FidelityClassifiers
 from fairforget.metrics import group_counts, kl_from_uniform
@@ -190,19 +191,41 @@ def augment(content: RecordDict, node: Node) -> RecordDict:
 
 @on_node
 def audit(content: RecordDict, node: Node) -> RecordDict:
-    """Audit the ensemble sent by the server on this site's members and held-out data; reply with
-    ROC statistics only (:mod:`fairforget.audit.site`)."""
+    """Audit the model this site serves, on its own live members and held-out data, with every
+    configured attack and reference models trained here (:mod:`fairforget.audit.site`); with
+    ``site-audit-scope = "ensemble"`` also the ensemble the server sent. Any other model is refused:
+    under the default scope a site receives no weights (FedAvg: the global model, which every client
+    already trains from). Replies with ROC statistics only."""
     cfg = node.cfg
-    models = [load_model(state, node.bundle.num_classes, cfg.model_width)
-              for state in unpack_shards(content[keys.ARRAYS]).values()]
-    members = node.sisa.live_data() if cfg.strategy == "shard-ensemble" else node.data
+    scope = str(content[keys.CONFIG][keys.AUDIT_SCOPE])
+    if scope != cfg.site_audit_scope:
+        raise ValueError(f"a {scope!r} site audit was asked for, but this run's site-audit-scope is "
+                         f"{cfg.site_audit_scope!r}")
+    sent = unpack_shards(content[keys.ARRAYS]) if keys.ARRAYS in content else {}
+    num_classes = node.bundle.num_classes
+    if cfg.strategy == "shard-ensemble":
+        if scope == "shard" and sent:
+            raise ValueError(f"site-audit-scope = 'shard': this site audits only its own model and takes no "
+                             f"weights, got shard(s) {', '.join(map(str, sorted(sent)))}")
+        own = node.sisa.model_state() if node.augment_store.active else approximate.current_state(node.sisa)
+        targets = {f"shard-{node.shard}": [load_model(own, num_classes, cfg.model_width)]}
+        if scope == "ensemble":
+            targets["ensemble"] = [load_model(sent[k], num_classes, cfg.model_width) for k in sorted(sent)]
+        members = node.sisa.live_data()
+    else:  # fedavg: one global model
+        if set(sent) != {0}:
+            raise ValueError("a FedAvg site audit takes exactly the global model")
+        own = sent[0]
+        targets = {"global": [load_model(own, num_classes, cfg.model_width)]}
+        members = node.data
     members = members.subset(np.flatnonzero(~is_synthetic(members.ids)))  # members are real people
-    attacks = [a.strip() for a in cfg.audit_attacks.split(",") if a.strip()]
-    result = site_audit(models, members, node.heldout, attacks, cfg.audit_bootstrap, cfg.seed)
-    return RecordDict({
-        keys.CONFIG: ConfigRecord({keys.AUDIT_JSON: json.dumps(result)}),
-        keys.METRICS: MetricRecord({keys.SHARD: node.shard, keys.NUM_EXAMPLES: len(members)}),
-    })
+    gone = node.tombstones.ids()
+    heldout = node.heldout.subset([i for i, sid in enumerate(node.heldout.ids.tolist()) if sid not in gone])
+    result = site_audit(targets, members, heldout, attacks=parse_attacks(cfg.audit_attacks),
+                        settings=node.sisa_settings, references=cfg.audit_references,
+                        bootstrap=cfg.audit_bootstrap, seed=site_seed(cfg.seed, node.shard),
+                        cache_dir=node.state_dir / "audit")
+    return SiteAudit(shard=node.shard, scope=scope, model_hash=state_hash(own), **result).to_records()
 
 
 @on_node

@@ -156,26 +156,37 @@ def _privacy_lines(metrics: dict[str, Any]) -> list[str]:
     privacy = metrics.get("privacy")
     if not privacy:
         return ["Not audited (`audit = false`); run `fairforget audit --run DIR`."]
-    lines = [f"{len(privacy['attacks'])} attacks; candidates: sampled members vs held-out non-members; "
-             f"{privacy['references']['count']} offline reference model(s) per target kind, trained on the "
-             f"population split ({privacy['population']}); audit took {privacy['seconds']:.1f} s.", "",
-             "| target | attack | AUC | balanced acc. | advantage | TPR @ 1% FPR [95% CI] | TPR @ 0.1% FPR |",
-             "|---|---|---|---|---|---|---|"]
-    for target, attacks in privacy["targets"].items():
+    at = privacy.get("audited_at") or {}
+    where = ("the ensemble on the server, with reference models trained on the population split "
+             f"({privacy['population']}); each shard model at its own site, on the site's live members vs half "
+             "its held-out data, with reference models the site trains on the other half"
+             if any(w != "server" for w in at.values()) else
+             f"every target on the server, with reference models trained on the population split "
+             f"({privacy['population']})")
+    lines = [f"{len(privacy['attacks'])} attacks, {privacy['references']['count']} offline reference model(s) per "
+             f"target; candidates: members vs held-out non-members. Audited: {where}. The audit took "
+             f"{privacy['seconds']:.1f} s.", "",
+             "| target | audited at | attack | AUC | balanced acc. | advantage | TPR @ 1% FPR [95% CI] "
+             "| TPR @ 0.1% FPR |",
+             "|---|---|---|---|---|---|---|---|"]
+    rows = [(t, at.get(t, "server"), a) for t, a in privacy["targets"].items()]
+    rows += [(f"{t} (at {site})", site, a) for site, r in privacy.get("sites", {}).items()
+             for t, a in (r.get("targets") or {}).items()]  # site-audit-scope = "ensemble"
+    for target, place, attacks in rows:
         for name, r in attacks.items():
             lo, hi = r["tpr_at_0.01_fpr_ci95"]
             ci = f" [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else ""  # null: no bootstrap
-            lines.append(f"| {target} | {name} | {r['auc']:.3f} | {r['balanced_accuracy']:.3f} | "
+            lines.append(f"| {target} | {place} | {name} | {r['auc']:.3f} | {r['balanced_accuracy']:.3f} | "
                          f"{r['advantage']:.3f} | {r['tpr_at_0.01_fpr']:.3f}{ci} | "
                          f"{r['tpr_at_0.001_fpr']:.3f} |")
-    sites = {s: r for s, r in privacy.get("sites", {}).items() if "error" not in r and "skipped" not in r}
+    sites = {s: r for s, r in privacy.get("sites", {}).items() if not r.get("error") and not r.get("skipped")}
     if sites:
-        lines += ["", "Each site's own audit of the ensemble (its members vs its held-out data; ROC statistics only):",
-                  "", "| site | attack | AUC | TPR @ 1% FPR | members | non-members |", "|---|---|---|---|---|---|"]
-        for site, attacks in sites.items():
-            lines += [f"| {site} | {name} | {r['auc']:.3f} | {r['tpr_at_0.01_fpr']:.3f} | {r['n_members']} | "
-                      f"{r['n_nonmembers']} |" for name, r in attacks.items()]
-    failed = {s: r for s, r in privacy.get("sites", {}).items() if "error" in r or "skipped" in r}
+        lines += ["", "The sites' audits (ROC statistics only came back; scope: what a site audited):", "",
+                  "| site | scope | members | non-members | population (reference training) | reference models | "
+                  "seconds |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {site} | {r['scope']} | {r['members']} | {r['nonmembers']} | {r['population']} | "
+                  f"{r['references']} | {r['seconds']:.1f} |" for site, r in sites.items()]
+    failed = {s: r for s, r in privacy.get("sites", {}).items() if r.get("error") or r.get("skipped")}
     lines += [f"- {site}: {r.get('error') or r.get('skipped')}" for site, r in failed.items()]
     lines += ["", "Attribute inference (linear probe on the bottleneck, trained on biased data):", "",
               "| target | probe accuracy on unbiased test | chance |", "|---|---|---|"]

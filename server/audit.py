@@ -1,30 +1,95 @@
-"""Site audits (``query.audit``): every node audits the ensemble on its own members and held-out data
-and replies with ROC statistics only (:mod:`fairforget.audit.site`). The server's own audit of the
-ensemble and of every shard model is :func:`fairforget.audit.suite.run_audit`."""
+"""The run's privacy audit, where the data is: every site audits its own shard model (``query.audit``,
+:mod:`fairforget.audit.site`: all configured attacks, reference models trained at the site on its own
+held-out data, ROC statistics back) while the server audits the ensemble
+(:func:`fairforget.audit.suite.run_audit`); the sites work in parallel with each other (Ray workers in
+simulation) and with the server.
+
+What travels: under ``site-audit-scope = "shard"`` (the default) the audit message carries no
+weights, a site audits the model it serves and says which (its hash, checked against the model the
+server holds); under ``"ensemble"`` every site receives every shard's weights and audits the ensemble
+too. FedAvg sends its one global model, which every client already trains from.
+"""
 
 from __future__ import annotations
 
-import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from fairforget import keys
+from fairforget.audit.site import SiteAudit
+from fairforget.audit.suite import run_audit, with_sites
+from fairforget.config import RunConfig
+from fairforget.data import DataBundle
 from fairforget.records import pack_shards
+from fairforget.run import RunDir
+from fairforget.storage import state_hash
 
 
-def site_audits(grid: Any, states: dict[int, dict[str, torch.Tensor]]) -> dict[str, Any]:
-    """Ask every node to audit the ensemble on its own members and held-out data; each replies with
-    ROC statistics only. Returns ``{"site-K": {attack: summary}}``."""
-    arrays = pack_shards({k: ArrayRecord(v) for k, v in states.items()})
-    messages = [Message(RecordDict({keys.ARRAYS: arrays}), dst_node_id=n, message_type=keys.MSG_AUDIT)
-                for n in grid.get_node_ids()]
+def federated_audit(grid: Any, run: RunDir, cfg: RunConfig, bundle: DataBundle | None,
+          states: dict[int, dict[str, torch.Tensor]], deleted: set[int],
+          dp: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``privacy`` block of metrics.json: the sites' audits of their shard models, asked for
+    first and answered while the server audits the ensemble (skipped when the server holds no data,
+    ``bundle`` None). ``seconds`` is the audit's wall time; ``server_seconds`` and ``sites_seconds``
+    its two parts, which overlap."""
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="site-audits") as pool:
+        asked = pool.submit(_timed, site_audits, grid, cfg, states)
+        server = None if bundle is None else run_audit(run, cfg, bundle, states, deleted=deleted, shards=False)
+        sites, sites_seconds = asked.result()
+    privacy = with_sites(server, sites, cfg, dp)
+    privacy["server_seconds"] = server["seconds"] if server else 0.0
+    privacy["sites_seconds"] = sites_seconds
+    privacy["seconds"] = time.perf_counter() - t0
+    return privacy
+
+
+def site_audits(grid: Any, cfg: RunConfig, states: dict[int, dict[str, torch.Tensor]]) -> dict[str, Any]:
+    """Ask every site for its audit; ``{"site-K": SiteAudit fields}``, or ``{"error": ...}`` for a
+    node that failed or audited another model than the one the server holds for its shard."""
+    messages = audit_messages(grid, cfg, states)
     out: dict[str, Any] = {}
     for reply in grid.send_and_receive(messages):
         if reply.has_error():
             out[f"node-{reply.metadata.src_node_id}"] = {"error": reply.error.reason}
             continue
-        shard = int(reply.content[keys.METRICS][keys.SHARD])
-        out[f"site-{shard}"] = json.loads(reply.content[keys.CONFIG][keys.AUDIT_JSON])
+        result = SiteAudit.from_records(reply.content)
+        served = states.get(result.shard) if cfg.strategy == "shard-ensemble" else states.get(0)
+        if served is None or state_hash(served) != result.model_hash:
+            out[f"site-{result.shard}"] = {"shard": result.shard, "error": (
+                f"the site audited model {result.model_hash[:12]}, not the model the server holds for its shard")}
+            continue
+        out[f"site-{result.shard}"] = asdict(result)
     return dict(sorted(out.items()))
+
+
+def audit_messages(grid: Any, cfg: RunConfig, states: dict[int, dict[str, torch.Tensor]]) -> list[Message]:
+    """One ``query.audit`` per node: the scope, and weights only where the scope or FedAvg needs them."""
+    arrays = None
+    if cfg.strategy != "shard-ensemble":
+        arrays = pack_shards({0: ArrayRecord(states[0])})
+    elif cfg.site_audit_scope == "ensemble":
+        arrays = pack_shards({k: ArrayRecord(v) for k, v in states.items()})
+    messages = []
+    for node in _audit_nodes(grid):
+        content = RecordDict({keys.CONFIG: ConfigRecord({keys.AUDIT_SCOPE: cfg.site_audit_scope})})
+        if arrays is not None:
+            content[keys.ARRAYS] = arrays
+        messages.append(Message(content, dst_node_id=node, message_type=keys.MSG_AUDIT))
+    return messages
+
+
+def _audit_nodes(grid: Any) -> list[int]:
+    """The nodes bound to the run's shards where the grid keeps a binding (``server.grid``), else all."""
+    bound = getattr(grid, "bound_nodes", None)
+    return list(bound() if bound is not None else grid.get_node_ids())
+
+
+def _timed(fn: Any, *args: Any) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    return fn(*args), time.perf_counter() - t0

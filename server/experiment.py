@@ -16,7 +16,7 @@ from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from fairforget import keys
-from fairforget.audit.suite import check_audit_config, run_audit
+from fairforget.audit.suite import check_audit_config
 from fairforget.config import ConfigError, RunConfig
 from fairforget.data import DataBundle, load_dataset
 from fairforget.privacy.accountant import BOUND_FPRS
@@ -25,7 +25,7 @@ from fairforget.privacy.reporting import dp_block
 from fairforget.report import write_report
 from fairforget.run import RunDir
 from fairforget.tombstones import Tombstones
-from server.audit import site_audits
+from server.audit import federated_audit
 from server.augment import run_augmentation
 from server.evaluation import RoundEvaluator, evaluate_states
 from strategies import build_strategy
@@ -68,8 +68,7 @@ def run_training(grid: Grid, cfg: RunConfig) -> None:
     if cfg.audit:
         retired = set(augmentation["retired_ids"]) if augmentation else set()
         deleted = retired | Tombstones.of_run(run.path).ids()  # a replaced run's deletions stay deleted
-        metrics["privacy"] = run_audit(run, cfg, bundle, states, deleted=deleted, dp=metrics["dp"])
-        metrics["privacy"]["sites"] = site_audits(grid, states)
+        metrics["privacy"] = federated_audit(grid, run, cfg, bundle, states, deleted=deleted, dp=metrics["dp"])
         metrics["timing"]["audit_seconds"] = metrics["privacy"]["seconds"]
     run.write_metrics(metrics)
     run.ledger.ensure()

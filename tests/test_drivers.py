@@ -44,14 +44,17 @@ def test_training_writes_metrics_report_models(trained):
         assert set(target) == set(trained.audit_attacks.split(","))
         assert all(0.0 <= r["auc"] <= 1.0 and r["roc"]["fpr"][0] == 0.0 for r in target.values())
     assert set(privacy["attribute_inference"]) == {"ensemble", "shard-0", "shard-1"}
-    # each site audited the ensemble on its own members and held-out share, returning statistics only
+    # the server audited the ensemble; each site its own shard model, with references it trained itself
+    assert privacy["audited_at"] == {"ensemble": "server", "shard-0": "site-0", "shard-1": "site-1"}
     assert set(privacy["sites"]) == {"site-0", "site-1"}
-    for site, attacks in privacy["sites"].items():
-        assert set(attacks) == {"loss", "confidence", "entropy"}  # the reference-free ones
+    for site, info in privacy["sites"].items():
         shard = next(s for s in m["shards"] if f"site-{s['shard']}" == site)
-        assert attacks["loss"]["n_members"] == shard["num_examples"]
-        assert "scores" not in attacks["loss"] and "ids" not in attacks["loss"]
-    assert sorted(p.name.split("-")[1] for p in (run.path / "audit").glob("references-*.pt")) == ["ensemble", "shard"]
+        assert info["scope"] == "shard" and info["targets"] == {} and info["members"] == shard["num_examples"]
+        assert info["model_hash"] == shard["model_hash"]
+        assert privacy["targets"][f"shard-{shard['shard']}"]["loss"]["n_members"] == shard["num_examples"]
+        cache = run.path / "nodes" / site.replace("site", "shard") / "audit"
+        assert len(list(cache.glob("references-shard-*.pt"))) == 1
+    assert [p.name.split("-")[1] for p in (run.path / "audit").glob("references-*.pt")] == ["ensemble"]
     assert "## Privacy audit" in run.report_path.read_text() and (run.path / "mia_roc.png").exists()
     assert run.report_path.read_text().startswith("# fairforget report")
     assert (run.path / "group_accuracy.png").read_bytes()[:4] == b"\x89PNG"

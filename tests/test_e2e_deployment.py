@@ -94,7 +94,9 @@ def test_train_and_forget_on_separate_supernodes(federation):
     assert read_json(out / "status.json")["deleted"] == {"1": {"1": [victim]}}
     assert victim in read_json(tmp / "site1" / "index.json")["deleted"]
     assert read_json(tmp / "site0" / "index.json")["deleted"] == []
-    # each SuperNode audited the ensemble on its own data and sent back ROC statistics only
-    sites = read_json(out / "metrics.json")["privacy"]["sites"]
-    assert set(sites) == {"site-0", "site-1"}
-    assert all(0.0 <= r["auc"] <= 1.0 for attacks in sites.values() for r in attacks.values())
+    # each SuperNode audited its own shard model on its own data and sent back ROC statistics only
+    privacy = read_json(out / "metrics.json")["privacy"]
+    assert set(privacy["sites"]) == {"site-0", "site-1"}
+    assert {t: w for t, w in privacy["audited_at"].items() if t != "ensemble"} == {"shard-0": "site-0",
+                                                                                    "shard-1": "site-1"}
+    assert all(0.0 <= r["auc"] <= 1.0 for t in ("shard-0", "shard-1") for r in privacy["targets"][t].values())

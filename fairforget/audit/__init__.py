@@ -12,4 +12,17 @@ ATTACKS: dict[str, type[Attack]] = {
     cls.name: cls for cls in (LossAttack, ConfidenceAttack, EntropyAttack, LiraOffline, LiraOnline, RmiaOffline)
 }
 
-__all__ = ["ATTACKS", "Attack", "AuditError", "TargetOutputs"]
+
+
+def parse_attacks(text: str) -> list[str]:
+    """The attack names of ``audit-attacks`` (comma-separated), each checked against the registry."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in ATTACKS]
+    if unknown:
+        raise AuditError(f"unknown attack(s): {', '.join(unknown)} (have {', '.join(sorted(ATTACKS))})")
+    if not names:
+        raise AuditError("no attacks chosen (audit-attacks is empty)")
+    return names
+
+
+__all__ = ["ATTACKS", "Attack", "AuditError", "TargetOutputs", "parse_attacks"]

@@ -9,15 +9,18 @@ population plus the candidates, so each candidate is IN for about half of them.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from fairforget.data.base import SampleSet
-from fairforget.model import build_model
+from fairforget.model import build_model, load_model
 from fairforget.sisa import SisaSettings, assign_slices, derived_seed
+from fairforget.storage import atomic_torch_save, torch_load
 from fairforget.training import train
 
 
@@ -30,6 +33,7 @@ class ReferenceOutputs:
     in_mask: np.ndarray  # (M, N) True where the candidate was in that reference's training data
     seconds: float
     models: list[list[torch.nn.Module]] = field(default_factory=list)  # kept only when asked
+    trained_on: list[list[int]] = field(default_factory=list)  # each reference's training ids (None if unknown)
 
     @property
     def count(self) -> int:
@@ -73,7 +77,7 @@ def train_references(population: SampleSet, candidates: SampleSet, *, count: int
     """Train ``count`` references and collect their outputs."""
     rng = np.random.default_rng(seed)
     t0 = time.perf_counter()
-    cand_probs, pop_probs, in_masks, kept = [], [], [], []
+    cand_probs, pop_probs, in_masks, kept, trained_on = [], [], [], [], []
     n_cand = len(candidates)
     # online: every candidate is IN for exactly half of the references (count // 2 of them)
     balanced = np.argsort(rng.random((count, n_cand)), axis=0) < count // 2
@@ -92,7 +96,42 @@ def train_references(population: SampleSet, candidates: SampleSet, *, count: int
         cand_probs.append(predict_probs(models, candidates.x))
         pop_probs.append(predict_probs(models, population.x))
         in_masks.append(in_mask)
+        trained_on.append(sorted(int(i) for i in train.ids.tolist()))
         if keep_models:
             kept.append(models)
     return ReferenceOutputs(np.stack(cand_probs), np.stack(pop_probs), np.stack(in_masks),
-                            time.perf_counter() - t0, kept)
+                            time.perf_counter() - t0, kept, trained_on)
+
+
+def offline_references(cache_dir: Path, population: SampleSet, candidates: SampleSet, *, kind: str, count: int,
+                       train_size: int, models_per_reference: int, settings: SisaSettings,
+                       seed: int, replace: bool = False) -> ReferenceOutputs:
+    """Offline references (trained on ``population`` only), from or to ``cache_dir``.
+
+    They never see a candidate, so they can be kept and reused across audits: the cache file is keyed
+    by everything they depend on, the population's ids included, and records each reference's
+    training ids. With ``replace``, writing a new file for ``kind`` removes that kind's older files (a
+    site's population that lost a record must not survive in a cached model). ``seconds`` is 0 for a
+    cache hit."""
+    size = min(train_size, len(population))
+    pop_key = hashlib.sha256(np.asarray(population.ids.tolist(), dtype=np.int64).tobytes()).hexdigest()
+    key = hashlib.sha256(repr((kind, models_per_reference, size, count, settings, seed, pop_key)).encode())
+    path = Path(cache_dir) / f"references-{kind}-{key.hexdigest()[:16]}.pt"
+    if path.is_file():
+        saved = torch_load(path)
+        groups = [[load_model(s, settings.num_classes, settings.width) for s in group]
+                  for group in saved["states"]]
+        cand_probs = np.stack([predict_probs(g, candidates.x) for g in groups])
+        pop_probs = np.stack([predict_probs(g, population.x) for g in groups])
+        return ReferenceOutputs(cand_probs, pop_probs, np.zeros(cand_probs.shape[:2], bool), 0.0,
+                                trained_on=saved["trained_on"])
+    ref = train_references(population, candidates, count=count, members_per_model=size,
+                           models_per_reference=models_per_reference, settings=settings, seed=seed, online=False,
+                           keep_models=True)
+    atomic_torch_save(path, {"states": [[{k: v.cpu() for k, v in m.state_dict().items()} for m in group]
+                                        for group in ref.models], "trained_on": ref.trained_on})
+    for old in Path(cache_dir).glob(f"references-{kind}-*.pt") if replace else ():
+        if old != path:
+            old.unlink(missing_ok=True)
+    ref.models.clear()
+    return ref

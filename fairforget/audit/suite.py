@@ -6,9 +6,11 @@ split: drawn like the members, never trained on), score every attack on every ta
 the ROC, probe the bottleneck for the private attribute. Runs on the server in simulation, after
 ``simulate`` and every ``forget``, and alone as ``fairforget audit --run DIR``.
 
-Under the deployment engine (and in simulation too) every site also audits the ensemble on its own
-members and held-out data and returns ROC statistics only (:mod:`fairforget.audit.site`, asked for by
-``server/audit.py``).
+The drivers ask this module for the ensemble only: every site audits its own shard model, on its own
+members and held-out data, with reference models it trains itself, in parallel with the other sites
+and returns ROC statistics only (:mod:`fairforget.audit.site`, asked for by ``server/audit.py``);
+:func:`with_sites` puts both in one block. ``fairforget audit --run DIR``, which cannot reach the
+sites, audits every shard model here, one after another.
 
 Reference models are trained on population data only, so they are cached in ``OUT/audit/`` and
 reused; LiRA-online shadows also train on candidate members, so they are trained for the audit and
@@ -17,16 +19,15 @@ never saved (a deletion must not survive in a shadow model).
 
 from __future__ import annotations
 
-import hashlib
 import time
 from typing import Any
 
 import numpy as np
 import torch
 
-from fairforget.audit import ATTACKS, AuditError, TargetOutputs
+from fairforget.audit import ATTACKS, AuditError, TargetOutputs, parse_attacks
 from fairforget.audit.probe import attribute_inference, bottleneck
-from fairforget.audit.references import ReferenceOutputs, predict_probs, train_references
+from fairforget.audit.references import ReferenceOutputs, offline_references, predict_probs, train_references
 from fairforget.audit.roc import auc, summarize
 from fairforget.config import RunConfig
 from fairforget.data import DataBundle, SampleSet, shard_of
@@ -34,19 +35,8 @@ from fairforget.model import load_model
 from fairforget.privacy.reporting import violations
 from fairforget.run import RunDir
 from fairforget.sisa import SisaSettings
-from fairforget.storage import atomic_torch_save, torch_load
 
 MIN_GROUP = 10  # members and non-members a (class, private) group needs for its own AUC
-
-
-def parse_attacks(text: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in ATTACKS]
-    if unknown:
-        raise AuditError(f"unknown attack(s): {', '.join(unknown)} (have {', '.join(sorted(ATTACKS))})")
-    if not names:
-        raise AuditError("no attacks chosen (audit-attacks is empty)")
-    return names
 
 
 def check_audit_config(cfg: RunConfig, bundle: DataBundle) -> list[str]:
@@ -62,27 +52,29 @@ def check_audit_config(cfg: RunConfig, bundle: DataBundle) -> list[str]:
 
 
 def run_audit(run: RunDir, cfg: RunConfig, bundle: DataBundle, states: dict[int, dict[str, torch.Tensor]],
-              deleted: set[int], dp: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Every attack on every target; the ``privacy`` block of metrics.json. With the run's ``dp``
-    block, every attack's TPR at low FPR is set against its target's mu-GDP bound: an empirical TPR
-    above the bound beyond its confidence interval is listed in ``dp_bound_violations`` (a bug in
-    training, accounting or the attack)."""
+              deleted: set[int], dp: dict[str, Any] | None = None, shards: bool = True) -> dict[str, Any]:
+    """Every attack on the ensemble and, with ``shards``, on every shard model; the ``privacy`` block
+    of metrics.json. The drivers pass ``shards = False``: each site audits its own shard model
+    (:mod:`fairforget.audit.site`) and :func:`with_sites` adds those. With the run's ``dp`` block,
+    every attack's TPR at low FPR is set against its target's mu-GDP bound: an empirical TPR above the
+    bound beyond its confidence interval is listed in ``dp_bound_violations`` (a bug in training,
+    accounting or the attack)."""
     t0 = time.perf_counter()
     names = check_audit_config(cfg, bundle)
     settings = SisaSettings.from_config(cfg, bundle.num_classes, bundle.num_private)
     population = bundle.test_biased
-    shards = [s.subset([i for i, sid in enumerate(s.ids.tolist()) if sid not in deleted])
-              for s in shard_of(cfg, bundle)]
+    members_of = [s.subset([i for i, sid in enumerate(s.ids.tolist()) if sid not in deleted])
+                  for s in shard_of(cfg, bundle)]
     models = {k: load_model(state, bundle.num_classes, cfg.model_width) for k, state in states.items()}
     rng = np.random.default_rng(cfg.seed + 4242)
 
     targets: dict[str, tuple[list[torch.nn.Module], SampleSet]] = {}
-    live = SampleSet.concat([s for s in shards])
+    live = SampleSet.concat(members_of)
     take = np.sort(rng.permutation(len(live))[: min(len(live), len(bundle.heldout))])
     targets["ensemble"] = (list(models.values()), live.subset(take))
     for k in sorted(models):
-        if len(models) > 1:
-            targets[f"shard-{k}"] = ([models[k]], shards[k])
+        if shards and len(models) > 1:
+            targets[f"shard-{k}"] = ([models[k]], members_of[k])
 
     # bottleneck features once per model: the probes of the shards and of the ensemble share them. The
     # probe trains on live members only: a deleted (or retired) record is used by nothing after its deletion
@@ -111,6 +103,8 @@ def run_audit(run: RunDir, cfg: RunConfig, bundle: DataBundle, states: dict[int,
             if tname == "ensemble":
                 summary["groups"] = _group_aucs(scores, is_member, cand, bundle.num_private)
             results[tname][name] = summary
+    # the probe needs the unbiased test set, which the server holds: every model's, wherever it was audited
+    for tname in ["ensemble"] + [f"shard-{k}" for k in sorted(models) if len(models) > 1]:
         shard_keys = list(models) if tname == "ensemble" else [int(tname.split("-")[1])]
         probes[tname] = attribute_inference(torch.cat([feats[k][0] for k in shard_keys], 1), live,
                                             torch.cat([feats[k][1] for k in shard_keys], 1), bundle.test_unbiased,
@@ -128,6 +122,43 @@ def run_audit(run: RunDir, cfg: RunConfig, bundle: DataBundle, states: dict[int,
         **out,
         "seconds": time.perf_counter() - t0,
     }
+
+
+def with_sites(privacy: dict[str, Any] | None, sites: dict[str, dict[str, Any]], cfg: RunConfig,
+               dp: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``privacy`` block: the server's audit (the ensemble; None when the server holds no data)
+    and each site's audit of its own shard model, which becomes target ``shard-K`` (``audited_at``
+    says where each target was audited). ``sites`` keeps what else each site returned (its counts,
+    references and seconds, its ensemble audit under ``site-audit-scope = "ensemble"``, an error or
+    why it skipped). The DP bound is checked on every target."""
+    out = dict(privacy) if privacy else {
+        "attacks": parse_attacks(cfg.audit_attacks), "population": "each site's held-out half",
+        "references": {"count": cfg.audit_references, "train_seconds": 0.0}, "attribute_inference": {},
+        "seconds": 0.0}
+    server_targets = dict(out.get("targets") or {})
+    targets = {t: r for t, r in server_targets.items() if t == "ensemble"}
+    audited_at = {t: "server" for t in server_targets}
+    kept: dict[str, dict[str, Any]] = {}
+    for name, site in sites.items():
+        site = dict(site)
+        own = f"shard-{site['shard']}" if "shard" in site else None
+        if own and own in site.get("targets", {}):
+            site["targets"] = {t: r for t, r in site["targets"].items() if t != own}
+            targets[own], audited_at[own] = sites[name]["targets"][own], name
+        kept[name] = site
+    # a shard no site audited keeps the server's figures, if it made any (`fairforget audit`)
+    targets.update({t: r for t, r in server_targets.items() if t not in targets})
+    out["targets"] = dict(sorted(targets.items(), key=lambda kv: (kv[0] != "ensemble", _shard_key(kv[0]))))
+    out["audited_at"] = {t: audited_at.get(t, "server") for t in out["targets"]}
+    out["sites"] = kept
+    out.pop("dp_bound_violations", None)
+    if dp:
+        out["dp_bound_violations"] = violations(out, dp)
+    return out
+
+
+def _shard_key(target: str) -> int:
+    return int(target.split("-")[1]) if target.startswith("shard-") else -1
 
 
 def unlearning_audit(cfg: RunConfig, bundle: DataBundle, states: dict[int, dict[str, torch.Tensor]],
@@ -184,23 +215,12 @@ def _group_aucs(scores: np.ndarray, is_member: np.ndarray, cand: SampleSet, num_
 def _references(run: RunDir, cfg: RunConfig, settings: SisaSettings, population: SampleSet, cand: SampleSet,
                 kind: str, n_models: int, train_size: int, mode: str) -> tuple[ReferenceOutputs, float]:
     """Offline references come from (or go to) the run's cache; online ones are trained and dropped."""
-    size = min(train_size, len(population))
     seed = cfg.seed + (1 if kind == "shard" else 2)
     if mode == "online":
-        ref = train_references(population, cand, count=max(cfg.audit_references, 4), members_per_model=size,
-                               models_per_reference=n_models, settings=settings, seed=seed, online=True)
+        ref = train_references(population, cand, count=max(cfg.audit_references, 4),
+                               members_per_model=min(train_size, len(population)), models_per_reference=n_models,
+                               settings=settings, seed=seed, online=True)
         return ref, ref.seconds
-    key = hashlib.sha256(repr((kind, n_models, size, cfg.audit_references, settings)).encode()).hexdigest()[:16]
-    path = run.path / "audit" / f"references-{kind}-{key}.pt"
-    if path.is_file():
-        groups = torch_load(path)["states"]
-        refs_models = [[load_model(s, settings.num_classes, settings.width) for s in group] for group in groups]
-        cand_probs = np.stack([predict_probs(g, cand.x) for g in refs_models])
-        pop_probs = np.stack([predict_probs(g, population.x) for g in refs_models])
-        return ReferenceOutputs(cand_probs, pop_probs, np.zeros(cand_probs.shape[:2], bool), 0.0), 0.0
-    ref = train_references(population, cand, count=cfg.audit_references, members_per_model=size,
-                           models_per_reference=n_models, settings=settings, seed=seed, online=False,
-                           keep_models=True)
-    atomic_torch_save(path, {"states": [[{k: v.cpu() for k, v in m.state_dict().items()} for m in group]
-                                        for group in ref.models]})
+    ref = offline_references(run.path / "audit", population, cand, kind=kind, count=cfg.audit_references,
+                             train_size=train_size, models_per_reference=n_models, settings=settings, seed=seed)
     return ref, ref.seconds
