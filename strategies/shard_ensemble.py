@@ -4,7 +4,9 @@ Bourtoule et al., "Machine Unlearning", IEEE S&P 2021. Round r asks every node t
 r (slices 1..r) from its own node-local checkpoint, so no weights travel to the clients; each reply's
 model replaces that shard's constituent. The ensemble predicts by mean softmax or majority vote
 (:class:`fairforget.ensemble.Ensemble`). Deletion requests travel as ``train.unlearn`` messages
-to the owning nodes only (:meth:`configure_unlearn` / :meth:`aggregate_unlearn`).
+to the owning nodes only (:meth:`configure_unlearn` / :meth:`aggregate_unlearn`). Site audits
+(``server/audit.py``) send no weights either: each site audits the model it serves, unless the run
+sets ``site-audit-scope = "ensemble"``, which sends every shard's weights to every site.
 
 The strategy owns the per-shard deletion budget (:attr:`budget`, a
 :class:`fairforget.capacity.DeletionBudget`, Sekhari et al. 2021) the way Flower's DP strategies own
