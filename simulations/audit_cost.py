@@ -1,23 +1,33 @@
-"""Benchmark: what a membership-inference audit costs, RMIA with few references vs LiRA with many.
+"""Benchmark: what the privacy audit costs, next to what training costs.
 
-On a finished run (default ``runs/demo``), for the ensemble and one shard model, this trains the
-reference models each attack needs and scores the same candidates (members sampled from the live
-training set vs the held-out non-members), timing reference training plus scoring:
+``--mode both`` (default) trains the demo configuration once through Flower's simulation engine
+(``fairforget simulate``, one Ray worker per client CPU) and prints, side by side for that one run:
 
-* RMIA offline with 2 reference models (Zarifzadeh et al. 2024),
-* LiRA offline with 2 reference models, fixed variance,
-* LiRA online with 8 and with 16 shadow models (each candidate IN for half of them).
+* ``sites``: the audit as ``simulate`` runs it now. Every site audits its own shard model with every
+  configured attack and trains its reference models itself, on its own held-out data, on the Ray
+  workers in parallel, while the ServerApp audits the ensemble (``server/audit.py``). The figure is the
+  run's own ``timing.audit_seconds``.
+* ``server``: the audit as ``simulate`` ran it before, every target (ensemble and each shard model)
+  with its reference models trained one after another in the server's process
+  (:func:`fairforget.audit.suite.run_audit` with the shard targets, a fresh reference cache), on the
+  same run's models; the Ray workers idle meanwhile. The reference-free site audits of that design
+  (a few seconds) are not counted, so this figure is a lower bound of the old cost.
 
-It prints AUC, TPR at 1% FPR and wall seconds side by side, and the cost ratio to RMIA. Online
-shadows train on candidate members, so they are discarded after the measurement.
+Both are set against the run's training wall time (``timing.train_wall_seconds``: Flower's strategy
+loop, Ray start-up and per-round evaluation included). ``--mode sites`` or ``--mode server`` prints one
+row (``server`` on an existing ``--run``). ``--mode attacks`` prints what one attack costs on a finished
+run: RMIA with 2 references vs LiRA offline with 2 and LiRA online with 8 or 16 shadows.
 
-    python simulations/audit_cost.py [--run runs/demo] [--shadows 8 16]
+    python simulations/audit_cost.py [--mode both|sites|server|attacks] [--out runs/audit-cost]
+                                     [--run DIR] [--set key=value ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,18 +37,75 @@ import torch
 from fairforget.audit import ATTACKS, TargetOutputs
 from fairforget.audit.references import predict_probs, train_references
 from fairforget.audit.roc import summarize
+from fairforget.audit.suite import run_audit
 from fairforget.data import SampleSet, load_dataset, shard_of
 from fairforget.model import load_model
 from fairforget.run import RunDir, RunDirError
 from fairforget.sisa import SisaSettings
+from fairforget.tombstones import Tombstones
+
+FAIRFORGET = Path(sys.executable).parent / "fairforget"
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run", default="runs/demo", help="a finished `fairforget simulate` run")
-    parser.add_argument("--shadows", type=int, nargs="+", default=[8, 16], help="LiRA-online shadow counts")
-    args = parser.parse_args()
-    run = RunDir(Path(args.run))
+def simulate(out: Path, sets: list[str]) -> None:
+    cmd = [str(FAIRFORGET), "simulate", "--out", str(out), "--force", "--quiet"]
+    for s in sets:
+        cmd += ["--set", s]
+    print("$", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def server_side_seconds(run: RunDir) -> tuple[float, dict]:
+    """Every target audited in this process, references trained one after another, none cached."""
+    cfg = run.config()
+    torch.set_num_threads(max(cfg.num_threads, 1))
+    bundle = load_dataset(cfg)
+    deleted = run.ledger.unlearned_ids() | Tombstones.of_run(run.path).ids()
+    with tempfile.TemporaryDirectory(prefix="audit-cost-") as tmp:
+        t0 = time.perf_counter()
+        privacy = run_audit(RunDir(Path(tmp)), cfg, bundle, run.load_models(), deleted=deleted, shards=True)
+        return time.perf_counter() - t0, privacy
+
+
+def compare(args: argparse.Namespace) -> int:
+    out = Path(args.run or args.out).resolve()
+    if args.run is None:
+        simulate(out, args.set)
+    run = RunDir(out)
+    try:
+        run.require_finished()
+    except RunDirError as exc:
+        print(f"audit_cost: error: {exc}", file=sys.stderr)
+        return 2
+    m = run.metrics()
+    cfg = run.config()
+    train = m["timing"]["train_wall_seconds"]
+    print(f"\naudit cost vs training on {out} ({cfg.num_shards} shards x {cfg.slices} slices, "
+          f"{cfg.epochs_per_slice} epochs, width {cfg.model_width}; attacks {cfg.audit_attacks}; "
+          f"{cfg.audit_references} references; {cfg.client_cpus} CPU per Ray client)")
+    print(f"{'mode':8} {'training wall s':>16} {'audit wall s':>13} {'audit / training':>17}  where the audit ran")
+    if args.mode in ("both", "sites"):
+        p = m.get("privacy") or {}
+        if "sites_seconds" not in p:
+            print("sites    (this run has no site audit: audit = false, or a run made before site audits)")
+        else:
+            audit = m["timing"]["audit_seconds"]
+            print(f"{'sites':8} {train:>16.1f} {audit:>13.1f} {audit / train:>16.2f}x  ensemble on the server "
+                  f"({p['server_seconds']:.1f} s) while the sites audit their shard models "
+                  f"({p['sites_seconds']:.1f} s)")
+            per_site = ", ".join(f"{s} {r['seconds']:.1f} s (references {r['reference_seconds']:.1f} s)"
+                                 for s, r in p["sites"].items() if "seconds" in r)
+            print(f"{'':8} {'':>16} {'':>13} {'':>17}  per site, on the Ray workers: {per_site}")
+    if args.mode in ("both", "server"):
+        seconds, privacy = server_side_seconds(run)
+        print(f"{'server':8} {train:>16.1f} {seconds:>13.1f} {seconds / train:>16.2f}x  every target on the "
+              f"server, one after another (references {privacy['references']['train_seconds']:.1f} s)", flush=True)
+    return 0
+
+
+def attacks(args: argparse.Namespace) -> int:
+    """RMIA with few references vs LiRA with many, on the ensemble and shard 0 of a finished run."""
+    run = RunDir(Path(args.run or "runs/demo"))
     try:
         run.require_finished()
         cfg = run.config()
@@ -46,12 +113,10 @@ def main() -> int:
         print(f"audit_cost: error: {exc}", file=sys.stderr)
         return 2
     torch.set_num_threads(max(cfg.num_threads, 1))
-
     bundle = load_dataset(cfg)
     settings = SisaSettings.from_config(cfg, bundle.num_classes)
     deleted = run.ledger.unlearned_ids()
-    states = run.load_models()
-    models = {k: load_model(s, bundle.num_classes, cfg.model_width) for k, s in states.items()}
+    models = {k: load_model(s, bundle.num_classes, cfg.model_width) for k, s in run.load_models().items()}
     shards = [s.subset([i for i, sid in enumerate(s.ids.tolist()) if sid not in deleted])
               for s in shard_of(cfg, bundle)]
     live = SampleSet.concat(shards)
@@ -60,8 +125,7 @@ def main() -> int:
     targets = {"ensemble": (list(models.values()), ensemble_members, len(live)),
                "shard-0": ([models[0]], shards[0], len(shards[0]))}
     pop = bundle.test_biased
-
-    print(f"audit cost on {run.path} ({len(pop)} population samples, {len(bundle.heldout)} non-members)")
+    print(f"attack cost on {run.path} ({len(pop)} population samples, {len(bundle.heldout)} non-members)")
     print(f"{'target':10} {'attack':14} {'refs':>4} {'AUC':>6} {'TPR@1%':>7} {'seconds':>8} {'x RMIA':>7}")
     for tname, (tmodels, members, train_size) in targets.items():
         cand = SampleSet.concat([members, bundle.heldout])
@@ -81,6 +145,22 @@ def main() -> int:
             print(f"{tname:10} {name:14} {count:>4} {r['auc']:>6.3f} {r['tpr_at_0.01_fpr']:>7.3f} "
                   f"{seconds:>8.1f} {seconds / base:>6.1f}x", flush=True)
     return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mode", choices=("both", "sites", "server", "attacks"), default="both")
+    parser.add_argument("--out", default="runs/audit-cost", help="where the benchmark's own run goes (replaced)")
+    parser.add_argument("--run", help="a finished run to measure instead of training one (server, attacks)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="run-config overrides for the benchmark's run (default: the demo's configuration)")
+    parser.add_argument("--shadows", type=int, nargs="+", default=[8, 16], help="LiRA-online shadow counts (attacks)")
+    args = parser.parse_args()
+    if args.mode == "attacks":
+        return attacks(args)
+    if args.mode == "sites" and args.run:
+        parser.error("--mode sites measures a run it trains itself: leave out --run")
+    return compare(args)
 
 
 if __name__ == "__main__":
