@@ -12,10 +12,14 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@
 
-demo: $(VENV)/.installed  ## train a 4-shard SISA ensemble on Biased-Digits via Flower, then forget 3 samples
+demo: $(VENV)/.installed  ## train a 4-shard SISA ensemble on Biased-Digits via Flower, forget 3 samples, then EnD beside it
 	$(BIN)/fairforget simulate --out $(OUT) --force
 	$(BIN)/fairforget forget --run $(OUT) --ids 17,42,5
+	$(BIN)/fairforget simulate --out $(OUT)-end --force --quiet --set objective=end \
+		--set audit-attacks=loss,confidence,entropy --set audit-references=0
+	$(BIN)/fairforget compare $(OUT) $(OUT)-end --out $(OUT)/vanilla_vs_end
 	@echo "report: $(OUT)/report.md"
+	@echo "biased (vanilla) vs debiased (EnD), utility and leakage: $(OUT)/vanilla_vs_end.md"
 
 test: $(VENV)/.installed  ## unit tests + end-to-end Flower runs, on 2 workers (the Flower runs one after another)
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
