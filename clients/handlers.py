@@ -24,7 +24,7 @@ from fairforget.audit import parse_attacks
 from fairforget.audit.site import SiteAudit, site_audit, site_seed
 from fairforget.data.base import is_synthetic
 from fairforget.diffusion.quality import FidelityClassifiers
-from fairforget.metrics import group_counts, kl_from_uniform
+from fairforget.metrics import accuracy_report, group_counts, kl_from_uniform
 from fairforget.model import load_model
 from fairforget.records import unpack_shards
 from fairforget.sisa import derived_seed
@@ -54,8 +54,7 @@ def _shard_metrics(node: Node, data_len: int, seconds: float) -> MetricRecord:
         keys.SHARD: node.shard,
         keys.NUM_EXAMPLES: data_len,
         keys.TRAIN_SECONDS: seconds,
-        keys.KL_BIAS: kl_from_uniform(counts),
-        keys.GROUP_COUNTS: [int(c) for c in counts.ravel()],
+        keys.KL_BIAS: kl_from_uniform(counts),  # one number: per-group counts never leave the site
     })
 
 
@@ -228,17 +227,56 @@ def audit(content: RecordDict, node: Node) -> RecordDict:
     return SiteAudit(shard=node.shard, scope=scope, model_hash=state_hash(own), **result).to_records()
 
 
+def identify(content: RecordDict, node: Node) -> RecordDict:
+    """Who this node is: its shard, its site name, and the task's label counts (for a server without
+    data); nothing about any record. Not under the state lock: it reads no state."""
+    return RecordDict({
+        keys.CONFIG: ConfigRecord({keys.SITE: node.site}),
+        keys.METRICS: MetricRecord({keys.SHARD: node.shard, keys.NUM_CLASSES: node.bundle.num_classes,
+                                    keys.NUM_PRIVATE: node.bundle.num_private, keys.NUM_EXAMPLES: len(node.data)}),
+    })
+
+
+@on_node
+def evaluate(content: RecordDict, node: Node) -> RecordDict:
+    """This site's own shard model on this site's own test split (biased: as it is; unbiased: every
+    (class, private) group subsampled to the same size): accuracies and each group's accuracy as
+    fractions, never counts per group, samples or ids."""
+    model = load_model(approximate.current_state(node.sisa), node.bundle.num_classes, node.cfg.model_width)
+    out = {}
+    for name, data in (("biased", node.bundle.test_biased), ("unbiased", node.bundle.test_unbiased)):
+        with torch.no_grad():
+            pred = model(data.x).argmax(-1)
+        rep = accuracy_report(pred, data, node.bundle.num_classes, node.bundle.num_private)
+        out[name] = {"accuracy": rep["accuracy"], "n": rep["n"],
+                     "worst_group": {k: v for k, v in rep["worst_group"].items() if k != "n"},
+                     "groups": [{k: v for k, v in g.items() if k != "n"} for g in rep["groups"]]}
+    return RecordDict({
+        keys.CONFIG: ConfigRecord({keys.EVAL_JSON: json.dumps(out)}),
+        keys.METRICS: MetricRecord({keys.SHARD: node.shard}),
+    })
+
+
 @on_node
 def describe(content: RecordDict, node: Node) -> RecordDict:
-    """Which of the asked ids this node holds, and which it has already deleted."""
-    asked = [int(i) for i in content[keys.CONFIG][keys.FORGET_IDS]]
+    """Which of the asked ids this node holds, and which it has already deleted. A site asked for its
+    own record ids (``forget-records``) maps them to its sample ids and names the ones it does not have."""
+    config = content[keys.CONFIG]
+    asked = [int(i) for i in config[keys.FORGET_IDS]]
+    unknown: list[str] = []
+    if keys.FORGET_RECORDS in config:
+        found, unknown = node.bundle.sample_ids([str(r) for r in config[keys.FORGET_RECORDS]])
+        asked = sorted(set(asked) | set(found))
     shard = node.sisa
     live = shard.live_ids()
     owned, gone = describe_ids(node, asked)
+    if keys.FORGET_RECORDS in config:  # a record id of this site that is no training member here
+        unknown += [node.bundle.record_of(i) for i in asked if i not in set(owned) | set(gone)]
     return RecordDict({
         keys.CONFIG: ConfigRecord({
             keys.OWNED_IDS: owned,
             keys.DELETED_IDS: gone,
+            **({keys.UNKNOWN_RECORDS: unknown} if keys.FORGET_RECORDS in config else {}),
             **_privacy_info(node),
         }),
         keys.METRICS: MetricRecord({keys.SHARD: node.shard, keys.NUM_EXAMPLES: len(live), keys.TRAINED: shard.trained}),

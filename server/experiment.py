@@ -27,7 +27,8 @@ from fairforget.run import RunDir
 from fairforget.tombstones import Tombstones
 from server.audit import federated_audit
 from server.augment import run_augmentation
-from server.evaluation import RoundEvaluator, evaluate_states
+from server.evaluation import RoundEvaluator, evaluate_at_sites, evaluate_states
+from server.grid import SiteGrid, site_grid
 from strategies import build_strategy
 
 
@@ -37,6 +38,9 @@ def run_training(grid: Grid, cfg: RunConfig) -> None:
         raise ConfigError(f"dp-calibrate = {cfg.dp_calibrate!r} is resolved before the run starts: use `fairforget "
                           "simulate`, or `fairforget calibrate` and pass the dp-noise-multiplier it prints")
     run.write_config(cfg)
+    grid = site_grid(grid, cfg)  # the node binding, reply timeouts, the wire log
+    if not cfg.server_has_data:  # sites with their own data: the server keeps none
+        return run_training_at_sites(grid, cfg, run)
     bundle = load_dataset(cfg)
     if cfg.audit:
         check_audit_config(cfg, bundle)
@@ -50,6 +54,7 @@ def run_training(grid: Grid, cfg: RunConfig) -> None:
         num_rounds=strategy.num_rounds(),
         train_config=ConfigRecord({keys.SEED: cfg.seed}),
         evaluate_fn=evaluator,
+        timeout=cfg.reply_timeout,
     )
     train_wall = time.perf_counter() - t0
 
@@ -59,7 +64,9 @@ def run_training(grid: Grid, cfg: RunConfig) -> None:
     augmentation = None
     if cfg.augment:  # diffusion augmentation, then step-wise unlearning of the originals
         augmentation, states, evaluation = run_augmentation(grid, cfg, strategy, bundle, run, states, evaluation)
-    metrics = training_metrics(cfg, bundle, strategy.shard_reports, evaluator.history, evaluation, train_wall)
+    metrics = training_metrics(cfg, data_summary(bundle), strategy.shard_reports, evaluator.history, evaluation,
+                               train_wall)
+    metrics["federation"] = federation(strategy, grid)
     metrics["dp"] = dp_metrics(cfg, strategy, run.calibration())
     if augmentation is not None:
         metrics["augmentation"] = augmentation
@@ -74,6 +81,52 @@ def run_training(grid: Grid, cfg: RunConfig) -> None:
     run.ledger.ensure()
     write_report(run.path)
     log(INFO, "fairforget: metrics and report written to %s", run.path)
+
+
+def run_training_at_sites(grid: SiteGrid, cfg: RunConfig, run: RunDir) -> None:
+    """Training when the data stays at the sites (the server has no ``data-root``): the task's label
+    counts come from the sites' ``query.identify`` replies; evaluation and audits run at the sites, on
+    their own data, and return statistics only."""
+    if cfg.augment:
+        raise ConfigError("augment = true needs the server's own held-out data (its fidelity classifiers); "
+                          "with the data at the sites, run without augmentation")
+    num_classes, num_private = grid.task()
+    strategy = build_strategy(cfg, num_classes)
+    t0 = time.perf_counter()
+    result = strategy.start(grid=grid, initial_arrays=strategy.initial_arrays(num_classes),
+                            num_rounds=strategy.num_rounds(), train_config=ConfigRecord({keys.SEED: cfg.seed}),
+                            timeout=cfg.reply_timeout)
+    train_wall = time.perf_counter() - t0
+    states = strategy.ensemble_states(result.arrays)
+    run.save_models(states)
+    evaluation = evaluate_at_sites(grid, cfg)
+    info = {"name": cfg.dataset, "num_train": sum(int(r[keys.NUM_EXAMPLES]) for r in strategy.shard_reports.values()),
+            "num_heldout": None, "num_test_biased": evaluation["biased"]["n"],
+            "num_test_unbiased": evaluation["unbiased"]["n"], "num_classes": num_classes, "num_private": num_private}
+    metrics = training_metrics(cfg, info, strategy.shard_reports, [], evaluation, train_wall)
+    metrics["federation"] = federation(strategy, grid)
+    metrics["dp"] = dp_metrics(cfg, strategy, run.calibration())
+    if cfg.audit:
+        metrics["privacy"] = {**federated_audit(grid, run, cfg, None, states, deleted=set(), dp=metrics["dp"]),
+                              "note": "the data stays at the sites: each site audits on its own data"}
+        metrics["timing"]["audit_seconds"] = metrics["privacy"]["seconds"]
+    run.write_metrics(metrics)
+    run.ledger.ensure()
+    write_report(run.path)
+    log(INFO, "fairforget: metrics and report written to %s", run.path)
+
+
+def federation(strategy: Any, grid: Any) -> dict[str, Any]:
+    """Which shard served which site, and which shards the run ended without or with a stale model."""
+    report = strategy.federation_report(strategy.num_rounds()) if hasattr(strategy, "federation_report") else {}
+    binding = getattr(grid, "binding", None)
+    return {**report, "binding": dict(binding.as_dict()) if binding is not None else {}}
+
+
+def data_summary(bundle: DataBundle) -> dict[str, Any]:
+    return {"name": bundle.name, "num_train": len(bundle.train), "num_heldout": len(bundle.heldout),
+            "num_test_biased": len(bundle.test_biased), "num_test_unbiased": len(bundle.test_unbiased),
+            "num_classes": bundle.num_classes, "num_private": bundle.num_private}
 
 
 def dp_metrics(cfg: RunConfig, strategy: Any, calibration: dict[str, Any] | None,
@@ -100,17 +153,15 @@ def dp_metrics(cfg: RunConfig, strategy: Any, calibration: dict[str, Any] | None
     return dp_block(cfg, shards, calibration)
 
 
-def training_metrics(cfg: RunConfig, bundle: DataBundle, shard_reports: dict[int, dict[str, Any]],
+def training_metrics(cfg: RunConfig, data: dict[str, Any], shard_reports: dict[int, dict[str, Any]],
                      history: list[dict[str, Any]], evaluation: dict[str, Any], train_wall: float) -> dict[str, Any]:
     shards = [shard_row(k, shard_reports[k], evaluation) for k in sorted(shard_reports)]
     return {
         "schema_version": 1,
         "run": {
-            "dataset": bundle.name, "strategy": cfg.strategy, "num_shards": cfg.num_shards,
+            "dataset": data["name"], "strategy": cfg.strategy, "num_shards": cfg.num_shards,
             "slices": cfg.slices, "rho": cfg.rho, "class_imbalance": cfg.class_imbalance, "seed": cfg.seed,
-            "num_train": len(bundle.train), "num_heldout": len(bundle.heldout),
-            "num_test_biased": len(bundle.test_biased), "num_test_unbiased": len(bundle.test_unbiased),
-            "num_classes": bundle.num_classes, "num_private": bundle.num_private,
+            **{k: v for k, v in data.items() if k != "name"},
         },
         "rounds": history,
         "ensemble": evaluation_summary(evaluation),

@@ -156,10 +156,10 @@ def unlearn_and_store(grid: Grid, run: RunDir, strategy: Any, messages: list[Mes
             o.result.method, " finished after a crash" if o.result.resumed else "", o.capacity_before,
             o.capacity_after, o.capacity)
     run.save_budget(strategy.budget)
-    if not failed:
-        return ""
     left = run.ledger.pending().get(request_no, {})
-    what = "; ".join(f"node {r.metadata.src_node_id}: {r.error.reason}" for r in failed)
+    if not left:
+        return ""
+    what = "; ".join(f"node {r.metadata.src_node_id}: {r.error.reason}" for r in failed) or "no reply in time"
     stored = ", ".join(str(k) for k in sorted(outcomes)) or "none"
     log(WARNING, "fairforget: request %d: shard(s) %s failed (%s)", request_no, sorted(left), what)
     return (f"request {request_no}: deleted and stored at shard(s) {stored}; shard(s) "

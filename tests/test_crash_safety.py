@@ -12,7 +12,6 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
 from fairforget import ledger as ledger_mod
 from fairforget.data import load_dataset, shard_of
