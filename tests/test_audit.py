@@ -147,3 +147,17 @@ def test_audit_cli_bad_input_writes_nothing(tiny_cfg, grid_for, capsys):
     assert set(privacy["targets"]) == {"ensemble", "shard-0", "shard-1"}
     assert set(privacy["targets"]["ensemble"]) == {"loss", "rmia"}
     assert torch.tensor(privacy["targets"]["ensemble"]["loss"]["auc"]).isfinite()
+
+
+@pytest.mark.parametrize("n_mem,n_non,levels", [(270, 45, 7), (359, 359, 1000), (50, 1000, 3), (30, 200, 10**6)])
+def test_bootstrap_tpr_matches_each_draws_curve(n_mem, n_non, levels):
+    from fairforget.audit.roc import bootstrap_tpr_at, roc_curve, tpr_at
+
+    rng = np.random.default_rng(n_mem + n_non)
+    mem = np.round(rng.normal(0.3, 1, (20, n_mem)) * levels) / levels  # few levels: many ties across both sets
+    non = np.round(rng.normal(0.0, 1, (20, n_non)) * levels) / levels
+    labels = np.r_[np.ones(n_mem, bool), np.zeros(n_non, bool)]
+    for target in (0.0, 0.001, 0.01, 0.1, 0.5, 1.0):
+        fast = bootstrap_tpr_at(mem, non, target)
+        slow = [tpr_at(*roc_curve(np.r_[m, x], labels), target) for m, x in zip(mem, non, strict=True)]
+        np.testing.assert_allclose(fast, slow, atol=1e-12)

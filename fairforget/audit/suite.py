@@ -37,6 +37,7 @@ from fairforget.run import RunDir
 from fairforget.sisa import SisaSettings
 
 MIN_GROUP = 10  # members and non-members a (class, private) group needs for its own AUC
+PROBE_TEST_PER_GROUP = 10  # unbiased test samples per (class, private) group the probes are scored on
 
 
 def check_audit_config(cfg: RunConfig, bundle: DataBundle) -> list[str]:
@@ -78,7 +79,8 @@ def run_audit(run: RunDir, cfg: RunConfig, bundle: DataBundle, states: dict[int,
 
     # bottleneck features once per model: the probes of the shards and of the ensemble share them. The
     # probe trains on live members only: a deleted (or retired) record is used by nothing after its deletion
-    feats = {k: (bottleneck([m], live.x), bottleneck([m], bundle.test_unbiased.x)) for k, m in models.items()}
+    probe_test = _probe_test(bundle.test_unbiased, bundle.num_private, cfg.seed)
+    feats = {k: (bottleneck([m], live.x), bottleneck([m], probe_test.x)) for k, m in models.items()}
     refs_time = 0.0
     results: dict[str, Any] = {}
     probes: dict[str, Any] = {}
@@ -107,7 +109,7 @@ def run_audit(run: RunDir, cfg: RunConfig, bundle: DataBundle, states: dict[int,
     for tname in ["ensemble"] + [f"shard-{k}" for k in sorted(models) if len(models) > 1]:
         shard_keys = list(models) if tname == "ensemble" else [int(tname.split("-")[1])]
         probes[tname] = attribute_inference(torch.cat([feats[k][0] for k in shard_keys], 1), live,
-                                            torch.cat([feats[k][1] for k in shard_keys], 1), bundle.test_unbiased,
+                                            torch.cat([feats[k][1] for k in shard_keys], 1), probe_test,
                                             bundle.num_private, seed=cfg.seed)
     out = {
         "attacks": names,
@@ -199,6 +201,16 @@ def headline(privacy: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 # ---------------------------------------------------------------------- helpers
+def _probe_test(unbiased: SampleSet, num_private: int, seed: int) -> SampleSet:
+    """A seeded sample of the unbiased test set, at most :data:`PROBE_TEST_PER_GROUP` per (class,
+    private) group, so it stays unbiased: the probes' test set (the bottleneck passes over the whole
+    set, ten colours of every test image, were the server's largest audit cost)."""
+    groups = unbiased.y.numpy() * max(num_private, 1) + unbiased.private.numpy()
+    rng = np.random.default_rng(seed + 77)
+    keep = [rng.permutation(np.flatnonzero(groups == g))[:PROBE_TEST_PER_GROUP] for g in np.unique(groups)]
+    return unbiased.subset(np.sort(np.concatenate(keep)))
+
+
 def _group_aucs(scores: np.ndarray, is_member: np.ndarray, cand: SampleSet, num_private: int) -> list[dict]:
     out = []
     y, a = cand.y.numpy(), cand.private.numpy()
