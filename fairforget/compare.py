@@ -48,6 +48,7 @@ class RunRow:
     worst_group_label: str
     probe: float | None
     probe_chance: float | None
+    probe_shards: tuple[float, float] | None  # (lowest, highest) over the shard models
     mia_auc: float | None
     mia_attack: str
     train_seconds: float
@@ -69,7 +70,10 @@ def read_run(path: Path, name: str | None = None) -> RunRow:
         ens = m["ensemble"]
         worst = ens["unbiased"]["worst_group"]
         privacy = m.get("privacy") or {}
-        probe = (privacy.get("attribute_inference") or {}).get("ensemble") or {}
+        probes = privacy.get("attribute_inference") or {}
+        probe = probes.get("ensemble") or {}
+        shard_probes = [float(v["unbiased_test_accuracy"]) for k, v in probes.items()
+                        if k.startswith("shard-") and v.get("unbiased_test_accuracy") is not None]
         attacks = (privacy.get("targets") or {}).get("ensemble") or {}
         best = max(attacks, key=lambda a: attacks[a]["auc"], default=None)
         timing = m["timing"]
@@ -81,6 +85,7 @@ def read_run(path: Path, name: str | None = None) -> RunRow:
             worst_group=float(worst["accuracy"]),
             worst_group_label=f"({worst['class']}, {worst['private']}), n = {worst['n']}",
             probe=_num(probe.get("unbiased_test_accuracy")), probe_chance=_num(probe.get("chance")),
+            probe_shards=(min(shard_probes), max(shard_probes)) if shard_probes else None,
             mia_auc=None if best is None else float(attacks[best]["auc"]), mia_attack=best or "",
             train_seconds=float(timing["train_wall_seconds"]) + float(timing.get("augmentation_seconds", 0.0)),
             audit_seconds=_num(timing.get("audit_seconds")),
@@ -112,15 +117,16 @@ def _f(value: float | None, fmt: str = ".3f") -> str:
 
 def markdown(rows: Sequence[RunRow]) -> str:
     lines = ["| run | objective | rho | strategy | augment | biased acc. | unbiased acc. | worst group "
-             "(class, private) | probe acc. (chance) | MIA AUC (strongest attack) | train s | audit s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "(class, private) | probe acc. (chance) | probe, shard models | MIA AUC (strongest attack) | train s | "
+             "audit s |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         probe = f"{_f(r.probe)} ({_f(r.probe_chance, '.2f')})" if r.probe is not None else "-"
         mia = f"{_f(r.mia_auc)} ({r.mia_attack})" if r.mia_auc is not None else "-"
+        shards = f"{r.probe_shards[0]:.3f}-{r.probe_shards[1]:.3f}" if r.probe_shards else "-"
         lines.append(f"| {r.name} | {r.objective}{' + DP' if r.dp else ''} | {r.rho:g} | {r.strategy} | "
                      f"{'yes' if r.augment else 'no'} | {r.accuracy_biased:.3f} | {r.accuracy_unbiased:.3f} | "
-                     f"{r.worst_group:.3f} {r.worst_group_label} | {probe} | {mia} | {r.train_seconds:.1f} | "
-                     f"{_f(r.audit_seconds, '.1f')} |")
+                     f"{r.worst_group:.3f} {r.worst_group_label} | {probe} | {shards} | {mia} | "
+                     f"{r.train_seconds:.1f} | {_f(r.audit_seconds, '.1f')} |")
     return "\n".join(lines) + "\n"
 
 

@@ -79,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra run-config keys")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "debias_study")
     parser.add_argument("--rerun", action="store_true", help="rerun rows whose folder already holds a finished run")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: tabulate and plot the rows whose runs have finished, list the others")
     args = parser.parse_args(argv)
     try:
         rhos = [float(r) for r in args.rhos.split(",") if r.strip()]
@@ -88,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
         extra = {k: (json.dumps(v) if isinstance(v, str) else v) for k, v in parse_set(args.set).items()}
         base = {**BASE, **(QUICK if args.quick else {}), **extra}
-        plan = [(m, r) for m in methods for r in rhos if not m.startswith("augment") or r in aug_rhos]
+        plan = [(m, r) for r in rhos for m in methods if not m.startswith("augment") or r in aug_rhos]
         for m, r in plan:  # every row's config is checked before the first run starts
             resolve(parse_set([f"{k}={v}" for k, v in {**base, **method_sets(m), "rho": r}.items()]))
     except (ConfigError, ValueError) as exc:
@@ -98,23 +100,33 @@ def main(argv: list[str] | None = None) -> int:
         print("debias_study: error: no rows to run (augmented methods run only at --augment-rhos)", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    folders, walls, method_of = [], {}, {}
+    folders, walls, method_of, missing = [], {}, {}, []
     for m, r in plan:
         folder = args.out / f"{m.replace('+', '-')}-rho{r:g}"
-        walls[folder.name] = simulate(folder, {**base, **method_sets(m), "rho": r}, args.rerun)
+        if args.report_only:
+            if not (folder / "metrics.json").is_file():
+                missing.append(folder.name)
+                continue
+        else:
+            walls[folder.name] = simulate(folder, {**base, **method_sets(m), "rho": r}, args.rerun)
         folders.append(folder)
         method_of[folder.name] = m
+    if not folders:
+        print("debias_study: error: no finished rows to report", file=sys.stderr)
+        return 2
     md, png, rows = write(folders, args.out / "table")
     label = lambda row: method_of[row.name]  # noqa: E731
     atomic_write_bytes(args.out / "probe_per_rho.png",
                        plot_by(rows, "rho", "probe", label, "private-attribute probe accuracy per rho (chance 0.10)"))
     atomic_write_bytes(args.out / "probe_vs_unbiased.png",
                        plot_tradeoff(rows, label, "probe accuracy vs unbiased accuracy"))
-    atomic_write_json(args.out / "study.json", {"base": base, "rows": rows_as_dicts(rows),
-                                                "methods": method_of, "wall_seconds": walls})
+    atomic_write_json(args.out / "study.json", {"base": base, "rows": rows_as_dicts(rows), "methods": method_of,
+                                                "wall_seconds": walls, "not_run": missing})
     atomic_write_text(args.out / "command.txt", "python simulations/debias_study.py " + " ".join(
         argv if argv is not None else sys.argv[1:]) + "\n")
     print(markdown(rows))
+    if missing:
+        print(f"not run: {', '.join(missing)}")
     print(f"table: {md}\nplots: {png}, {args.out / 'probe_per_rho.png'}, {args.out / 'probe_vs_unbiased.png'}")
     return 0
 

@@ -41,6 +41,8 @@ def test_compare_renders_a_table_and_a_plot_from_two_runs(two_runs, tmp_path, ca
     vanilla, end = collect(two_runs)
     assert 0.0 <= vanilla.probe <= 1.0 and vanilla.probe_chance == pytest.approx(0.1)
     assert vanilla.mia_attack in ("loss", "confidence") and 0.0 <= vanilla.mia_auc <= 1.0
+    low, high = vanilla.probe_shards
+    assert 0.0 <= low <= high <= 1.0 and f"{low:.3f}-{high:.3f}" in rows[0]
     assert f"{vanilla.accuracy_unbiased:.3f}" in rows[0] and f"{end.probe:.3f}" in rows[1]
 
 
