@@ -2,7 +2,7 @@
 
     python simulations/augment_levers.py pilot                       # every lever, shard 0, in-process
     python simulations/augment_levers.py pilot --lever baseline --lever reweight --shards 0,1
-    python simulations/augment_levers.py e2e --lever best-cpu        # through Flower: fairforget simulate
+    python simulations/augment_levers.py e2e --lever reweight --set augment-steps=1   # through Flower
 
 Levers (run-config overrides on the defaults; ``LEVERS`` below): the generator's training steps and
 width, the guidance scale, upweighting the bias-conflicting originals in the generator's batches
@@ -235,13 +235,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("mode", choices=("pilot", "e2e"))
     parser.add_argument("--lever", action="append", choices=sorted(LEVERS),
-                        help="measure this lever (repeatable; default: every pilot lever / best-cpu for e2e)")
+                        help="measure this lever (repeatable; default: every pilot lever / reweight for e2e)")
     parser.add_argument("--shards", default="0", help="pilot: the shards to run (comma-separated)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "levers")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra run-config overrides for every lever")
     args = parser.parse_args()
-    names = args.lever or (PILOT_DEFAULT if args.mode == "pilot" else ["reweight+filter-end+objective-end"])
+    names = args.lever or (PILOT_DEFAULT if args.mode == "pilot" else ["reweight"])
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"levers-{args.mode}.json"
     done: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}

@@ -141,7 +141,8 @@ def test_presets_load_into_a_valid_config():
     assert gpu.augment and cpu.augment
     assert gpu.diffusion_width > defaults.diffusion_width and gpu.diffusion_train_steps > defaults.diffusion_train_steps
     assert cpu.diffusion_width == defaults.diffusion_width  # the CPU preset keeps the default generator
-    assert FilterSettings.from_config(gpu) is not None and FilterSettings.from_config(defaults) is None
+    assert FilterSettings.from_config(defaults) is None
+    assert FilterSettings.from_config(defaults.replace(augment_filter="end")).objective == "end"
     assert GeneratorSettings.from_config(gpu, 10, 10).group_reweight == gpu.diffusion_group_reweight
 
 
