@@ -30,16 +30,19 @@ import pytest
 from PIL import Image
 
 from fairforget.config import APP_DIR
+from fairforget.data.image_folder import record_key
 from fairforget.storage import read_json
 
 pytestmark = pytest.mark.e2e
 
 SITES = ("site-a", "site-b")
 BIN = Path(sys.executable).parent
-REPLY_TIMEOUT = 15  # seconds the ServerApp waits for a lost node in the node-loss runs
-RUN = ('dataset="image-folder" data-root="" num-shards=2 slices=2 epochs-per-slice=1 model-width=4 image-size=8 '
-       'batch-size=16 device="cpu" audit-attacks="loss,rmia" audit-references=2 audit-bootstrap=20 '
-       'out-dir="{out}"')
+REPLY_TIMEOUT = 60  # seconds the node-loss runs wait for a reply: above a ClientApp start on 2 busy cores
+# the README's commands with a tiny model; training audits at the sites, the later runs do not (time)
+RUN = ('dataset="image-folder" num-shards=2 slices=2 epochs-per-slice=1 model-width=4 image-size=8 batch-size=16 '
+       'device="cpu" audit-attacks="loss,rmia" audit-references=2 audit-bootstrap=20 out-dir="{out}"')
+FORGET = RUN + ' audit=false mode="forget"'
+
 
 
 # ---------------------------------------------------------------------- fixtures: data
@@ -275,95 +278,97 @@ def test_training_at_two_sites(fed):
     metrics = read_json(fed.out / "metrics.json")
     assert [s["shard"] for s in metrics["shards"]] == [0, 1]
     assert all(s["num_examples"] == 24 for s in metrics["shards"])  # the split column: 6 of 10 per cell train
+    assert {name: ev["n"] for name, ev in metrics["ensemble"].items()}["biased"] == 16  # each site's 8 test rows
+    # each site audited its own shard model, on its own data, and sent back ROC statistics only
+    privacy = metrics["privacy"]
+    assert privacy["audited_at"] == {"shard-0": "site-a", "shard-1": "site-b"}, privacy["audited_at"]
+    assert all(0.0 <= r["auc"] <= 1.0 for k in ("shard-0", "shard-1") for r in privacy["targets"][k].values())
 
 
-def _check_wire(lines: list[dict], node_ids: set[int], echo: dict[str, list[str]]) -> None:
-    """No reply carried sample tensors, record ids (other than a deletion reply's echo) or per-group counts."""
+RECORDS = [f"P-{n:04d}" for n in range(1, 41)]
+DELETION_REPLIES = ("query.describe", "train.unlearn")  # may echo the ids of the records asked about
+
+
+def _check_wire(lines: list[dict], node_ids: set[int], asked: int = 0) -> None:
+    """No reply carried sample tensors, record ids (other than the ``asked`` ones a deletion reply
+    echoes) or per-group counts: one line per reply in ``OUT/wire.jsonl``, entry types and lengths."""
     assert lines
     model_shapes = set()
     for line in lines:
         assert line["src_node_id"] in node_ids, line
         assert "error" not in line, line
         kind = line["message_type"]
-        for name, rec in line["records"].items():
+        for rec in line["records"].values():
             if rec["kind"] == "arrays":
                 assert kind in ("train", "train.unlearn"), f"{kind} reply carried arrays: {line}"
                 model_shapes.add((rec["count"], rec["bytes"]))
                 continue
             for key, entry in rec["entries"].items():
                 assert "group" not in key and "count" not in key, f"{kind} reply carried {key}: {line}"
-                if kind == "train.unlearn" and key in echo:
-                    assert entry["len"] == len(echo[key]), line
-                    if "value" in entry:
-                        assert entry["value"] == echo[key], line
-                    continue
-                assert "ids" not in key and "records" not in key, f"{kind} reply carried {key}: {line}"
-                assert entry["type"] not in ("list",), f"{kind} reply carried a list {key}: {line}"
-    assert len(model_shapes) == 1, f"arrays of more than one shape travelled (samples?): {model_shapes}"
+                if entry["type"] == "list":
+                    assert kind in DELETION_REPLIES and entry["len"] <= asked, f"{kind} reply carried {key}: {line}"
+    assert len(model_shapes) <= 1, f"arrays of more than one shape travelled (samples?): {model_shapes}"
 
 
-def _server_holds_no_ids(out: Path, allowed: set[str]) -> None:
-    """No file of the server's run folder names a record id other than the deleted ones, or holds an image."""
-    live = {f"P-{n:04d}" for n in range(1, 41)} - allowed
+def _server_holds_no_ids(out: Path, sites: list[Path], allowed: set[str]) -> None:
+    """No file of the server's run folder is a site's image or labels, or names a live record by its
+    id or by its sample id (the hash of its id): only the records asked to be deleted may appear."""
+    images = {hashlib.sha256(p.read_bytes()).hexdigest() for root in sites for p in root.rglob("*") if p.is_file()}
+    live = [r for r in RECORDS if r not in allowed]
+    needles = {r.encode(): r for r in live} | {str(record_key(r)).encode(): r for r in live}
     for p in out.rglob("*"):
         if p.is_file():
-            assert p.suffix.lower() not in (".png", ".jpg", ".csv"), p
             data = p.read_bytes()
-            leaked = sorted(i for i in live if i.encode() in data)
-            assert not leaked, f"{p} names {leaked[:5]}"
+            assert hashlib.sha256(data).hexdigest() not in images, f"{p} is a site's file"
+            leaked = sorted({r for n, r in needles.items() if n in data})
+            assert not leaked, f"{p} names live records {leaked[:5]}"
 
 
 def test_training_replies_carry_statistics_only(fed):
     lines = wire(fed.out)
-    assert {"train", "query.audit"} <= {line["message_type"] for line in lines}, {l["message_type"] for l in lines}
-    _check_wire(lines, set(fed.node_ids.values()), echo={})
-    _server_holds_no_ids(fed.out, allowed=set())
+    assert {"query.identify", "train", "query.evaluate", "query.audit"} <= {x["message_type"] for x in lines}
+    _check_wire(lines, set(fed.node_ids.values()))
+    _server_holds_no_ids(fed.out, [fed.data_root(x) for x in SITES], allowed=set())
 
 
 # ---------------------------------------------------------------------- deletion at one site
+def ledger_lines(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "ledger.jsonl").read_text().splitlines() if x.strip()]
+
+
 def test_forget_at_one_site_retrains_only_there(fed):
     before = {site: tree_hashes(fed.state_dir(site)) for site in SITES}
-    index_b = read_json(fed.state_dir("site-b") / "index.json")
+    index_b = (fed.state_dir("site-b") / "index.json").read_bytes()
     seen = len(wire(fed.out))
     t0 = time.monotonic()
-    res = fed.flwr_run(RUN.format(out=fed.out) + ' mode="forget" forget-site="site-b" forget-records="P-0003"')
+    res = fed.flwr_run(FORGET.format(out=fed.out) + ' forget-site="site-b" forget-records="P-0003"')
     fed.timings["forget"] = time.monotonic() - t0
     assert status(fed.out)["ok"], _tail(res)
 
-    # site-a: every state file byte-identical (P-0003 there is another patient, untouched)
-    after_a = tree_hashes(fed.state_dir("site-a"))
-    assert {k: after_a.get(k) for k in before["site-a"]} == before["site-a"]
-    # site-b: the index moved on, P-0003 deleted and tombstoned at the data's owner
-    index_b2 = read_json(fed.state_dir("site-b") / "index.json")
-    assert index_b2 != index_b
-    assert "P-0003" in json.dumps(index_b2) or "P-0003" in (fed.data_root("site-b") / ".fairforget-tombstones.jsonl"
-                                                             ).read_text()
-    assert "P-0003" in (fed.data_root("site-b") / ".fairforget-tombstones.jsonl").read_text()
+    # site-a: every state file byte-identical (its own P-0003, another patient, untouched)
+    assert tree_hashes(fed.state_dir("site-a")) == before["site-a"]
     assert not (fed.data_root("site-a") / ".fairforget-tombstones.jsonl").exists()
+    # site-b: the index moved on without the record, tombstoned at the data's owner
+    key = record_key("P-0003")
+    assert (fed.state_dir("site-b") / "index.json").read_bytes() != index_b
+    assert str(key) in (fed.data_root("site-b") / ".fairforget-tombstones.jsonl").read_text()
+    assert str(key) not in json.dumps(read_json(fed.state_dir("site-b") / "index.json")["slices"])
 
-    # the ledger: one deletion, at shard 1 (site-b), of that record; nothing pending
-    entries = [json.loads(x) for x in (fed.out / "ledger.jsonl").read_text().splitlines() if x.strip()]
-    done = [e for e in entries if e.get("phase", "done") != "intent" and "shard" in e]
-    assert [(e["shard"], e.get("site", "site-b")) for e in done] == [(1, "site-b")], entries
-    assert "P-0003" in json.dumps(done[0])
-    assert not status(fed.out).get("pending")
-
-    # only site-b was asked to delete, and its reply echoes the record alone
-    new = wire(fed.out)[seen:]
-    unlearn = [line for line in new if line["message_type"] == "train.unlearn"]
-    assert [line["src_node_id"] for line in unlearn] == [fed.node_ids["site-b"]], new
-    assert "query.describe" not in {line["message_type"] for line in new}  # no membership broadcast
-    _check_wire(new, set(fed.node_ids.values()), echo={"deleted-records": ["P-0003"], "forget-records": ["P-0003"]})
-    _server_holds_no_ids(fed.out, allowed={"P-0003"})
-
-    # an id unknown at its site is refused with nothing changed
-    snap = {site: tree_hashes(fed.state_dir(site)) for site in SITES}
-    ledger = (fed.out / "ledger.jsonl").read_bytes()
-    res = fed.flwr_run(RUN.format(out=fed.out) + ' mode="forget" forget-site="site-b" forget-records="P-9999"')
+    # the ledger: one deletion, at shard 1 of site-b, naming the record; nothing pending
+    done = [e for e in ledger_lines(fed.out) if e.get("phase") != "intent"]
+    assert [(e["shard"], e["site"], e["records"], e["ids"]) for e in done] == [(1, "site-b", ["P-0003"], [key])]
     st = status(fed.out)
-    assert not st["ok"] and "P-9999" in st["error"] and "\n" not in st["error"], st
-    assert {site: tree_hashes(fed.state_dir(site)) for site in SITES} == snap
-    assert (fed.out / "ledger.jsonl").read_bytes() == ledger
+    assert st["deleted"] == {"1": {"1": [key]}} and not st["pending"], st
+    metrics = read_json(fed.out / "metrics.json")
+    hashes = {s["shard"]: s["model_hash"] for s in metrics["shards"]}
+    assert done[0]["hash_after"] == hashes[1] != done[0]["hash_before"]
+
+    # only site-b was asked anything about the record; its replies echo that record alone
+    new = wire(fed.out)[seen:]
+    asked = {x["src_node_id"] for x in new if x["message_type"] in DELETION_REPLIES}
+    assert asked == {fed.node_ids["site-b"]}, new
+    _check_wire(new, set(fed.node_ids.values()), asked=1)
+    _server_holds_no_ids(fed.out, [fed.data_root(x) for x in SITES], allowed={"P-0003"})
 
 
 # ---------------------------------------------------------------------- node loss
@@ -376,55 +381,71 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
 
 
 def test_node_lost_mid_deletion_then_restarted_resumes(fed):
-    """Kill site-b's SuperNode as soon as it has committed a deletion (its tombstone is written, the
-    retrain not yet reported): the run stops after ``reply-timeout`` with a one-line error and the
-    deletion pending; site-a is untouched; the restarted SuperNode (same key, same state folder)
-    finishes it on ``forget-records=""`` (resume)."""
+    """Kill site-b's SuperNode (SIGKILL, with its SuperExec and ClientApp) the moment it receives its
+    ``train.unlearn`` message: the run stops after ``reply-timeout`` with a one-line error and the
+    deletion pending at shard 1 (an intent line without completion); neither site's state changed;
+    the SuperNode restarted with the same key and state folder finishes it on ``forget-records=""``
+    (resume). (A kill after the node's commit is tests/test_crash_safety.py's, in process: with a
+    tiny model the retrain is over before a kill could land.)"""
     tomb = fed.data_root("site-b") / ".fairforget-tombstones.jsonl"
-    before_a = tree_hashes(fed.state_dir("site-a"))
+    key = record_key("P-0005")
+    before = {site: tree_hashes(fed.state_dir(site)) for site in SITES}
+    received = fed.log("site-b").count("Receiving: train.unlearn")
     t0 = time.monotonic()
-    run = fed.flwr_run(RUN.format(out=fed.out) + f' mode="forget" forget-site="site-b" forget-records="P-0005" '
-                       f'reply-timeout={REPLY_TIMEOUT}', background=True)
+    run = fed.flwr_run(FORGET.format(out=fed.out) + f' forget-site="site-b" forget-records="P-0005" '
+                       f"reply-timeout={REPLY_TIMEOUT}", background=True)
     try:
-        _wait_for(lambda: tomb.exists() and "P-0005" in tomb.read_text(), 200, "site-b never committed P-0005")
-        fed.stop("site-b")  # SIGKILL: the SuperNode, its SuperExec and the ClientApp mid-retrain
-        out, _ = run.communicate(timeout=300)
+        _wait_for(lambda: fed.log("site-b").count("Receiving: train.unlearn") > received, 300,
+                  "site-b never received its train.unlearn")
+        fed.stop("site-b")
+        out, _ = run.communicate(timeout=400)
     finally:
         if run.poll() is None:
             _kill(run)
     fed.timings["node_loss"] = time.monotonic() - t0
     st = status(fed.out)
     assert not st["ok"], out[-3000:]
-    assert st["error"] and "\n" not in st["error"], st["error"]
-    assert "P-0005" in json.dumps(st["pending"]), st  # intent without completion: pending, at shard 1
-    assert list(st["pending"].values())[0].keys() == {"1"}, st["pending"]
-    assert tree_hashes(fed.state_dir("site-a")) == before_a
+    assert st["error"] and "\n" not in st["error"] and "shard" in st["error"], st["error"]
+    assert list(st["pending"].values()) == [{"1": [key]}], st
+    intent = [e for e in ledger_lines(fed.out) if e.get("phase") == "intent"][-1]
+    assert intent["shards"] == {"1": {"decision": "exact-retrain", "ids": [key], "method": "exact-sisa"}}
+    assert not [e for e in ledger_lines(fed.out) if e.get("phase") != "intent" and e["request"] == intent["request"]]
+    assert {site: tree_hashes(fed.state_dir(site)) for site in SITES} == before
+    assert str(key) not in tomb.read_text()
 
-    # restart site-b with the same key and state folder; resume the unfinished deletion
+    # restart site-b: same key (so the same node id), same state folder; resume the deletion
     fed.start_supernode("site-b", 1)
     t0 = time.monotonic()
-    res = fed.flwr_run(RUN.format(out=fed.out) + ' mode="forget" forget-records=""')
+    res = fed.flwr_run(FORGET.format(out=fed.out) + ' forget-records=""')
     fed.timings["resume"] = time.monotonic() - t0
     st = status(fed.out)
     assert st["ok"], _tail(res)
-    assert not st.get("pending"), st
-    assert "P-0005" in json.dumps(st["deleted"]), st
-    assert tree_hashes(fed.state_dir("site-a")) == before_a
-    ledger = fed.out / "ledger.jsonl"
-    assert "P-0005" in ledger.read_text()
+    assert not st["pending"], st
+    assert st["deleted"] == {str(intent["request"]): {"1": [key]}}, st  # the deletion this run finished
+    assert tree_hashes(fed.state_dir("site-a")) == before["site-a"]
+    assert str(key) in tomb.read_text()
+    after = read_json(fed.state_dir("site-b") / "index.json")  # retrained to the end, without the record
+    assert str(key) not in json.dumps(after["slices"]) and key in after["deleted"]
+    assert after["trained"] == after["target"] == 2
+    assert sorted(p.name for p in (fed.state_dir("site-b") / "checkpoints").iterdir()) == ["stage-1.pt", "stage-2.pt"]
+    done = [e for e in ledger_lines(fed.out) if e.get("phase") != "intent" and e["request"] == intent["request"]]
+    assert [(e["shard"], e["ids"]) for e in done] == [(1, [key])]
+    hashes = {s["shard"]: s["model_hash"] for s in read_json(fed.out / "metrics.json")["shards"]}
+    assert done[0]["hash_after"] == hashes[1]
 
 
-def test_min_shards_decides_whether_a_run_goes_on_without_a_lost_site(fed):
-    """site-b gone for good: with min-shards = all a new run stops with a one-line error naming the
-    missing shard; with min-shards = 1 it finishes on site-a alone and its metrics say shard 1 is missing."""
-    fed.stop("site-b")
+def test_min_shards_lets_a_run_finish_without_a_lost_site(fed):
+    """site-b gone (its SuperNode killed): a new training with ``min-shards = 1`` waits
+    ``reply-timeout`` for it, then finishes on site-a alone; metrics and report name shard 1 missing.
+    (With min-shards = all, the default, the run stops instead: the mid-deletion test above.)"""
+    if "site-b" in fed.procs:
+        fed.stop("site-b")
     out = fed.root / "run-without-b"
     t0 = time.monotonic()
-    res = fed.flwr_run(RUN.format(out=out) + f" reply-timeout={REPLY_TIMEOUT}")
-    st = status(out)
-    assert not st["ok"] and "\n" not in st["error"] and "1" in st["error"], _tail(res)
-    res = fed.flwr_run(RUN.format(out=out) + f" reply-timeout={REPLY_TIMEOUT} min-shards=1")
+    res = fed.flwr_run(RUN.format(out=out) + f" audit=false reply-timeout={REPLY_TIMEOUT} min-shards=1")
     fed.timings["min_shards"] = time.monotonic() - t0
     assert status(out)["ok"], _tail(res)
     metrics = read_json(out / "metrics.json")
-    assert 1 in metrics.get("missing_shards", metrics.get("run", {}).get("missing_shards", [])), metrics.keys()
+    assert [s["shard"] for s in metrics["shards"]] == [0]
+    assert metrics["federation"]["missing"] == [1], metrics["federation"]
+    assert "Lost sites" in (out / "report.md").read_text()
