@@ -224,7 +224,8 @@ def audit(content: RecordDict, node: Node) -> RecordDict:
                         settings=node.sisa_settings, references=cfg.audit_references,
                         bootstrap=cfg.audit_bootstrap, seed=site_seed(cfg.seed, node.shard),
                         cache_dir=node.state_dir / "audit")
-    return SiteAudit(shard=node.shard, scope=scope, model_hash=state_hash(own), **result).to_records()
+    return SiteAudit(shard=node.shard, site=node.site, scope=scope, model_hash=state_hash(own),
+                     **result).to_records()
 
 
 def identify(content: RecordDict, node: Node) -> RecordDict:

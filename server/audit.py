@@ -50,7 +50,7 @@ def federated_audit(grid: Any, run: RunDir, cfg: RunConfig, bundle: DataBundle |
 
 
 def site_audits(grid: Any, cfg: RunConfig, states: dict[int, dict[str, torch.Tensor]]) -> dict[str, Any]:
-    """Ask every site for its audit; ``{"site-K": SiteAudit fields}``, or ``{"error": ...}`` for a
+    """Ask every site for its audit; ``{site name: SiteAudit fields}``, or ``{"error": ...}`` for a
     node that failed or audited another model than the one the server holds for its shard."""
     messages = audit_messages(grid, cfg, states)
     out: dict[str, Any] = {}
@@ -59,12 +59,13 @@ def site_audits(grid: Any, cfg: RunConfig, states: dict[int, dict[str, torch.Ten
             out[f"node-{reply.metadata.src_node_id}"] = {"error": reply.error.reason}
             continue
         result = SiteAudit.from_records(reply.content)
+        name = result.site or f"site-{result.shard}"
         served = states.get(result.shard) if cfg.strategy == "shard-ensemble" else states.get(0)
         if served is None or state_hash(served) != result.model_hash:
-            out[f"site-{result.shard}"] = {"shard": result.shard, "error": (
+            out[name] = {"shard": result.shard, "error": (
                 f"the site audited model {result.model_hash[:12]}, not the model the server holds for its shard")}
             continue
-        out[f"site-{result.shard}"] = asdict(result)
+        out[name] = asdict(result)
     return dict(sorted(out.items()))
 
 

@@ -125,4 +125,4 @@ def test_a_site_that_audited_another_model_is_an_error(trained, grid_for):
     sites = site_audits(grid, trained, {0: states[0], 1: states[0]})  # the server holds another shard-1 model
     assert "targets" in sites["site-0"] and not sites["site-0"]["skipped"]
     assert "not the model the server holds" in sites["site-1"]["error"] and "targets" not in sites["site-1"]
-    assert SiteAudit(shard=0, scope="shard", model_hash="h").to_records()[keys.METRICS][keys.SHARD] == 0
+    assert SiteAudit(shard=0, site="a", scope="shard", model_hash="h").to_records()[keys.METRICS][keys.SHARD] == 0

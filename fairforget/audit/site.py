@@ -47,6 +47,7 @@ class SiteAudit:
     """What one site's audit returns: statistics only."""
 
     shard: int
+    site: str  # the site's name (its node config; the server's binding checks it)
     scope: str
     model_hash: str  # the audited shard model's hash (the server checks it is the one it serves)
     targets: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)  # target -> attack -> ROC figures
