@@ -415,11 +415,17 @@ def test_node_lost_mid_deletion_then_restarted_resumes(fed):
 
     # restart site-b: same key (so the same node id), same state folder; resume the deletion
     fed.start_supernode("site-b", 1)
+    seen = len(wire(fed.out))
     t0 = time.monotonic()
     res = fed.flwr_run(FORGET.format(out=fed.out) + ' forget-records=""')
     fed.timings["resume"] = time.monotonic() - t0
     st = status(fed.out)
     assert st["ok"], _tail(res)
+    # only the pending shard's site is asked about the pending record: site-a has its own P-0005,
+    # whose sample id (the hash of "P-0005") is the same, and must not be asked (nor claim it)
+    new = wire(fed.out)[seen:]
+    asked = {x["src_node_id"] for x in new if x["message_type"] in DELETION_REPLIES}
+    assert asked == {fed.node_ids["site-b"]}, new
     assert not st["pending"], st
     assert st["deleted"] == {str(intent["request"]): {"1": [key]}}, st  # the deletion this run finished
     assert tree_hashes(fed.state_dir("site-a")) == before["site-a"]
