@@ -69,11 +69,13 @@ LEVERS: dict[str, dict[str, Any]] = {
     "filter-ce": {"augment-filter": "cross-entropy"},
     "filter-end": FILTER_END,
     "objective-end": {"objective": "end"},
+    "reweight+guidance-3": {"diffusion-group-reweight": 1.0, "guidance-scale": 3.0},
     "reweight+filter-end": {"diffusion-group-reweight": 1.0, **FILTER_END},
     "reweight+filter-end+objective-end": {"diffusion-group-reweight": 1.0, **FILTER_END, "objective": "end"},
 }
 BASE = {"rho": 0.99, "augment": True, "augment-groups": "class-private"}
-PILOT_DEFAULT = ["vanilla", "baseline", "guidance-3", "reweight", "filter-ce", "filter-end", "objective-end",
+PILOT_DEFAULT = ["vanilla", "baseline", "guidance-3", "reweight", "reweight+guidance-3", "filter-ce", "filter-end",
+                 "objective-end",
                  "reweight+filter-end", "reweight+filter-end+objective-end", "steps-3000", "width-32"]
 
 
@@ -112,6 +114,7 @@ def pilot_shard(cfg: RunConfig, bundle: Any, k: int, shard: SampleSet, fidelity:
             shutil.copytree(store.generator_dir, cached / "generator")
             atomic_write_json(cached / "seconds.json", {"seconds": out["generator_seconds"]})
         generator, _ = ConditionalGenerator.load(store.generator_dir, gs.device)
+        generator.settings = gs  # sampling keys (guidance, DDIM steps) from this lever, not the cached training run
         add = plan_counts(aug.counts(shard), cfg.augment_kl_threshold)
         t0 = time.perf_counter()
         new = aug._generate(generator, add, None, tag=0)
