@@ -23,7 +23,6 @@ from fairforget import keys
 from fairforget.audit import parse_attacks
 from fairforget.audit.site import SiteAudit, site_audit, site_seed
 from fairforget.data.base import is_synthetic
-from fairforget.diffusion.quality import FidelityClassifiers
 from fairforget.metrics import accuracy_report, group_counts, kl_from_uniform
 from fairforget.model import load_model
 from fairforget.records import unpack_shards
@@ -110,7 +109,7 @@ def unlearn(content: RecordDict, node: Node) -> RecordDict:
     method = str(config.get(keys.UNLEARN_METHOD, EXACT))
     _, gone = describe_ids(node, ids)
     todo = [i for i in ids if i not in set(gone)]
-    augmented = node.augment_store.active
+    augmented = node.augmented
     if augmented and method != EXACT:  # an augmented shard: exact, and the generator forgets too
         raise ValueError(f"shard {node.shard} is augmented: only {EXACT} unlearning also removes a sample "
                          f"from its generator and synthetic data (asked for {method})")
@@ -151,7 +150,7 @@ def describe_ids(node: Node, asked: list[int]) -> tuple[list[int], list[int]]:
     deleted list, or tombstoned at the data's owner)."""
     shard = node.sisa
     tomb = node.tombstones.ids()
-    if node.augment_store.active:  # retired originals are still held (by the generator's data)
+    if node.augmented:  # retired originals are still held (by the generator's data)
         owned, gone = node.augmenter.owned(asked)
         return owned, sorted(set(gone) | (set(asked) & tomb - set(owned)))
     live, deleted = shard.live_ids(), shard.deleted | tomb
@@ -176,6 +175,8 @@ def augment(content: RecordDict, node: Node) -> RecordDict:
     cfg = node.cfg
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
+    from fairforget.diffusion.quality import FidelityClassifiers  # the diffusion stack: augmenting nodes only
+
     fidelity = None
     if keys.ARRAYS in content:
         fidelity = FidelityClassifiers.from_state(content[keys.ARRAYS].to_torch_state_dict(),
@@ -206,7 +207,7 @@ def audit(content: RecordDict, node: Node) -> RecordDict:
         if scope == "shard" and sent:
             raise ValueError(f"site-audit-scope = 'shard': this site audits only its own model and takes no "
                              f"weights, got shard(s) {', '.join(map(str, sorted(sent)))}")
-        own = node.sisa.model_state() if node.augment_store.active else approximate.current_state(node.sisa)
+        own = node.sisa.model_state() if node.augmented else approximate.current_state(node.sisa)
         targets = {f"shard-{node.shard}": [load_model(own, num_classes, cfg.model_width)]}
         if scope == "ensemble":
             targets["ensemble"] = [load_model(sent[k], num_classes, cfg.model_width) for k in sorted(sent)]

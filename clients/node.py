@@ -19,20 +19,20 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from clients.augment import Augmenter, AugmentStore
 from fairforget import keys
 from fairforget.config import RunConfig
 from fairforget.data import DataBundle, SampleSet, load_dataset, shard_of
-from fairforget.diffusion.filter import FilterSettings
-from fairforget.diffusion.generator import GeneratorSettings
 from fairforget.locks import locked
 from fairforget.sisa import SisaSettings, SisaShard
 from fairforget.tombstones import Tombstones
 from fairforget.unlearning import exact
+
+if TYPE_CHECKING:  # diffusers is imported only by a node that augments (a plain message starts faster)
+    from clients.augment import Augmenter, AugmentStore
 
 
 @dataclass
@@ -97,7 +97,7 @@ class Node:
             return  # nothing trained here yet (a fresh index leaves the tombstoned ids out)
         shard, tomb = self.sisa, self.tombstones.ids()
         unfinished = sorted(shard.live_ids() & tomb)
-        if self.augment_store.active:  # also originals only the generator still holds (retired ones)
+        if self.augmented:  # also originals only the generator still holds (retired ones)
             store = self.augment_store
             held = store.retired | set(store.state["generator_trained_on"])
             unfinished = sorted((shard.live_ids() & tomb) | ((tomb - store.deleted) & held))
@@ -122,8 +122,15 @@ class Node:
         parts = np.array_split(np.arange(len(self.bundle.heldout)), self.cfg.num_shards)
         return self.bundle.heldout.subset(parts[self.shard])
 
+    @property
+    def augmented(self) -> bool:
+        """Whether this node has augmentation state (without importing the diffusion stack)."""
+        return (self.state_dir / "augment" / "state.json").exists()
+
     @functools.cached_property
     def augment_store(self) -> AugmentStore:
+        from clients.augment import AugmentStore
+
         return AugmentStore(self.state_dir, self.shard)
 
     @functools.cached_property
@@ -136,13 +143,17 @@ class Node:
         """The shard's SISA state; its samples are the node's originals plus its live synthetic ones."""
         settings = self.sisa_settings
         data = self.data
-        if self.augment_store.active:
+        if self.augmented:
             synth, _ = self.augment_store.synthetic(tuple(self.data.x.shape[1:]))
             data = SampleSet.concat([self.data, synth]) if len(synth) else self.data
         return SisaShard(self.state_dir, self.shard, data, settings)
 
     @functools.cached_property
     def augmenter(self) -> Augmenter:
+        from clients.augment import Augmenter
+        from fairforget.diffusion.filter import FilterSettings
+        from fairforget.diffusion.generator import GeneratorSettings
+
         settings = GeneratorSettings.from_config(self.cfg, self.bundle.num_classes, self.bundle.num_private)
         return Augmenter(self.data, self.sisa, self.augment_store, settings, self.cfg.seed,
                          self.cfg.augment_kl_threshold, self.cfg.augment_on_delete, self.heldout,

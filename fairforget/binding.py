@@ -35,6 +35,7 @@ class Binding:
     num_shards: int
     node_of: dict[int, int] = field(default_factory=dict)
     site_of: dict[int, str] = field(default_factory=dict)
+    task: dict[int, tuple[int, int]] = field(default_factory=dict)  # shard -> (num_classes, num_private)
 
     @classmethod
     def load(cls, path: Path, num_shards: int) -> Binding:
@@ -42,10 +43,12 @@ class Binding:
             return cls(num_shards)
         raw = read_json(path)
         return cls(num_shards, {int(k): int(v["node"]) for k, v in raw["shards"].items()},
-                   {int(k): str(v["site"]) for k, v in raw["shards"].items()})
+                   {int(k): str(v["site"]) for k, v in raw["shards"].items()},
+                   {int(k): tuple(v["task"]) for k, v in raw["shards"].items() if "task" in v})
 
     def save(self, path: Path) -> None:
-        atomic_write_json(path, {"shards": {str(k): {"node": self.node_of[k], "site": self.site_of.get(k, "")}
+        atomic_write_json(path, {"shards": {str(k): {"node": self.node_of[k], "site": self.site_of.get(k, ""),
+                                                     **({"task": list(self.task[k])} if k in self.task else {})}
                                             for k in sorted(self.node_of)}})
 
     # ------------------------------------------------------------------ binding

@@ -23,22 +23,23 @@ def run_driver(grid: Grid, cfg: RunConfig) -> None:
     deletions this run completed and every one still pending."""
     run = RunDir(cfg.out_path)
     with locked(run.path, cfg.mode):
-        first = run.ledger.next_request() if run.ledger.path.exists() else 1
+        seen = len(run.ledger.lines()) if run.ledger.path.exists() else 0  # lines before this run
         try:
             DRIVERS[cfg.mode](grid, cfg)
         except Exception as exc:
-            run.write_status(cfg.mode, ok=False, error=f"{type(exc).__name__}: {exc}", **_deletions(run, first))
+            run.write_status(cfg.mode, ok=False, error=f"{type(exc).__name__}: {exc}", **_deletions(run, seen))
             raise
-        run.write_status(cfg.mode, ok=True, **_deletions(run, first))
+        run.write_status(cfg.mode, ok=True, **_deletions(run, seen))
 
 
-def _deletions(run: RunDir, first: int) -> dict:
-    """``deleted``: request -> shard -> ids this run completed; ``pending``: every unfinished one."""
+def _deletions(run: RunDir, seen: int) -> dict:
+    """``deleted``: request -> shard -> ids whose completion this run recorded (new requests and the
+    unfinished ones it finished); ``pending``: every request still unfinished."""
     if not run.ledger.path.exists():
         return {}
     deleted: dict[str, dict[str, list[int]]] = {}
-    for e in run.ledger.entries():
-        if int(e["request"]) >= first and e.get("decision") not in ("refused",) and "shard" in e:
+    for e in run.ledger.lines()[seen:]:
+        if e.get("phase", "done") == "done" and e.get("decision") != "refused" and "shard" in e:
             deleted.setdefault(str(e["request"]), {})[str(e["shard"])] = e["ids"]
     pending = {str(r): {str(k): p["ids"] for k, p in shards.items()} for r, shards in run.ledger.pending().items()}
     return {"deleted": deleted, "pending": pending}

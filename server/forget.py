@@ -77,17 +77,22 @@ def run_forget(grid: Grid, cfg: RunConfig) -> None:
     metrics = run.metrics()
     before = run.load_models()
 
-    # 1. who holds what: the site a request names is asked alone (its records -> its sample ids);
-    #    without a site (simulation), every node is asked for the ids; unfinished requests' shards too
-    extra = run.ledger.pending_ids()
+    # 1. who holds what. Each node is asked only about ids that may be its own: the site a request
+    #    names about that request (its records -> its sample ids); the node of an unfinished request's
+    #    shard about that request's ids; in simulation (no site named) every node about the new ids.
+    asks: dict[int, set[int]] = {}
+    for plans in pending.values():
+        for shard, plan in plans.items():
+            asks.setdefault(grid.node_of(shard), set()).update(int(i) for i in plan["ids"])
+    replies = []
     if records:
         node = grid.node_of(grid.binding.shard_of_site(cfg.forget_site.strip()))
         replies = list(grid.send_and_receive([_describe(node, [], records)]))
         ids = _site_ids(replies, records, cfg.forget_site.strip())
-        nodes = sorted({node} | {grid.node_of(k) for p in pending.values() for k in p})
-        replies = list(grid.send_and_receive([_describe(n, sorted(set(ids) | extra)) for n in nodes]))
-    else:
-        replies = list(grid.send_and_receive(strategy.configure_describe(grid, sorted(set(ids) | extra))))
+    elif ids:
+        for node in grid.bound_nodes():
+            asks.setdefault(node, set()).update(ids)
+    replies += list(grid.send_and_receive([_describe(n, sorted(v)) for n, v in sorted(asks.items())]))
     shard_of, sizes, spent = nodes_table(replies)
     node_of = {shard: node for node, shard in shard_of.items()}
 
@@ -97,8 +102,9 @@ def run_forget(grid: Grid, cfg: RunConfig) -> None:
         done = reconcile(grid, run, strategy, pending, node_of, cfg.seed)
         for request_no in done:
             metrics = _record_figures(run, cfg, bundle, grid, strategy, metrics, request_no)
-        if ids:  # the ids of this request are asked again: the reconciled ones are deleted now
-            replies = list(grid.send_and_receive([_describe(n, ids) for n in sorted(shard_of)]))
+        if ids:  # the owners of this request's ids are asked again: the reconciled ids are deleted now
+            targets = [node] if records else grid.bound_nodes()
+            replies = list(grid.send_and_receive([_describe(n, ids) for n in targets]))
     if not ids:
         _finish(run, cfg, bundle, grid, strategy, metrics, before, [i for r in done for i in _request_ids(run, r)])
         return

@@ -42,7 +42,7 @@ class SiteGrid(Grid):
         self.binding = Binding.load(run.path / "nodes.json", cfg.num_shards)
         self._identified = False
         self.missing_shards: list[int] = []
-        self._task: dict[int, tuple[int, int]] = {}  # shard -> (num_classes, num_private) it reported
+        self._task = self.binding.task  # shard -> (num_classes, num_private) it reported
 
     # ------------------------------------------------------------------ the binding
     def bound_nodes(self) -> list[int]:
@@ -59,6 +59,11 @@ class SiteGrid(Grid):
         return self.binding.node_of[shard]
 
     def _identify(self) -> None:
+        b = self.binding
+        if len(b.node_of) == b.num_shards and set(b.node_of.values()) <= set(self.inner.get_node_ids()) \
+                and len(b.task) == b.num_shards:  # the saved binding, every node still connected: no new round trip
+            self._identified = True
+            return
         deadline = time.monotonic() + self.cfg.reply_timeout
         asked: set[int] = set()
         while True:

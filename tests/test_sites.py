@@ -104,7 +104,7 @@ def test_a_server_without_data_trains_evaluates_and_deletes_at_one_site(federati
 
     # what left the sites: statistics and models, never samples, ids or per-group counts
     for entry in (json.loads(x) for x in (run.path / "wire.jsonl").read_text().splitlines()):
-        for name, record in entry.get("records", {}).items():
+        for record in entry.get("records", {}).values():
             names = set(record.get("entries", {}))
             assert not names & {"group-counts", "retired-ids"}, entry
             if entry["message_type"] != keys.MSG_DESCRIBE:

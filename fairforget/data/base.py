@@ -12,8 +12,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import functional as TF
 
 # Biased-MNIST background colours (Bahng et al. 2020), RGB 0-255; colour k is class k's own colour.
 BIASED_MNIST_COLOURS = np.array(
@@ -180,6 +178,9 @@ def resize(images: torch.Tensor, size: int) -> torch.Tensor:
     """(N, C, h, w) -> (N, C, size, size) with torchvision's antialiased bilinear resize."""
     if images.shape[-1] == size and images.shape[-2] == size:
         return images
+    from torchvision.transforms import InterpolationMode  # torchvision is slow to import: only when used
+    from torchvision.transforms import functional as TF
+
     out = TF.resize(images, [size, size], interpolation=InterpolationMode.BILINEAR, antialias=True)
     return out.clamp(0.0, 1.0)
 
@@ -275,6 +276,7 @@ def image_bundle(
 def load_image_file(path: str, size: int, channels: int = 3) -> torch.Tensor:
     """One image file -> (C, size, size) float in [0, 1], via PIL and torchvision transforms."""
     from PIL import Image, UnidentifiedImageError
+    from torchvision.transforms import functional as TF
 
     try:
         with Image.open(path) as img:

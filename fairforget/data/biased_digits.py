@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from sklearn.datasets import load_digits
 
 from fairforget.data.base import DataBundle, biased_mnist_bundle, resize, stratified_split
 
 
 def load(cfg) -> DataBundle:  # cfg: fairforget.config.RunConfig
+    from sklearn.datasets import load_digits  # imported when the data is built, not with the package
+
     digits = load_digits()
     gray = torch.as_tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
     gray = resize(gray, cfg.image_size)

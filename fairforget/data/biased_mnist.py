@@ -7,16 +7,21 @@ training-set row numbers; test ids are the test-set row numbers. ``max-samples``
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from torchvision.datasets import MNIST
 
 from fairforget.data.base import DataBundle, DatasetError, biased_mnist_bundle, resize
+
+if TYPE_CHECKING:
+    from torchvision.datasets import MNIST
 
 
 def _read(root: Path, train: bool) -> MNIST:
     try:
+        from torchvision.datasets import MNIST  # torchvision is slow to import: only when used
+
         ds = MNIST(str(root), train=train, download=False)
     except (RuntimeError, ValueError, OSError, AssertionError, KeyError, TypeError) as exc:
         raise DatasetError(

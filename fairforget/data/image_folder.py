@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision.datasets import ImageFolder
 
 from fairforget.data.base import (
     DataBundle,
@@ -107,6 +106,8 @@ def load(cfg) -> DataBundle:
             raise DatasetError(f"labels.csv split values must be train/heldout/test, got {bad}")
     else:
         try:
+            from torchvision.datasets import ImageFolder  # torchvision is slow to import
+
             folder = ImageFolder(str(root))
         except (FileNotFoundError, RuntimeError) as exc:
             raise DatasetError(f"{root} has no labels.csv and is not an image folder: {exc}") from None
