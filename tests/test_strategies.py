@@ -43,7 +43,7 @@ def test_error_reply_is_raised(name, tiny_cfg):
     msg = Message(__import__("flwr.app", fromlist=["RecordDict"]).RecordDict(), dst_node_id=7,
                   message_type=keys.MSG_TRAIN)
     bad = Message(Error(code=1, reason="disk full"), reply_to=msg)
-    with pytest.raises(StrategyReplyError, match="node 7 failed: disk full"):
+    with pytest.raises(StrategyReplyError, match="node 7.*disk full"):
         strategy.aggregate_train(1, [bad])
 
 
