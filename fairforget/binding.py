@@ -47,9 +47,9 @@ class Binding:
                    {int(k): tuple(v["task"]) for k, v in raw["shards"].items() if "task" in v})
 
     def save(self, path: Path) -> None:
-        atomic_write_json(path, {"shards": {str(k): {"node": self.node_of[k], "site": self.site_of.get(k, ""),
-                                                     **({"task": list(self.task[k])} if k in self.task else {})}
-                                            for k in sorted(self.node_of)}})
+        shards = {k: {**v, **({"task": list(self.task[int(k)])} if int(k) in self.task else {})}
+                  for k, v in self.as_dict().items()}
+        atomic_write_json(path, {"shards": shards})
 
     # ------------------------------------------------------------------ binding
     def shard_of(self, node_id: int) -> int | None:

@@ -298,7 +298,8 @@ def _verification_lines(record: dict[str, Any], metrics: dict[str, Any]) -> list
 def write_report(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
     metrics = read_json(run_dir / "metrics.json")
-    ledger = Ledger(run_dir / "ledger.jsonl").entries()  # the decisions (a forget's intent lines left out)
+    run_ledger = Ledger(run_dir / "ledger.jsonl")
+    ledger = run_ledger.entries()  # the decisions (a forget's intent lines left out)
     plots = [
         ("Accuracy by round", plot_rounds(metrics, run_dir / "accuracy_rounds.png")),
         ("Accuracy per (class, private attribute) group", plot_groups(metrics, run_dir / "group_accuracy.png")),
@@ -360,7 +361,7 @@ def write_report(run_dir: Path) -> Path:
             lines.append(f"| {e['request']} | {e['shard']} | {len(e.get('ids', []))} | {e.get('method', '')} | "
                          f"{e.get('decision', '')} | {cap} | {e.get('restart_stage', '')} | {secs} | "
                          f"`{e.get('hash_before', '')}` | `{e.get('hash_after', '')}` |")
-    pending = Ledger(run_dir / "ledger.jsonl").pending()
+    pending = run_ledger.pending()
     if pending:
         unfinished = "; ".join(f"request {r} at shard(s) {', '.join(map(str, sorted(sh)))}"
                                for r, sh in sorted(pending.items()))
