@@ -32,7 +32,6 @@ import argparse
 import hashlib
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -57,6 +56,8 @@ from fairforget.ensemble import Ensemble  # noqa: E402
 from fairforget.metrics import accuracy_report  # noqa: E402
 from fairforget.sisa import SisaSettings, SisaShard  # noqa: E402
 from fairforget.storage import atomic_write_json, atomic_write_text  # noqa: E402
+from simulations.simulate_cli import simulate as run_simulate  # noqa: E402
+from simulations.simulate_cli import toml_value  # noqa: E402
 
 FILTER_END = {"augment-filter": "end"}
 LEVERS: dict[str, dict[str, Any]] = {
@@ -171,25 +172,10 @@ def _mean(values: Any) -> float | None:
 
 
 # ---------------------------------------------------------------------- end to end (Flower)
-def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return json.dumps(value)
-    return str(value)
-
-
 def e2e(name: str, overrides: dict[str, Any], out: Path, extra: list[str]) -> dict[str, Any]:
     run = out / f"e2e-{name}"
-    cmd = [str(Path(sys.executable).parent / "fairforget"), "simulate", "--out", str(run), "--force"]
-    for k, v in {**BASE, **overrides}.items():
-        cmd += ["--set", f"{k}={_toml(v)}"]
-    for s in extra:
-        cmd += ["--set", s]
-    print("$", " ".join(cmd), flush=True)
-    t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, cwd=ROOT)
-    seconds = time.perf_counter() - t0
+    seconds = run_simulate(run, {**{k: toml_value(v) for k, v in {**BASE, **overrides}.items()},
+                                 **dict(s.split("=", 1) for s in extra)}, quiet=False)
     metrics = json.loads((run / "metrics.json").read_text())
     aug = metrics["augmentation"]
     step0 = aug["steps"][0]["shards"].values()

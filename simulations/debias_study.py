@@ -19,9 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import time
+import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,15 +30,19 @@ from fairforget.compare import markdown, plot_by, plot_tradeoff, rows_as_dicts, 
 from fairforget.config import ConfigError, parse_set, resolve  # noqa: E402
 from fairforget.objectives import OBJECTIVES  # noqa: E402
 from fairforget.storage import atomic_write_bytes, atomic_write_json, atomic_write_text  # noqa: E402
+from simulations.simulate_cli import simulate as run_simulate  # noqa: E402
+from simulations.simulate_cli import toml_value  # noqa: E402
 
 RHOS = (0.99, 0.995, 0.997, 0.999, 0.90, 0.95)
 METHODS = ("vanilla", "end", "learned-mixin", "rubi", "rebias", "augment", "augment+end")
 BASE = {"audit-attacks": '"loss,rmia"', "audit-references": 2}
+AUGMENT_PRESET = ROOT / "presets" / "augment-cpu.toml"  # the levers that helped on a CPU (README)
 QUICK = {"audit-attacks": '"loss,confidence,entropy"', "audit-references": 0, "audit-bootstrap": 50}
 
 
-def method_sets(method: str) -> dict[str, object]:
-    """Run-config keys of one method: ``vanilla``, an objective name, ``augment`` or ``augment+NAME``."""
+def method_sets(method: str, preset: Path | None = AUGMENT_PRESET) -> dict[str, object]:
+    """Run-config keys of one method: ``vanilla``, an objective name, ``augment`` or ``augment+NAME``
+    (the augmented ones with the keys of ``preset``, a flat TOML of run-config keys)."""
     augment, _, objective = method.rpartition("+") if "+" in method else ("", "", method)
     if method == "augment":
         augment, objective = "augment", "cross-entropy"
@@ -49,6 +52,9 @@ def method_sets(method: str) -> dict[str, object]:
                           "augment, augment+OBJECTIVE)")
     sets: dict[str, object] = {"objective": json.dumps(objective)}
     if augment:
+        if preset is not None:
+            with preset.open("rb") as fh:
+                sets.update({k: toml_value(v) for k, v in tomllib.load(fh).items()})
         sets["augment"] = "true"
     return sets
 
@@ -59,13 +65,7 @@ def simulate(out: Path, sets: dict[str, object], rerun: bool) -> float:
         if json.loads((out / "status.json").read_text()).get("ok"):
             print(f"reusing {out}", flush=True)
             return 0.0
-    cmd = [sys.executable, "-m", "server.cli", "simulate", "--out", str(out), "--force", "--quiet"]
-    for k, v in sets.items():
-        cmd += ["--set", f"{k}={v}"]
-    print("$", " ".join(cmd[1:]), flush=True)
-    t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, cwd=ROOT)
-    return time.perf_counter() - t0
+    return run_simulate(out, sets)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default=",".join(METHODS),
                         help="vanilla, an objective (end, learned-mixin, rubi, rebias), augment, augment+OBJECTIVE")
     parser.add_argument("--augment-rhos", default="0.99", help="rhos at which augmented methods run (default 0.99)")
+    parser.add_argument("--augment-preset", type=Path, default=AUGMENT_PRESET,
+                        help="run-config keys (flat TOML) of the augmented methods (default presets/augment-cpu.toml)")
     parser.add_argument("--quick", action="store_true",
                         help="reference-free attacks only (LOSS, confidence, entropy), 50 bootstrap resamples")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra run-config keys")
@@ -88,11 +90,14 @@ def main(argv: list[str] | None = None) -> int:
         if not rhos or any(not 0.0 <= r <= 1.0 for r in rhos):
             raise ConfigError(f"--rhos: every rho must be in [0, 1], got {args.rhos!r}")
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-        extra = {k: (json.dumps(v) if isinstance(v, str) else v) for k, v in parse_set(args.set).items()}
-        base = {**BASE, **(QUICK if args.quick else {}), **extra}
+        extra = {k: toml_value(v) for k, v in parse_set(args.set).items()}
+        if not args.augment_preset.is_file():
+            raise ConfigError(f"--augment-preset: no such file: {args.augment_preset}")
+        base = {**BASE, **(QUICK if args.quick else {})}
+        row_sets = lambda m, r: {**base, **method_sets(m, args.augment_preset), **extra, "rho": r}  # noqa: E731
         plan = [(m, r) for r in rhos for m in methods if not m.startswith("augment") or r in aug_rhos]
         for m, r in plan:  # every row's config is checked before the first run starts
-            resolve(parse_set([f"{k}={v}" for k, v in {**base, **method_sets(m), "rho": r}.items()]))
+            resolve(parse_set([f"{k}={v}" for k, v in row_sets(m, r).items()]))
     except (ConfigError, ValueError) as exc:
         print(f"debias_study: error: {exc}", file=sys.stderr)
         return 2
@@ -108,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                 missing.append(folder.name)
                 continue
         else:
-            walls[folder.name] = simulate(folder, {**base, **method_sets(m), "rho": r}, args.rerun)
+            walls[folder.name] = simulate(folder, row_sets(m, r), args.rerun)
         folders.append(folder)
         method_of[folder.name] = m
     if not folders:
@@ -120,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
                        plot_by(rows, "rho", "probe", label, "private-attribute probe accuracy per rho (chance 0.10)"))
     atomic_write_bytes(args.out / "probe_vs_unbiased.png",
                        plot_tradeoff(rows, label, "probe accuracy vs unbiased accuracy"))
-    atomic_write_json(args.out / "study.json", {"base": base, "rows": rows_as_dicts(rows), "methods": method_of,
-                                                "wall_seconds": walls, "not_run": missing})
+    atomic_write_json(args.out / "study.json", {"base": {**base, **extra}, "rows": rows_as_dicts(rows),
+                                                "methods": method_of, "wall_seconds": walls, "not_run": missing})
     atomic_write_text(args.out / "command.txt", "python simulations/debias_study.py " + " ".join(
         argv if argv is not None else sys.argv[1:]) + "\n")
     print(markdown(rows))

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,19 +28,16 @@ sys.path.insert(0, str(ROOT))
 
 from fairforget.config import ConfigError, parse_set, resolve  # noqa: E402
 from fairforget.storage import atomic_write_json, atomic_write_text  # noqa: E402
+from simulations.simulate_cli import simulate as run_simulate  # noqa: E402
+from simulations.simulate_cli import toml_value  # noqa: E402
 
 BASE = {"rho": 0.1, "audit-attacks": '"loss,lira-offline,rmia"', "audit-references": 2}
 ATTACKS = ("lira-offline", "rmia")
 
 
 def simulate(out: Path, sets: dict[str, object]) -> tuple[dict, float]:
-    cmd = [sys.executable, "-m", "server.cli", "simulate", "--out", str(out), "--force", "--quiet"]
-    for k, v in sets.items():
-        cmd += ["--set", f"{k}={v}"]
-    print("$", " ".join(cmd[1:]), flush=True)
-    t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, cwd=ROOT)
-    return json.loads((out / "metrics.json").read_text()), time.perf_counter() - t0
+    seconds = run_simulate(out, sets)
+    return json.loads((out / "metrics.json").read_text()), seconds
 
 
 def row(name: str, m: dict, seconds: float) -> dict:
@@ -138,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--generator-steps", type=int, default=600)
     args = parser.parse_args(argv)
     try:
-        extra = {k: (json.dumps(v) if isinstance(v, str) else v) for k, v in parse_set(args.set).items()}
+        extra = {k: toml_value(v) for k, v in parse_set(args.set).items()}
         sets = {**BASE, **extra}
         eps = [float(e) for e in args.eps.split(",") if e.strip()]
         if any(e <= 0 for e in eps):

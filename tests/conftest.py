@@ -25,15 +25,17 @@ TINY = {
 
 
 # Files whose module-scoped fixtures train something: each runs whole on one xdist worker (so the
-# fixture is built once); the end-to-end Flower runs share one local SuperLink and run one at a time.
+# fixture is built once). Each end-to-end file runs whole on one worker too: the simulation-engine
+# file's runs share one local SuperLink, the deployment file starts its own federation (own Flower
+# home, free ports), so the two files may run side by side.
 GROUPED_FILES = ("test_audit", "test_augment", "test_crash_safety", "test_dp_run", "test_training", "test_unlearners")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """``make test`` runs ``pytest -n 2 --dist loadgroup``: tests of a group stay on one worker."""
     for item in items:
-        if item.get_closest_marker("e2e"):
-            item.add_marker(pytest.mark.xdist_group("flower"))
+        if item.module is not None and item.get_closest_marker("e2e"):
+            item.add_marker(pytest.mark.xdist_group(f"flower-{item.module.__name__}"))
         elif item.module is not None and item.module.__name__.rsplit(".", 1)[-1] in GROUPED_FILES:
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 

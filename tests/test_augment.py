@@ -315,8 +315,12 @@ def test_trained_generator_makes_the_requested_class(tiny_cfg):
     bundle = load_dataset(cfg)
     settings = GeneratorSettings(image_size=8, num_classes=10, num_private=10, width=16, train_steps=1200,
                                  batch_size=64, ddim_steps=20)
-    torch.set_num_threads(2)
-    model = train_generator(bundle.train.x, bundle.train.y, bundle.train.private, settings, seed=0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # pytest-xdist runs another worker beside this one: two threads would fight it
+    try:
+        model = train_generator(bundle.train.x, bundle.train.y, bundle.train.private, settings, seed=0)
+    finally:
+        torch.set_num_threads(before)
     fidelity = FidelityClassifiers.train(bundle.heldout, 10, 10, seed=0)
     assert fidelity.accuracy(bundle.test_unbiased)["class"] > 0.8
     y = torch.arange(10).repeat_interleave(20)

@@ -3,7 +3,8 @@
 SimpleConvNet's layout with 1x1 convolutions (Bahng et al. 2020 use this "g" for Biased-MNIST): each
 bottleneck unit sees one pixel's colour channels, never a stroke, so the network can learn the colour
 shortcut and not the digit's shape. Owned by the objective, so the optimizer trains it and SISA
-checkpoints save it with the model.
+checkpoints save it with the model. Its convolutions have no bias: the BatchNorm after each removes
+any constant, so a bias would only be a parameter whose gradient is zero.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ class BiasNet(nn.Module):
         chans = [in_channels, width, 2 * width, 4 * width, 8 * width]
         layers: list[nn.Module] = []
         for c_in, c_out in zip(chans[:-1], chans[1:], strict=True):
-            layers += [nn.Conv2d(c_in, c_out, kernel_size=1), nn.BatchNorm2d(c_out), nn.ReLU()]
+            layers += [nn.Conv2d(c_in, c_out, kernel_size=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
         self.encoder = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.fc = nn.Linear(chans[-1], num_outputs)
 
