@@ -22,7 +22,7 @@ demo: $(VENV)/.installed  ## train a 4-shard SISA ensemble on Biased-Digits via 
 	@echo "biased (vanilla) vs debiased (EnD), utility and leakage: $(OUT)/vanilla_vs_end.md"
 
 test: $(VENV)/.installed  ## unit tests + end-to-end Flower runs, on 2 workers (the Flower runs one after another)
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 bench: $(VENV)/.installed  ## unlearning speed-ups and Flower engine overhead (prints figures)
 	$(BIN)/python simulations/benchmark.py

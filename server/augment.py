@@ -68,6 +68,7 @@ def run_augmentation(grid: Grid, cfg: RunConfig, strategy: Any, bundle: DataBund
             "accuracy_unbiased": evaluation["unbiased"]["accuracy"],
             "worst_group_accuracy": evaluation["unbiased"]["worst_group"]["accuracy"],
             "shards": {str(k): _shard_summary(rep) for k, rep in shard_steps.items()},
+            "missing_shards": sorted(set(grants) - set(shard_steps)),  # no reply in time (min-shards allowed it)
             "mia_live_originals": _mia(cfg, bundle, states, live, run),
         }
         if retired:

@@ -3,9 +3,11 @@ timeout on every exchange, and a log of what each reply carried.
 
 Every driver wraps the Grid it is given (:func:`site_grid`). Then:
 
-* ``send_and_receive`` waits at most ``reply-timeout`` seconds (a dead or hung node cannot hang the
-  server; its reply is simply missing), and checks each reply against the binding: a reply from an
-  unbound node, or one naming another shard than its node is bound to, is an error;
+* ``send_and_receive`` gives up on the nodes that have not answered once no reply has come for
+  ``reply-timeout`` seconds (a dead or hung node cannot hang the server; its reply is simply
+  missing; a long exchange whose replies keep coming is not cut off), and checks each reply
+  against the binding: a reply from an unbound node, or one naming another shard than its node is
+  bound to, is an error;
 * :meth:`SiteGrid.bound_nodes` identifies the connected nodes (``query.identify``: each says its
   shard and site, nothing else), binds them (:mod:`fairforget.binding`, saved in ``OUT/nodes.json``),
   waits up to ``reply-timeout`` for missing shards, and returns the bound nodes; with fewer than
@@ -34,6 +36,8 @@ from fairforget.run import RunDir
 from fairforget.storage import durable_append_lines
 
 __all__ = ["BindingError", "SiteGrid", "site_grid"]
+
+PULL_INTERVAL = 0.2  # seconds between polls for replies
 
 
 class SiteGrid(Grid):
@@ -104,15 +108,32 @@ class SiteGrid(Grid):
 
     # ------------------------------------------------------------------ exchanges
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        """Push ``messages`` and pull replies until every node has answered or none has for ``timeout``
+        (default ``reply-timeout``) seconds: the wait restarts with each reply, so an exchange whose
+        nodes answer one after another (the simulation engine runs a few ClientApps at a time) is not
+        cut off, while a dead or hung node holds the server ``timeout`` seconds at most."""
         messages = list(messages)
-        replies = list(self.inner.send_and_receive(messages, timeout=timeout or self.cfg.reply_timeout))
+        limit = timeout or self.cfg.reply_timeout
+        waiting = set(self.inner.push_messages(messages))
+        replies: list[Message] = []
+        last_reply = time.monotonic()
+        while waiting:
+            got = list(self.inner.pull_messages(waiting))
+            if got:
+                replies += got
+                waiting -= {r.metadata.reply_to_message_id for r in got}
+                last_reply = time.monotonic()
+            elif time.monotonic() - last_reply >= limit:
+                break
+            else:
+                time.sleep(PULL_INTERVAL)
         for reply in replies:
             self._log(reply)
             self._check(reply)
         answered = {r.metadata.src_node_id for r in replies}
         lost = sorted(m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in answered)
         if lost:
-            log(WARNING, "fairforget: no reply from node(s) %s within %gs", lost, timeout or self.cfg.reply_timeout)
+            log(WARNING, "fairforget: no reply from node(s) %s for %gs", lost, limit)
         return replies
 
     def _check(self, reply: Message) -> None:

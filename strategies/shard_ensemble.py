@@ -277,7 +277,9 @@ class ShardEnsemble(FairforgetStrategy, Strategy):
 
     def aggregate_augment(self, replies: Iterable[Message]) -> dict[int, dict[str, Any]]:
         """Replace every augmented shard's constituent and settle its budget (the retirements are
-        spent, then the exact retrain resets it for the originals left); return each shard's step report."""
+        spent, then the exact retrain resets it for the originals left); return each shard's step report.
+        A shard that did not reply keeps its model; with fewer than ``min-shards`` replies this raises
+        a one-line :class:`StrategyReplyError` (never a run that quietly left shards unaugmented)."""
         out: dict[int, dict[str, Any]] = {}
         for reply in self.record_replies(replies):
             shard = int(reply.content[keys.METRICS][keys.SHARD])
@@ -287,6 +289,12 @@ class ShardEnsemble(FairforgetStrategy, Strategy):
             self._originals[shard] = int(report["num_originals"])
             self.budget.reset(shard, self._originals[shard])
             out[shard] = report
+        lost = sorted(set(self._granted) - set(out))
+        if lost and len(out) < min(self.required, len(self._granted)):
+            raise StrategyReplyError(f"augmentation: {len(out)} of {len(self._granted)} shards replied (shard(s) "
+                                     f"{', '.join(map(str, lost))}: no reply in time); min-shards = {self.required}")
+        if lost:
+            log(WARNING, "augmentation: going on without shard(s) %s (min-shards = %d)", lost, self.required)
         return out
 
     def load_states(self, states: dict[int, dict[str, torch.Tensor]]) -> None:

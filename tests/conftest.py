@@ -7,6 +7,7 @@ import traceback
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+from uuid import uuid4
 
 import pytest
 from flwr.app import Error, Message
@@ -24,20 +25,10 @@ TINY = {
 }
 
 
-# Files whose module-scoped fixtures train something: each runs whole on one xdist worker (so the
-# fixture is built once). Each end-to-end file runs whole on one worker too: the simulation-engine
-# file's runs share one local SuperLink, the deployment file starts its own federation (own Flower
-# home, free ports), so the two files may run side by side.
-GROUPED_FILES = ("test_audit", "test_augment", "test_crash_safety", "test_dp_run", "test_training", "test_unlearners")
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """``make test`` runs ``pytest -n 2 --dist loadgroup``: tests of a group stay on one worker."""
-    for item in items:
-        if item.module is not None and item.get_closest_marker("e2e"):
-            item.add_marker(pytest.mark.xdist_group(f"flower-{item.module.__name__}"))
-        elif item.module is not None and item.module.__name__.rsplit(".", 1)[-1] in GROUPED_FILES:
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+# ``make test`` runs ``pytest -n 2 --dist loadfile``: each file runs whole on one xdist worker, so a
+# module-scoped fixture (a trained model, a federation) is built once. (``--dist loadgroup`` does not
+# group here: pytest-xdist 3.8 appends the group to ``item._nodeid`` and under pytest 9.2
+# ``item.nodeid`` does not show it, so every test was scheduled alone.)
 
 
 @pytest.fixture(autouse=True)
@@ -72,6 +63,7 @@ class InProcessGrid(Grid):
         self.cfg = cfg
         self.nodes = {101 + k: k for k in range(cfg.num_shards)}
         self.sent: list[Message] = []
+        self.outbox: dict[str, Message] = {}  # message id -> its reply, until pulled
 
     def node(self, node_id: int) -> Node:
         return Node.from_context(self.cfg.to_mapping(), {
@@ -82,19 +74,31 @@ class InProcessGrid(Grid):
         return list(self.nodes)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        replies = []
+        return self.pull_messages(self.push_messages(messages))
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Runs each message's handler now; its reply waits for :meth:`pull_messages`."""
+        ids = []
         for msg in messages:
             self.sent.append(msg)
-            try:
-                content = self.HANDLERS[msg.metadata.message_type](msg.content, self.node(msg.metadata.dst_node_id))
-                reply = Message(content, reply_to=msg)
-            except Exception as exc:  # noqa: BLE001 - mirrors Flower's error replies
-                traceback.print_exc()  # shown with a failing test's captured output
-                reply = Message(Error(code=1, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
-            replies.append(reply)
-        return replies
+            msg.metadata.__dict__["_message_id"] = str(uuid4())  # as Flower's grids do on push
+            self.outbox[msg.metadata.message_id] = self.reply(msg)
+            ids.append(msg.metadata.message_id)
+        return ids
 
-    # fairforget's drivers only call get_node_ids and send_and_receive; the rest must stay unused
+    def reply(self, msg: Message) -> Message:
+        """The node's handler's reply to ``msg``; an exception becomes an error reply."""
+        try:
+            content = self.HANDLERS[msg.metadata.message_type](msg.content, self.node(msg.metadata.dst_node_id))
+            return Message(content, reply_to=msg)
+        except Exception as exc:  # noqa: BLE001 - mirrors Flower's error replies
+            traceback.print_exc()  # shown with a failing test's captured output
+            return Message(Error(code=1, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self.outbox.pop(i) for i in list(message_ids) if i in self.outbox]
+
+    # fairforget's drivers only call get_node_ids, send_and_receive, push and pull; the rest must stay unused
     def set_run(self, run_id: int) -> None:
         raise AssertionError("set_run is not used by fairforget's drivers")
 
@@ -105,11 +109,6 @@ class InProcessGrid(Grid):
     def create_message(self, *a: Any, **k: Any) -> Message:
         raise AssertionError("create_message is not used by fairforget's drivers")
 
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        raise AssertionError("push_messages is not used by fairforget's drivers")
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        raise AssertionError("pull_messages is not used by fairforget's drivers")
 
 
 @pytest.fixture

@@ -8,8 +8,6 @@ from fairforget.compare import CompareError, collect
 from server import cli
 from server.experiment import run_training
 
-pytestmark = pytest.mark.xdist_group("test_compare")  # the two runs are built once, on one worker
-
 
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory):

@@ -45,16 +45,10 @@ def recording_grid(grid_for):
             self.through_app = through_app
             self.exchanges: list[tuple[Message, ArrayRecord | None]] = []
 
-        def send_and_receive(self, messages, *, timeout=None):
-            messages = list(messages)
-            if self.through_app:
-                self.sent.extend(messages)
-                replies = [self.via_app(m) for m in messages]
-            else:
-                replies = list(super().send_and_receive(messages, timeout=timeout))
-            self.exchanges += [(m, None if r.has_error() else r.content.get(keys.ARRAYS))
-                               for m, r in zip(messages, replies, strict=True)]
-            return replies
+        def reply(self, msg):
+            r = self.via_app(msg) if self.through_app else super().reply(msg)
+            self.exchanges.append((msg, None if r.has_error() else r.content.get(keys.ARRAYS)))
+            return r
 
         def via_app(self, msg: Message) -> Message:
             node_config = {keys.NODE_PARTITION_ID: self.nodes[msg.metadata.dst_node_id],

@@ -5,9 +5,11 @@ itself (TLS, SuperNode authentication, killed nodes) is exercised by tests/test_
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from fairforget import keys
 from fairforget.binding import Binding, BindingError
@@ -15,11 +17,10 @@ from fairforget.ledger import Ledger
 from fairforget.run import RunDir
 from server.experiment import run_training
 from server.forget import ForgetError, run_forget
+from server.grid import site_grid
 from strategies.base import StrategyReplyError
 from tests.conftest import TINY, InProcessGrid
 from tests.fixtures_formats import CLASS_RGB, write_png
-
-pytestmark = pytest.mark.xdist_group("test_sites")
 
 
 def write_site(root: Path, n: int = 40) -> Path:
@@ -146,3 +147,68 @@ def test_a_lost_site_stops_the_run_or_is_reported(federation, min_shards):
     m = RunDir(cfg.out_path).metrics()
     assert m["federation"]["missing"] == [1] and m["federation"]["min_shards"] == 1
     assert sorted(p.name for p in RunDir(cfg.out_path).models_dir.iterdir()) == ["shard-0.pt"]
+
+
+# ---------------------------------------------------------------------- reply timeout
+class SlowGrid(InProcessGrid):
+    """Node k's reply becomes available ``delays[k]`` seconds after the push (None: never)."""
+
+    def __init__(self, cfg, delays: dict[int, float | None]) -> None:
+        super().__init__(cfg)
+        self.delays, self.due = delays, {}
+
+    def push_messages(self, messages):
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = f"m{msg.metadata.dst_node_id}"
+            reply = Message(RecordDict({keys.METRICS: MetricRecord({})}), reply_to=msg)
+            self.outbox[msg.metadata.message_id] = reply
+            delay = self.delays[msg.metadata.dst_node_id]
+            self.due[msg.metadata.message_id] = None if delay is None else time.monotonic() + delay
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids):
+        now = time.monotonic()
+        ready = [i for i in message_ids if self.due.get(i) is not None and self.due[i] <= now]
+        return [self.outbox.pop(i) for i in ready]
+
+
+def test_the_reply_timeout_counts_from_the_last_reply_not_from_the_push(tiny_cfg):
+    """Replies that come one after another (a simulation runs a few ClientApps at a time) are all
+    waited for although together they take longer than ``reply-timeout``; a node that never answers
+    is given up ``reply-timeout`` after the last reply."""
+    cfg = tiny_cfg(**{"reply-timeout": 0.6, "num-shards": 4})
+    ping = lambda n: Message(RecordDict({}), dst_node_id=n, message_type=keys.MSG_EVALUATE)  # noqa: E731
+    grid = site_grid(SlowGrid(cfg, {101: 0.2, 102: 0.6, 103: 1.0, 104: 1.4}), cfg)
+    t0 = time.monotonic()
+    replies = list(grid.send_and_receive([ping(n) for n in (101, 102, 103, 104)]))
+    assert sorted(r.metadata.src_node_id for r in replies) == [101, 102, 103, 104]
+    assert time.monotonic() - t0 < 2.5
+    grid = site_grid(SlowGrid(cfg, {101: 0.2, 102: 0.9, 103: None, 104: 0.4}), cfg)
+    t0 = time.monotonic()
+    replies = list(grid.send_and_receive([ping(n) for n in (101, 102, 103, 104)]))
+    assert sorted(r.metadata.src_node_id for r in replies) == [101, 102, 104]
+    assert 1.4 <= time.monotonic() - t0 < 3.0  # 0.9 s to the last reply, then 0.6 s of silence
+
+
+def test_augmentation_with_a_shard_missing_is_an_error_not_a_quietly_smaller_run(tiny_cfg):
+    from flwr.app import ArrayRecord
+
+    from strategies.shard_ensemble import ShardEnsemble
+
+    reports = lambda: {k: {keys.NUM_EXAMPLES: 50, keys.NODE_ID: 101 + k} for k in (0, 1)}  # noqa: E731
+    strategy = ShardEnsemble.from_config(tiny_cfg(), 10)
+    strategy.shard_reports = reports()
+    messages = strategy.configure_augment(0, 0, ArrayRecord())
+    report = {"retired_ids": [], "num_originals": 50}
+    metrics = MetricRecord({keys.SHARD: 0, keys.NUM_EXAMPLES: 50})
+    reply = Message(RecordDict({keys.METRICS: metrics, keys.ARRAYS: ArrayRecord(),
+                                keys.CONFIG: ConfigRecord({keys.AUGMENT_JSON: json.dumps(report)})}),
+                    reply_to=messages[0])
+    with pytest.raises(StrategyReplyError, match=r"augmentation: 1 of 2 shards replied \(shard\(s\) 1: no reply"):
+        strategy.aggregate_augment([reply])
+    lenient = ShardEnsemble.from_config(tiny_cfg(**{"min-shards": 1}), 10)
+    lenient.shard_reports = reports()
+    lenient.configure_augment(0, 0, ArrayRecord())
+    assert list(lenient.aggregate_augment([reply])) == [0]
