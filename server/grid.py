@@ -76,7 +76,7 @@ class SiteGrid(Grid):
             if new:
                 msgs = [Message(RecordDict({keys.CONFIG: ConfigRecord({})}), dst_node_id=n,
                                 message_type=keys.MSG_IDENTIFY) for n in new]
-                for reply in self.inner.send_and_receive(msgs, timeout=self.cfg.reply_timeout):
+                for reply in self._exchange(msgs, self.cfg.reply_timeout):
                     self._log(reply)
                     if reply.has_error():
                         log(WARNING, "fairforget: node %s did not identify: %s", reply.metadata.src_node_id,
@@ -114,6 +114,18 @@ class SiteGrid(Grid):
         cut off, while a dead or hung node holds the server ``timeout`` seconds at most."""
         messages = list(messages)
         limit = timeout or self.cfg.reply_timeout
+        replies = self._exchange(messages, limit)
+        for reply in replies:
+            self._log(reply)
+            self._check(reply)
+        answered = {r.metadata.src_node_id for r in replies}
+        lost = sorted(m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in answered)
+        if lost:
+            log(WARNING, "fairforget: no reply from node(s) %s for %gs", lost, limit)
+        return replies
+
+    def _exchange(self, messages: list[Message], limit: float) -> list[Message]:
+        """Push, then pull until every message is answered or no reply has come for ``limit`` seconds."""
         waiting = set(self.inner.push_messages(messages))
         replies: list[Message] = []
         last_reply = time.monotonic()
@@ -127,13 +139,6 @@ class SiteGrid(Grid):
                 break
             else:
                 time.sleep(PULL_INTERVAL)
-        for reply in replies:
-            self._log(reply)
-            self._check(reply)
-        answered = {r.metadata.src_node_id for r in replies}
-        lost = sorted(m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in answered)
-        if lost:
-            log(WARNING, "fairforget: no reply from node(s) %s for %gs", lost, limit)
         return replies
 
     def _check(self, reply: Message) -> None:

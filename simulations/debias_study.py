@@ -40,9 +40,17 @@ AUGMENT_PRESET = ROOT / "presets" / "augment-cpu.toml"  # the levers that helped
 QUICK = {"audit-attacks": '"loss,confidence,entropy"', "audit-references": 0, "audit-bootstrap": 50}
 
 
-def method_sets(method: str, preset: Path | None = AUGMENT_PRESET) -> dict[str, object]:
+def load_preset(path: Path) -> dict[str, str]:
+    """A flat TOML of run-config keys, as ``--set`` values."""
+    if not path.is_file():
+        raise ConfigError(f"--augment-preset: no such file: {path}")
+    with path.open("rb") as fh:
+        return {k: toml_value(v) for k, v in tomllib.load(fh).items()}
+
+
+def method_sets(method: str, augment_keys: dict[str, str] | None = None) -> dict[str, object]:
     """Run-config keys of one method: ``vanilla``, an objective name, ``augment`` or ``augment+NAME``
-    (the augmented ones with the keys of ``preset``, a flat TOML of run-config keys)."""
+    (the augmented ones with ``augment_keys``, the keys of the augmentation preset)."""
     augment, _, objective = method.rpartition("+") if "+" in method else ("", "", method)
     if method == "augment":
         augment, objective = "augment", "cross-entropy"
@@ -52,9 +60,7 @@ def method_sets(method: str, preset: Path | None = AUGMENT_PRESET) -> dict[str, 
                           "augment, augment+OBJECTIVE)")
     sets: dict[str, object] = {"objective": json.dumps(objective)}
     if augment:
-        if preset is not None:
-            with preset.open("rb") as fh:
-                sets.update({k: toml_value(v) for k, v in tomllib.load(fh).items()})
+        sets.update(augment_keys or {})
         sets["augment"] = "true"
     return sets
 
@@ -91,10 +97,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--rhos: every rho must be in [0, 1], got {args.rhos!r}")
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
         extra = {k: toml_value(v) for k, v in parse_set(args.set).items()}
-        if not args.augment_preset.is_file():
-            raise ConfigError(f"--augment-preset: no such file: {args.augment_preset}")
+        augment_keys = load_preset(args.augment_preset)
         base = {**BASE, **(QUICK if args.quick else {})}
-        row_sets = lambda m, r: {**base, **method_sets(m, args.augment_preset), **extra, "rho": r}  # noqa: E731
+        row_sets = lambda m, r: {**base, **method_sets(m, augment_keys), **extra, "rho": r}  # noqa: E731
         plan = [(m, r) for r in rhos for m in methods if not m.startswith("augment") or r in aug_rhos]
         for m, r in plan:  # every row's config is checked before the first run starts
             resolve(parse_set([f"{k}={v}" for k, v in row_sets(m, r).items()]))

@@ -139,17 +139,20 @@ class ShardEnsemble(FairforgetStrategy, Strategy):
             shard = int(reply.content[keys.METRICS][keys.SHARD])
             self.shard_arrays[shard] = reply.content[keys.ARRAYS]
             self.last_round[shard] = server_round
-        lost = self.lagging(server_round)
-        if len(ok) < self.required:
-            why = "; ".join(f"node {r.metadata.src_node_id}: {r.error.reason}" for r in failed) or "no reply in time"
-            raise StrategyReplyError(f"round {server_round}: {len(ok)} of {self.num_shards} shards replied (shard(s) "
-                                     f"{', '.join(map(str, lost))} lost: {why}); min-shards = {self.required}")
-        if lost:
-            log(WARNING, "round %d: going on without shard(s) %s (min-shards = %d)", server_round, lost,
-                self.required)
+        why = "; ".join(f"node {r.metadata.src_node_id}: {r.error.reason}" for r in failed) or "no reply in time"
+        self._require_replies(f"round {server_round}", len(ok), self.num_shards, self.lagging(server_round), why)
         if not ok:
             return None, None
         return pack_shards(self.shard_arrays), mean_metrics(ok)
+
+    def _require_replies(self, what: str, replied: int, asked: int, lost: list[int], why: str) -> None:
+        """Fewer than ``min-shards`` of the ``asked`` shards replied: a one-line :class:`StrategyReplyError`;
+        some shards lost but enough replied: a warning, and the caller goes on without them."""
+        if lost and replied < min(self.required, asked):
+            raise StrategyReplyError(f"{what}: {replied} of {asked} shards replied (shard(s) "
+                                     f"{', '.join(map(str, lost))} lost: {why}); min-shards = {self.required}")
+        if lost:
+            log(WARNING, "%s: going on without shard(s) %s (min-shards = %d)", what, lost, self.required)
 
     def lagging(self, server_round: int) -> list[int]:
         """Shards that did not reply to round ``server_round`` (missing, or stale from an earlier round)."""
@@ -289,12 +292,8 @@ class ShardEnsemble(FairforgetStrategy, Strategy):
             self._originals[shard] = int(report["num_originals"])
             self.budget.reset(shard, self._originals[shard])
             out[shard] = report
-        lost = sorted(set(self._granted) - set(out))
-        if lost and len(out) < min(self.required, len(self._granted)):
-            raise StrategyReplyError(f"augmentation: {len(out)} of {len(self._granted)} shards replied (shard(s) "
-                                     f"{', '.join(map(str, lost))}: no reply in time); min-shards = {self.required}")
-        if lost:
-            log(WARNING, "augmentation: going on without shard(s) %s (min-shards = %d)", lost, self.required)
+        self._require_replies("augmentation", len(out), len(self._granted), sorted(set(self._granted) - set(out)),
+                              "no reply in time")
         return out
 
     def load_states(self, states: dict[int, dict[str, torch.Tensor]]) -> None:

@@ -110,7 +110,6 @@ class InProcessGrid(Grid):
         raise AssertionError("create_message is not used by fairforget's drivers")
 
 
-
 @pytest.fixture
 def grid_for():
     return InProcessGrid

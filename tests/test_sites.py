@@ -206,7 +206,7 @@ def test_augmentation_with_a_shard_missing_is_an_error_not_a_quietly_smaller_run
     reply = Message(RecordDict({keys.METRICS: metrics, keys.ARRAYS: ArrayRecord(),
                                 keys.CONFIG: ConfigRecord({keys.AUGMENT_JSON: json.dumps(report)})}),
                     reply_to=messages[0])
-    with pytest.raises(StrategyReplyError, match=r"augmentation: 1 of 2 shards replied \(shard\(s\) 1: no reply"):
+    with pytest.raises(StrategyReplyError, match=r"augmentation: 1 of 2 shards replied \(shard\(s\) 1 lost: no reply"):
         strategy.aggregate_augment([reply])
     lenient = ShardEnsemble.from_config(tiny_cfg(**{"min-shards": 1}), 10)
     lenient.shard_reports = reports()
