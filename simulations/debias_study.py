@@ -9,15 +9,20 @@ private-attribute probe's accuracy (the audit's linear probe on the ensemble's b
     python simulations/debias_study.py --methods augment,augment+end --rhos 0.99
 
 Each row is one ``fairforget simulate`` run in ``OUT/<method>-rho<rho>/`` (a finished one is reused
-unless ``--rerun``). Augmented rows run at the rhos in ``--augment-rhos`` only (default 0.99: each
-costs about 15 minutes on 2 cores). Output, through :mod:`fairforget.compare`: ``OUT/table.md`` and
-``OUT/table.png`` (``fairforget compare`` of every row), ``OUT/probe_per_rho.png`` and
-``OUT/probe_vs_unbiased.png`` (the seed's two plots), ``OUT/study.json`` (rows and wall seconds).
+unless ``--rerun``). A rho whose data (every shard, the held-out and test sets) equals an earlier rho's
+is not run again: its row is that rho's run, named ``<method>-rho<rho> (= <method>-rho<earlier>)``
+(on Biased-Digits, 0.995 equals 0.99 and 0.997 equals 0.999). Augmented rows run at the rhos in
+``--augment-rhos`` only (default 0.99: each costs about 15 minutes on 2 cores). Output, through
+:mod:`fairforget.compare`: ``OUT/table.md`` and ``OUT/table.png`` (every row),
+``OUT/probe_per_rho.png`` and ``OUT/probe_vs_unbiased.png`` (the seed's two plots), ``OUT/study.json``
+(rows, wall seconds, the rows that are another rho's run).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import json
 import sys
 import tomllib
@@ -26,8 +31,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fairforget.compare import markdown, plot_by, plot_tradeoff, rows_as_dicts, write  # noqa: E402
+from fairforget.compare import collect, markdown, plot, plot_by, plot_tradeoff, rows_as_dicts  # noqa: E402
 from fairforget.config import ConfigError, parse_set, resolve  # noqa: E402
+from fairforget.data import load_dataset, shard_of  # noqa: E402
 from fairforget.objectives import OBJECTIVES  # noqa: E402
 from fairforget.storage import atomic_write_bytes, atomic_write_json, atomic_write_text  # noqa: E402
 from simulations.simulate_cli import simulate as run_simulate  # noqa: E402
@@ -63,6 +69,19 @@ def method_sets(method: str, augment_keys: dict[str, str] | None = None) -> dict
         sets.update(augment_keys or {})
         sets["augment"] = "true"
     return sets
+
+
+def data_fingerprint(sets: dict[str, object]) -> str:
+    """A hash of everything a row's figures depend on through its data: every shard's training
+    samples and the held-out and test sets. Two rhos with one fingerprint give the same run (at
+    1,079 training digits, rho 0.99 and 0.995 both leave one bias-conflicting image per class)."""
+    cfg = resolve(parse_set([f"{k}={v}" for k, v in sets.items()]))
+    bundle = load_dataset(cfg)
+    h = hashlib.sha256()
+    for part in [*shard_of(cfg, bundle), bundle.heldout, bundle.test_biased, bundle.test_unbiased]:
+        for t in (part.ids, part.y, part.private, part.x):
+            h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def simulate(out: Path, sets: dict[str, object], rerun: bool) -> float:
@@ -103,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         plan = [(m, r) for r in rhos for m in methods if not m.startswith("augment") or r in aug_rhos]
         for m, r in plan:  # every row's config is checked before the first run starts
             resolve(parse_set([f"{k}={v}" for k, v in row_sets(m, r).items()]))
+        # a row whose data equals an earlier rho's (and whose keys differ only in rho) is that row
+        prints = {r: data_fingerprint(row_sets(methods[0], r)) for r in rhos}
+        same_as = {r: next(r0 for r0 in rhos if prints[r0] == prints[r]) for r in rhos}
     except (ConfigError, ValueError) as exc:
         print(f"debias_study: error: {exc}", file=sys.stderr)
         return 2
@@ -110,28 +132,40 @@ def main(argv: list[str] | None = None) -> int:
         print("debias_study: error: no rows to run (augmented methods run only at --augment-rhos)", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    folders, walls, method_of, missing = [], {}, {}, []
+    folder_of = lambda m, r: args.out / f"{m.replace('+', '-')}-rho{r:g}"  # noqa: E731
+    rows, walls, method_of, missing, copies = [], {}, {}, [], {}
     for m, r in plan:
-        folder = args.out / f"{m.replace('+', '-')}-rho{r:g}"
-        if args.report_only:
+        name, folder = folder_of(m, r).name, folder_of(m, r)
+        copy = same_as[r] != r and (m, same_as[r]) in plan  # that row ran (or was reported) before this one
+        if copy:
+            folder = folder_of(m, same_as[r])
+        elif args.report_only:
             if not (folder / "metrics.json").is_file():
-                missing.append(folder.name)
+                missing.append(name)
                 continue
         else:
-            walls[folder.name] = simulate(folder, row_sets(m, r), args.rerun)
-        folders.append(folder)
-        method_of[folder.name] = m
-    if not folders:
+            walls[name] = simulate(folder, row_sets(m, r), args.rerun)
+        if (folder / "metrics.json").is_file():
+            row = collect([folder])[0]
+            if copy:  # the same run, shown at its own rho
+                copies[name] = folder.name
+                row = dataclasses.replace(row, name=f"{name} (= {folder.name})", rho=r)
+            rows.append(row)
+            method_of[row.name] = m
+    if not rows:
         print("debias_study: error: no finished rows to report", file=sys.stderr)
         return 2
-    md, png, rows = write(folders, args.out / "table")
+    md, png = args.out / "table.md", args.out / "table.png"
+    atomic_write_bytes(png, plot(rows))
+    atomic_write_text(md, "# fairforget compare\n\n" + markdown(rows) + f"\n![leakage vs utility]({png.name})\n")
     label = lambda row: method_of[row.name]  # noqa: E731
     atomic_write_bytes(args.out / "probe_per_rho.png",
                        plot_by(rows, "rho", "probe", label, "private-attribute probe accuracy per rho (chance 0.10)"))
     atomic_write_bytes(args.out / "probe_vs_unbiased.png",
                        plot_tradeoff(rows, label, "probe accuracy vs unbiased accuracy"))
     atomic_write_json(args.out / "study.json", {"base": {**base, **extra}, "rows": rows_as_dicts(rows),
-                                                "methods": method_of, "wall_seconds": walls, "not_run": missing})
+                                                "methods": method_of, "wall_seconds": walls, "not_run": missing,
+                                                "same_training_set": copies})
     atomic_write_text(args.out / "command.txt", "python simulations/debias_study.py " + " ".join(
         argv if argv is not None else sys.argv[1:]) + "\n")
     print(markdown(rows))

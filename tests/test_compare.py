@@ -56,3 +56,26 @@ def test_compare_refuses_a_folder_that_is_not_a_finished_run(two_runs, tmp_path,
     with pytest.raises(CompareError, match="unreadable KeyError"):
         collect([tmp_path / "half"])
     assert not (tmp_path / "cmp.md").exists() and not (tmp_path / "cmp.png").exists()
+
+
+def test_the_study_runs_a_training_set_once_and_shows_it_at_each_rho_it_equals(two_runs, tmp_path, capsys):
+    """At 1,079 training digits rho 0.99 and 0.995 leave the same bias-conflicting images: the study
+    shows the 0.99 run at 0.995 (named for it) instead of training it again; 0.90 is other data."""
+    import json
+    import shutil
+
+    from simulations import debias_study
+
+    fp = debias_study.data_fingerprint
+    assert fp({"rho": 0.99}) == fp({"rho": 0.995}) != fp({"rho": 0.9})
+    shutil.copytree(two_runs[0], tmp_path / "vanilla-rho0.99")
+    code = debias_study.main(["--report-only", "--methods", "vanilla", "--rhos", "0.99,0.995,0.9",
+                              "--out", str(tmp_path)])
+    assert code == 0, capsys.readouterr().err
+    study = json.loads((tmp_path / "study.json").read_text())
+    assert study["same_training_set"] == {"vanilla-rho0.995": "vanilla-rho0.99"}
+    assert study["not_run"] == ["vanilla-rho0.9"]
+    rows = {r["name"]: r for r in study["rows"]}
+    copy = rows["vanilla-rho0.995 (= vanilla-rho0.99)"]
+    assert copy["rho"] == 0.995 and copy["accuracy_unbiased"] == rows["vanilla-rho0.99"]["accuracy_unbiased"]
+    assert "| vanilla-rho0.995 (= vanilla-rho0.99) | cross-entropy | 0.995 |" in (tmp_path / "table.md").read_text()
