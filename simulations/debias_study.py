@@ -24,6 +24,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import subprocess
 import sys
 import tomllib
 from pathlib import Path
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     folder_of = lambda m, r: args.out / f"{m.replace('+', '-')}-rho{r:g}"  # noqa: E731
-    rows, walls, method_of, missing, copies = [], {}, {}, [], {}
+    rows, walls, method_of, missing, copies, failed = [], {}, {}, [], {}, []
     for m, r in plan:
         name, folder = folder_of(m, r).name, folder_of(m, r)
         copy = same_as[r] != r and (m, same_as[r]) in plan  # that row ran (or was reported) before this one
@@ -144,7 +145,11 @@ def main(argv: list[str] | None = None) -> int:
                 missing.append(name)
                 continue
         else:
-            walls[name] = simulate(folder, row_sets(m, r), args.rerun)
+            try:
+                walls[name] = simulate(folder, row_sets(m, r), args.rerun)
+            except subprocess.CalledProcessError:  # the run printed its one-line error; go on with the others
+                failed.append(name)
+                continue
         if (folder / "metrics.json").is_file():
             row = collect([folder])[0]
             if copy:  # the same run, shown at its own rho
@@ -153,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             method_of[row.name] = m
     if not rows:
-        print("debias_study: error: no finished rows to report", file=sys.stderr)
+        print(f"debias_study: error: no finished rows to report{_failed(failed)}", file=sys.stderr)
         return 2
     md, png = args.out / "table.md", args.out / "table.png"
     atomic_write_bytes(png, plot(rows))
@@ -165,14 +170,21 @@ def main(argv: list[str] | None = None) -> int:
                        plot_tradeoff(rows, label, "probe accuracy vs unbiased accuracy"))
     atomic_write_json(args.out / "study.json", {"base": {**base, **extra}, "rows": rows_as_dicts(rows),
                                                 "methods": method_of, "wall_seconds": walls, "not_run": missing,
-                                                "same_training_set": copies})
+                                                "same_training_set": copies, "failed": failed})
     atomic_write_text(args.out / "command.txt", "python simulations/debias_study.py " + " ".join(
         argv if argv is not None else sys.argv[1:]) + "\n")
     print(markdown(rows))
     if missing:
         print(f"not run: {', '.join(missing)}")
     print(f"table: {md}\nplots: {png}, {args.out / 'probe_per_rho.png'}, {args.out / 'probe_vs_unbiased.png'}")
+    if failed:
+        print(f"debias_study: error: {_failed(failed).lstrip('; ')}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _failed(names: list[str]) -> str:
+    return f"; {len(names)} row(s) failed (see each run's status.json): {', '.join(names)}" if names else ""
 
 
 if __name__ == "__main__":

@@ -79,3 +79,27 @@ def test_the_study_runs_a_training_set_once_and_shows_it_at_each_rho_it_equals(t
     copy = rows["vanilla-rho0.995 (= vanilla-rho0.99)"]
     assert copy["rho"] == 0.995 and copy["accuracy_unbiased"] == rows["vanilla-rho0.99"]["accuracy_unbiased"]
     assert "| vanilla-rho0.995 (= vanilla-rho0.99) | cross-entropy | 0.995 |" in (tmp_path / "table.md").read_text()
+
+
+def test_a_failed_study_row_is_named_in_one_line_and_the_others_are_still_tabulated(two_runs, tmp_path, capsys,
+                                                                                    monkeypatch):
+    import json
+    import shutil
+    import subprocess
+
+    from simulations import debias_study
+
+    shutil.copytree(two_runs[0], tmp_path / "vanilla-rho0.99")
+
+    def simulate(out, sets, rerun):  # the vanilla row is reused, the EnD run fails
+        if out.name.startswith("end"):
+            raise subprocess.CalledProcessError(1, ["fairforget", "simulate"])
+        return 0.0
+
+    monkeypatch.setattr(debias_study, "simulate", simulate)
+    code = debias_study.main(["--methods", "vanilla,end", "--rhos", "0.99", "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and err == "debias_study: error: 1 row(s) failed (see each run's status.json): end-rho0.99", err
+    study = json.loads((tmp_path / "study.json").read_text())
+    assert study["failed"] == ["end-rho0.99"] and [r["name"] for r in study["rows"]] == ["vanilla-rho0.99"]
+    assert "| vanilla-rho0.99 |" in (tmp_path / "table.md").read_text()
