@@ -9,8 +9,8 @@ private-attribute probe's accuracy (the audit's linear probe on the ensemble's b
     python simulations/debias_study.py --methods augment,augment+end --rhos 0.99
 
 Each row is one ``fairforget simulate`` run in ``OUT/<method>-rho<rho>/`` (a finished one is reused
-unless ``--rerun``). A rho whose data (every shard, the held-out and test sets) equals an earlier rho's
-is not run again: its row is that rho's run, named ``<method>-rho<rho> (= <method>-rho<earlier>)``
+unless ``--rerun``). Rhos whose data (every shard, the held-out and test sets) is the same are run
+once: the other rows show that run at their own rho, named ``<method>-rho<rho> (= <method>-rho<run>)``
 (on Biased-Digits, 0.995 equals 0.99 and 0.997 equals 0.999). Augmented rows run at the rhos in
 ``--augment-rhos`` only (default 0.99: each costs about 15 minutes on 2 cores). Output, through
 :mod:`fairforget.compare`: ``OUT/table.md`` and ``OUT/table.png`` (every row),
@@ -85,12 +85,18 @@ def data_fingerprint(sets: dict[str, object]) -> str:
     return h.hexdigest()
 
 
+def finished(run: Path) -> bool:
+    """Whether ``run`` holds a run that finished (its status says ok and its metrics are written)."""
+    if not ((run / "metrics.json").is_file() and (run / "status.json").is_file()):
+        return False
+    return bool(json.loads((run / "status.json").read_text()).get("ok"))
+
+
 def simulate(out: Path, sets: dict[str, object], rerun: bool) -> float:
     """Run one ``fairforget simulate`` (or reuse a finished one); its wall seconds (0 when reused)."""
-    if not rerun and (out / "metrics.json").is_file() and (out / "status.json").is_file():
-        if json.loads((out / "status.json").read_text()).get("ok"):
-            print(f"reusing {out}", flush=True)
-            return 0.0
+    if not rerun and finished(out):
+        print(f"reusing {out}", flush=True)
+        return 0.0
     return run_simulate(out, sets)
 
 
@@ -123,9 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = [(m, r) for r in rhos for m in methods if not m.startswith("augment") or r in aug_rhos]
         for m, r in plan:  # every row's config is checked before the first run starts
             resolve(parse_set([f"{k}={v}" for k, v in row_sets(m, r).items()]))
-        # a row whose data equals an earlier rho's (and whose keys differ only in rho) is that row
         prints = {r: data_fingerprint(row_sets(methods[0], r)) for r in rhos}
-        same_as = {r: next(r0 for r0 in rhos if prints[r0] == prints[r]) for r in rhos}
     except (ConfigError, ValueError) as exc:
         print(f"debias_study: error: {exc}", file=sys.stderr)
         return 2
@@ -134,14 +138,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     folder_of = lambda m, r: args.out / f"{m.replace('+', '-')}-rho{r:g}"  # noqa: E731
+    # rows of one method whose data is the same (keys differing only in rho) are one run: the first of
+    # them that has finished, else the first in the plan; the others show it at their own rho
+    source = {}
+    for m, r in plan:
+        twins = [r0 for m0, r0 in plan if m0 == m and prints[r0] == prints[r]]
+        source[m, r] = next((r0 for r0 in twins if finished(folder_of(m, r0))), twins[0])
     rows, walls, method_of, missing, copies, failed = [], {}, {}, [], {}, []
     for m, r in plan:
-        name, folder = folder_of(m, r).name, folder_of(m, r)
-        copy = same_as[r] != r and (m, same_as[r]) in plan  # that row ran (or was reported) before this one
-        if copy:
-            folder = folder_of(m, same_as[r])
-        elif args.report_only:
-            if not (folder / "metrics.json").is_file():
+        name, folder = folder_of(m, r).name, folder_of(m, source[m, r])
+        if args.report_only or source[m, r] != r:
+            if not finished(folder):
                 missing.append(name)
                 continue
         else:
@@ -150,13 +157,12 @@ def main(argv: list[str] | None = None) -> int:
             except subprocess.CalledProcessError:  # the run printed its one-line error; go on with the others
                 failed.append(name)
                 continue
-        if (folder / "metrics.json").is_file():
-            row = collect([folder])[0]
-            if copy:  # the same run, shown at its own rho
-                copies[name] = folder.name
-                row = dataclasses.replace(row, name=f"{name} (= {folder.name})", rho=r)
-            rows.append(row)
-            method_of[row.name] = m
+        row = collect([folder])[0]
+        if source[m, r] != r:  # the same run, shown at its own rho
+            copies[name] = folder.name
+            row = dataclasses.replace(row, name=f"{name} (= {folder.name})", rho=r)
+        rows.append(row)
+        method_of[row.name] = m
     if not rows:
         print(f"debias_study: error: no finished rows to report{_failed(failed)}", file=sys.stderr)
         return 2

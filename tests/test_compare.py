@@ -69,7 +69,8 @@ def test_the_study_runs_a_training_set_once_and_shows_it_at_each_rho_it_equals(t
     fp = debias_study.data_fingerprint
     assert fp({"rho": 0.99}) == fp({"rho": 0.995}) != fp({"rho": 0.9})
     shutil.copytree(two_runs[0], tmp_path / "vanilla-rho0.99")
-    code = debias_study.main(["--report-only", "--methods", "vanilla", "--rhos", "0.99,0.995,0.9",
+    (tmp_path / "vanilla-rho0.99" / "status.json").write_text('{"mode": "simulate", "ok": true}')  # as the CLI writes
+    code = debias_study.main(["--report-only", "--methods", "vanilla", "--rhos", "0.995,0.99,0.9",
                               "--out", str(tmp_path)])
     assert code == 0, capsys.readouterr().err
     study = json.loads((tmp_path / "study.json").read_text())
@@ -90,6 +91,7 @@ def test_a_failed_study_row_is_named_in_one_line_and_the_others_are_still_tabula
     from simulations import debias_study
 
     shutil.copytree(two_runs[0], tmp_path / "vanilla-rho0.99")
+    (tmp_path / "vanilla-rho0.99" / "status.json").write_text('{"mode": "simulate", "ok": true}')
 
     def simulate(out, sets, rerun):  # the vanilla row is reused, the EnD run fails
         if out.name.startswith("end"):
