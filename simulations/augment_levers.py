@@ -87,6 +87,33 @@ def generator_key(s: GeneratorSettings, cfg: RunConfig, shard: int) -> str:
     return hashlib.sha1(repr(parts).encode()).hexdigest()[:12]
 
 
+def site_generator(cfg: RunConfig, bundle: Any, k: int, shard: SampleSet, sisa: SisaShard, cache: Path,
+                   work: Path) -> tuple[Augmenter, ConditionalGenerator, float, bool]:
+    """Shard ``k``'s Augmenter and generator, trained through the site's own path or taken from
+    ``cache`` (keyed by the generator's training settings); its training seconds and whether cached."""
+    gs = GeneratorSettings.from_config(cfg, bundle.num_classes, bundle.num_private)
+    store = AugmentStore(work / f"shard-{k}", k)
+    aug = Augmenter(shard, sisa, store, gs, cfg.seed, cfg.augment_kl_threshold,
+                    filter_settings=FilterSettings.from_config(cfg))
+    cached = cache / generator_key(gs, cfg, k)
+    if (cached / "seconds.json").exists():
+        shutil.copytree(cached / "generator", store.generator_dir)
+        store.state.update(generator_version=1, generator_valid=True,
+                           generator_trained_on=sorted(int(i) for i in shard.ids.tolist()))
+        store.save()
+        seconds, was_cached = json.loads((cached / "seconds.json").read_text())["seconds"], True
+    else:
+        t0 = time.perf_counter()
+        aug._train_generator()
+        seconds, was_cached = time.perf_counter() - t0, False
+        shutil.rmtree(cached, ignore_errors=True)
+        shutil.copytree(store.generator_dir, cached / "generator")
+        atomic_write_json(cached / "seconds.json", {"seconds": seconds})
+    generator, _ = ConditionalGenerator.load(store.generator_dir, gs.device)
+    generator.settings = gs  # sampling keys (guidance, DDIM steps) from this lever, not the cached training run
+    return aug, generator, seconds, was_cached
+
+
 def pilot_shard(cfg: RunConfig, bundle: Any, k: int, shard: SampleSet, fidelity: FidelityClassifiers,
                 cache: Path, work: Path) -> dict[str, Any]:
     """One shard: its generator (cached), the planned samples through the Augmenter's generation path
@@ -95,27 +122,8 @@ def pilot_shard(cfg: RunConfig, bundle: Any, k: int, shard: SampleSet, fidelity:
                                                                               bundle.num_private))
     out: dict[str, Any] = {"generator_seconds": 0.0, "sampling_seconds": 0.0}
     if cfg.augment:
-        gs = GeneratorSettings.from_config(cfg, bundle.num_classes, bundle.num_private)
-        store = AugmentStore(work / f"shard-{k}", k)
-        aug = Augmenter(shard, sisa, store, gs, cfg.seed, cfg.augment_kl_threshold,
-                        filter_settings=FilterSettings.from_config(cfg))
-        cached = cache / generator_key(gs, cfg, k)
-        if (cached / "seconds.json").exists():
-            shutil.copytree(cached / "generator", store.generator_dir)
-            store.state.update(generator_version=1, generator_valid=True,
-                               generator_trained_on=sorted(int(i) for i in shard.ids.tolist()))
-            store.save()
-            out["generator_seconds"] = json.loads((cached / "seconds.json").read_text())["seconds"]
-            out["generator_cached"] = True
-        else:
-            t0 = time.perf_counter()
-            aug._train_generator()
-            out["generator_seconds"] = time.perf_counter() - t0
-            shutil.rmtree(cached, ignore_errors=True)
-            shutil.copytree(store.generator_dir, cached / "generator")
-            atomic_write_json(cached / "seconds.json", {"seconds": out["generator_seconds"]})
-        generator, _ = ConditionalGenerator.load(store.generator_dir, gs.device)
-        generator.settings = gs  # sampling keys (guidance, DDIM steps) from this lever, not the cached training run
+        aug, generator, out["generator_seconds"], out["generator_cached"] = site_generator(
+            cfg, bundle, k, shard, sisa, cache, work)
         add = plan_counts(aug.counts(shard), cfg.augment_kl_threshold)
         t0 = time.perf_counter()
         new = aug._generate(generator, add, None, tag=0)

@@ -12,7 +12,8 @@ import torch
 from fairforget.config import ConfigError, read_toml, resolve
 from fairforget.data.base import make_sampleset
 from fairforget.diffusion.filter import FilterSettings, filtered_sample, keep_rate_by_kind, train_filter
-from fairforget.diffusion.generator import GeneratorError, GeneratorSettings, group_weights, train_generator
+from fairforget.diffusion.generator import GeneratorError, GeneratorSettings, group_weights, sample, train_generator
+from fairforget.diffusion.quality import FidelityClassifiers
 from fairforget.privacy.dp_sgd import DPSettings
 
 PRESETS = Path(__file__).resolve().parents[1] / "presets"
@@ -50,6 +51,25 @@ def test_reweighted_training_differs_and_refuses_dp():
     with pytest.raises(GeneratorError, match="diffusion-group-reweight = 0 with dp"):
         train_generator(x, y, a, _settings(group_reweight=1.0), seed=0, dp=DPSettings(1.0, 1.0, 1e-5, "rdp", 50.0))
 
+
+
+def test_the_private_factor_can_be_guided_apart_from_the_class_factor():
+    x = torch.rand(12, 3, 8, 8)
+    y, a = torch.arange(12) % 3, (torch.arange(12) // 3) % 3
+    model = train_generator(x, y, a, _settings(), seed=0)
+    ty, ta = torch.tensor([0, 1]), torch.tensor([2, 0])
+    same = sample(model, ty, ta, seed=3, guidance_scale=2.0)
+    torch.testing.assert_close(sample(model, ty, ta, seed=3, guidance_scale=2.0, private_scale=2.0), same)
+    assert not torch.allclose(sample(model, ty, ta, seed=3, guidance_scale=2.0, private_scale=5.0), same)
+
+
+def test_fidelity_both_counts_samples_right_on_class_and_private_at_once():
+    class Fixed(FidelityClassifiers):
+        def predict(self, x):
+            return torch.tensor([0, 1, 2, 0]), torch.tensor([1, 1, 0, 0])
+
+    fid = Fixed.__new__(Fixed).fidelity(torch.zeros(4, 3, 8, 8), torch.tensor([0, 1, 1, 0]), torch.tensor([1, 0, 0, 0]))
+    assert fid == {"class": 0.75, "private": 0.75, "both": 0.5}
 
 # ---------------------------------------------------------------------- the rejection filter
 def _draw(y: torch.Tensor, a: torch.Tensor, seed: int) -> torch.Tensor:

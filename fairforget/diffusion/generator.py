@@ -409,10 +409,11 @@ def _train_dp(x: torch.Tensor, y: torch.Tensor, private: torch.Tensor, settings:
 # ---------------------------------------------------------------------- sampling
 @torch.no_grad()
 def _guided_eps(model: ConditionalGenerator, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
-                private: torch.Tensor, w: float) -> torch.Tensor:
+                private: torch.Tensor, w: float, w_private: float | None = None) -> torch.Tensor:
     """Classifier-free guidance. With two factors it is compositional (Liu et al. 2022):
-    ``eps = eps(0) + w (eps(y, 0) - eps(0)) + w (eps(0, a) - eps(0))``; each term is a conditional the
-    network was trained on even when the pair (y, a) never occurred in the shard."""
+    ``eps = eps(0) + w (eps(y, 0) - eps(0)) + w_a (eps(0, a) - eps(0))`` (``w_a = w`` unless
+    ``w_private`` is given); each term is a conditional the network was trained on even when the pair
+    (y, a) never occurred in the shard."""
     ny, na = model.null_labels(len(x), x.device)
     if w == 0.0:
         return model(x, t, ny, na)
@@ -422,17 +423,18 @@ def _guided_eps(model: ConditionalGenerator, x: torch.Tensor, t: torch.Tensor, y
         return uncond + w * (cond - uncond)
     three = model(torch.cat([x, x, x]), torch.cat([t, t, t]), torch.cat([y, ny, ny]), torch.cat([na, private, na]))
     cond_y, cond_a, uncond = three.chunk(3)
-    return uncond + w * (cond_y - uncond) + w * (cond_a - uncond)
+    return uncond + w * (cond_y - uncond) + (w if w_private is None else w_private) * (cond_a - uncond)
 
 
 def sample(model: ConditionalGenerator, y: torch.Tensor, private: torch.Tensor, seed: int, *,
            ddim_steps: int | None = None, guidance_scale: float | None = None, batch_size: int = 256,
            classifier: Callable[[torch.Tensor], torch.Tensor] | None = None, classifier_scale: float | None = None,
-           ) -> torch.Tensor:
+           private_scale: float | None = None) -> torch.Tensor:
     """Images in [0, 1] for labels ``(y, private)``, DDIM with classifier-free guidance.
 
     ``classifier`` (optional) maps clean images in [0, 1] to class logits; with ``classifier_scale``
-    > 0 its gradient guides every step towards ``y``."""
+    > 0 its gradient guides every step towards ``y``. ``private_scale`` weighs the private factor's
+    guidance apart from the class factor's (default: the same scale; ``simulations/composition.py``)."""
     s = model.settings
     steps = s.ddim_steps if ddim_steps is None else ddim_steps
     w = s.guidance_scale if guidance_scale is None else guidance_scale
@@ -448,7 +450,7 @@ def sample(model: ConditionalGenerator, y: torch.Tensor, private: torch.Tensor, 
         x = torch.randn((len(yb), 3, s.image_size, s.image_size), generator=gen).to(device)
         for t in scheduler.timesteps:
             tt = torch.full((len(yb),), int(t), device=device, dtype=torch.long)
-            eps = _guided_eps(model, x, tt, yb, ab, w)
+            eps = _guided_eps(model, x, tt, yb, ab, w, private_scale)
             if classifier is not None and cs > 0:
                 abar = float(scheduler.alphas_cumprod[int(t)])
                 eps = eps - cs * math.sqrt(1 - abar) * _classifier_grad(classifier, x, eps, abar, yb)

@@ -89,8 +89,9 @@ class FidelityClassifiers:
     def fidelity(self, x: torch.Tensor, y: torch.Tensor, private: torch.Tensor | None) -> dict[str, float]:
         pred_y, pred_a = self.predict(x)
         out = {"class": float((pred_y == y).float().mean()) if len(y) else float("nan")}
-        if private is not None:
+        if private is not None:  # "both": the sample shows the requested class and the requested private value
             out["private"] = float((pred_a == private).float().mean()) if len(y) else float("nan")
+            out["both"] = float(((pred_y == y) & (pred_a == private)).float().mean()) if len(y) else float("nan")
         return out
 
     def accuracy(self, data: SampleSet) -> dict[str, float]:
