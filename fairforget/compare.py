@@ -197,12 +197,18 @@ def write(paths: Sequence[Path], out: Path) -> tuple[Path, Path, list[RunRow]]:
     """Table ``out.md`` and plot ``out.png`` for the runs in ``paths`` (every run is read first, so
     a bad folder writes nothing)."""
     rows = collect(paths)
+    md, png = write_rows(rows, out)
+    return md, png, rows
+
+
+def write_rows(rows: Sequence[RunRow], out: Path) -> tuple[Path, Path]:
+    """Table ``out.md`` and plot ``out.png`` of rows already read (a study may relabel some)."""
     out = Path(out)
     md, png = out.with_name(out.name + ".md"), out.with_name(out.name + ".png")
     text = "# fairforget compare\n\n" + markdown(rows) + f"\n![leakage vs utility]({png.name})\n"
     atomic_write_bytes(png, plot(rows))
     atomic_write_text(md, text)
-    return md, png, rows
+    return md, png
 
 
 def rows_as_dicts(rows: Sequence[RunRow]) -> list[dict[str, Any]]:

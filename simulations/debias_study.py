@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fairforget.compare import collect, markdown, plot, plot_by, plot_tradeoff, rows_as_dicts  # noqa: E402
+from fairforget.compare import markdown, plot_by, plot_tradeoff, read_run, rows_as_dicts, write_rows  # noqa: E402
 from fairforget.config import ConfigError, parse_set, resolve  # noqa: E402
 from fairforget.data import load_dataset, shard_of  # noqa: E402
 from fairforget.objectives import OBJECTIVES  # noqa: E402
@@ -157,18 +157,19 @@ def main(argv: list[str] | None = None) -> int:
             except subprocess.CalledProcessError:  # the run printed its one-line error; go on with the others
                 failed.append(name)
                 continue
-        row = collect([folder])[0]
-        if source[m, r] != r:  # the same run, shown at its own rho
+        if source[m, r] == r:
+            row = read_run(folder)
+        else:  # the same run, shown at its own rho
             copies[name] = folder.name
-            row = dataclasses.replace(row, name=f"{name} (= {folder.name})", rho=r)
+            row = dataclasses.replace(read_run(folder, f"{name} (= {folder.name})"), rho=r)
         rows.append(row)
         method_of[row.name] = m
+    failures = f"{len(failed)} row(s) failed (see each run's status.json): {', '.join(failed)}"
     if not rows:
-        print(f"debias_study: error: no finished rows to report{_failed(failed)}", file=sys.stderr)
+        print(f"debias_study: error: no finished rows to report{'; ' + failures if failed else ''}",
+              file=sys.stderr)
         return 2
-    md, png = args.out / "table.md", args.out / "table.png"
-    atomic_write_bytes(png, plot(rows))
-    atomic_write_text(md, "# fairforget compare\n\n" + markdown(rows) + f"\n![leakage vs utility]({png.name})\n")
+    md, png = write_rows(rows, args.out / "table")
     label = lambda row: method_of[row.name]  # noqa: E731
     atomic_write_bytes(args.out / "probe_per_rho.png",
                        plot_by(rows, "rho", "probe", label, "private-attribute probe accuracy per rho (chance 0.10)"))
@@ -184,13 +185,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"not run: {', '.join(missing)}")
     print(f"table: {md}\nplots: {png}, {args.out / 'probe_per_rho.png'}, {args.out / 'probe_vs_unbiased.png'}")
     if failed:
-        print(f"debias_study: error: {_failed(failed).lstrip('; ')}", file=sys.stderr)
+        print(f"debias_study: error: {failures}", file=sys.stderr)
         return 1
     return 0
-
-
-def _failed(names: list[str]) -> str:
-    return f"; {len(names)} row(s) failed (see each run's status.json): {', '.join(names)}" if names else ""
 
 
 if __name__ == "__main__":

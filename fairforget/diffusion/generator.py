@@ -415,7 +415,8 @@ def _guided_eps(model: ConditionalGenerator, x: torch.Tensor, t: torch.Tensor, y
     ``w_private`` is given); each term is a conditional the network was trained on even when the pair
     (y, a) never occurred in the shard."""
     ny, na = model.null_labels(len(x), x.device)
-    if w == 0.0:
+    w_a = w if w_private is None else w_private
+    if w == 0.0 and (w_a == 0.0 or not model.settings.uses_private):
         return model(x, t, ny, na)
     if not model.settings.uses_private:
         both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, ny]), torch.cat([na, na]))
@@ -423,7 +424,7 @@ def _guided_eps(model: ConditionalGenerator, x: torch.Tensor, t: torch.Tensor, y
         return uncond + w * (cond - uncond)
     three = model(torch.cat([x, x, x]), torch.cat([t, t, t]), torch.cat([y, ny, ny]), torch.cat([na, private, na]))
     cond_y, cond_a, uncond = three.chunk(3)
-    return uncond + w * (cond_y - uncond) + (w if w_private is None else w_private) * (cond_a - uncond)
+    return uncond + w * (cond_y - uncond) + w_a * (cond_a - uncond)
 
 
 def sample(model: ConditionalGenerator, y: torch.Tensor, private: torch.Tensor, seed: int, *,
