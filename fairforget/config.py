@@ -88,6 +88,7 @@ class RunConfig:
     objective: str
     end_alpha: float
     end_beta: float
+    end_refit_epochs: int
     learned_mixin_entropy: float
     rebias_lambda: float
     rebias_lambda_g: float
@@ -183,6 +184,7 @@ class RunConfig:
             ("objective", bool(self.objective.strip()), "an objective name"),
             ("end-alpha", self.end_alpha >= 0.0, ">= 0"),
             ("end-beta", self.end_beta >= 0.0, ">= 0"),
+            ("end-refit-epochs", 0 <= self.end_refit_epochs <= 100_000, "in [0, 100000]"),
             ("learned-mixin-entropy", self.learned_mixin_entropy >= 0.0, ">= 0"),
             ("rebias-lambda", self.rebias_lambda >= 0.0, ">= 0"),
             ("rebias-lambda-g", self.rebias_lambda_g >= 0.0, ">= 0"),

@@ -5,6 +5,9 @@ One function, :func:`train`, runs epochs of minibatch descent on a :class:`Sampl
 * the **objective** (:mod:`fairforget.objectives`, chosen by name with the ``objective`` key) gives
   ``loss(model, batch)``; it is an ``nn.Module`` and may own trainable parts of its own (a bias-only
   branch, a projection head), which the optimizer then trains beside the model and a checkpoint saves;
+  one that defines ``before_training(model)`` / ``after_training(model, data)`` gets the model once
+  before the first step and once after the last epoch (EnD serves a head refitted on the frozen
+  bottleneck and trains on with its own: :mod:`fairforget.objectives.head_refit`);
 * the **optimizer** is built once by an :class:`OptimizerSpec` (SISA stages restore its state from
   the previous checkpoint, so it is built by the caller and handed in);
 * the **privacy hook** (:class:`PrivacyHook`) may wrap model, optimizer and data loader before the
@@ -191,6 +194,7 @@ class TrainResult:
     steps: int
     samples: int
     privacy: dict[str, float] = field(default_factory=dict)
+    after: dict[str, float] = field(default_factory=dict)  # what the objective's after_training reported
 
 
 def train(model: nn.Module, data: SampleSet, *, seeds: Sequence[int], batch_size: int, objective: Objective,
@@ -203,6 +207,10 @@ def train(model: nn.Module, data: SampleSet, *, seeds: Sequence[int], batch_size
     device = next(model.parameters()).device
     loader = make_loader(data, batch_size, seeds, device)
     model.train()
+    plain = model
+    start = getattr(objective, "before_training", None)
+    if start is not None:
+        start(plain)
     model, optimizer, loader = privacy.attach(model, optimizer, loader)
     try:
         if isinstance(objective, nn.Module):
@@ -222,6 +230,8 @@ def train(model: nn.Module, data: SampleSet, *, seeds: Sequence[int], batch_size
                 count += len(batch)
                 steps += 1
             last = float(total) / max(count, 1)
-        return TrainResult(last, time.perf_counter() - t0, steps, len(data), privacy.spent())
+        finish = getattr(objective, "after_training", None)
+        extra = finish(plain, data) if finish is not None else {}
+        return TrainResult(last, time.perf_counter() - t0, steps, len(data), privacy.spent(), dict(extra or {}))
     finally:
         privacy.close()

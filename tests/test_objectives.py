@@ -197,6 +197,100 @@ def test_an_unknown_objective_is_a_one_line_error():
 
 
 # ---------------------------------------------------------------------- EnD against the probe
+# ---------------------------------------------------------------------- head refit (EnD)
+def _separable(n: int = 60, dim: int = 6, classes: int = 3, seed: int = 0):
+    """Features whose first ``classes`` dimensions name the class (a tiny scale, as after EnD's
+    normalised terms), the rest noise; a SampleSet whose x *is* the bottleneck (FixedFeatures)."""
+    from fairforget.data.base import SampleSet
+
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % classes
+    x = torch.randn(n, dim, generator=gen) * 0.01
+    x[torch.arange(n), y] += 0.05
+    return SampleSet(x, y, torch.zeros(n, dtype=torch.long), torch.arange(n), torch.full((n,), -1))
+
+
+def test_head_refit_fits_a_lagging_head_on_the_frozen_bottleneck_deterministically():
+    from fairforget.objectives.head_refit import refit_head
+
+    data = _separable()
+    models = []
+    for _ in range(2):
+        model = FixedFeatures(6)
+        with torch.no_grad():  # a head that lags behind its features: reads noise dimensions only
+            model.fc.weight.zero_()
+            model.fc.weight[:, 3:] = torch.randn(3, 3, generator=torch.Generator().manual_seed(1))
+            model.fc.bias.zero_()
+        report = refit_head(model, data, epochs=200)
+        models.append(model)
+        assert report["head_accuracy_before"] < 0.6
+        assert report["head_accuracy_after"] == 1.0
+        assert model.training  # the mode it was called in
+    assert torch.equal(models[0].fc.weight, models[1].fc.weight)  # no randomness: SISA replays it
+    assert refit_head(models[0], data, epochs=0) == {}
+
+
+def test_head_refit_leaves_the_encoder_and_batchnorm_statistics_alone():
+    from fairforget.data.base import SampleSet
+    from fairforget.model import build_model
+    from fairforget.objectives.head_refit import refit_head
+
+    model = build_model(3, 2, seed=0)
+    gen = torch.Generator().manual_seed(0)
+    data = SampleSet(torch.rand(12, 3, 8, 8, generator=gen), torch.arange(12) % 3, torch.zeros(12, dtype=torch.long),
+                     torch.arange(12), torch.full((12,), -1))
+    encoder = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    head = model.fc.weight.clone()
+    refit_head(model, data, epochs=20)
+    assert all(torch.equal(encoder[k], v) for k, v in model.encoder.state_dict().items())
+    assert not torch.equal(head, model.fc.weight)
+
+
+def test_end_serves_the_refitted_head_and_trains_on_from_the_joint_one():
+    """After a training the model holds the refitted head and EnD keeps the joint one (checkpointed
+    with its state); before the next training the joint head is back, so the encoder's trajectory is
+    plain EnD's. ``end-refit-epochs = 0`` leaves the head alone."""
+    data = _separable()
+    end = build_objective("end", ObjectiveContext(3, 2, 6, {"end-refit-epochs": 100}))
+    model = FixedFeatures(6)
+    joint = (model.fc.weight.clone(), model.fc.bias.clone())
+    report = end.after_training(model, data)
+    assert report["head_accuracy_after"] == 1.0
+    assert not torch.equal(model.fc.weight, joint[0])
+    state = end.state_dict()
+    assert torch.equal(state["head.joint_weight"], joint[0]) and bool(state["head.stashed"])
+    restored = build_objective("end", ObjectiveContext(3, 2, 6, {"end-refit-epochs": 100}))
+    restored.load_state_dict(state)  # a SISA stage resumes from the checkpoint's objective state
+    restored.before_training(model)
+    assert torch.equal(model.fc.weight, joint[0]) and torch.equal(model.fc.bias, joint[1])
+    restored.before_training(model)  # nothing stashed any more: a no-op
+    assert torch.equal(model.fc.weight, joint[0])
+    off = build_objective("end", ObjectiveContext(3, 2, 6, {"end-refit-epochs": 0}))
+    assert off.after_training(model, data) == {} and torch.equal(model.fc.weight, joint[0])
+
+
+def test_the_engine_calls_the_objectives_training_hooks():
+    from fairforget.training import OptimizerSpec, train
+
+    calls = []
+
+    class Hooked(nn.Module):
+        def loss(self, model, batch):
+            return F.cross_entropy(model(batch.x), batch.y)
+
+        def before_training(self, model):
+            calls.append("before")
+
+        def after_training(self, model, data):
+            calls.append(("after", len(data)))
+            return {"seen": float(len(data))}
+
+    model, data = FixedFeatures(6), _separable()
+    result = train(model, data, seeds=[1, 2], batch_size=16, objective=Hooked(),
+                   optimizer=OptimizerSpec(lr=0.01).build(model))
+    assert calls == ["before", ("after", 60)] and result.after == {"seen": 60.0}
+
+
 @pytest.fixture
 def one_thread():
     """One torch thread: on a shared 2-core machine OpenMP's spinning threads make this 10x slower."""
@@ -233,6 +327,7 @@ def test_end_lowers_the_probes_accuracy_against_vanilla_on_a_strongly_biased_set
 @pytest.mark.parametrize(("sets", "expected"), [
     (["objective=\"focal\""], "config key 'objective' = 'focal': must be one of cross-entropy, end,"),
     (["end-alpha=-1"], "config key 'end-alpha' = -1.0: must be >= 0"),
+    (["end-refit-epochs=-5"], "config key 'end-refit-epochs' = -5: must be in [0, 100000]"),
     (["dp=true", "objective=\"end\""], "objective 'end' couples the samples of a batch"),
 ])
 def test_the_command_refuses_bad_objective_settings_in_one_line(tmp_path, capsys, sets, expected):

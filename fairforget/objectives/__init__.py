@@ -7,7 +7,8 @@ run-config keys listed in :data:`OPTION_KEYS` (defaults in ``pyproject.toml``); 
 pass them in :class:`ObjectiveContext` ``options``.
 
 * ``cross-entropy``: vanilla;
-* ``end``: EnD (Tartaglione et al. 2021), ``end-alpha``, ``end-beta``;
+* ``end``: EnD (Tartaglione et al. 2021), ``end-alpha``, ``end-beta``, ``end-refit-epochs``
+  (its head refitted on the frozen bottleneck after training, :mod:`.head_refit`);
 * ``learned-mixin``: Learned-Mixin + H (Clark et al. 2019), ``learned-mixin-entropy``;
 * ``rubi``: RUBi (Cadene et al. 2019);
 * ``rebias``: ReBias (Bahng et al. 2020), ``rebias-lambda``, ``rebias-lambda-g``.
@@ -27,7 +28,7 @@ from fairforget.objectives.rubi import RUBi
 
 OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (CrossEntropy, EnD, LearnedMixin, RUBi, ReBias)}
 
-OPTION_KEYS = ("end-alpha", "end-beta", "learned-mixin-entropy", "rebias-lambda", "rebias-lambda-g")
+OPTION_KEYS = ("end-alpha", "end-beta", "end-refit-epochs", "learned-mixin-entropy", "rebias-lambda", "rebias-lambda-g")
 
 
 def objective_options(cfg: Any) -> tuple[tuple[str, float], ...]:

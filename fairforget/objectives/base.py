@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from fairforget.config import ConfigError, load_defaults
+from fairforget.data.base import SampleSet
 from fairforget.training import Batch
 
 
@@ -55,3 +56,12 @@ class Objective(nn.Module, ABC):
     @abstractmethod
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         """The minibatch loss to descend on."""
+
+    def before_training(self, model: nn.Module) -> None:
+        """Called by the training engine before the first step (of every SISA stage): nothing by default."""
+
+    def after_training(self, model: nn.Module, data: SampleSet) -> dict[str, float]:
+        """Called by the training engine once after the last epoch, on the data just trained on (a
+        SISA stage's slices): a deterministic step on the trained model, e.g. refitting its head.
+        Returns figures to report (none by default)."""
+        return {}

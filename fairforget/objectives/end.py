@@ -8,7 +8,11 @@ On the L2-normalised bottleneck ``z = model.features(x)`` (cosine Gram matrix ``
    share a bias value are pushed to orthogonal features, so the bias value stops being a direction;
 2. entangle: ``R_par = 1 - mean_{i>j, y_i = y_j, a_i != a_j} (1 + G_ij) / 2``: samples of one class
    with different bias values are pulled together;
-3. loss: ``CE(fc(features), y) + alpha R_perp + beta R_par`` (keys ``end-alpha``, ``end-beta``).
+3. loss: ``CE(fc(features), y) + alpha R_perp + beta R_par`` (keys ``end-alpha``, ``end-beta``);
+4. after each training (a SISA stage) the model serves a linear head refitted on its frozen
+   bottleneck for ``end-refit-epochs`` full-batch epochs (:mod:`fairforget.objectives.head_refit`;
+   0 = off): the jointly trained head lags behind the features EnD keeps moving. Training goes on
+   from the joint head, so the encoder is the one plain EnD trains.
 
 Our SimpleConvNet ends in ReLU before pooling (the paper's EnD network ends in Tanh), so its
 bottleneck is non-negative and no two samples can have a negative cosine; the features are centred
@@ -22,7 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fairforget.data.base import SampleSet
 from fairforget.objectives.base import Objective, ObjectiveContext
+from fairforget.objectives.head_refit import HeadRefit
 from fairforget.training import Batch
 
 
@@ -49,6 +55,7 @@ class EnD(Objective):
     def __init__(self, ctx: ObjectiveContext) -> None:
         super().__init__(ctx)
         self.alpha, self.beta = self.option("end-alpha"), self.option("end-beta")
+        self.head = HeadRefit(ctx.bottleneck_dim, ctx.num_classes, int(self.option("end-refit-epochs")))
 
     def terms(self, model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
         feats = model.features(batch.x)
@@ -59,3 +66,9 @@ class EnD(Objective):
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         t = self.terms(model, batch)
         return t["ce"] + self.alpha * t["disentangle"] + self.beta * t["entangle"]
+
+    def before_training(self, model: nn.Module) -> None:
+        self.head.restore(model)
+
+    def after_training(self, model: nn.Module, data: SampleSet) -> dict[str, float]:
+        return self.head.refit(model, data)
