@@ -74,6 +74,12 @@ class NoisyInputs(nn.Module):
         noise = (sigma * torch.randn(batch.x.shape, generator=self.gen)).to(batch.x.device)
         return self.inner.loss(model, Batch((batch.x + noise).clamp(0, 1), batch.y, batch.private, batch.ids))
 
+    def before_training(self, model: nn.Module) -> None:
+        self.inner.before_training(model)
+
+    def after_training(self, model: nn.Module, data: SampleSet) -> dict[str, float]:
+        return self.inner.after_training(model, data)  # on the clean originals (EnD: its head refit)
+
 
 def train_filter(data: SampleSet, settings: FilterSettings, num_classes: int, num_private: int,
                  seed: int, device: str = "cpu") -> SimpleConvNet:

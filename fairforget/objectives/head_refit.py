@@ -4,7 +4,7 @@ and Wilson, "Last Layer Re-Training is Sufficient for Robustness to Spurious Cor
 An objective that debiases the *encoder* (EnD hides the private attribute in the bottleneck) leaves
 the jointly trained head behind: every step moves the features the head was fitted to. Measured on
 Biased-Digits at rho = 0.99 (the default 4 shards, EnD, 12 epochs per slice, in-process SISA): the
-EnD heads fit 9-31% of their own shard's training data and 11-23% of the unbiased test set; heads
+EnD heads fit 17-31% of their own shard's training data and 11-23% of the unbiased test set; heads
 refitted on the same frozen bottlenecks fit 95-97% and reach 33-38% unbiased (the ensemble: 0.196
 -> 0.394), the encoders, and so the attribute probe, unchanged.
 
