@@ -230,6 +230,15 @@ def test_head_refit_fits_a_lagging_head_on_the_frozen_bottleneck_deterministical
     assert refit_head(models[0], data, epochs=0) == {}
 
 
+def test_head_refit_weighs_every_class_private_group_equally():
+    from fairforget.objectives.head_refit import group_weights
+
+    y, a = torch.tensor([0, 0, 0, 1, 0]), torch.tensor([0, 0, 0, 0, 1])  # groups of 3, 1, 1 samples
+    w = group_weights(y, a)
+    assert w.mean().item() == pytest.approx(1.0)
+    assert w[:3].sum().item() == pytest.approx(w[3].item()) == pytest.approx(w[4].item())
+
+
 def test_head_refit_leaves_the_encoder_and_batchnorm_statistics_alone():
     from fairforget.data.base import SampleSet
     from fairforget.model import build_model
