@@ -197,6 +197,25 @@ def test_an_unknown_objective_is_a_one_line_error():
 
 
 # ---------------------------------------------------------------------- EnD against the probe
+def test_end_groups_by_the_private_value_of_original_samples_only():
+    """A synthetic sample's private label is what its generator was asked for: EnD's terms leave it out
+    (it still counts in the cross-entropy)."""
+    from fairforget.data.base import SYNTHETIC_ID_BASE
+
+    end = build_objective("end", ObjectiveContext(3, 2, 4, {"end-alpha": 1.0, "end-beta": 1.0}))
+    model = FixedFeatures(4)
+    x = torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 1.0, 0], [0, 0, 1.0, 0]])
+    y, a = torch.tensor([0, 1, 2, 2]), torch.tensor([0, 0, 1, 1])
+    real = Batch(x, y, a, torch.tensor([0, 1, 2, 3]))
+    mixed = Batch(x, y, a, torch.tensor([0, 1, SYNTHETIC_ID_BASE, SYNTHETIC_ID_BASE + 1]))
+    t_real, t_mixed = end.terms(model, real), end.terms(model, mixed)
+    assert t_real["disentangle"].item() > 0.1  # the two identical samples of private value 1
+    z = F.normalize(x - x.mean(0, keepdim=True), dim=1)
+    expected, _ = end_terms(z[:2], y[:2], a[:2])
+    assert t_mixed["disentangle"].item() == pytest.approx(expected.item())
+    assert t_mixed["ce"].item() == pytest.approx(t_real["ce"].item())
+
+
 # ---------------------------------------------------------------------- head refit (EnD)
 def _separable(n: int = 60, dim: int = 6, classes: int = 3, seed: int = 0):
     """Features whose first ``classes`` dimensions name the class (a tiny scale, as after EnD's

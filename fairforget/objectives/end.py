@@ -18,6 +18,11 @@ Our SimpleConvNet ends in ReLU before pooling (the paper's EnD network ends in T
 bottleneck is non-negative and no two samples can have a negative cosine; the features are centred
 over the batch before normalising, which gives them both signs again. A term with no pair in the
 batch is 0. The loss couples the samples of a batch (``per_sample = False``).
+
+With diffusion augmentation, the two terms see the *original* samples of a batch only: a synthetic
+sample's private label is the value its generator was asked for, which most samples do not show
+(colour fidelity 0.2-0.6), so grouping by it would make EnD's terms describe images that are not
+there. Synthetic samples count in the cross-entropy and in the head refit.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fairforget.data.base import SampleSet
+from fairforget.data.base import SYNTHETIC_ID_BASE, SampleSet
 from fairforget.objectives.base import Objective, ObjectiveContext
 from fairforget.objectives.head_refit import HeadRefit
 from fairforget.training import Batch
@@ -60,7 +65,8 @@ class EnD(Objective):
     def terms(self, model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
         feats = model.features(batch.x)
         z = F.normalize(feats - feats.mean(0, keepdim=True), dim=1)
-        r_perp, r_par = end_terms(z, batch.y, batch.private)
+        real = batch.ids < SYNTHETIC_ID_BASE  # a synthetic sample's private value is asked for, not seen
+        r_perp, r_par = end_terms(z[real], batch.y[real], batch.private[real])
         return {"ce": F.cross_entropy(model.fc(feats), batch.y), "disentangle": r_perp, "entangle": r_par}
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
