@@ -207,10 +207,9 @@ def train(model: nn.Module, data: SampleSet, *, seeds: Sequence[int], batch_size
     device = next(model.parameters()).device
     loader = make_loader(data, batch_size, seeds, device)
     model.train()
-    plain = model
-    start = getattr(objective, "before_training", None)
-    if start is not None:
-        start(plain)
+    if hasattr(objective, "before_training"):
+        objective.before_training(model)
+    plain = model  # the hooks get the model itself, not the privacy hook's wrapper
     model, optimizer, loader = privacy.attach(model, optimizer, loader)
     try:
         if isinstance(objective, nn.Module):
@@ -230,8 +229,7 @@ def train(model: nn.Module, data: SampleSet, *, seeds: Sequence[int], batch_size
                 count += len(batch)
                 steps += 1
             last = float(total) / max(count, 1)
-        finish = getattr(objective, "after_training", None)
-        extra = finish(plain, data) if finish is not None else {}
-        return TrainResult(last, time.perf_counter() - t0, steps, len(data), privacy.spent(), dict(extra or {}))
+        after = objective.after_training(plain, data) if hasattr(objective, "after_training") else {}
+        return TrainResult(last, time.perf_counter() - t0, steps, len(data), privacy.spent(), after)
     finally:
         privacy.close()

@@ -83,7 +83,7 @@ class HeadRefit(nn.Module):
 
     def __init__(self, bottleneck_dim: int, num_classes: int, epochs: int) -> None:
         super().__init__()
-        self.epochs = int(epochs)
+        self.epochs = epochs
         self.register_buffer("joint_weight", torch.zeros(num_classes, bottleneck_dim))
         self.register_buffer("joint_bias", torch.zeros(num_classes))
         self.register_buffer("stashed", torch.zeros((), dtype=torch.bool))
@@ -100,7 +100,8 @@ class HeadRefit(nn.Module):
         """Keep the joint head aside and refit ``model.fc`` on ``data`` (after training)."""
         if self.epochs <= 0:
             return {}
-        self.joint_weight = model.fc.weight.detach().clone()
-        self.joint_bias = model.fc.bias.detach().clone()
+        with torch.no_grad():
+            self.joint_weight.copy_(model.fc.weight)
+            self.joint_bias.copy_(model.fc.bias)
         self.stashed.fill_(True)
         return refit_head(model, data, self.epochs)
