@@ -9,7 +9,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from clients import handlers
-from clients.node import Node
+from clients.node import Node, assigned_shard
 from fairforget import keys
 
 app = ClientApp()
@@ -33,40 +33,41 @@ def local_epochs_clipping_mod(msg: Message, context: Context, call_next: ClientA
     return fixedclipping_mod(msg, context, call_next)
 
 
-def _node(context: Context) -> Node:
-    return Node.from_context(dict(context.run_config), dict(context.node_config))
+def _node(msg: Message, context: Context) -> Node:
+    """This node, serving the shard the server assigned in ``msg`` (never the one its config claims)."""
+    return Node.from_context(dict(context.run_config), dict(context.node_config), assigned_shard(msg.content))
 
 
 @app.train(mods=[local_epochs_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
-    return Message(handlers.train(msg.content, _node(context)), reply_to=msg)
+    return Message(handlers.train(msg.content, _node(msg, context)), reply_to=msg)
 
 
 @app.train("unlearn")
 def unlearn(msg: Message, context: Context) -> Message:
-    return Message(handlers.unlearn(msg.content, _node(context)), reply_to=msg)
+    return Message(handlers.unlearn(msg.content, _node(msg, context)), reply_to=msg)
 
 
 @app.train("augment")
 def augment(msg: Message, context: Context) -> Message:
-    return Message(handlers.augment(msg.content, _node(context)), reply_to=msg)
+    return Message(handlers.augment(msg.content, _node(msg, context)), reply_to=msg)
 
 
 @app.query("audit")
 def audit(msg: Message, context: Context) -> Message:
-    return Message(handlers.audit(msg.content, _node(context)), reply_to=msg)
+    return Message(handlers.audit(msg.content, _node(msg, context)), reply_to=msg)
 
 
 @app.query("identify")
 def identify(msg: Message, context: Context) -> Message:
-    return Message(handlers.identify(msg.content, _node(context)), reply_to=msg)
+    return Message(handlers.identify(msg.content, _node(msg, context)), reply_to=msg)
 
 
 @app.query("evaluate")
 def evaluate(msg: Message, context: Context) -> Message:
-    return Message(handlers.evaluate(msg.content, _node(context)), reply_to=msg)
+    return Message(handlers.evaluate(msg.content, _node(msg, context)), reply_to=msg)
 
 
 @app.query("describe")
 def describe(msg: Message, context: Context) -> Message:
-    return Message(handlers.describe(msg.content, _node(context)), reply_to=msg)
+    return Message(handlers.describe(msg.content, _node(msg, context)), reply_to=msg)

@@ -29,7 +29,7 @@ from fairforget.records import unpack_shards
 from fairforget.sisa import derived_seed
 from fairforget.storage import state_hash
 from fairforget.training import train as train_model
-from fairforget.unlearning import EXACT, UnlearnResult, approximate, get_unlearner
+from fairforget.unlearning import EXACT, UnlearnResult, approximate, get_check, get_unlearner
 
 Handler = Callable[[RecordDict, Node], RecordDict]
 
@@ -101,12 +101,18 @@ def train(content: RecordDict, node: Node) -> RecordDict:
 
 @on_node
 def unlearn(content: RecordDict, node: Node) -> RecordDict:
-    """Delete ``ids`` from this shard. The ids are tombstoned at the data's owner first; a re-sent
-    request (the server reconciling after a crash) whose ids this node already deleted is answered
-    from its state, finished by :meth:`Node.resume`, with ``resumed`` set."""
+    """Delete ``ids`` from this shard. Every check that can refuse the deletion (an id not in the
+    shard, a method not allowed here, the DP cap: the unlearner's ``check``) runs first, with nothing
+    written, so a refusal leaves the node's state and the tombstones as they were; then the ids are
+    tombstoned at the data's owner (fsynced) and only then does the shard change. A re-sent request
+    (the server reconciling after a crash) whose ids this node already deleted is answered from its
+    state, finished by :meth:`Node.resume`, with ``resumed`` set."""
     config = content[keys.CONFIG]
     ids = [int(i) for i in config[keys.FORGET_IDS]]
     method = str(config.get(keys.UNLEARN_METHOD, EXACT))
+    options = {k.replace("-", "_"): config[k] for k in keys.REQUEST_OPTIONS if k in config}
+    if options:  # the request's own options travel in this message, not in the run config every site gets
+        node.cfg = node.cfg.replace(**options)
     _, gone = describe_ids(node, ids)
     todo = [i for i in ids if i not in set(gone)]
     augmented = node.augmented
@@ -117,18 +123,22 @@ def unlearn(content: RecordDict, node: Node) -> RecordDict:
     if not todo:
         result = _resumed(node, method, state())
         return _unlearn_reply(node, result, state())
+    params = approximate.UnlearnParams.from_config(node.cfg)
     if augmented:
         owned, _ = node.augmenter.owned(todo)
         unknown = sorted(set(todo) - set(owned))
         if unknown:
             raise ValueError(f"sample id(s) not in shard {node.shard}: {', '.join(map(str, unknown))}")
+        live = node.sisa.live_ids()
+        get_check(EXACT)(node.sisa, [i for i in todo if i in live], params)  # the retrain's DP spend
     else:
-        node.sisa.check_ids(todo)
-    node.delete(todo)  # the owner's tombstones first: from here on a crash is finished by Node.resume
+        get_check(method)(node.sisa, todo, params)  # every refusal before anything is written
+    unlearner = get_unlearner(method)
+    node.delete(todo)  # the owner's tombstones (durable) first: from here on a crash is finished by Node.resume
     if augmented:
         result = node.augmenter.forget(todo)
     else:
-        result = get_unlearner(method)(node.sisa, todo, approximate.UnlearnParams.from_config(node.cfg))
+        result = unlearner(node.sisa, todo, params)
     result = replace(result, index_version=int(node.sisa.index["version"]))
     return _unlearn_reply(node, result, state())  # the approximate model, if any
 
@@ -230,12 +240,16 @@ def audit(content: RecordDict, node: Node) -> RecordDict:
 
 
 def identify(content: RecordDict, node: Node) -> RecordDict:
-    """Who this node is: its shard, its site name, and the task's label counts (for a server without
-    data); nothing about any record. Not under the state lock: it reads no state."""
+    """Who this node is: the shard it serves (the one the server assigned), what its own config claims
+    (``partition-id``, site name: the server cross-checks them against the operator's binding file),
+    and the task's label counts (for a server without data); nothing about any record. Not under the
+    state lock: it reads no state."""
+    claim = {} if node.partition_id is None else {keys.NODE_PARTITION_ID: node.partition_id}
     return RecordDict({
         keys.CONFIG: ConfigRecord({keys.SITE: node.site}),
         keys.METRICS: MetricRecord({keys.SHARD: node.shard, keys.NUM_CLASSES: node.bundle.num_classes,
-                                    keys.NUM_PRIVATE: node.bundle.num_private, keys.NUM_EXAMPLES: len(node.data)}),
+                                    keys.NUM_PRIVATE: node.bundle.num_private, keys.NUM_EXAMPLES: len(node.data),
+                                    **claim}),
     })
 
 

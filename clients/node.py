@@ -5,11 +5,13 @@ rebuilds the dataset from the run config (deterministic) and takes its partition
 ``OUT/nodes/shard-K``. Deployment: a hospital site sets ``state-dir`` and, for its own data,
 ``data-root`` (then its whole training split is its shard), plus ``partition-id`` as its shard id.
 
-Deletions are kept by the data's owner as tombstones (:mod:`fairforget.tombstones`: ``OUT/tombstones.jsonl``
-in simulation, ``DATA_ROOT/.fairforget-tombstones.jsonl`` at a site, or the node-config key
-``tombstones``): the node's data leaves them out, so a new state folder or a new run never trains on
-a deleted record. A node handles each message holding its state folder's lock
-(:meth:`Node.locked`) and first finishes what a crash interrupted (:meth:`Node.resume`).
+Deletions are kept by the data's owner as tombstones keyed on the normalised record id
+(:mod:`fairforget.tombstones`: ``DATA_ROOT/.fairforget-tombstones.jsonl`` beside an image folder's
+``labels.csv``, at a site and in a simulation over it alike, or the node-config key ``tombstones``;
+``OUT/tombstones.jsonl`` for the embedded benchmark data): the node's data leaves them out, so a new
+state folder, a new run or a new out-dir never trains on a deleted record. A node handles each
+message holding its state folder's lock (:meth:`Node.locked`) and first finishes what a crash
+interrupted (:meth:`Node.resume`).
 """
 
 from __future__ import annotations
@@ -28,11 +30,54 @@ from fairforget.config import RunConfig
 from fairforget.data import DataBundle, SampleSet, load_dataset, shard_of
 from fairforget.locks import locked
 from fairforget.sisa import SisaSettings, SisaShard
+from fairforget.storage import sweep_leftovers
 from fairforget.tombstones import Tombstones
-from fairforget.unlearning import exact
+from fairforget.unlearning import approximate, exact
 
 if TYPE_CHECKING:  # diffusers is imported only by a node that augments (a plain message starts faster)
     from clients.augment import Augmenter, AugmentStore
+
+
+def assigned_shard(content: Any) -> int:
+    """The shard the server assigned to this node, from a message's ConfigRecord (``keys.SHARD``);
+    a message without one is refused: a node never serves the shard it merely claims."""
+    config = content.get(keys.CONFIG) if hasattr(content, "get") else None
+    if config is None or keys.SHARD not in config:
+        raise ValueError("the message carries no assigned shard (config key 'shard'): refused (the server "
+                         "assigns each node its shard; a node never serves the one it claims)")
+    value = config[keys.SHARD]
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"the message's assigned shard {value!r} is not an integer: refused")
+    return int(value)
+
+
+def _claimed(node_config: dict[str, Any]) -> int | None:
+    """The node config's ``partition-id`` (None if unset); a one-line error if it is not an integer."""
+    raw = node_config.get(keys.NODE_PARTITION_ID)
+    if raw is None:
+        return None
+    try:
+        return int(raw)
+    except (TypeError, ValueError):
+        raise ValueError(f"this node's partition-id = {raw!r} is not an integer") from None
+
+
+def _served_shard(cfg: RunConfig, node_config: dict[str, Any], assigned: int | None) -> int:
+    """The shard this node serves: the server's ``assigned`` one, checked (see :meth:`Node.from_context`)."""
+    claimed = _claimed(node_config)
+    own = bool(node_config.get(keys.NODE_DATA_ROOT) or node_config.get(keys.NODE_STATE_DIR))
+    if (assigned is None or own) and claimed is None:
+        raise ValueError("this node's config has no partition-id (its shard): start the SuperNode with "
+                         '--node-config "partition-id=K site=\"NAME\" data-root=... state-dir=..."')
+    if assigned is None:
+        return int(claimed)
+    if not 0 <= assigned < cfg.num_shards:
+        raise ValueError(f"the server assigned shard {assigned}, but the run has shards 0..{cfg.num_shards - 1}")
+    if own and claimed != assigned:
+        site = node_config.get(keys.NODE_SITE) or f"site-{claimed}"
+        raise ValueError(f"site {site!r}: the server assigned shard {assigned}, but this node's partition-id is "
+                         f"{claimed}: refused (the operator's binding file and this node's config disagree)")
+    return assigned
 
 
 @dataclass
@@ -43,17 +88,21 @@ class Node:
     bundle: DataBundle
     data: SampleSet  # the node's originals, tombstoned ones left out
     tombstones: Tombstones
-    site: str = ""  # the site's name (node-config key site; default site-<partition-id>)
+    site: str = ""  # the site's name (node-config key site; default site-<shard>)
     server_has_data: bool = True  # False: a deployment whose server keeps no patient data
+    partition_id: int | None = None  # the node config's partition-id: what the node claims, a cross-check only
 
     @classmethod
-    def from_context(cls, run_config: dict[str, Any], node_config: dict[str, Any]) -> Node:
+    def from_context(cls, run_config: dict[str, Any], node_config: dict[str, Any],
+                     assigned: int | None = None) -> Node:
+        """The node serving ``assigned``, the shard the server assigned (every message carries it:
+        :func:`assigned_shard`); the node config's ``partition-id`` never decides. Simulation: that
+        partition of the run's data, state in ``OUT/nodes/shard-K``. A site with its own ``data-root`` or
+        ``state-dir`` refuses a shard other than its ``partition-id``. ``assigned = None`` (a site-local
+        tool, no message): the node config's ``partition-id``."""
         cfg = RunConfig.from_mapping(run_config)
         server_has_data = cfg.server_has_data
-        if keys.NODE_PARTITION_ID not in node_config:
-            raise ValueError("this node's config has no partition-id (its shard): start the SuperNode with "
-                             '--node-config "partition-id=K site=\"NAME\" data-root=... state-dir=..."')
-        shard = int(node_config[keys.NODE_PARTITION_ID])
+        shard = _served_shard(cfg, node_config, assigned)
         site = str(node_config.get(keys.NODE_SITE) or f"site-{shard}")
         if not server_has_data and not node_config.get(keys.NODE_DATA_ROOT):
             raise ValueError(f"site {site!r}: the run keeps no data on the server, so this node needs data-root "
@@ -65,22 +114,22 @@ class Node:
             cfg = cfg.replace(data_root=str(node_config[keys.NODE_DATA_ROOT]))
             bundle = load_dataset(cfg)
             data = bundle.train
-            tombstones = Tombstones.of_site(Path(cfg.data_root))
+            tombstones = Tombstones.for_data(cfg, bundle.records, path=node_config.get(keys.NODE_TOMBSTONES))
         else:
             num = int(node_config.get(keys.NODE_NUM_PARTITIONS, cfg.num_shards))
             if num != cfg.num_shards:
                 raise ValueError(f"the federation has {num} nodes but num-shards = {cfg.num_shards}")
             bundle = load_dataset(cfg)
             data = shard_of(cfg, bundle)[shard]
-            tombstones = Tombstones.of_run(Path(cfg.out_dir))
-        if node_config.get(keys.NODE_TOMBSTONES):
-            tombstones = Tombstones(Path(str(node_config[keys.NODE_TOMBSTONES])))
-        gone = tombstones.ids()
+            tombstones = Tombstones.for_data(cfg, bundle.records, run_dir=Path(cfg.out_dir),
+                                             path=node_config.get(keys.NODE_TOMBSTONES))
+        gone = tombstones.ids()  # the node's data leaves out every tombstoned record
         if gone:
             data = data.subset([i for i, sid in enumerate(data.ids.tolist()) if sid not in gone])
         default_dir = Path(cfg.out_dir) / "nodes" / f"shard-{shard}"
         state_dir = Path(str(node_config.get(keys.NODE_STATE_DIR) or default_dir))
-        return cls(cfg, shard, state_dir, bundle, data, tombstones, site, server_has_data)
+        return cls(cfg, shard, state_dir, bundle, data, tombstones, site, server_has_data,
+                   partition_id=_claimed(node_config))
 
     # ------------------------------------------------------------------ crash safety
     @contextmanager
@@ -90,9 +139,13 @@ class Node:
             yield self
 
     def resume(self) -> None:
-        """Finish what a crash interrupted, before handling anything: a deletion whose tombstone was
-        written but whose shard still holds the id (finished by exact unlearning), an invalidated
-        generator's removal, a retrain that stopped short of its target stage."""
+        """Finish what a crash interrupted, before handling anything: leftover folders of an
+        interrupted removal or swap (:func:`fairforget.storage.sweep_leftovers`); a deletion whose
+        tombstone was written but whose shard still holds the id (finished by exact unlearning); an
+        invalidated generator's removal; an approximate deletion committed without its approximate
+        model, or a retrain that stopped short of its target stage (finished by an exact retrain:
+        :func:`fairforget.unlearning.approximate.resume`)."""
+        sweep_leftovers(self.state_dir)
         if not (self.state_dir / "index.json").exists():
             return  # nothing trained here yet (a fresh index leaves the tombstoned ids out)
         shard, tomb = self.sisa, self.tombstones.ids()
@@ -107,10 +160,11 @@ class Node:
         elif unfinished:
             exact.unlearn(shard, unfinished)
         else:
-            shard.resume()
+            approximate.resume(shard)
 
     def delete(self, ids: list[int]) -> None:
-        """Record a deletion at the data's owner (fsynced) before the shard changes."""
+        """Record a deletion at the data's owner, durable (fsynced) before it returns, after every check
+        that could refuse it and before the shard changes; a failed write raises, nothing deleted."""
         self.tombstones.add(ids)
 
     @functools.cached_property

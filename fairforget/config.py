@@ -14,6 +14,8 @@ Names that select a registered part (``dataset``, ``strategy``, ``objective``, `
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -23,7 +25,6 @@ from typing import Any, TypeVar
 APP_DIR = Path(__file__).resolve().parents[1]
 PYPROJECT = APP_DIR / "pyproject.toml"
 
-MODES = ("simulate", "forget")
 PARTITIONS = ("iid", "site")
 VOTES = ("softmax", "majority")
 DEVICES = ("auto", "cpu", "cuda")
@@ -55,11 +56,8 @@ def lookup(key: str, name: str, registry: Mapping[str, T]) -> T:
 class RunConfig:
     """Every run-config key, in snake case (``model-width`` -> ``model_width``)."""
 
-    mode: str
     out_dir: str
-    forget_ids: str
-    forget_site: str
-    forget_records: str
+    request: str
     seed: int
     dataset: str
     data_root: str
@@ -75,6 +73,7 @@ class RunConfig:
     partition: str
     reply_timeout: float
     min_shards: int
+    binding: str
     strategy: str
     ensemble_vote: str
     rounds: int
@@ -176,9 +175,16 @@ class RunConfig:
 
     # ------------------------------------------------------------------ checks
     def validate(self) -> None:
-        """Raise :class:`ConfigError` naming the first key whose value is out of range."""
+        """Raise :class:`ConfigError` naming the first key whose value is out of range. The ServerApp,
+        every ClientApp and the ``fairforget`` command all run it (``from_mapping``, ``replace``)."""
+        for f in fields(self):  # inf passes every range check and nan fails them with a misleading message
+            value = getattr(self, f.name)
+            if str(f.type) == "float" and not (isinstance(value, int | float) and math.isfinite(value)):
+                raise ConfigError(f"config key '{_kebab(f.name)}' = {value!r}: expected a finite number")
         checks: list[tuple[str, bool, str]] = [
-            ("mode", self.mode in MODES, f"one of {', '.join(MODES)}"),
+            ("request", not self.request or (len(self.request) == 16 and self.request.isascii()
+                                             and all(c in "0123456789abcdef" for c in self.request)),
+             "empty (a training) or the 16-hex-digit id of a request in out-dir/requests/"),
             ("dataset", bool(self.dataset.strip()), "a dataset name"),
             ("strategy", bool(self.strategy.strip()), "a strategy name"),
             ("objective", bool(self.objective.strip()), "an objective name"),
@@ -200,8 +206,6 @@ class RunConfig:
             ("num-shards", 1 <= self.num_shards <= 64, "in [1, 64]"),
             ("reply-timeout", self.reply_timeout > 0, "> 0 seconds"),
             ("min-shards", 0 <= self.min_shards <= self.num_shards, "in [0, num-shards]"),
-            ("forget-records", not self.forget_records.strip() or bool(self.forget_site.strip()),
-             "given with forget-site (the site whose record ids they are)"),
             ("rounds", self.rounds >= 1, ">= 1"),
             ("local-epochs", self.local_epochs >= 1, ">= 1"),
             ("slices", 1 <= self.slices <= 64, "in [1, 64]"),
@@ -262,13 +266,31 @@ class RunConfig:
                 raise ConfigError(f"config key '{key}' = {getattr(self, _snake(key))!r}: must be {expected}")
         if self.heldout_fraction + self.test_fraction >= 0.8:
             raise ConfigError("heldout-fraction + test-fraction must leave at least 20% for training")
-        parse_ids(self.forget_ids)
+        self._check_privacy()
         if self.dp and self.augment and self.diffusion_group_reweight > 0:
             raise ConfigError("config key 'diffusion-group-reweight' must be 0 with dp = true (reweighting changes "
                               "each sample's sampling rate, which the accountant does not model)")
         if self.augment and self.strategy != "shard-ensemble":
             raise ConfigError(f"config key 'augment' = true needs strategy = \"shard-ensemble\" (SISA shards to "
                               f"unlearn from), not {self.strategy!r}")
+
+    def _check_privacy(self) -> None:
+        """What DP-SGD cannot honour, refused wherever the config is read (not only by the command's
+        preflight): a batch-coupled objective's per-sample clipping bounds no sample's influence (EnD,
+        ReBias), and ``dp-secure-mode`` needs torchcsprng, which does not install with torch 2.14."""
+        if self.dp_secure_mode and importlib.util.find_spec("torchcsprng") is None:
+            raise ConfigError("config key 'dp-secure-mode' = true needs torchcsprng (Opacus' cryptographic generator), "
+                              "which is not installed and does not install with torch 2.14: turn it off; the DP-SGD "
+                              "noise and Poisson masks are already seeded at each site from the operating system's "
+                              "secure randomness, kept secret there (STATE/dp-seeds.json)")
+        if self.dp and self.strategy == "shard-ensemble":
+            from fairforget.objectives import OBJECTIVES  # here, not at the top: this module imports no registry
+
+            objective = OBJECTIVES.get(self.objective)  # an unknown name is refused by the registry, where used
+            if objective is not None and not objective.per_sample:
+                raise ConfigError(f"objective {self.objective!r} couples the samples of a batch, so DP-SGD's "
+                                  "per-sample clipping bounds no sample's influence: use it without dp, or with "
+                                  "strategy = \"fedavg\"")
 
     @property
     def out_path(self) -> Path:
@@ -358,8 +380,8 @@ def parse_ids(text: str) -> list[int]:
         token = token.strip()
         if not token:
             continue
-        if not token.isdigit():
-            raise ConfigError(f"sample ids must be non-negative integers, got {token!r}")
+        if not (token.isascii() and token.isdigit()):  # str.isdigit takes '²' (int() fails) and '١' (int() = 1)
+            raise ConfigError(f"sample ids must be non-negative integers (digits 0-9), got {token!r}")
         ids.append(int(token))
     if len(set(ids)) != len(ids):
         dup = sorted({i for i in ids if ids.count(i) > 1})
@@ -380,6 +402,8 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     kind = {"int": int, "float": float, "str": str, "bool": bool}[str(annotation)]
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if kind is float and isinstance(value, float) and not math.isfinite(value):  # TOML's inf and nan
+        raise ConfigError(f"config key '{key}' = {value!r}: expected a finite number")
     if kind is int and isinstance(value, float) and value.is_integer():
         return int(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):

@@ -26,6 +26,8 @@ FORGET_IDS = "forget-ids"  # list of sample ids, for train.unlearn and query.des
 STEP = "step"  # augmentation step (0 = first augmentation)
 RETIRE = "retire"  # originals to retire (unlearn) in this augmentation step
 UNLEARN_METHOD = "method"  # train.unlearn (and its reply): a name of fairforget.unlearning.UNLEARNERS
+# train.unlearn: a deletion request's own options (fairforget/requests.py), for the owning node alone
+REQUEST_OPTIONS = ("unlearn-epochs", "unlearn-lr", "newton-lambda", "augment-on-delete")
 
 TRAIN_MODE_SISA = "sisa-stage"
 TRAIN_MODE_LOCAL = "local-epochs"

@@ -117,7 +117,8 @@ def _dp_lines(metrics: dict[str, Any]) -> list[str]:
              f"accountant {dp['accountant']}, delta {dp['delta']:g}."]
     if dp.get("model"):
         lines[0] += (f" Model: {dp['model']}; sampling: {dp['sampling']}; "
-                     f"Opacus secure mode {'on' if dp.get('secure_mode') else 'off (seeded noise, replayable)'}.")
+                     + (f"randomness: {dp['randomness']}." if dp.get("randomness") else
+                        f"Opacus secure mode {'on' if dp.get('secure_mode') else 'off (seeded noise, replayable)'}."))
     lines += ["", "| model | epsilon | mu (GDP) | TPR bound at 0.1% FPR | TPR bound at 1% FPR | DP-SGD steps |",
               "|---|---|---|---|---|---|"]
     rows = [(f"shard {k}", v) for k, v in (dp.get("shards") or {}).items()] + [("ensemble", dp["ensemble"])]

@@ -5,8 +5,9 @@ env>/fairforget-flwr``, on two ports derived from the environment's path and cre
 never collides with another checkout's, a deleted predecessor's or another Flower app's; all three
 are environment variables); the app runs in the current Python environment (no per-run ``uv sync``);
 the federation is sized per run with ``--federation-config num-supernodes=S``, one SuperNode per
-shard. The ServerApp writes ``OUT/status.json`` when it ends, which is how this module learns
-whether the run worked (``flwr run --stream`` only streams the logs).
+shard. The ServerApp writes the request's status file (:mod:`fairforget.requests`) when it ends,
+which is how this module learns whether *its* run worked (``flwr run --stream`` only streams the
+logs, and another command's run may end in the same folder meanwhile).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import zlib
 from pathlib import Path
 
 from fairforget.config import APP_DIR, RunConfig
-from fairforget.storage import read_json
 
 
 class FlowerRunError(RuntimeError):
@@ -52,11 +52,16 @@ def flower_env() -> dict[str, str]:
     return env
 
 
-def run_flower(cfg: RunConfig, quiet: bool = False) -> None:
-    """Run ``cfg`` (absolute ``out-dir``) to the end; raise :class:`FlowerRunError` if it failed."""
+def run_flower(cfg: RunConfig, quiet: bool = False) -> dict:
+    """Run ``cfg`` (absolute ``out-dir``; ``request``: the id of the request file the caller wrote
+    there) to the end and return that request's status; raise :class:`FlowerRunError` if the run
+    failed, was refused (another command holds the run folder) or never finished. Only this request's
+    own status file counts: a concurrent command's outcome is never taken for ours."""
+    from fairforget.requests import read_status
+
     out = Path(cfg.out_dir)
-    status = out / "status.json"
-    status.unlink(missing_ok=True)
+    if not cfg.request:
+        raise FlowerRunError("internal: a run started by a fairforget command names its request")
     flwr = shutil.which("flwr", path=flower_env()["PATH"])
     if flwr is None:
         raise FlowerRunError("the 'flwr' command is not installed in this environment")
@@ -74,11 +79,12 @@ def run_flower(cfg: RunConfig, quiet: bool = False) -> None:
             cmd, env=flower_env(), cwd=str(APP_DIR), check=False,
             stdout=subprocess.DEVNULL if quiet else None, stderr=subprocess.STDOUT if quiet else None,
         )
-    if not status.is_file():
+    result = read_status(out, cfg.request)
+    if result is None:
         raise FlowerRunError(
             f"the Flower run ended (exit {proc.returncode}) without finishing; see the log above"
             + ("" if not quiet else " (rerun without --quiet)")
         )
-    result = read_json(status)
     if not result.get("ok"):
         raise FlowerRunError(f"the {result.get('mode')} run failed: {result.get('error')}")
+    return result

@@ -15,6 +15,22 @@ retraining from stage s after a deletion gives the same model as training from s
 shard without the deleted samples (same slices, less those samples). The exact unlearning that
 uses this is in :mod:`fairforget.unlearning.exact`.
 
+Under DP-SGD the noise and the Poisson masks are the site's secret (:meth:`SisaShard.dp_hook`): every
+training (a stage's first and every retrain, an approximate unlearner's DP epochs) draws two fresh
+seeds from the operating system's secure randomness and records them before it starts::
+
+    STATE/dp-seeds.json      mode 0600, never sent, never logged: {"shard", "stages": {"R": {"sample_seed",
+                             "noise_seed", "index_version", "samples"}}, "approximate": [...]}: the
+                             seeds of the training that made checkpoint R (a retrain replaces them)
+    STATE/dp-settings.json   the dp-* keys and batch-size the shard first trained under DP with; a
+                             later run that differs is refused here, at the site
+
+Without that file nobody (the server, the other sites, whoever knows the run's ``seed``) can
+regenerate the noise; with it the site replays its shard bit for bit (:mod:`fairforget.verify`,
+``fairforget verify --state-dir``). A retrain never reuses the noise of the training it replaces:
+reused noise would cancel between the models before and after a deletion, which the server holds.
+Exact unlearning under DP is then exact in distribution against everyone but the site.
+
 Retraining is resumable: :meth:`SisaShard.remove` commits the deletion and the stage the retrain
 must reach (``target``) in one atomic index write, before any checkpoint is removed; a shard whose
 ``target`` is above its trained stage (a crash mid-retrain) finishes it in :meth:`SisaShard.resume`,
@@ -38,6 +54,7 @@ from fairforget.objectives import Objective, ObjectiveContext, build_objective, 
 from fairforget.privacy.accountant import ShardAccountant
 from fairforget.privacy.dp_sgd import DPSettings
 from fairforget.privacy.gdp import Entry
+from fairforget.site_secret import secure_seed, write_private_json
 from fairforget.storage import atomic_torch_save, atomic_write_json, durable_unlink, read_json, state_hash, torch_load
 from fairforget.training import NO_PRIVACY, OptimizerSpec, PrivacyHook, train
 
@@ -75,8 +92,10 @@ class SisaSettings:
         return "group" if self.dp is not None else "batch"
 
     def privacy_hook(self, seed: int, accountant: ShardAccountant | None = None) -> PrivacyHook:
-        """A DP-SGD hook for one training (seeded, so it can be replayed), or no privacy."""
-        return self.dp.hook(seed, accountant) if self.dp is not None else NO_PRIVACY
+        """A DP-SGD hook seeded from ``seed`` (masks ``seed``, noise ``seed + 1``), or no privacy: for
+        models trained like a shard from public seeds (the audit's reference models). A shard's own
+        trainings draw secret seeds instead (:meth:`SisaShard.dp_hook`)."""
+        return self.dp.hook(seed, seed + 1, accountant) if self.dp is not None else NO_PRIVACY
 
     @property
     def optimizer(self) -> OptimizerSpec:
@@ -90,6 +109,24 @@ class SisaSettings:
 
 class SisaError(ValueError):
     """A request the shard cannot serve (unknown or already deleted ids, corrupt state)."""
+
+
+DP_SEEDS_FILE = "dp-seeds.json"  # the site's secret DP-SGD seeds (mode 0600)
+DP_SETTINGS_FILE = "dp-settings.json"  # the privacy settings fixed at the shard's first DP training
+
+
+def read_dp_seeds(state_dir: Path) -> dict[str, Any]:
+    """``STATE/dp-seeds.json`` (an empty record when there is none); :class:`SisaError` if unreadable."""
+    path = Path(state_dir) / DP_SEEDS_FILE
+    if not path.is_file():
+        return {"stages": {}, "approximate": []}
+    try:
+        record = read_json(path)
+        stages = {str(int(k)): {**v, "sample_seed": int(v["sample_seed"]), "noise_seed": int(v["noise_seed"])}
+                  for k, v in dict(record.get("stages", {})).items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise SisaError(f"{path} is not a DP seed record: {type(exc).__name__}") from None
+    return {**record, "stages": stages, "approximate": list(record.get("approximate", []))}
 
 
 def derived_seed(*parts: int) -> int:
@@ -107,13 +144,16 @@ class SisaShard:
     """One shard's SISA state: slices, checkpoints and the deleted ids, in ``state_dir``."""
 
     def __init__(self, state_dir: Path, shard: int, data: SampleSet, settings: SisaSettings,
-                 slices: list[list[int]] | None = None, privacy: PrivacyHook = NO_PRIVACY) -> None:
+                 slices: list[list[int]] | None = None, privacy: PrivacyHook = NO_PRIVACY,
+                 replay_seeds: dict[int, tuple[int, int]] | None = None) -> None:
         self.dir = Path(state_dir)
         self.shard = shard
         self.data = data
         self.settings = settings
         self.privacy = privacy
+        self.replay_seeds = replay_seeds  # verification only: stage -> the DP seeds a site recorded
         self.index_path = self.dir / "index.json"
+        self._check_privacy_settings()  # before anything is read into or written to the state
         self.accountant = (ShardAccountant.load(self.dir, shard, settings.dp.accountant, settings.dp.delta)
                            if settings.dp is not None else None)
         if self.index_path.exists():
@@ -169,6 +209,7 @@ class SisaShard:
         for path in (self.dir / "checkpoints").glob("stage-*.pt"):
             if int(path.stem.split("-")[1]) > self.trained:
                 durable_unlink(path)
+        self._drop_stale_seeds()
 
     @property
     def target(self) -> int:
@@ -222,7 +263,7 @@ class SisaShard:
         ids = sorted(i for sl in self.index["slices"][:stage] for i in sl)
         data = self.data.select_ids(ids)
         seeds = [derived_seed(s.seed, self.shard, stage, e + 1) for e in range(s.epochs_per_slice)]
-        privacy = self.privacy_hook(derived_seed(s.seed, self.shard, stage, 4242))
+        privacy = self.dp_hook(stage, len(data))  # under DP: fresh secret seeds, recorded first
         result = train(model, data, seeds=seeds, batch_size=s.batch_size, objective=objective, optimizer=opt,
                        privacy=privacy)
         self.save_privacy()  # before the checkpoint: a crash may over-count the spend, never under-count it
@@ -249,11 +290,86 @@ class SisaShard:
 
     # ------------------------------------------------------------------ privacy (DP-SGD)
     def privacy_hook(self, seed: int) -> PrivacyHook:
-        """The hook one training of this shard runs with: DP-SGD into the shard's accountant, the
-        hook given to the constructor (tests), or none."""
-        if self.settings.dp is not None:
-            return self.settings.privacy_hook(seed, self.accountant)
-        return self.privacy
+        """The hook an approximate unlearner's training of this shard runs with: DP-SGD into the
+        shard's accountant with fresh secret seeds (``seed``, public, is not used under DP), the hook
+        given to the constructor (tests), or none."""
+        return self.dp_hook(None)
+
+    def dp_hook(self, stage: int | None, samples: int | None = None) -> PrivacyHook:
+        """The privacy hook of one training: SISA stage ``stage`` (on ``samples`` samples) or, with
+        ``stage`` None, an approximate unlearner's epochs. Under DP its Poisson masks and noise are
+        seeded by two fresh draws of the operating system's secure randomness (the recorded ones of
+        ``replay_seeds`` when verifying), written to ``STATE/dp-seeds.json`` (mode 0600) before the
+        training starts, and the shard's privacy settings are fixed in ``STATE/dp-settings.json`` at
+        its first DP training. Without DP: the constructor's hook (none, or a test's)."""
+        dp = self.settings.dp
+        if dp is None:
+            return self.privacy
+        if self.replay_seeds is not None:
+            if stage not in self.replay_seeds:
+                raise SisaError(f"no recorded DP seeds for {'an approximate training' if stage is None else f'stage {stage}'}"
+                                f" of shard {self.shard}: it cannot be replayed")
+            sample_seed, noise_seed = self.replay_seeds[stage]
+        else:
+            sample_seed, noise_seed = secure_seed(), secure_seed()
+        path = self.dir / DP_SETTINGS_FILE
+        if not path.is_file():
+            atomic_write_json(path, dp.fixed(self.settings.batch_size))
+        record = read_dp_seeds(self.dir)
+        entry = {"sample_seed": sample_seed, "noise_seed": noise_seed, "index_version": int(self.index["version"])}
+        if stage is None:
+            record["approximate"].append(entry)
+        else:
+            record["stages"][str(stage)] = {**entry, "samples": samples}
+            record["approximate"] = []  # a SISA stage trains: no approximate model is served any more
+        record["shard"] = self.shard
+        write_private_json(self.dir / DP_SEEDS_FILE, record)  # before the training: never an unrecorded one
+        return dp.hook(sample_seed, noise_seed, self.accountant)
+
+    def recorded_seeds(self) -> dict[int, tuple[int, int]]:
+        """stage -> (sample seed, noise seed) of the trainings that made the current checkpoints."""
+        stages = read_dp_seeds(self.dir)["stages"]
+        return {int(k): (v["sample_seed"], v["noise_seed"]) for k, v in stages.items() if int(k) <= self.trained}
+
+    def _drop_stale_seeds(self) -> None:
+        """Forget the seeds of checkpoints that were dropped (a deletion, a crash mid-training): they
+        belong to models no longer served, whose noise must not outlive them at the site either."""
+        path = self.dir / DP_SEEDS_FILE
+        if not path.is_file():
+            return
+        record = read_dp_seeds(self.dir)
+        stale = [k for k in record["stages"] if int(k) > self.trained]
+        if stale:
+            for k in stale:
+                del record["stages"][k]
+            write_private_json(path, record)
+
+    def _check_privacy_settings(self) -> None:
+        """Refuse (one line, nothing read or written) a run whose privacy settings differ from those
+        this shard first trained under DP with (``STATE/dp-settings.json``), a run without DP on a
+        shard trained with it, and a DP run on a shard trained without it."""
+        dp, path = self.settings.dp, self.dir / DP_SETTINGS_FILE
+        want = dp.fixed(self.settings.batch_size) if dp is not None else {"dp": False}
+        if path.is_file():
+            try:
+                fixed = read_json(path)
+            except ValueError as exc:
+                raise SisaError(f"{path} is not readable: {exc}") from None
+            for key in [*fixed, *(k for k in want if k not in fixed)]:
+                if fixed.get(key) != want.get(key):
+                    raise SisaError(
+                        f"shard {self.shard}: this site's privacy settings were fixed at its first DP training "
+                        f"({path}: {key} = {_show(fixed.get(key))}); this run asks {key} = {_show(want.get(key))}: "
+                        "refused, nothing changed (a site's privacy settings cannot change after it trained)")
+        elif dp is not None and self.index_path.is_file() and not (self.dir / ShardAccountant.FILE).is_file():
+            try:
+                index = read_json(self.index_path)
+            except ValueError:
+                return  # the index's own check reports it
+            if int(index.get("version", 0)) > 0:
+                raise SisaError(f"shard {self.shard}: the state folder {self.dir} holds a shard trained without DP; "
+                                "a run with dp = true would report an epsilon its models do not have: refused, "
+                                "nothing changed (train a new state folder with dp = true)")
 
     def planned(self, stages: list[int], slices: list[list[int]] | None = None) -> list[Entry]:
         """The DP-SGD entries training ``stages`` would add (empty without DP)."""
@@ -359,3 +475,12 @@ def _to_cpu(obj: Any) -> Any:
 def _fmt(ids: list[int], limit: int = 10) -> str:
     text = ", ".join(map(str, ids[:limit]))
     return text + (f" (+{len(ids) - limit} more)" if len(ids) > limit else "")
+
+
+def _show(value: Any) -> str:
+    """A settings value as the run config writes it (``true``, ``1e-05``, ``'prv'``; ``unset``)."""
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value)

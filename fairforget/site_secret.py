@@ -29,7 +29,7 @@ import unicodedata
 from pathlib import Path
 from typing import Any
 
-from fairforget.storage import finite, fsync_dir
+from fairforget.storage import finite, fsync_dir, write_all
 
 KEY_FILE = ".fairforget-site.key"
 KEY_BYTES = 32
@@ -70,11 +70,13 @@ def load_site_key(path: Path, *, create: bool = True) -> bytes:
         except OSError as exc:
             raise SiteSecretError(f"cannot create site key {path}: {exc.strerror}") from None
         try:
-            data = secrets.token_bytes(KEY_BYTES)
-            while data:  # a short write is retried, never left half-written
-                data = data[os.write(fd, data):]
+            write_all(fd, secrets.token_bytes(KEY_BYTES), path)  # a short write is continued
             os.fsync(fd)
-        finally:
+        except OSError as exc:  # a full disk: no half-written key is left behind
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise SiteSecretError(exc.strerror or str(exc)) from None
+        else:
             os.close(fd)
         fsync_dir(path.parent)
     try:

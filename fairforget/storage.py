@@ -4,12 +4,16 @@ Every file the project saves (checkpoints, shard index, metrics, report) is writ
 file in the same folder, flushed, fsynced and renamed over the target, and the folder is fsynced
 after the rename, so a crash (or a power cut) leaves either the old file or the new one, never half
 of either, and never loses a rename or an unlink that returned. Append-only logs (the deletion
-ledger, the tombstones) get whole lines appended and fsynced (:func:`durable_append_lines`); a
-reader reports a torn last line (:class:`TornLine`) instead of failing on it.
+ledger, the tombstones) get whole lines appended and fsynced (:func:`durable_append_lines`: a short
+write is continued, a write the disk refuses is a one-line error with nothing appended); a reader
+reports a torn last line (:class:`TornLine`) instead of failing on it. What a crash leaves behind
+(a folder renamed aside for removal, the old half of a folder swap) is cleared at start-up by
+:func:`sweep_leftovers`.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -96,10 +100,28 @@ def recover_dir(dst: Path) -> None:
         fsync_dir(dst.parent)
 
 
+def write_all(fd: int, data: bytes, path: Path) -> None:
+    """``os.write`` until every byte of ``data`` is written (a short write is continued); a write that
+    writes nothing or fails (a full disk: ENOSPC) is an :class:`OSError` whose message is one line
+    naming ``path``."""
+    view = memoryview(data)
+    while view:
+        try:
+            n = os.write(fd, view)
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot write {path}: {exc.strerror or exc}") from None
+        if n <= 0:
+            raise OSError(errno.ENOSPC, f"cannot write {path}: the disk took no bytes (full?)")
+        view = view[n:]
+
+
 def durable_append_lines(path: Path, lines: Iterable[str]) -> None:
     """Append whole lines (each ending in a newline) to a log and fsync it (and its folder when the
-    file is new). One ``write`` call, so a crash can tear at most the last line; such a torn line (an
-    append that never returned) is cut off before the next append, so every line stays whole."""
+    file is new) before returning. A short write is continued until every byte is written; a write
+    that writes nothing or fails (a full disk) raises a one-line :class:`OSError` naming the file,
+    after cutting off what it appended, so no line is left half there. A crash can tear at most the
+    last line; such a torn line (an append that never returned) is cut off before the next append,
+    so every line stays whole."""
     path = Path(path)
     data = "".join(line if line.endswith("\n") else line + "\n" for line in lines).encode("utf-8")
     if not data:
@@ -112,13 +134,52 @@ def durable_append_lines(path: Path, lines: Iterable[str]) -> None:
         if size:  # a torn last line (a crash mid-append, never fsynced whole) is cut off first
             whole = path.read_bytes()
             if not whole.endswith(b"\n"):
-                os.ftruncate(fd, whole.rfind(b"\n") + 1)
-        os.write(fd, data)
-        os.fsync(fd)
+                size = whole.rfind(b"\n") + 1
+                os.ftruncate(fd, size)
+        try:
+            write_all(fd, data, path)
+            os.fsync(fd)
+        except OSError:
+            try:  # the lines appended so far are cut off again: nothing half there
+                os.ftruncate(fd, size)
+                os.fsync(fd)
+            except OSError:
+                pass  # a torn tail is cut off by the next append and skipped by readers
+            raise
     finally:
         os.close(fd)
     if new:
         fsync_dir(path.parent)
+
+
+def sweep_leftovers(folder: Path) -> list[str]:
+    """Finish what a crash left in ``folder`` (a node's state folder, a run folder) and its subfolders:
+    a :func:`replace_dir` cut short between its renames is undone (:func:`recover_dir`), and leftover
+    ``.NAME.removing-PID`` folders (:func:`durable_rmtree`) and ``.NAME.old`` folders (a finished
+    :func:`replace_dir`) are deleted. A subfolder with a lock of its own (``.lock``: a node's state
+    folder inside a run folder) is left to its owner. Call it holding ``folder``'s lock, or before
+    anything else uses the folder. Returns what it removed or restored."""
+    folder = Path(folder)
+    done: list[str] = []
+    if not folder.is_dir():
+        return done
+    for path in sorted(p for p in folder.iterdir() if p.is_dir() and not p.is_symlink()):
+        name = path.name
+        if name.startswith(".") and name.endswith(".old") and len(name) > len("..old"):
+            dst = path.with_name(name[1 : -len(".old")])
+            if not dst.exists():  # the old folder is the only copy: it goes back in place
+                recover_dir(dst)
+                done.append(f"{path} (restored)")
+                continue
+        elif not (name.startswith(".") and ".removing-" in name):
+            if not (path / ".lock").exists():
+                done += sweep_leftovers(path)
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        if not path.exists():
+            fsync_dir(folder)
+            done.append(str(path))
+    return done
 
 
 def atomic_write_text(path: Path, text: str) -> None:

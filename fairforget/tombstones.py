@@ -5,33 +5,64 @@ trained on again (a later ``simulate``, ``simulate --force``, a new state folder
 model, the attribute probe), the node that deletes it first appends its id to the owner's tombstone
 file, fsynced, and only then changes its shard:
 
-* a hospital site: ``DATA_ROOT/.fairforget-tombstones.jsonl`` beside its ``labels.csv`` (or the
-  node-config key ``tombstones``), so it outlives every run and state folder of that site;
-* a simulation: ``OUT/tombstones.jsonl`` (the run's embedded data has no owner but the run;
-  ``simulate --force`` carries the file into the replacing run).
+* data read from a data root with record ids of its own (``dataset = "image-folder"``): beside its
+  ``labels.csv``, ``DATA_ROOT/.fairforget-tombstones.jsonl`` (or where the node-config key
+  ``tombstones`` points), at a hospital site and in a simulation over a real image folder alike, so
+  every later run, out-dir and state folder over that data honours it. A simulation also reads its
+  run's ``OUT/tombstones.jsonl`` (where deletions were kept before, and where ``simulate --force``
+  carries a replaced run's unfinished ones), never writes it;
+* the embedded benchmark data (``biased-digits``, and the public benchmarks ``biased-mnist``,
+  ``cifar10-skewed``, ``celeba``, whose ids are the dataset's own indices, not anybody's records):
+  ``OUT/tombstones.jsonl`` (the data has no owner but the run; ``simulate --force`` carries the file
+  into the replacing run).
 
-A node loads its data without the tombstoned ids; a tombstoned id still in its shard index is a
+A line is a JSON object ``{"id": SAMPLE_ID, "record": RECORD_ID, "request", "time"}``; ``record`` is
+the site's record id as its loader normalised it (:func:`fairforget.site_secret.normalise_record_id`:
+``./img/1.png`` and ``img/1.png`` are one record), present where the data has record ids. A record is
+deleted when its record id is tombstoned, whatever sample id it has now (a new site key, a record
+hashed anew, does not bring it back), or its sample id is. Lines of older versions (``{"id", ...}``
+alone, the id an unkeyed hash of the record id) are read too and matched by that hash: a site's old
+deletion list is never refused nor forgotten.
+
+A node loads its data without the tombstoned records; a tombstoned id still in its shard index is a
 deletion that crashed part-way, which the node finishes before anything else
-(:meth:`clients.node.Node.resume`). The file is append-only JSON lines ``{"id", "request", "time"}``.
+(:meth:`clients.node.Node.resume`). The file is append-only (:func:`durable_append_lines`: whole
+lines, fsynced before :meth:`Tombstones.add` returns, a failed write a one-line error with nothing
+half appended), so a deletion is acknowledged only once its tombstone is durable.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from fairforget.locks import locked
 from fairforget.storage import durable_append_lines, read_jsonl
 
 RUN_FILE = "tombstones.jsonl"
 SITE_FILE = ".fairforget-tombstones.jsonl"
+OWNED_DATASETS = ("image-folder",)  # data with record ids of its own: tombstones live beside it
+
+
+def legacy_sample_id(record_id: str) -> int:
+    """The sample id older versions gave a record id (61 bits of an unkeyed SHA-256), by which their
+    tombstone lines name it."""
+    return int.from_bytes(hashlib.sha256(f"record:{record_id}".encode()).digest()[:8], "big") >> 3
 
 
 class Tombstones:
-    def __init__(self, path: Path) -> None:
+    """One tombstone file (``path``, appended to) read with older ones (``also``, read only).
+    ``records``: the data's sample id -> normalised record id map (``DataBundle.records``), so that
+    :meth:`ids` names the records' current sample ids and :meth:`add` writes their record ids."""
+
+    def __init__(self, path: Path, records: Mapping[int, str] | None = None, also: Iterable[Path] = ()) -> None:
         self.path = Path(path)
+        self.records = {int(k): str(v) for k, v in (records or {}).items()}
+        self.also = [Path(p) for p in also if Path(p) != self.path]
 
     @classmethod
     def of_run(cls, run_dir: Path) -> Tombstones:
@@ -41,17 +72,47 @@ class Tombstones:
     def of_site(cls, data_root: Path) -> Tombstones:
         return cls(Path(data_root) / SITE_FILE)
 
+    @classmethod
+    def for_data(cls, cfg: Any, records: Mapping[int, str] | None = None, *, run_dir: Path | None = None,
+                 path: str | Path | None = None) -> Tombstones:
+        """The tombstones of the data ``cfg`` reads (see the module docstring): ``path`` if given (the
+        node-config key ``tombstones``), else beside an image folder's ``labels.csv`` (with the run's
+        own file, ``run_dir``, read as well: give it in a simulation), else the run's."""
+        if path:
+            return cls(Path(path), records)
+        if cfg.dataset in OWNED_DATASETS and cfg.data_root:
+            also = [Path(run_dir) / RUN_FILE] if run_dir is not None else []
+            return cls(Path(cfg.data_root).expanduser() / SITE_FILE, records, also)
+        return cls(Path(run_dir if run_dir is not None else cfg.out_dir) / RUN_FILE, records)
+
+    def rows(self) -> list[dict[str, Any]]:
+        """Every whole line of the files (a torn last line, a crash mid-append, names nothing yet)."""
+        return [r for p in [*self.also, self.path] for r in read_jsonl(p, allow_torn_tail=True)]
+
     def ids(self) -> set[int]:
-        """Every tombstoned id (a torn last line, a crash mid-append, names no id yet)."""
-        return {int(r["id"]) for r in read_jsonl(self.path, allow_torn_tail=True)}
+        """The sample ids of every tombstoned record: the ids the lines name, and the current sample id
+        of each record of the data whose record id a line names (or whose older, unkeyed id it names)."""
+        rows = self.rows()
+        ids = {int(r["id"]) for r in rows if "id" in r}
+        names = {str(r["record"]) for r in rows if r.get("record") is not None}
+        old = {int(r["id"]) for r in rows if "id" in r and r.get("record") is None}  # lines without a record
+        if self.records and rows:
+            ids |= {sid for sid, rec in self.records.items()
+                    if rec in names or (old and legacy_sample_id(rec) in old)}
+        return ids
 
     def add(self, ids: Iterable[int], request: int | None = None) -> list[int]:
-        """Tombstone ``ids`` (those not already); returns the new ones. Serialised by a lock on the
-        file's folder's ``.tombstones.lock`` so concurrent nodes of one simulation append whole lines."""
+        """Tombstone ``ids`` (those not already), each with its record id where the data has one;
+        returns the new ones once they are durable (fsynced). Serialised by a lock on the file's
+        folder's ``.tombstones.lock.d`` so concurrent nodes of one simulation append whole lines. A
+        write the disk refuses is a one-line :class:`OSError` naming the file, nothing appended."""
         ids = sorted({int(i) for i in ids})
         lock_dir = self.path.parent / ".tombstones.lock.d"
         with locked(lock_dir, "tombstones", wait=float("inf")):
-            new = [i for i in ids if i not in self.ids()]
+            have = self.ids()
+            new = [i for i in ids if i not in have]
             stamp = datetime.now(UTC).isoformat(timespec="seconds")
-            durable_append_lines(self.path, [json.dumps({"id": i, "request": request, "time": stamp}) for i in new])
+            durable_append_lines(self.path, [json.dumps({"id": i, **({"record": self.records[i]} if i in self.records
+                                                                      else {}), "request": request, "time": stamp})
+                                             for i in new])
         return new

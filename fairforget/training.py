@@ -151,7 +151,9 @@ class OptimizerSpec:
 
 # ---------------------------------------------------------------------- privacy
 class PrivacyHook(Protocol):
-    """Wraps model, optimizer and loader before training (DP-SGD) and reports what it spent."""
+    """Wraps model, optimizer and loader before training (DP-SGD) and reports what it spent. A hook
+    whose loader may draw empty batches that count as steps (Poisson sampling) sets
+    ``steps_on_empty = True``: the engine then steps on them too (default: skipped)."""
 
     name: str
 
@@ -211,6 +213,9 @@ def train(model: nn.Module, data: SampleSet, *, seeds: Sequence[int], batch_size
         objective.before_training(model)
     plain = model  # the hooks get the model itself, not the privacy hook's wrapper
     model, optimizer, loader = privacy.attach(model, optimizer, loader)
+    # DP-SGD's Poisson sampling may draw an empty batch: the accountant counts it as a step, so it is
+    # one (Opacus' optimizer clips no sample and adds the noise); other hooks skip empty batches
+    empty_steps = bool(getattr(privacy, "steps_on_empty", False))
     try:
         if isinstance(objective, nn.Module):
             objective.train()
@@ -219,14 +224,15 @@ def train(model: nn.Module, data: SampleSet, *, seeds: Sequence[int], batch_size
             total = torch.zeros((), dtype=torch.float64, device=device)
             count = 0
             for batch in loader:
-                if len(batch) == 0:  # Poisson sampling may draw an empty batch
+                if len(batch) == 0 and not empty_steps:  # (a plain loader draws no empty batch)
                     continue
-                loss = objective.loss(model, batch)
+                loss = objective.loss(model, batch)  # empty under DP: no sample's gradient, the noise only
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                total += loss.detach().double() * len(batch)
-                count += len(batch)
+                if len(batch):
+                    total += loss.detach().double() * len(batch)
+                    count += len(batch)
                 steps += 1
             last = float(total) / max(count, 1)
         after = objective.after_training(plain, data) if hasattr(objective, "after_training") else {}

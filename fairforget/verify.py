@@ -15,10 +15,14 @@ assignment (:func:`fairforget.sisa.assign_slices` over its originals, a syntheti
 its id draws) less the deleted ids. A match is then proof that the served model holds no trace of the
 deleted records.
 
-Deleted means: in the index's deleted ids, in a ledger line of the shard, or in the run's tombstones
-(``OUT/tombstones.jsonl``, :mod:`fairforget.tombstones`). What cannot be proven is said so, not failed:
+Deleted means: in the index's deleted ids, in a ledger line of the shard, or in the data's tombstones
+(:mod:`fairforget.tombstones`: ``OUT/tombstones.jsonl``, or beside an image folder's ``labels.csv``).
+What cannot be proven is said so, not failed:
 
-* a shard served by an approximate unlearner (a valid ``STATE/approx.pt``): no exactness receipt;
+* a shard served by an approximate unlearner (a valid ``STATE/approx.pt``): no exactness receipt, but
+  its index is checked as above (no deleted id live, the from-scratch slices less the deleted ids)
+  and its approximate model must be the one served and the ledger's receipt; a problem there is a
+  mismatch;
 * DP-SGD with ``dp-secure-mode``: its noise is cryptographic and cannot be drawn again.
 
 The node state is read, never written: in simulation it is ``OUT/nodes/shard-K`` (``index.json``,
@@ -149,8 +153,10 @@ def _approx_meta(state: Path, index: Mapping[str, Any]) -> dict[str, Any] | None
     if not path.is_file():
         return None
     try:
-        meta = dict(torch_load(path)["meta"])
+        saved = torch_load(path)
+        meta = dict(saved["meta"])
         int(meta["index_version"])
+        meta["model_hash"] = state_hash(saved["model"])  # what the node serves, to compare with the run's
     except Exception as exc:  # noqa: BLE001
         raise VerifyError(f"{path} is not a readable approximate model: {type(exc).__name__}") from None
     return meta if int(meta["index_version"]) == int(index["version"]) else None
@@ -163,10 +169,12 @@ def ledger_lines(entries: list[dict[str, Any]], shard: int) -> list[dict[str, An
             if e.get("shard") == shard and e.get("decision") != REFUSED and e.get("hash_after")]
 
 
-def index_problems(node: NodeState, settings: SisaSettings, ledger_deleted: set[int],
+def index_problems(node: NodeState, settings: SisaSettings | None, ledger_deleted: set[int],
                    tombstoned: set[int]) -> list[str]:
-    """Where the index is not the shard's from-scratch slice assignment less the deleted ids, or
-    still holds an id the ledger or the data's owner (its tombstones) deleted."""
+    """Where the index is not the shard's from-scratch slice assignment less the deleted ids (not
+    checked without ``settings``), or still holds an id the ledger or the data's owner (its
+    tombstones) deleted. An approximate shard's index is checked alike; its retrain target above the
+    trained stages is where an exact retrain goes back to, not a pending retrain."""
     index, problems = node.index, []
     live = [i for sl in index["slices"] for i in sl]
     deleted = set(index["deleted"])
@@ -178,7 +186,7 @@ def index_problems(node: NodeState, settings: SisaSettings, ledger_deleted: set[
     unrecorded = sorted(ledger_deleted - deleted)
     if unrecorded:
         problems.append(f"id(s) the ledger deleted are not deleted in the index: {_fmt(unrecorded)}")
-    if int(index.get("target", 0)) > index["trained"]:
+    if int(index.get("target", 0)) > index["trained"] and node.approx_meta is None:
         problems.append(f"a retrain is pending (stage {index['trained']} of target {index['target']}): "
                         "the node finishes it before its next message")
     # the originals' slices come from the shard's original ids alone (assign_slices): those in its data
@@ -187,8 +195,8 @@ def index_problems(node: NodeState, settings: SisaSettings, ledger_deleted: set[
     pool = {int(i) for i in node.pool.ids.tolist()}
     never = tombstoned - deleted - set(live)
     originals = sorted({i for i in (pool - never) | deleted if i < SYNTHETIC_ID_BASE})
-    expected = assign_slices(originals, settings.slices, settings.seed, node.shard)
-    for s, members in enumerate(index["slices"]):
+    expected = assign_slices(originals, settings.slices, settings.seed, node.shard) if settings else []
+    for s, members in enumerate(index["slices"] if settings else []):
         want = set(expected[s]) - deleted
         have = {i for i in members if i < SYNTHETIC_ID_BASE}
         if have != want:
@@ -233,8 +241,16 @@ def verify_shard(node: NodeState, settings: SisaSettings | None, ledger: list[di
         live=sum(len(sl) for sl in index["slices"]), deleted=len(index["deleted"]),
         ledger_fields={k: last[k] for k in ("seed", "index_version", "code_version") if last and k in last},
     )
-    if node.approx_meta is not None:
-        verdict.status = APPROXIMATE
+    if node.approx_meta is not None:  # no replay, but its index and its model are checked
+        ledger_deleted = {int(i) for e in lines for i in e.get("ids", [])}
+        verdict.problems = index_problems(node, settings, ledger_deleted, set(tombstoned or ()))
+        if node.approx_meta.get("model_hash") not in (None, node.served_hash):
+            verdict.problems.append(f"the served model {node.served_hash} is not the node's approximate model "
+                                    f"{node.approx_meta['model_hash']}")
+        if verdict.ledger_hash is not None and verdict.ledger_hash != node.served_hash:
+            verdict.problems.append(f"the served model {node.served_hash} is not the ledger's receipt "
+                                    f"{verdict.ledger_hash} (request {verdict.ledger_request})")
+        verdict.status = MISMATCH if verdict.problems else APPROXIMATE
         verdict.note = (f"no exactness receipt (served by {node.approx_meta.get('method', '?')}; "
                         "an exact retrain, forget --method exact-sisa, makes it verifiable)")
         return verdict
@@ -276,7 +292,7 @@ def verify_run(run_dir: Path, cfg: Any, shards: list[int]) -> list[ShardVerdict]
     settings = None if secure else SisaSettings.from_config(cfg, bundle.num_classes, bundle.num_private)
     try:
         ledger = Ledger(Path(run_dir) / "ledger.jsonl").entries()
-        tombstoned = Tombstones.of_run(run_dir).ids()
+        tombstoned = Tombstones.for_data(cfg, bundle.records, run_dir=Path(run_dir)).ids()
     except ValueError as exc:  # a broken ledger or tombstone line: one line, as the ledger words it
         raise VerifyError(str(exc)) from None
     return [verify_shard(node, settings, ledger, tombstoned) for node in nodes]

@@ -23,6 +23,7 @@ from fairforget.ledger import LedgerError
 from fairforget.locks import LockBusy, check_free, locked
 from fairforget.privacy.reporting import calibrate
 from fairforget.report import write_report
+from fairforget.requests import Request, RequestError, parse_records, status_path
 from fairforget.run import RunDir, RunDirError
 from fairforget.runner import FlowerRunError, run_flower
 from fairforget.sisa import SisaSettings
@@ -58,7 +59,8 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 def cmd_simulate(args: argparse.Namespace) -> int:
     cfg = _config(args)
     out = Path(args.out if args.out else cfg.out_dir).expanduser().resolve()
-    cfg = cfg.replace(out_dir=str(out), mode="simulate", forget_ids="")
+    request = Request.simulate()
+    cfg = cfg.replace(out_dir=str(out), request=request.id)
     replace = _replaceable(out, args.force)  # before anything else: only a run is ever replaced
     bundle = preflight(cfg)
     calibration = None
@@ -71,6 +73,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if calibration is not None:
         RunDir(out).write_calibration(calibration)
+    request.save(out)
     print(f"fairforget: training {cfg.num_shards} shards x {cfg.slices} slices of {bundle.name} "
           f"({len(bundle.train)} members) with {cfg.strategy} via Flower; output in {out}", flush=True)
     run_flower(cfg, quiet=args.quiet)
@@ -103,7 +106,7 @@ def _holds_run(out: Path) -> bool:
         return False
     try:
         run.config()
-        return {"out-dir", "mode", "num-shards"} <= set(read_toml(run.config_path))
+        return {"out-dir", "num-shards", "strategy"} <= set(read_toml(run.config_path))
     except (RunDirError, ConfigError):
         return False
 
@@ -164,10 +167,9 @@ def preflight(cfg: RunConfig):
     bundle = load_dataset(cfg)  # fail on a bad data root before starting Flower
     shard_of(cfg, bundle)
     build_strategy(cfg, bundle.num_classes)
-    objective = SisaSettings.from_config(cfg, bundle.num_classes, bundle.num_private).build_objective()
-    if cfg.dp and cfg.strategy == "shard-ensemble" and not objective.per_sample:
-        raise UserError(f"objective {cfg.objective!r} couples the samples of a batch, so DP-SGD's per-sample "
-                        "clipping bounds no sample's influence: use it without dp, or with strategy = \"fedavg\"")
+    # the objective's name (DP with a batch-coupled objective is refused by RunConfig.validate, which
+    # the ServerApp and every ClientApp run too)
+    SisaSettings.from_config(cfg, bundle.num_classes, bundle.num_private).build_objective()
     get_unlearner(cfg.unlearn_method)
     if cfg.audit:
         check_audit_config(cfg, bundle)
@@ -214,17 +216,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
     run.require_finished()
     check_free(run.path, "forget")  # another command writing the run: one line now, not after Flower starts
     pending = run.ledger.pending()  # validates the ledger (a torn last line is an unfinished intent)
-    sets = parse_set(args.set or [])
-    fixed = sorted(k for k in sets if k in FIXED_CAPACITY_KEYS)
-    if fixed:
-        raise UserError(f"forget --set {', '.join(fixed)}: the capacity parameters are fixed when the run is "
-                        "created (only capacity-policy may change per request)")
-    other = sorted(k for k in sets if not k.startswith(FORGET_KEY_PREFIXES))
-    if other:
-        raise UserError(f"forget --set takes only the unlearn-*, newton-*, capacity-policy and augment-on-delete "
-                        f"keys, got {', '.join(other)}")
-    if args.method:
-        sets["unlearn-method"] = args.method
+    sets = _request_options(args)
     cfg = resolve(run.config().to_mapping(), sets).replace(out_dir=str(run.path))
     get_unlearner(cfg.unlearn_method)
     if not strategy_class(cfg.strategy).exact_unlearning:
@@ -252,24 +244,27 @@ def cmd_forget(args: argparse.Namespace) -> int:
               "(a crash or a failed node); finishing it first", flush=True)
     run.load_budget(build_strategy(cfg, load_dataset(cfg).num_classes).budget)  # a broken budget.json: one line
     owner = _owners(cfg)
-    already = sorted(set(ids) & run.ledger.deleted_ids())
-    if already:
-        raise UserError(f"sample id(s) already deleted: {', '.join(map(str, already))}")
     unknown = sorted(i for i in ids if i not in owner)
     if unknown:
         shown = ", ".join(map(str, unknown[:20]))
         raise UserError(f"unknown sample id(s) (not a training member of this run): {shown}")
+    # an erasure request repeated is satisfied, not an error: name the request that deleted it
+    already = _print_satisfied(_ledger_satisfied(run, sorted(set(ids) & run.ledger.deleted_ids())))
+    ids = [i for i in ids if i not in already]
+    if not ids and not pending:
+        print("fairforget: nothing left to delete: every id was deleted by an earlier request")
+        return 0
     before = {s["shard"]: s for s in run.metrics()["shards"]}
     shards = sorted({owner[i] for i in ids})
     if ids:
         print(f"fairforget: forgetting {len(ids)} sample(s) owned by shard(s) {', '.join(map(str, shards))}",
               flush=True)
-    first = run.ledger.next_request()
-    run_flower(cfg.replace(mode="forget", forget_ids=",".join(map(str, ids))), quiet=args.quiet)
-    metrics = run.metrics()
-    last = metrics["unlearning"][-1]
-    finished = sorted(set(pending) | set(range(first, run.ledger.next_request())))
-    for entry in [e for e in run.ledger.entries() if e["request"] in finished]:
+    request = Request.forget(ids, options=sets)
+    request.save(run.path)
+    status = run_flower(run.config().replace(out_dir=str(run.path), request=request.id), quiet=args.quiet)
+    _print_satisfied(status.get("satisfied") or [])
+    mine = {int(r) for r in status.get("deleted", {})}  # the ledger requests *this* run completed
+    for entry in [e for e in run.ledger.entries() if e["request"] in mine]:
         how = (f"approximately ({entry['method']})" if entry.get("decision") == "approximate" else
                f"retrained from stage {entry['restart_stage']}"
                + (" (budget spent: exact fallback)" if entry.get("decision") == "exact-fallback" else ""))
@@ -280,14 +275,76 @@ def cmd_forget(args: argparse.Namespace) -> int:
         if "capacity_before" in entry:
             print(f"shard {entry['shard']}: deletion capacity {entry['capacity_before']} -> {entry['capacity_after']} "
                   f"of {entry['capacity']} left")
+    if not mine:
+        print("fairforget: nothing was deleted by this request")
+        return 0
     untouched = [k for k in before if k not in shards]
     print(f"untouched shards: {', '.join(map(str, untouched)) or 'none'}")
-    sp = last["speedup_vs_full_retrain"]
-    print(f"unlearning {last['seconds']:.2f}s vs full retrain {last['full_retrain_seconds']:.2f}s"
-          + (f" ({sp:.1f}x faster)" if sp else ""))
-    print(f"accuracy after: biased {last['accuracy_biased']:.3f}, unbiased {last['accuracy_unbiased']:.3f}")
+    last = next((u for u in reversed(run.metrics()["unlearning"]) if u["request"] in mine), None)
+    if last is not None:
+        sp = last["speedup_vs_full_retrain"]
+        print(f"unlearning {last['seconds']:.2f}s vs full retrain {last['full_retrain_seconds']:.2f}s"
+              + (f" ({sp:.1f}x faster)" if sp else ""))
+        print(f"accuracy after: biased {last['accuracy_biased']:.3f}, unbiased {last['accuracy_unbiased']:.3f}")
     print(f"ledger:  {run.path / 'ledger.jsonl'}")
     print(f"report:  {run.path / 'report.md'}")
+    return 0
+
+
+def _request_options(args: argparse.Namespace) -> dict:
+    """``--set`` / ``--method`` of a deletion request: its own options, checked."""
+    sets = parse_set(args.set or [])
+    fixed = sorted(k for k in sets if k in FIXED_CAPACITY_KEYS)
+    if fixed:
+        raise UserError(f"forget --set {', '.join(fixed)}: the capacity parameters are fixed when the run is "
+                        "created (only capacity-policy may change per request)")
+    other = sorted(k for k in sets if not k.startswith(FORGET_KEY_PREFIXES))
+    if other:
+        raise UserError(f"forget --set takes only the unlearn-*, newton-*, capacity-policy and augment-on-delete "
+                        f"keys, got {', '.join(other)}")
+    if getattr(args, "method", None):
+        sets["unlearn-method"] = args.method
+    return sets
+
+
+def _ledger_satisfied(run: RunDir, ids: list[int]) -> list[dict]:
+    rows = {int(i): e for e in run.ledger.entries() if e.get("decision") not in ("refused", "retire-original")
+            for i in e.get("ids", [])}
+    return [{"id": i, "request": int(rows[i]["request"]), "shard": int(rows[i]["shard"]),
+             "hash_after": rows[i].get("hash_after", ""), "time": rows[i].get("time", "")} for i in ids if i in rows]
+
+
+def _print_satisfied(rows: list[dict]) -> set[int]:
+    """Print each already-deleted id with the request that deleted it and its receipt; returns the ids."""
+    for r in rows:
+        if "request" in r:
+            print(f"fairforget: {'record ' + ', '.join(r['record']) if r.get('record') else 'sample ' + str(r['id'])} "
+                  f"was already deleted by request {r['request']} (shard {r['shard']}, model {r['hash_after']}, "
+                  f"{r.get('time', '')}): satisfied")
+        else:
+            print(f"fairforget: sample {r['id']} was already deleted at its data's owner (tombstone of an earlier "
+                  "run): satisfied")
+    return {int(r["id"]) for r in rows}
+
+
+# ---------------------------------------------------------------------- request (deployment)
+def cmd_request(args: argparse.Namespace) -> int:
+    """Write a deletion request into a deployment's run folder (on the machine where the ServerApp
+    runs) and print the ``flwr run`` key that starts it; the run config then names only the request's
+    random id, so no site learns whose record is deleted."""
+    run = RunDir(Path(args.run).expanduser().resolve())
+    run.require_finished()
+    records = parse_records(args.records or "")
+    if not records and not args.resume:
+        raise UserError("no record ids given (--site SITE --records P-0003,P-0004, or --resume)")
+    if records and not (args.site or "").strip():
+        raise UserError("--records needs --site (the site whose record ids they are)")
+    request = Request.forget(site=args.site or "", records=records, options=_request_options(args))
+    path = request.save(run.path)
+    print(f"fairforget: request {request.id} written to {path}")
+    print(f'start it with: flwr run . <federation> --stream --run-config \'... out-dir="{run.path}" '
+          f'request="{request.id}"\'')
+    print(f"its outcome: {status_path(run.path, request.id)}")
     return 0
 
 
@@ -311,7 +368,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
     if run.ledger.pending():  # models of an unfinished deletion may still hold its ids: finish it first
         check_free(run.path, "audit")
         print("fairforget: the run has an unfinished deletion; finishing it first", flush=True)
-        run_flower(cfg.replace(mode="forget", forget_ids=""), quiet=True)
+        request = Request.forget()
+        request.save(run.path)
+        run_flower(cfg.replace(request=request.id), quiet=True)
     with locked(run.path, "audit"):
         return _audit(run, cfg)
 
@@ -442,6 +501,23 @@ def build_parser() -> argparse.ArgumentParser:
     fg.add_argument("--quiet", action="store_true", help="hide Flower's streamed logs")
     fg.set_defaults(func=cmd_forget)
 
+    rq = sub.add_parser(
+        "request", help="deployment: write a deletion request for the ServerApp (run on the coordinator)",
+        description="Write a deletion request into a deployment's run folder, where only the ServerApp reads it, "
+                    "and print the request id to start it with `flwr run ... --run-config 'request=\"ID\"'`. The "
+                    "request goes to the named site alone; no run config (which every site receives) names it. "
+                    "Its outcome is written to DIR/requests/ID.status.json.",
+    )
+    rq.add_argument("--run", metavar="DIR", required=True, help="the deployment's out-dir on this machine")
+    rq.add_argument("--site", metavar="SITE", help="the site whose record ids --records names")
+    what = rq.add_mutually_exclusive_group(required=True)
+    what.add_argument("--records", metavar="ID,ID,...", help="the site's own record ids (its labels.csv id column)")
+    what.add_argument("--resume", action="store_true", help="finish the unfinished deletions only")
+    rq.add_argument("--method", metavar="NAME", help="unlearning method (default exact-sisa)")
+    rq.add_argument("--set", metavar="KEY=VALUE", action="append",
+                    help="an unlearn-*, newton-*, capacity-policy or augment-on-delete key for this request")
+    rq.set_defaults(func=cmd_request)
+
     ca = sub.add_parser(
         "calibrate", help="choose the DP-SGD noise for a run config (and print the alternatives)",
         description="For the planned SISA training of the smallest shard, the noise multiplier that keeps any "
@@ -499,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
-    except (UserError, ConfigError, DatasetError, RunDirError, AuditError, LedgerError, LockBusy) as exc:
+    except (UserError, ConfigError, DatasetError, RunDirError, AuditError, LedgerError, LockBusy, RequestError) as exc:
         print(f"fairforget: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except FlowerRunError as exc:

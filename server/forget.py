@@ -35,11 +35,14 @@ from flwr.supercore import log
 
 from fairforget import keys, ledger
 from fairforget.audit.suite import check_audit_config, headline, unlearning_audit
+from fairforget.binding import BindingError
 from fairforget.capacity import BudgetExceeded
-from fairforget.config import RunConfig, parse_ids
+from fairforget.config import RunConfig
 from fairforget.data import load_dataset
 from fairforget.report import write_report
+from fairforget.requests import Request
 from fairforget.run import RunDir
+from fairforget.storage import state_hash
 from fairforget.tombstones import Tombstones
 from server.audit import federated_audit
 from server.evaluation import evaluate_at_sites, evaluate_states
@@ -56,12 +59,16 @@ class ForgetError(ValueError):
     was stored is named in the message and the run's status)."""
 
 
-def run_forget(grid: Grid, cfg: RunConfig) -> None:
+def run_forget(grid: Grid, cfg: RunConfig, request: Request) -> dict[str, Any]:
+    """Serve one deletion ``request`` (read from the run folder by the ServerApp; no ids and no
+    records: finish the unfinished deletions only). Returns what goes into the request's status
+    beyond the ledger's figures: ``satisfied``, the asked ids an earlier request already deleted."""
     run = RunDir(cfg.out_path)
     run.require_finished()
     grid = site_grid(grid, cfg)  # the node binding, reply timeouts, the wire log
-    ids = parse_ids(cfg.forget_ids)
-    records = [r.strip() for r in cfg.forget_records.split(",") if r.strip()]
+    ids = list(request.ids)
+    records = list(request.records)
+    site = request.site
     pending = run.ledger.pending()
     if not ids and not records and not pending:
         raise ForgetError("no sample ids to forget")
@@ -81,14 +88,20 @@ def run_forget(grid: Grid, cfg: RunConfig) -> None:
     #    names about that request (its records -> its sample ids); the node of an unfinished request's
     #    shard about that request's ids; in simulation (no site named) every node about the new ids.
     asks: dict[int, set[int]] = {}
-    for plans in pending.values():
+    unreachable: dict[int, list[int]] = {}  # request -> shards whose node is not connected
+    for request_no, plans in pending.items():
         for shard, plan in plans.items():
-            asks.setdefault(grid.node_of(shard), set()).update(int(i) for i in plan["ids"])
+            try:
+                asks.setdefault(grid.node_of(shard), set()).update(int(i) for i in plan["ids"])
+            except BindingError:  # a lost node blocks the deletions of its own shard only
+                unreachable.setdefault(request_no, []).append(shard)
     replies = []
+    satisfied: list[dict[str, Any]] = []
     if records:
-        node = grid.node_of(grid.binding.shard_of_site(cfg.forget_site.strip()))
+        node = grid.node_of(grid.binding.shard_of_site(site))
         replies = list(grid.send_and_receive([_describe(node, [], records)]))
-        ids = _site_ids(replies, records, cfg.forget_site.strip())
+        ids, gone = _site_ids(replies, records, site)
+        satisfied = _satisfied(run, gone, site)
     elif ids:
         for node in grid.bound_nodes():
             asks.setdefault(node, set()).update(ids)
@@ -96,19 +109,27 @@ def run_forget(grid: Grid, cfg: RunConfig) -> None:
     shard_of, sizes, spent = nodes_table(replies)
     node_of = {shard: node for node, shard in shard_of.items()}
 
-    # 2. finish what an earlier request left unfinished
+    # 2. finish what an earlier request left unfinished (where its node is connected)
     done: list[int] = []
     if pending:
-        done = reconcile(grid, run, strategy, pending, node_of, cfg.seed)
+        done = reconcile(grid, run, strategy, {r: p for r, p in pending.items() if r not in unreachable},
+                         node_of, cfg.seed)
         for request_no in done:
             metrics = _record_figures(run, cfg, bundle, grid, strategy, metrics, request_no)
         if ids:  # the owners of this request's ids are asked again: the reconciled ids are deleted now
             targets = [node] if records else grid.bound_nodes()
             replies = list(grid.send_and_receive([_describe(n, ids) for n in targets]))
+    if ids and not records:  # ids an earlier request (or the data's owner) deleted: satisfied, not an error
+        owners, gone = route(replies, ids)
+        satisfied = _satisfied(run, gone, "")
+        ids = sorted({i for v in owners.values() for i in v})
     if not ids:
-        _finish(run, cfg, bundle, grid, strategy, metrics, before, [i for r in done for i in _request_ids(run, r)])
-        return
-    owners = route(replies, ids)
+        if done:  # nothing new to delete: the figures change only if an unfinished deletion was finished
+            _finish(run, cfg, bundle, grid, strategy, metrics, before, [i for r in done for i in _request_ids(run, r)])
+        _blocked(unreachable)
+        return {"satisfied": satisfied} if satisfied else {}
+    if records:
+        owners, _ = route(replies, ids)
 
     # 3. the strategy decides with its deletion budget before anything is sent (refuse raises here)
     try:
@@ -120,17 +141,53 @@ def run_forget(grid: Grid, cfg: RunConfig) -> None:
                              for n, v in sorted(owners.items())])
         raise ForgetError(str(exc)) from None
 
-    # 4. intent, unlearn on the owning nodes only, store each good reply
+    # 4. intent, unlearn on the owning nodes only (with the request's own options), store each good reply
+    for message in messages:
+        message.content[keys.CONFIG].update({k: v for k, v in cfg.to_mapping().items() if k in keys.REQUEST_OPTIONS})
     request_no = run.ledger.next_request()
     run.ledger.intend(request_no, strategy.planned(), cfg.unlearn_method)
     failed = unlearn_and_store(grid, run, strategy, messages, request_no, cfg.seed,
-                               {"site": cfg.forget_site.strip(), "records": records} if records else None)
+                               {"site": site, "records": records} if records else None)
     metrics = _record_figures(run, cfg, bundle, grid, strategy, metrics, request_no)
     _finish(run, cfg, bundle, grid, strategy, metrics, before, ids)
     if failed:
         raise ForgetError(failed)
+    _blocked(unreachable)
     shards = sorted({int(e["shard"]) for e in run.ledger.entries() if e["request"] == request_no})
     log(INFO, "fairforget: forgot %d sample(s) from shard(s) %s", len(ids), shards)
+    return {"satisfied": satisfied} if satisfied else {}
+
+
+def _blocked(unreachable: dict[int, list[int]]) -> None:
+    """Pending deletions whose node is not connected: the rest of the request was served; these stay
+    pending (a lost node blocks the deletions of its own shard only)."""
+    if unreachable:
+        what = "; ".join(f"request {r} at shard(s) {', '.join(map(str, sorted(s)))}"
+                         for r, s in sorted(unreachable.items()))
+        raise ForgetError(f"still pending, their node is not connected: {what}; start it and run the forget "
+                          "resume again")
+
+
+def _satisfied(run: RunDir, gone: list[int], site: str) -> list[dict[str, Any]]:
+    """For each already-deleted id, the earlier deletion that satisfied it: its request and receipt
+    (the model hash after it), or the data owner's tombstone when this run's ledger has none."""
+    if not gone:
+        return []
+    done = {int(i): e for e in run.ledger.entries() if e.get("decision") not in (ledger.REFUSED, ledger.RETIRE_ORIGINAL)
+            for i in e.get("ids", [])}
+    out = []
+    for i in sorted(gone):
+        e = done.get(i)
+        row: dict[str, Any] = {"id": i, **({"site": site} if site else {})}
+        if e is not None:
+            row.update(request=int(e["request"]), shard=int(e["shard"]), hash_after=e.get("hash_after", ""),
+                       time=e.get("time", ""), **({"record": e["records"]} if "records" in e else {}))
+        else:
+            row["tombstoned"] = True  # deleted by an earlier run over the same data (its tombstone)
+        out.append(row)
+    log(INFO, "fairforget: already deleted (satisfied by an earlier request): %s",
+        ", ".join(f"{r['id']} (request {r['request']})" if "request" in r else f"{r['id']} (tombstone)" for r in out))
+    return out
 
 
 def nodes_table(replies: list[Message]) -> tuple[dict[int, int], dict[int, int], dict[int, float]]:
@@ -150,11 +207,19 @@ def unlearn_and_store(grid: Grid, run: RunDir, strategy: Any, messages: list[Mes
     """Send ``messages``; store each good reply (model, completion line), then the budget. Returns a
     one-line account of the failed shards ('' when none failed): they stay pending in the ledger."""
     failed: list[Message] = []
+    failed_hash: list[int] = []
     t0 = time.perf_counter()
     outcomes = strategy.aggregate_unlearn(grid.send_and_receive(messages), failed)
     wall = time.perf_counter() - t0
     for shard, o in sorted(outcomes.items()):
-        run.save_models({shard: strategy.shard_arrays[shard].to_torch_state_dict()})
+        state = strategy.shard_arrays[shard].to_torch_state_dict()
+        stored = state_hash(state)  # the receipt is what the server received and keeps, not what the node says
+        if stored != o.result.hash_after:
+            log(WARNING, "fairforget: shard %d: the weights received hash to %s, the node says %s: not stored",
+                shard, stored, o.result.hash_after)
+            failed_hash.append(shard)
+            continue
+        run.save_models({shard: state})
         site = {"site": grid.binding.site_of.get(shard, "")} if hasattr(grid, "binding") else {}
         run.ledger.complete([{**row, **site, **(naming or {})} for row in ledger_rows(request_no, {shard: o}, wall,
                                                                                      seed)])
@@ -165,8 +230,10 @@ def unlearn_and_store(grid: Grid, run: RunDir, strategy: Any, messages: list[Mes
     left = run.ledger.pending().get(request_no, {})
     if not left:
         return ""
-    what = "; ".join(f"node {r.metadata.src_node_id}: {r.error.reason}" for r in failed) or "no reply in time"
-    stored = ", ".join(str(k) for k in sorted(outcomes)) or "none"
+    what = "; ".join([f"node {r.metadata.src_node_id}: {r.error.reason}" for r in failed]
+                     + [f"shard {k}: its weights do not match the hash it reported" for k in failed_hash]) \
+        or "no reply in time"
+    stored = ", ".join(str(k) for k in sorted(outcomes) if k not in failed_hash) or "none"
     log(WARNING, "fairforget: request %d: shard(s) %s failed (%s)", request_no, sorted(left), what)
     return (f"request {request_no}: deleted and stored at shard(s) {stored}; shard(s) "
             f"{', '.join(map(str, sorted(left)))} did not finish ({what}); run `fairforget forget --run "
@@ -200,9 +267,9 @@ def _describe(node: int, ids: list[int], records: list[str] | None = None) -> Me
     return Message(RecordDict({keys.CONFIG: config}), dst_node_id=node, message_type=keys.MSG_DESCRIBE)
 
 
-def _site_ids(replies: list[Message], records: list[str], site: str) -> list[int]:
-    """The sample ids a site's describe reply gives for its record ids; unknown or deleted ones refuse
-    the whole request (nothing changed)."""
+def _site_ids(replies: list[Message], records: list[str], site: str) -> tuple[list[int], list[int]]:
+    """(the sample ids a site's describe reply gives for its record ids that it holds, those it has
+    already deleted); an unknown record refuses the whole request (nothing changed)."""
     (reply,) = replies
     if reply.has_error():
         raise ForgetError(f"site {site!r} failed: {reply.error.reason}")
@@ -210,10 +277,7 @@ def _site_ids(replies: list[Message], records: list[str], site: str) -> list[int
     unknown = [str(r) for r in info.get(keys.UNKNOWN_RECORDS, [])]
     if unknown:
         raise ForgetError(f"unknown record id(s) at site {site!r} (not a training member there): {', '.join(unknown)}")
-    gone = [int(i) for i in info[keys.DELETED_IDS]]
-    if gone:
-        raise ForgetError(f"record(s) at site {site!r} already deleted: {', '.join(records)}")
-    return [int(i) for i in info[keys.OWNED_IDS]]
+    return [int(i) for i in info[keys.OWNED_IDS]], [int(i) for i in info[keys.DELETED_IDS]]
 
 
 def _request_ids(run: RunDir, request_no: int) -> list[int]:
@@ -251,25 +315,24 @@ def _finish(run: RunDir, cfg: RunConfig, bundle: Any, grid: Grid, strategy: Any,
     write_report(run.path)
 
 
-def route(replies: list[Any], ids: list[int]) -> dict[int, list[int]]:
-    """``node_id -> ids it owns``; raises :class:`ForgetError` for unknown or deleted ids."""
+def route(replies: list[Any], ids: list[int]) -> tuple[dict[int, list[int]], list[int]]:
+    """(``node_id -> ids it owns``, the asked ids some node has already deleted); raises
+    :class:`ForgetError` for ids no node holds or deleted."""
     owned: dict[int, list[int]] = {}
     deleted: set[int] = set()
     for reply in replies:
         if reply.has_error():
             raise ForgetError(f"node {reply.metadata.src_node_id} failed: {reply.error.reason}")
         info = reply.content[keys.CONFIG]
-        mine = [int(i) for i in info[keys.OWNED_IDS]]
+        mine = [int(i) for i in info[keys.OWNED_IDS] if int(i) in set(ids)]
         if mine:
             owned[reply.metadata.src_node_id] = mine
-        deleted |= {int(i) for i in info[keys.DELETED_IDS]}
-    if deleted:
-        raise ForgetError(f"sample id(s) already deleted: {', '.join(map(str, sorted(deleted)))}")
+        deleted |= {int(i) for i in info[keys.DELETED_IDS]} & set(ids)
     held = {i for v in owned.values() for i in v}
-    unknown = sorted(set(ids) - held)
+    unknown = sorted(set(ids) - held - deleted)
     if unknown:
         raise ForgetError(f"unknown sample id(s) (in no shard): {', '.join(map(str, unknown))}")
-    return owned
+    return owned, sorted(deleted - held)
 
 
 def ledger_rows(request_no: int, outcomes: dict[int, UnlearnOutcome], wall: float, seed: int) -> list[dict[str, Any]]:

@@ -15,9 +15,10 @@ from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 from clients import handlers
-from clients.node import Node
+from clients.node import Node, assigned_shard
 from fairforget import keys
-from fairforget.config import RunConfig, resolve
+from fairforget.config import RunConfig, parse_ids, resolve
+from fairforget.requests import Request, parse_records
 
 TINY = {
     "num-shards": 2, "slices": 2, "epochs-per-slice": 1, "model-width": 4, "image-size": 8,
@@ -65,10 +66,12 @@ class InProcessGrid(Grid):
         self.sent: list[Message] = []
         self.outbox: dict[str, Message] = {}  # message id -> its reply, until pulled
 
-    def node(self, node_id: int) -> Node:
+    def node(self, node_id: int, assigned: int | None = None) -> Node:
+        """Node ``node_id`` (its config's partition-id: ``self.nodes[node_id]``) serving ``assigned``, the
+        shard a message assigned it (None: its partition-id, for tests that look at a node's state)."""
         return Node.from_context(self.cfg.to_mapping(), {
             keys.NODE_PARTITION_ID: self.nodes[node_id], keys.NODE_NUM_PARTITIONS: self.cfg.num_shards,
-        })
+        }, assigned)
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.nodes)
@@ -87,9 +90,11 @@ class InProcessGrid(Grid):
         return ids
 
     def reply(self, msg: Message) -> Message:
-        """The node's handler's reply to ``msg``; an exception becomes an error reply."""
+        """The node's handler's reply to ``msg``, as the ClientApp builds it (the node serves the shard the
+        message assigns: :func:`clients.node.assigned_shard`); an exception becomes an error reply."""
         try:
-            content = self.HANDLERS[msg.metadata.message_type](msg.content, self.node(msg.metadata.dst_node_id))
+            node = self.node(msg.metadata.dst_node_id, assigned_shard(msg.content))
+            content = self.HANDLERS[msg.metadata.message_type](msg.content, node)
             return Message(content, reply_to=msg)
         except Exception as exc:  # noqa: BLE001 - mirrors Flower's error replies
             traceback.print_exc()  # shown with a failing test's captured output
@@ -113,3 +118,10 @@ class InProcessGrid(Grid):
 @pytest.fixture
 def grid_for():
     return InProcessGrid
+
+
+def forget_request(ids: str | list[int] = "", *, site: str = "", records: str = "", **options: Any) -> Request:
+    """A deletion request as the CLI writes it (``ids`` as on its command line; no ids and no records:
+    finish the unfinished deletions)."""
+    return Request.forget(parse_ids(ids) if isinstance(ids, str) else list(ids), site=site,
+                          records=parse_records(records), options=options)

@@ -27,6 +27,7 @@ from fairforget.diffusion.planner import PlanError, kl_to_target, plan_counts
 from fairforget.diffusion.quality import FidelityClassifiers, frechet_distance
 from server.experiment import run_training
 from server.forget import ForgetError, run_forget
+from tests.conftest import forget_request
 
 TINY_AUG = {
     "augment": True, "augment-kl-threshold": 0.3, "augment-steps": 1, "augment-retire-per-step": 5,
@@ -196,7 +197,7 @@ def test_deleting_an_original_invalidates_generator_and_its_samples(augmented_ru
     old_synth = set(store.synthetic((3, 8, 8))[0].ids.tolist())
     victim = sorted(i for i in node.sisa.live_ids() if i < SYNTHETIC_ID_BASE)[0]
     retired_victim = sorted(store.retired)[0]  # a retired original can still be deleted (from the generator)
-    run_forget(grid, cfg.replace(mode="forget", forget_ids=f"{victim},{retired_victim}"))
+    run_forget(grid, cfg, forget_request(f"{victim},{retired_victim}"))
 
     node = grid.node(101)
     store = node.augment_store
@@ -219,7 +220,7 @@ def test_deleting_an_original_invalidates_generator_and_its_samples(augmented_ru
     assert row["generator_invalidated"] is True and row["policy"] == policy
     assert row["synthetic_dropped"] == len(old_synth)
     with pytest.raises(ForgetError, match="already deleted"):
-        run_forget(grid, cfg.replace(mode="forget", forget_ids=str(retired_victim)))
+        run_forget(grid, cfg, forget_request(ids=str(retired_victim)))
 
 
 def test_a_crash_inside_an_augmented_forget_is_finished_on_restart(augmented_run, grid_for, tmp_path, monkeypatch):
@@ -241,11 +242,11 @@ def test_a_crash_inside_an_augmented_forget_is_finished_on_restart(augmented_run
 
     monkeypatch.setattr(SisaShard, "remove", crash)
     with pytest.raises(ForgetError, match="did not finish"):
-        run_forget(grid, cfg.replace(mode="forget", forget_ids=str(victim)))
+        run_forget(grid, cfg, forget_request(ids=str(victim)))
     monkeypatch.undo()
     state = json.loads((node.augment_store.state_path).read_text())
     assert state["invalidated"] and not state["generator_valid"] and victim in state["deleted"]
-    run_forget(grid, cfg.replace(mode="forget", forget_ids=""))  # the restart reconciles
+    run_forget(grid, cfg, forget_request(ids=""))  # the restart reconciles
 
     node = grid.node(101)
     store = node.augment_store
@@ -338,7 +339,7 @@ def test_class_mode_regeneration_keeps_the_replaced_samples_labels(tiny_cfg, gri
     before, _ = node.augment_store.synthetic((3, 8, 8))
     assert len(before) and node.augment_store.state["generator_version"] == 1
     victim = sorted(i for i in node.sisa.live_ids() if i < SYNTHETIC_ID_BASE)[0]
-    run_forget(grid, cfg.replace(mode="forget", forget_ids=str(victim)))
+    run_forget(grid, cfg, forget_request(ids=str(victim)))
     after, versions = grid.node(101).augment_store.synthetic((3, 8, 8))
     assert (versions == 2).all() and not set(before.ids.tolist()) & set(after.ids.tolist())
     order = torch.argsort(before.y, stable=True)

@@ -17,6 +17,7 @@ from fairforget.sisa import SisaSettings, SisaShard
 from fairforget.storage import read_json, state_hash
 from server.experiment import run_training
 from server.forget import ForgetError, run_forget
+from tests.conftest import forget_request
 
 
 # ---------------------------------------------------------------------- the bounds, by hand
@@ -154,8 +155,8 @@ def small_budget_run(tiny_cfg, grid_for):
 
 
 def _forget(cfg, grid_for, ids, **changes):
-    grid = grid_for(cfg.replace(mode="forget", forget_ids=",".join(map(str, ids)), **changes))
-    run_forget(grid, grid.cfg)
+    grid = grid_for(cfg.replace(**changes))
+    run_forget(grid, grid.cfg, forget_request(",".join(map(str, ids))))
     return grid
 
 

@@ -67,11 +67,17 @@ def test_forget_bad_input_changes_nothing(finished_run, capsys, tmp_path, grid_f
     heldout = load_dataset(cfg).heldout.ids[0].item()
     run.ledger.append([{"request": 1, "shard": 0, "ids": [owned], "method": "exact-sisa"}])  # as if deleted
     before = _snapshot(cfg.out_path)
+    # an erasure request repeated: satisfied by the earlier request (named), exit 0, no Flower run
+    assert cli.main(["forget", "--run", str(cfg.out_path), "--ids", f"{owned}"]) == 0
+    out = capsys.readouterr().out
+    assert f"sample {owned} was already deleted by request 1 (shard 0" in out and "satisfied" in out
+    assert "nothing left to delete" in out
+    assert _snapshot(cfg.out_path) == before
     cases = [
-        (["--ids", f"{owned}"], f"already deleted: {owned}"),
         (["--ids", "999999"], "unknown sample id(s) (not a training member of this run): 999999"),
         (["--ids", f"{heldout}"], "not a training member"),
         (["--ids", "1,x"], "non-negative integers"),
+        (["--ids", "1,\u00b2"], "non-negative integers"),  # a unicode digit
         (["--ids", "5,5"], "listed twice"),
         (["--ids", ""], "no sample ids"),
         (["--ids-file", str(tmp_path / "missing.txt")], "cannot read --ids-file"),

@@ -23,6 +23,7 @@ from fairforget.storage import durable_append_lines, read_jsonl, state_hash, tor
 from fairforget.tombstones import Tombstones
 from server.experiment import run_training
 from server.forget import ForgetError, run_forget
+from tests.conftest import forget_request
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +56,8 @@ def _victims(cfg, per_shard: dict[int, int]) -> list[int]:
 
 
 def _forget(grid_for, cfg, ids) -> None:
-    grid = grid_for(cfg.replace(mode="forget", forget_ids=",".join(map(str, ids))))
-    run_forget(grid, grid.cfg)
+    grid = grid_for(cfg)
+    run_forget(grid, grid.cfg, forget_request(",".join(map(str, ids))))
 
 
 def _replay_hash(cfg, shard: int, deleted: set[int], tmp: Path) -> str:
@@ -146,8 +147,8 @@ def test_node_crash_is_finished_on_restart(trained, grid_for, monkeypatch, tmp_p
     index = json.loads((run.path / "nodes" / f"shard-{min(status_pending)}" / "index.json").read_text())
     assert index["target"] > index["trained"]  # the retrain target was committed before anything was removed
     monkeypatch.undo()
-    grid = grid_for(trained.replace(mode="forget", forget_ids=""))
-    run_forget(grid, grid.cfg)  # the restart reconciles (forget --resume)
+    grid = grid_for(trained)
+    run_forget(grid, grid.cfg, forget_request(ids=""))  # the restart reconciles (forget --resume)
     last = run.ledger.entries()[-1]
     assert last["resumed"] is True and last["hash_before"] == ""
     assert_clean(trained, set(ids), tmp_path)
@@ -164,8 +165,8 @@ def test_server_crash_after_one_of_two_replies(trained, grid_for, monkeypatch, t
     assert [e["shard"] for e in run.ledger.entries()] == [0]
     assert list(run.ledger.pending()[1]) == [1]
     monkeypatch.undo()
-    grid = grid_for(trained.replace(mode="forget", forget_ids=""))
-    run_forget(grid, grid.cfg)
+    grid = grid_for(trained)
+    run_forget(grid, grid.cfg, forget_request(ids=""))
     assert_clean(trained, set(ids), tmp_path)
     assert run.metrics()["unlearning"][-1]["request"] == 1
 
@@ -229,12 +230,12 @@ def _forget_in_child(cfg_map: dict, ids: str, queue) -> None:
 
     from fairforget.config import resolve
     from server.app import run_driver
-    from tests.conftest import InProcessGrid
+    from tests.conftest import InProcessGrid, forget_request
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    cfg = resolve(cfg_map).replace(mode="forget", forget_ids=ids)
+    cfg = resolve(cfg_map)
     try:
-        run_driver(InProcessGrid(cfg), cfg)
+        run_driver(InProcessGrid(cfg), cfg, forget_request(ids))
         queue.put(("ok", ids))
     except LockBusy as exc:
         queue.put(("busy", str(exc)))

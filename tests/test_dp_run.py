@@ -15,6 +15,7 @@ from fairforget.run import RunDir
 from server import cli
 from server.experiment import run_training
 from server.forget import run_forget
+from tests.conftest import forget_request
 
 DP_RUN = {"dp": True, "dp-accountant": "rdp", "dp-noise-multiplier": 1.5, "audit-attacks": "loss,rmia",
           "audit-bootstrap": 20}
@@ -55,8 +56,8 @@ def test_forget_under_dp_composes_the_retraining(dp_run, grid_for):
     run = RunDir(dp_run.out_path)
     before = run.metrics()["dp"]["shards"]
     victim = shard_of(dp_run, load_dataset(dp_run))[1].ids[0].item()
-    grid = grid_for(dp_run.replace(mode="forget", forget_ids=str(victim)))
-    run_forget(grid, grid.cfg)
+    grid = grid_for(dp_run)
+    run_forget(grid, grid.cfg, forget_request(ids=str(victim)))
     after = run.metrics()["dp"]["shards"]
     assert after["0"] == before["0"]  # not contacted
     assert after["1"]["epsilon"] > before["1"]["epsilon"] and after["1"]["trainings"] > before["1"]["trainings"]
@@ -95,10 +96,10 @@ def test_dp_capacity_uses_each_shards_spent_epsilon(dp_run, grid_for):
     run = RunDir(dp_run.out_path)
     eps = run.metrics()["dp"]["shards"]["0"]["epsilon"]
     victim = shard_of(dp_run, load_dataset(dp_run))[0].ids[1].item()
-    cfg = dp_run.replace(mode="forget", forget_ids=str(victim), capacity_bound="dp", unlearn_method="finetune")
+    cfg = dp_run.replace(capacity_bound="dp", unlearn_method="finetune")
     run.budget_path.unlink(missing_ok=True)
     grid = grid_for(cfg)
-    run_forget(grid, grid.cfg)
+    run_forget(grid, grid.cfg, forget_request(str(victim)))
     row = run.ledger.entries()[-1]
     n = len(shard_of(dp_run, load_dataset(dp_run))[0])
     d = head_parameters(8 * dp_run.model_width, 10)

@@ -9,6 +9,7 @@ from fairforget.data import load_dataset, shard_of
 from fairforget.run import RunDir
 from server.experiment import run_training
 from server.forget import ForgetError, run_forget
+from tests.conftest import forget_request
 
 
 @pytest.fixture
@@ -67,8 +68,8 @@ def test_forget_retrains_only_the_owner(trained, grid_for):
     shards = shard_of(cfg, load_dataset(cfg))
     victims = shards[1].ids[:2].tolist()
     before = _files(run)
-    grid = grid_for(cfg.replace(mode="forget", forget_ids=",".join(map(str, victims))))
-    run_forget(grid, grid.cfg)
+    grid = grid_for(cfg)
+    run_forget(grid, grid.cfg, forget_request(",".join(map(str, victims))))
 
     after = _files(run)
     assert after["shard-0.pt"] == before["shard-0.pt"]  # untouched shard: same bytes
@@ -94,16 +95,21 @@ def test_forget_refuses_and_changes_nothing(trained, grid_for, case):
     run = RunDir(cfg.out_path)
     victim = shard_of(cfg, load_dataset(cfg))[0].ids[0].item()
     if case == "already-deleted":
-        g = grid_for(cfg.replace(mode="forget", forget_ids=str(victim)))
-        run_forget(g, g.cfg)
+        g = grid_for(cfg)
+        run_forget(g, g.cfg, forget_request(ids=str(victim)))
         ids = f"{victim}"
     else:
         ids = "999999"
     before = _files(run)
     node_index = (cfg.out_path / "nodes" / "shard-0" / "index.json").read_bytes()
-    g = grid_for(cfg.replace(mode="forget", forget_ids=ids))
-    with pytest.raises(ForgetError):
-        run_forget(g, g.cfg)
+    g = grid_for(cfg)
+    if case == "already-deleted":  # an erasure request repeated is satisfied by the earlier one, not an error
+        result = run_forget(g, g.cfg, forget_request(ids=ids))
+        assert [(r["id"], r["request"]) for r in result["satisfied"]] == [(victim, 1)]
+        assert result["satisfied"][0]["hash_after"] == run.ledger.entries()[-1]["hash_after"]
+    else:
+        with pytest.raises(ForgetError, match="unknown sample id"):
+            run_forget(g, g.cfg, forget_request(ids=ids))
     assert _files(run) == before
     assert (cfg.out_path / "nodes" / "shard-0" / "index.json").read_bytes() == node_index
     assert not [m for m in g.sent if m.metadata.message_type == keys.MSG_UNLEARN]
@@ -117,8 +123,8 @@ def test_run_files_are_strict_json(trained, grid_for):
     """No NaN or Infinity (json.dumps writes them by default, and most JSON readers reject them)."""
     cfg = trained
     victim = shard_of(cfg, load_dataset(cfg))[0].ids[0].item()
-    grid = grid_for(cfg.replace(mode="forget", forget_ids=str(victim)))
-    run_forget(grid, grid.cfg)
+    grid = grid_for(cfg)
+    run_forget(grid, grid.cfg, forget_request(ids=str(victim)))
     run = RunDir(cfg.out_path)
     metrics = json.loads(run.metrics_path.read_text(), parse_constant=_strict)
     assert metrics["unlearning"][0]["ids"] == [victim]

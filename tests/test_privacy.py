@@ -73,12 +73,12 @@ def test_dp_without_noise_or_clipping_is_plain_training(tiny_cfg):
         return model.state_dict()
 
     plain = fit(NO_PRIVACY)
-    dp = fit(DPSGD(noise_multiplier=0.0, max_grad_norm=1e9, seed=0, poisson=False))
+    dp = fit(DPSGD(noise_multiplier=0.0, max_grad_norm=1e9, sample_seed=0, noise_seed=1, poisson=False))
     assert max((plain[k] - dp[k]).abs().max().item() for k in plain) < 1e-6
-    noisy = fit(DPSGD(noise_multiplier=1.0, max_grad_norm=1.0, seed=0, poisson=False))
+    noisy = fit(DPSGD(noise_multiplier=1.0, max_grad_norm=1.0, sample_seed=0, noise_seed=1, poisson=False))
     assert max((plain[k] - noisy[k]).abs().max().item() for k in plain) > 1e-3
     model = build_model(10, 4, seed=1, norm="group")
-    hook = DPSGD(noise_multiplier=1.0, max_grad_norm=1.0, seed=0)
+    hook = DPSGD(noise_multiplier=1.0, max_grad_norm=1.0, sample_seed=0, noise_seed=1)
     train(model, data, seeds=[1], batch_size=32, objective=build_objective("cross-entropy", ObjectiveContext(10)),
           optimizer=OptimizerSpec(lr=0.1).build(model), privacy=hook)
     assert not any(m._forward_hooks or m._backward_hooks for m in model.modules())  # Opacus' hooks are gone

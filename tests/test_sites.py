@@ -19,7 +19,7 @@ from server.experiment import run_training
 from server.forget import ForgetError, run_forget
 from server.grid import site_grid
 from strategies.base import StrategyReplyError
-from tests.conftest import TINY, InProcessGrid
+from tests.conftest import TINY, InProcessGrid, forget_request
 from tests.fixtures_formats import CLASS_RGB, write_png
 
 
@@ -85,7 +85,7 @@ def test_a_server_without_data_trains_evaluates_and_deletes_at_one_site(federati
     # the same record id at both sites: the request names site-b, so site-a is never asked
     site_a = _state_bytes(sites[0][1])
     grid = SitesGrid(cfg, sites)
-    run_forget(grid, cfg.replace(mode="forget", forget_site="site-b", forget_records="P-0003"))
+    run_forget(grid, cfg, forget_request(site="site-b", records="P-0003"))
     asked = {m.metadata.dst_node_id for m in grid.sent if m.metadata.message_type in (keys.MSG_DESCRIBE,
                                                                                      keys.MSG_UNLEARN)}
     assert asked == {102}  # no membership question to site-a
@@ -95,12 +95,14 @@ def test_a_server_without_data_trains_evaluates_and_deletes_at_one_site(federati
     index = json.loads((sites[1][1] / "index.json").read_text())
     assert line["ids"] == index["deleted"] and len(index["deleted"]) == 1
 
-    with pytest.raises(ForgetError, match="already deleted"):
-        run_forget(SitesGrid(cfg, sites), cfg.replace(mode="forget", forget_site="site-b", forget_records="P-0003"))
+    # the erasure request repeated is satisfied by the first one (its request and receipt), not an error
+    again = run_forget(SitesGrid(cfg, sites), cfg, forget_request(site="site-b", records="P-0003"))
+    assert [(r["request"], r["hash_after"], r["site"]) for r in again["satisfied"]] == [
+        (line["request"], line["hash_after"], "site-b")]
     with pytest.raises(ForgetError, match="unknown record id.*P-9999"):
-        run_forget(SitesGrid(cfg, sites), cfg.replace(mode="forget", forget_site="site-a", forget_records="P-9999"))
+        run_forget(SitesGrid(cfg, sites), cfg, forget_request(site="site-a", records="P-9999"))
     with pytest.raises(BindingError, match="site 'site-c'"):
-        run_forget(SitesGrid(cfg, sites), cfg.replace(mode="forget", forget_site="site-c", forget_records="P-0001"))
+        run_forget(SitesGrid(cfg, sites), cfg, forget_request(site="site-c", records="P-0001"))
     assert len(Ledger(run.path / "ledger.jsonl").entries()) == 1  # refused requests changed nothing
 
     # what left the sites: statistics and models, never samples, ids or per-group counts

@@ -13,6 +13,7 @@ from fairforget.verify import NOT_REPLAYABLE, read_node, verify_shard
 from server import cli
 from server.experiment import run_training
 from server.forget import run_forget
+from tests.conftest import forget_request
 
 
 @pytest.fixture
@@ -46,8 +47,8 @@ def _one_line_error(capsys, code, expected):
 
 
 def _forget(cfg, grid_for, ids):
-    grid = grid_for(cfg.replace(mode="forget", forget_ids=",".join(map(str, ids))))
-    run_forget(grid, grid.cfg)
+    grid = grid_for(cfg)
+    run_forget(grid, grid.cfg, forget_request(",".join(map(str, ids))))
 
 
 # ---------------------------------------------------------------------- verify

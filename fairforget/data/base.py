@@ -93,8 +93,18 @@ class DataBundle:
         if not self.records:
             known = [int(r) for r in records if r.strip().lstrip("-").isdigit()]
             return known, [r for r in records if not r.strip().lstrip("-").isdigit()]
+        from fairforget.site_secret import normalise_record_id
+
         back = {v: k for k, v in self.records.items()}
-        return [back[r] for r in records if r in back], [r for r in records if r not in back]
+
+        def find(r: str) -> int | None:  # a record id as the site's loader normalised it (a path id too)
+            for text in (normalise_record_id(r), normalise_record_id(r, path=True)):
+                if text in back:
+                    return back[text]
+            return None
+
+        found = {r: find(r) for r in records}
+        return [i for i in found.values() if i is not None], [r for r, i in found.items() if i is None]
 
     @property
     def num_groups(self) -> int:

@@ -4,9 +4,11 @@
 
 Record ids belong to the site: the ``id`` column (a pseudonymous patient or image id), else the
 row's ``path``; never the row number, so editing or reordering ``labels.csv`` renames nothing. A
-sample's id inside the framework is a 61-bit hash of its record id (:func:`record_key`); the bundle
-keeps the map back (``DataBundle.records``), and deletion requests name records by site and record
-id. ``path`` is relative to the root and must stay inside it. ``split``: ``test`` rows are the test
+sample's id inside the framework is a 61-bit keyed hash of its normalised record id under the site's
+secret key (:func:`record_key`; the key is ``ROOT/.fairforget-site.key``, made on first use, mode
+0600, never sent): the server's ledger holds sample ids it cannot invert or link across sites. The
+bundle keeps the map back (``DataBundle.records``), and deletion requests name records by site and
+record id. ``path`` is relative to the root and must stay inside it. ``split``: ``test`` rows are the test
 split (without any, a stratified ``test-fraction`` is drawn), ``train`` rows are always members,
 ``heldout`` rows never (the audits' non-members); unmarked rows are split by ``heldout-fraction``.
 ``site`` feeds ``partition = "site"`` (one shard per site).
@@ -18,7 +20,6 @@ outside the root, duplicate record ids, an empty label or private value.
 from __future__ import annotations
 
 import csv
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,7 @@ from fairforget.data.base import (
     make_sampleset,
     stratified_split,
 )
+from fairforget.site_secret import KEY_FILE, SiteSecretError, keyed_sample_id, load_site_key, normalise_record_id
 
 
 def _read_csv(root: Path) -> list[dict[str, str]]:
@@ -50,9 +52,19 @@ def _codes(values: list[str], column: str) -> tuple[np.ndarray, list[str]]:
     return np.array([lookup[v] for v in values], dtype=np.int64), uniq
 
 
-def record_key(record_id: str) -> int:
-    """The sample id of a site record id: 61 bits of its SHA-256 (below the synthetic ids)."""
-    return int.from_bytes(hashlib.sha256(f"record:{record_id}".encode()).digest()[:8], "big") >> 3
+def record_key(record_id: str, key: bytes, *, path: bool = False) -> int:
+    """The sample id of a site record id: 61 bits of HMAC-SHA256 under the site's secret key
+    (:func:`fairforget.site_secret.keyed_sample_id`), so nobody without the key can tell which record
+    a sample id is, nor link two sites' records with one id."""
+    return keyed_sample_id(key, record_id, path=path)
+
+
+def site_key(root: Path) -> bytes:
+    """The site's record key, ``ROOT/.fairforget-site.key`` (made on first use, mode 0600)."""
+    try:
+        return load_site_key(Path(root) / KEY_FILE)
+    except SiteSecretError as exc:
+        raise DatasetError(str(exc)) from None
 
 
 def _record_ids(rows: list[dict[str, str]], root: Path) -> list[str]:
@@ -117,7 +129,10 @@ def load(cfg) -> DataBundle:
         classes = folder.classes
         private, site, split = np.zeros(len(y), dtype=np.int64), None, [""] * len(y)
     x = torch.stack([load_image_file(p, cfg.image_size) for p in paths])
-    ids = np.array([record_key(r) for r in records], dtype=np.int64)
+    key = site_key(root)
+    by_path = not (root / "labels.csv").is_file() or "id" not in rows[0]
+    records = [normalise_record_id(r, path=by_path) for r in records]
+    ids = np.array([record_key(r, key, path=by_path) for r in records], dtype=np.int64)
     if len(set(ids.tolist())) != len(ids):
         raise DatasetError(f"{root}: two record ids hash to the same sample id; rename one of them")
     full = make_sampleset(x, y, private, ids, site)

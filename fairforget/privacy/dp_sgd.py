@@ -7,11 +7,18 @@ loader draws Poisson batches (``UniformWithReplacementSampler``: every sample in
 probability ``q = batch_size / n``, ``int(1 / q)`` batches an epoch). What it spent goes into the
 shard's :class:`fairforget.privacy.accountant.ShardAccountant`.
 
-Replayable: with ``secure_mode`` off, the Poisson masks and the noise come from two CPU generators
-seeded by the hook's seed, so a shard retrained after a deletion equals the shard trained from
-scratch without the deleted samples (SISA's exactness, kept under DP). Opacus' ``secure_mode``
-draws cryptographically secure noise (``torchcsprng``), which production deployments should use and
-which, by design, cannot be replayed: exact unlearning is then exact in distribution only.
+Secret, recorded randomness: the Poisson masks and the noise come from two generators seeded with two
+separate seeds (``sample_seed``, ``noise_seed``). A SISA shard draws them fresh for every training
+from the operating system's secure randomness at its site (:func:`fairforget.site_secret.secure_seed`)
+and records them, mode 0600, in its state folder (:mod:`fairforget.sisa`, ``STATE/dp-seeds.json``):
+nobody without that file (the server, the other sites) can regenerate the noise, and the site itself
+can replay its training bit for bit (``fairforget verify --state-dir``). ``dp-secure-mode`` (Opacus'
+torchcsprng generator) is refused by the config's validation where torchcsprng is not installed
+(it does not install with torch 2.14); where it is, the noise comes from it and cannot be replayed.
+
+Every Poisson batch is a DP-SGD step, an empty one too (the accountant counts it): the engine runs
+it through the model and Opacus' optimizer, which clips nothing and adds the noise
+(:attr:`DPSGD.steps_on_empty`).
 
 BatchNorm mixes samples of a batch and has no per-sample gradient: under DP the shard models are
 built with GroupNorm (``SimpleConvNet(norm="group")``, what ``ModuleValidator.fix`` would do).
@@ -31,7 +38,6 @@ from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader
 
-from fairforget.config import ConfigError
 from fairforget.privacy.accountant import ShardAccountant
 from fairforget.privacy.gdp import Entry, dp_sgd_entry
 
@@ -51,18 +57,23 @@ class DPSettings:
     def from_config(cls, cfg: Any) -> DPSettings | None:
         """``None`` when ``dp`` is off."""
         if not cfg.dp:
-            return None
-        if cfg.dp_secure_mode:
-            try:
-                import torchcsprng  # noqa: F401
-            except ImportError:
-                raise ConfigError("config key 'dp-secure-mode' = true needs the torchcsprng package "
-                                  "(cryptographic noise); install it or turn secure mode off") from None
+            return None  # dp-secure-mode without torchcsprng is refused by RunConfig.validate
         return cls(cfg.dp_noise_multiplier, cfg.dp_max_grad_norm, cfg.dp_delta, cfg.dp_accountant,
                    cfg.dp_max_epsilon, cfg.dp_secure_mode)
 
-    def hook(self, seed: int, accountant: ShardAccountant | None = None, poisson: bool = True) -> DPSGD:
-        return DPSGD(self.noise_multiplier, self.max_grad_norm, seed, accountant, self.secure_mode, poisson)
+    def hook(self, sample_seed: int, noise_seed: int, accountant: ShardAccountant | None = None,
+             poisson: bool = True) -> DPSGD:
+        """One training's DP-SGD hook, its Poisson masks drawn from ``sample_seed`` and its noise from
+        ``noise_seed`` (a shard's are secret: :meth:`fairforget.sisa.SisaShard.dp_hook`)."""
+        return DPSGD(self.noise_multiplier, self.max_grad_norm, sample_seed, noise_seed, accountant,
+                     self.secure_mode, poisson)
+
+    def fixed(self, batch_size: int) -> dict[str, Any]:
+        """The settings a site fixes in its state at its first DP training (``STATE/dp-settings.json``):
+        a later run that differs would change the guarantee its models were trained under."""
+        return {"dp": True, "dp-noise-multiplier": self.noise_multiplier, "dp-max-grad-norm": self.max_grad_norm,
+                "dp-delta": self.delta, "dp-accountant": self.accountant, "dp-max-epsilon": self.max_epsilon,
+                "dp-secure-mode": self.secure_mode, "batch-size": int(batch_size)}
 
     def planned(self, n: int, batch_size: int, epochs: int) -> list[Entry]:
         """What ``epochs`` epochs on ``n`` samples will add to the accountant."""
@@ -85,11 +96,14 @@ class _Counted:
 
 
 class DPSGD:
-    """The engine's privacy hook for DP-SGD (one training; the accountant is the shard's)."""
+    """The engine's privacy hook for DP-SGD (one training; the accountant is the shard's). The
+    Poisson masks come from a CPU generator seeded ``sample_seed``, the noise from one seeded
+    ``noise_seed`` (on the model's device), or from torchcsprng in secure mode."""
 
     name = "dp-sgd"
+    steps_on_empty = True  # an empty Poisson batch is a step (noise only), as the accountant counts it
 
-    def __init__(self, noise_multiplier: float, max_grad_norm: float, seed: int,
+    def __init__(self, noise_multiplier: float, max_grad_norm: float, sample_seed: int, noise_seed: int,
                  accountant: ShardAccountant | None = None, secure_mode: bool = False, poisson: bool = True) -> None:
         if noise_multiplier < 0 or max_grad_norm <= 0:
             raise ValueError(f"need noise_multiplier >= 0 and max_grad_norm > 0, got {noise_multiplier}, "
@@ -97,8 +111,8 @@ class DPSGD:
         self.noise_multiplier, self.max_grad_norm = noise_multiplier, max_grad_norm
         self.accountant = accountant
         self.secure_mode, self.poisson = secure_mode, poisson
-        self.sample_gen = torch.Generator().manual_seed(int(seed) % (1 << 63))
-        self.noise_gen = None if secure_mode else torch.Generator().manual_seed((int(seed) + 1) % (1 << 63))
+        self.sample_gen = torch.Generator().manual_seed(int(sample_seed) % (1 << 63))
+        self.noise_gen = None if secure_mode else torch.Generator().manual_seed(int(noise_seed) % (1 << 63))
         self._gsm: GradSampleModule | None = None
         self._loader: _Counted | None = None
         self._rate = 0.0
@@ -122,6 +136,10 @@ class DPSGD:
         device = next(model.parameters()).device
         if self.noise_gen is not None and device.type != "cpu":
             self.noise_gen = torch.Generator(device=device).manual_seed(int(self.noise_gen.initial_seed()))
+        if self.secure_mode:  # only where torchcsprng is installed (RunConfig.validate refuses it otherwise)
+            import torchcsprng
+
+            self.noise_gen = torchcsprng.create_random_device_generator("/dev/urandom")
         dp_optimizer = DPOptimizer(optimizer, noise_multiplier=self.noise_multiplier,
                                    max_grad_norm=self.max_grad_norm, expected_batch_size=expected,
                                    loss_reduction="mean", generator=self.noise_gen, secure_mode=self.secure_mode)

@@ -79,6 +79,12 @@ def calibrate(cfg: Any, shard_sizes: Sequence[int], compare: bool = True) -> dic
     return out
 
 
+RANDOMNESS = ("the noise and Poisson masks of every training are seeded at its site from the operating system's "
+              "secure randomness and kept there (STATE/dp-seeds.json, mode 0600): the guarantee holds against the "
+              "server and the other sites in a deployment; in simulation every site's state sits beside the "
+              "server's run folder")
+
+
 def dp_block(cfg: Any, shard_summaries: Mapping[int, Mapping[str, Any]],
              calibration: Mapping[str, Any] | None) -> dict[str, Any]:
     """The ``dp`` block of metrics.json: mechanism, per-shard spend, the ensemble's (worst shard)."""
@@ -92,6 +98,7 @@ def dp_block(cfg: Any, shard_summaries: Mapping[int, Mapping[str, Any]],
         "delta": cfg.dp_delta,
         "max_epsilon": cfg.dp_max_epsilon,
         "secure_mode": cfg.dp_secure_mode,
+        "randomness": RANDOMNESS,
         "model": "SimpleConvNet with GroupNorm (BatchNorm has no per-sample gradients)",
         "sampling": "Poisson, rate batch-size / stage size",
         "shards": shards,

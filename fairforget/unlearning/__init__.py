@@ -1,7 +1,8 @@
 """Unlearning methods by name (run-config key ``unlearn-method``; ``fairforget forget --method``).
 
-Each module exposes ``NAME`` and ``unlearn(shard, ids, params=None) -> UnlearnResult``
-(``params``: :class:`approximate.UnlearnParams`). ``exact-sisa`` (:mod:`.exact`) retrains the shard
+Each module exposes ``NAME``, ``check(shard, ids, params=None)`` (every refusal, raised with nothing
+written: a node runs it before it tombstones the ids) and ``unlearn(shard, ids, params=None) ->
+UnlearnResult`` (``params``: :class:`approximate.UnlearnParams`). ``exact-sisa`` (:mod:`.exact`) retrains the shard
 from its last clean checkpoint; it is the only method whose result equals retraining from scratch.
 The others are approximate (one file each; they share the SISA bookkeeping of :mod:`.approximate`)
 and spend the shard's deletion budget (:mod:`fairforget.capacity`): ``finetune`` (on the retained
@@ -21,6 +22,9 @@ EXACT = exact.NAME
 UNLEARNERS: dict[str, Callable[..., UnlearnResult]] = {
     m.NAME: m.unlearn for m in (exact, finetune, neggrad, scrub, newton, del_reset)
 }
+CHECKS: dict[str, Callable[..., None]] = {
+    m.NAME: m.check for m in (exact, finetune, neggrad, scrub, newton, del_reset)
+}
 
 
 def get_unlearner(name: str) -> Callable[..., UnlearnResult]:
@@ -28,4 +32,10 @@ def get_unlearner(name: str) -> Callable[..., UnlearnResult]:
     return lookup("unlearn-method", name, UNLEARNERS)
 
 
-__all__ = ["EXACT", "UNLEARNERS", "UnlearnResult", "get_unlearner"]
+def get_check(name: str) -> Callable[..., None]:
+    """The pre-check of the unlearner ``name`` (``check(shard, ids, params)``); a one-line ConfigError
+    naming ``unlearn-method`` for an unknown method."""
+    return lookup("unlearn-method", name, CHECKS)
+
+
+__all__ = ["CHECKS", "EXACT", "UNLEARNERS", "UnlearnResult", "get_check", "get_unlearner"]

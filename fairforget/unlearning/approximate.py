@@ -1,19 +1,24 @@
 """The shard's current model after approximate unlearning, and what every approximate method shares.
 
-SISA keeps one model per trained stage (:mod:`fairforget.sisa`). An approximate deletion does the same
-bookkeeping as an exact one first (:meth:`SisaShard.remove`: the ids leave the index, committed
-atomically, and every checkpoint trained on them is deleted, so the shard falls back to its last
-clean stage), but then does not retrain: it computes an approximate model from the model *before*
-the deletion and saves it beside the checkpoints::
+SISA keeps one model per trained stage (:mod:`fairforget.sisa`). An approximate deletion first checks
+everything that could refuse it (:func:`check`: unknown ids, a method DP-SGD does not cover, the DP
+cap) with nothing written; holds the model *before* the deletion in memory; then does the same
+bookkeeping as an exact one (:meth:`SisaShard.remove`: the ids leave the index and the index records
+the stage an exact retrain must reach, ``target``, in one atomic write; every checkpoint trained on
+the ids is deleted, and so is the previous ``approx.pt``, which was trained on them too), but does
+not retrain: it computes an approximate model from the held one and saves it beside the checkpoints::
 
     STATE/approx.pt   {"model": state dict, "meta": {"method", "index_version", "target_stage",
                                                      "approx_deletions", ...}}
 
 That file is the shard's current model while it is valid, i.e. while ``meta.index_version`` equals
-the index's version: a crash between the index commit and the save leaves an older ``approx.pt``
-whose version no longer matches, and the shard then serves its last clean checkpoint (a model never
-trained on the deleted ids) instead of a model that still holds them. ``target_stage`` remembers how
-many stages the shard had trained before its first approximate deletion, so that an exact retrain
+the index's version. The crash rule (:func:`resume`, which a node runs before every message): a
+shard whose index has a retrain target above its trained stages and no valid ``approx.pt`` finishes
+the exact retrain; a stale ``approx.pt`` (older than the index) is deleted first. So a crash at any
+point ends, after restart, in the exact retrained model (before the save) or the approximate one
+(after it), never in the model before the deletion, and no file in the state folder holds a model
+trained on the deleted ids. While an approximate model serves, the index's ``target`` keeps how many
+stages the shard had trained before its first approximate deletion, so that an exact retrain
 (:mod:`fairforget.unlearning.exact`) goes back through all of them; it then removes ``approx.pt``.
 
 The methods that descend (fine-tune, NegGrad+, SCRUB, DEL) train through the training engine
@@ -36,8 +41,9 @@ from torch import nn
 from fairforget.data.base import SampleSet
 from fairforget.model import SimpleConvNet, load_model
 from fairforget.objectives import Objective
+from fairforget.privacy.accountant import PrivacyBudgetExceeded
 from fairforget.sisa import SisaError, SisaShard, derived_seed
-from fairforget.storage import atomic_torch_save, durable_unlink, state_hash, torch_load
+from fairforget.storage import atomic_torch_save, atomic_write_json, durable_unlink, state_hash, torch_load
 from fairforget.training import NO_PRIVACY, Batch, OptimizerSpec, PrivacyHook, train
 from fairforget.unlearning.result import UnlearnResult
 
@@ -103,16 +109,38 @@ def current_hash(shard: SisaShard) -> str:
 
 
 def target_stage(shard: SisaShard) -> int:
-    """The stages an exact retrain must go through: those trained before the first approximate
-    deletion, if one is pending, else the stages trained now."""
+    """The stages an exact retrain must go through: the index's target (those trained before the first
+    approximate deletion, while one serves; a pending retrain's), else the stages trained now."""
     path = approx_path(shard)
-    if path.is_file():  # even a stale file: its target is still the stage count before approximation
-        return max(int(torch_load(path)["meta"]["target_stage"]), shard.trained)
-    return shard.trained
+    if path.is_file():  # a state folder from before the target moved to the index kept it here
+        return max(int(torch_load(path)["meta"]["target_stage"]), shard.target)
+    return shard.target
 
 
 def clear(shard: SisaShard) -> None:
     durable_unlink(approx_path(shard))
+
+
+def resume(shard: SisaShard) -> float:
+    """Finish a deletion a crash interrupted (a node calls this before every message): a valid
+    ``approx.pt`` serves the shard as it is; a stale one (older than the index: trained on ids deleted
+    since) is deleted, and a retrain target above the trained stages is trained exactly. Returns the
+    retrain's seconds. Under DP, a retrain past the epsilon cap is not run: the shard serves its last
+    clean checkpoint (trained on none of the deleted ids) and the pending target stays in its index."""
+    path = approx_path(shard)
+    if path.is_file():
+        saved_meta = torch_load(path)["meta"]
+        if int(saved_meta["index_version"]) == int(shard.index["version"]):
+            return 0.0
+        old_target = int(saved_meta.get("target_stage", 0))
+        if old_target > shard.target:  # a state folder of the old format: its target lived in the marker
+            shard.index["target"] = old_target
+            atomic_write_json(shard.index_path, shard.index)
+        clear(shard)
+    try:
+        return shard.resume()
+    except PrivacyBudgetExceeded:
+        return 0.0
 
 
 # ---------------------------------------------------------------------- shared by every method
@@ -162,15 +190,12 @@ def descend(model: nn.Module, data: SampleSet, fn: Callable[[nn.Module, Batch], 
 Method = Callable[[SimpleConvNet, SampleSet, SampleSet, UnlearnParams, SisaShard, int], dict[str, float]]
 
 
-def approximate(name: str, method: Method, shard: SisaShard, ids: list[int],
-                params: UnlearnParams | None, dp_epochs: int | None = None) -> UnlearnResult:
-    """Run one approximate method: load the model before the deletion, do the SISA bookkeeping
-    (:meth:`SisaShard.remove`), let ``method(model, retain, forget, params, shard, seed)`` change the
-    model in place (it returns its own figures), save it as the shard's current model.
-
-    Under DP-SGD a method runs only if it declares how many DP epochs over the retained data it
-    trains (``dp_epochs``; 0 for one that does not train): that spend is checked against the
-    shard's epsilon cap before anything changes, and composed into its accountant."""
+def check(name: str, shard: SisaShard, ids: list[int], params: UnlearnParams | None,
+          dp_epochs: int | None = None) -> None:
+    """Everything that can refuse the approximate deletion, checked with nothing written (the node
+    runs this before it tombstones the ids): ids not live in the shard; under DP-SGD a method that
+    does not declare how many DP epochs over the retained data it trains (``dp_epochs``; 0 for one
+    that does not train), or whose spend would pass the shard's epsilon cap."""
     params = params or UnlearnParams.defaults()
     shard.check_ids(ids)
     if shard.settings.dp is not None:
@@ -181,16 +206,29 @@ def approximate(name: str, method: Method, shard: SisaShard, ids: list[int],
         n_retain = len(shard.live_ids() - set(ids))
         shard.check_privacy(shard.settings.dp.planned(n_retain, shard.settings.batch_size, dp_epochs),
                             f"{name} unlearning")
+
+
+def approximate(name: str, method: Method, shard: SisaShard, ids: list[int],
+                params: UnlearnParams | None, dp_epochs: int | None = None) -> UnlearnResult:
+    """Run one approximate method: :func:`check` it, hold the model before the deletion in memory, do
+    the SISA bookkeeping (:meth:`SisaShard.remove`, committed with the exact retrain's target, and the
+    previous approximate model removed), let ``method(model, retain, forget, params, shard, seed)``
+    change the model in place (it returns its own figures), save it as the shard's current model.
+
+    Under DP-SGD the method's spend (``dp_epochs`` over the retained data) is checked against the
+    shard's epsilon cap before anything changes, and composed into its accountant."""
+    params = params or UnlearnParams.defaults()
+    check(name, shard, ids, params, dp_epochs)
     if shard.settings.num_threads > 0:
         torch.set_num_threads(shard.settings.num_threads)
-    before = current_state(shard)
+    before = current_state(shard)  # in memory only: no file ever holds it again
     previous = meta(shard)
     target = target_stage(shard)
     forget = shard.data.select_ids(sorted(ids))
     t0 = time.perf_counter()
-    if previous is None:  # remember the stage count before approximating, should we crash in remove
-        _save(shard, before, name, target, 0)
-    clean_stage = shard.remove(ids)  # committed: from here on the ids are deleted
+    # committed with the exact retrain's target: a crash from here on ends in the exact retrain (resume)
+    clean_stage = shard.remove(ids, retrain_to=target)
+    clear(shard)  # the previous approximate model was trained on the ids too
     retain = shard.live_data()
     model = model_from(before, shard)
     seed = derived_seed(shard.settings.seed, shard.shard, 9000, int(shard.index["version"]))
@@ -198,8 +236,8 @@ def approximate(name: str, method: Method, shard: SisaShard, ids: list[int],
     seconds = time.perf_counter() - t0
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     deletions = (int(previous["approx_deletions"]) if previous else 0) + len(ids)
+    shard.save_privacy()  # before the model: a crash may over-count the spend, never under-count it
     _save(shard, state, name, target, deletions)
-    shard.save_privacy()
     return UnlearnResult(
         shard=shard.shard, method=name, restart_stage=clean_stage, retrained_stages=0, seconds=seconds,
         wall_seconds=time.perf_counter() - t0, hash_before=state_hash(before), hash_after=state_hash(state),

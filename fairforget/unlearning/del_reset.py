@@ -18,6 +18,7 @@ from fairforget.data.base import SampleSet
 from fairforget.model import SimpleConvNet, build_model
 from fairforget.sisa import SisaShard, derived_seed
 from fairforget.unlearning.approximate import UnlearnParams, approximate, ce
+from fairforget.unlearning.approximate import check as check_approximate
 from fairforget.unlearning.finetune import finetune
 from fairforget.unlearning.result import UnlearnResult
 
@@ -64,6 +65,11 @@ def _method(model: SimpleConvNet, retain: SampleSet, forget: SampleSet, params: 
         for h in hooks:
             h.remove()
     return {"reset_parameters": int(sum(m.sum().item() for m in masks.values()))}
+
+
+def check(shard: SisaShard, ids: list[int], params: UnlearnParams | None = None) -> None:
+    """What can refuse this deletion, checked before anything is written (:func:`check_approximate`)."""
+    check_approximate(NAME, shard, ids, params)  # refused under DP-SGD
 
 
 def unlearn(shard: SisaShard, ids: list[int], params: UnlearnParams | None = None) -> UnlearnResult:

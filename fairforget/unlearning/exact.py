@@ -23,15 +23,22 @@ from fairforget.unlearning.result import UnlearnResult
 NAME = "exact-sisa"
 
 
-def unlearn(shard: SisaShard, ids: list[int], params: Any = None) -> UnlearnResult:
+def check(shard: SisaShard, ids: list[int], params: Any = None) -> None:
+    """Everything that can refuse the deletion, checked with nothing written (the node runs this
+    before it tombstones the ids): ids not live in the shard, a retrain past the DP epsilon cap."""
     shard.check_ids(ids)
+    shard.check_privacy(shard.planned_removal(ids, approximate.target_stage(shard)),
+                        "retraining after this deletion")
+
+
+def unlearn(shard: SisaShard, ids: list[int], params: Any = None) -> UnlearnResult:
+    check(shard, ids, params)  # before anything changes
     hash_before = approximate.current_hash(shard)
     target = approximate.target_stage(shard)
-    shard.check_privacy(shard.planned_removal(ids, target), "retraining after this deletion")  # before anything changes
     t0 = time.perf_counter()
     clean_stage = shard.remove(ids, retrain_to=target)  # committed with its target: a crash resumes
+    approximate.clear(shard)  # an approximate model was trained on the ids too
     seconds = shard.train_through(target)
-    approximate.clear(shard)
     return UnlearnResult(
         shard=shard.shard, method=NAME, restart_stage=clean_stage, retrained_stages=target - clean_stage,
         seconds=seconds, wall_seconds=time.perf_counter() - t0, hash_before=hash_before,

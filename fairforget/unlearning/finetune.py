@@ -15,6 +15,7 @@ from fairforget.model import SimpleConvNet
 from fairforget.sisa import SisaShard
 from fairforget.training import NO_PRIVACY, PrivacyHook
 from fairforget.unlearning.approximate import UnlearnParams, approximate, ce, descend
+from fairforget.unlearning.approximate import check as check_approximate
 from fairforget.unlearning.result import UnlearnResult
 
 NAME = "finetune"
@@ -34,6 +35,14 @@ def _method(model: SimpleConvNet, retain: SampleSet, forget: SampleSet, params: 
     return {}
 
 
+def check(shard: SisaShard, ids: list[int], params: UnlearnParams | None = None) -> None:
+    """What can refuse this deletion, checked before anything is written (:func:`check_approximate`)."""
+    check_approximate(NAME, shard, ids, params, dp_epochs=_dp_epochs(params))
+
+
+def _dp_epochs(params: UnlearnParams | None) -> int:
+    return (params or UnlearnParams.defaults()).epochs  # DP-SGD on the retained data
+
+
 def unlearn(shard: SisaShard, ids: list[int], params: UnlearnParams | None = None) -> UnlearnResult:
-    return approximate(NAME, _method, shard, ids, params,
-                       dp_epochs=(params or UnlearnParams.defaults()).epochs)  # DP-SGD on the retained data
+    return approximate(NAME, _method, shard, ids, params, dp_epochs=_dp_epochs(params))

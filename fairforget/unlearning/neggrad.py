@@ -22,6 +22,7 @@ from fairforget.model import SimpleConvNet
 from fairforget.sisa import SisaShard
 from fairforget.training import Batch
 from fairforget.unlearning.approximate import UnlearnParams, approximate, ce, descend
+from fairforget.unlearning.approximate import check as check_approximate
 from fairforget.unlearning.result import UnlearnResult
 
 NAME = "neggrad"
@@ -40,6 +41,11 @@ def _method(model: SimpleConvNet, retain: SampleSet, forget: SampleSet, params: 
     descend(model, retain, loss, params.optimizer.build(model), shard.settings.batch_size,
             [seed + e for e in range(params.epochs)])
     return {}
+
+
+def check(shard: SisaShard, ids: list[int], params: UnlearnParams | None = None) -> None:
+    """What can refuse this deletion, checked before anything is written (:func:`check_approximate`)."""
+    check_approximate(NAME, shard, ids, params)  # refused under DP-SGD
 
 
 def unlearn(shard: SisaShard, ids: list[int], params: UnlearnParams | None = None) -> UnlearnResult:

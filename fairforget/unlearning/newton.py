@@ -40,6 +40,7 @@ from fairforget.data.base import SampleSet
 from fairforget.model import SimpleConvNet
 from fairforget.sisa import SisaShard
 from fairforget.unlearning.approximate import UnlearnParams, approximate
+from fairforget.unlearning.approximate import check as check_approximate
 from fairforget.unlearning.result import UnlearnResult
 
 NAME = "newton"
@@ -110,5 +111,10 @@ def _method(model: SimpleConvNet, retain: SampleSet, forget: SampleSet, params: 
     return {"noise_sigma": sigma, "newton_step_norm": float((theta_bar - theta).norm()), "feature_radius": radius}
 
 
+def check(shard: SisaShard, ids: list[int], params: UnlearnParams | None = None) -> None:
+    """What can refuse this deletion, checked before anything is written (:func:`check_approximate`)."""
+    check_approximate(NAME, shard, ids, params, dp_epochs=0)  # no training: a noisy closed-form step
+
+
 def unlearn(shard: SisaShard, ids: list[int], params: UnlearnParams | None = None) -> UnlearnResult:
-    return approximate(NAME, _method, shard, ids, params, dp_epochs=0)  # no training: a noisy closed-form step
+    return approximate(NAME, _method, shard, ids, params, dp_epochs=0)

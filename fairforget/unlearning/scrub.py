@@ -25,6 +25,7 @@ from fairforget.model import SimpleConvNet
 from fairforget.sisa import SisaShard
 from fairforget.training import Batch
 from fairforget.unlearning.approximate import UnlearnParams, approximate, descend
+from fairforget.unlearning.approximate import check as check_approximate
 from fairforget.unlearning.result import UnlearnResult
 
 NAME = "scrub"
@@ -54,6 +55,11 @@ def _method(model: SimpleConvNet, retain: SampleSet, forget: SampleSet, params: 
         descend(model, forget, max_loss, opt, bs, [seed + 1000 + epoch])  # max-step
         descend(model, retain, min_loss, opt, bs, [seed + epoch])  # min-step
     return {}
+
+
+def check(shard: SisaShard, ids: list[int], params: UnlearnParams | None = None) -> None:
+    """What can refuse this deletion, checked before anything is written (:func:`check_approximate`)."""
+    check_approximate(NAME, shard, ids, params)  # refused under DP-SGD
 
 
 def unlearn(shard: SisaShard, ids: list[int], params: UnlearnParams | None = None) -> UnlearnResult:
