@@ -145,7 +145,7 @@ class Node:
         invalidated generator's removal; an approximate deletion committed without its approximate
         model, or a retrain that stopped short of its target stage (finished by an exact retrain:
         :func:`fairforget.unlearning.approximate.resume`)."""
-        sweep_leftovers(self.state_dir)
+        sweep_leftovers(self.state_dir, tmp_files=True)  # every writer here holds the node's lock
         if not (self.state_dir / "index.json").exists():
             return  # nothing trained here yet (a fresh index leaves the tombstoned ids out)
         shard, tomb = self.sisa, self.tombstones.ids()

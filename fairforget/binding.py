@@ -196,3 +196,9 @@ def one_line(text: str, limit: int = 300) -> str:
     """``text`` on one line, at most ``limit`` characters."""
     flat = " ".join(str(text).split())
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def binding_toml(sites: Iterable[tuple[str, int, int]]) -> str:
+    """A binding file's text for ``(site name, shard, node id)`` triples (the operator's file, as
+    :meth:`Binding.read` reads it)."""
+    return "".join(f'[[site]]\nname = "{name}"\nshard = {shard}\nnode-id = {node}\n\n' for name, shard, node in sites)

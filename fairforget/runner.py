@@ -57,9 +57,6 @@ def run_flower(cfg: RunConfig, quiet: bool = False) -> dict:
     there) to the end and return that request's status; raise :class:`FlowerRunError` if the run
     failed, was refused (another command holds the run folder) or never finished. Only this request's
     own status file counts: a concurrent command's outcome is never taken for ours."""
-    from fairforget.requests import read_status
-
-    out = Path(cfg.out_dir)
     if not cfg.request:
         raise FlowerRunError("internal: a run started by a fairforget command names its request")
     flwr = shutil.which("flwr", path=flower_env()["PATH"])
@@ -79,10 +76,18 @@ def run_flower(cfg: RunConfig, quiet: bool = False) -> dict:
             cmd, env=flower_env(), cwd=str(APP_DIR), check=False,
             stdout=subprocess.DEVNULL if quiet else None, stderr=subprocess.STDOUT if quiet else None,
         )
-    result = read_status(out, cfg.request)
+    return outcome(cfg, proc.returncode, quiet)
+
+
+def outcome(cfg: RunConfig, returncode: int, quiet: bool = False) -> dict:
+    """The status of the request ``cfg.request`` names, once its Flower run has ended; a
+    :class:`FlowerRunError` when it failed, was refused or never finished."""
+    from fairforget.requests import read_status
+
+    result = read_status(Path(cfg.out_dir), cfg.request)
     if result is None:
         raise FlowerRunError(
-            f"the Flower run ended (exit {proc.returncode}) without finishing; see the log above"
+            f"the Flower run ended (exit {returncode}) without finishing; see the log above"
             + ("" if not quiet else " (rerun without --quiet)")
         )
     if not result.get("ok"):

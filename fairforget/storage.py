@@ -152,17 +152,26 @@ def durable_append_lines(path: Path, lines: Iterable[str]) -> None:
         fsync_dir(path.parent)
 
 
-def sweep_leftovers(folder: Path) -> list[str]:
+def sweep_leftovers(folder: Path, *, tmp_files: bool = False) -> list[str]:
     """Finish what a crash left in ``folder`` (a node's state folder, a run folder) and its subfolders:
     a :func:`replace_dir` cut short between its renames is undone (:func:`recover_dir`), and leftover
     ``.NAME.removing-PID`` folders (:func:`durable_rmtree`) and ``.NAME.old`` folders (a finished
-    :func:`replace_dir`) are deleted. A subfolder with a lock of its own (``.lock``: a node's state
-    folder inside a run folder) is left to its owner. Call it holding ``folder``'s lock, or before
-    anything else uses the folder. Returns what it removed or restored."""
+    :func:`replace_dir`) are deleted; with ``tmp_files`` also the ``.NAME.*.tmp`` files of atomic
+    writes a crash cut short (only where every writer holds the folder's lock). A subfolder with a
+    lock of its own (``.lock``: a node's state folder inside a run folder) is left to its owner. Call
+    it holding ``folder``'s lock, or before anything else uses the folder. Returns what it removed or
+    restored."""
     folder = Path(folder)
     done: list[str] = []
     if not folder.is_dir():
         return done
+    if tmp_files:
+        for path in sorted(folder.glob(".*.tmp")):
+            if path.is_file() and not path.is_symlink():
+                path.unlink(missing_ok=True)
+                done.append(str(path))
+        if done:
+            fsync_dir(folder)
     for path in sorted(p for p in folder.iterdir() if p.is_dir() and not p.is_symlink()):
         name = path.name
         if name.startswith(".") and name.endswith(".old") and len(name) > len("..old"):
@@ -173,7 +182,7 @@ def sweep_leftovers(folder: Path) -> list[str]:
                 continue
         elif not (name.startswith(".") and ".removing-" in name):
             if not (path / ".lock").exists():
-                done += sweep_leftovers(path)
+                done += sweep_leftovers(path, tmp_files=tmp_files)
             continue
         shutil.rmtree(path, ignore_errors=True)
         if not path.exists():

@@ -23,12 +23,21 @@ What cannot be proven is said so, not failed:
   its index is checked as above (no deleted id live, the from-scratch slices less the deleted ids)
   and its approximate model must be the one served and the ledger's receipt; a problem there is a
   mismatch;
+* a shard trained with DP-SGD, verified by the server (:data:`SITE_ONLY`): its noise and Poisson
+  masks were seeded at its site from secure randomness that only the site recorded
+  (``STATE/dp-seeds.json``, :mod:`fairforget.sisa`), so the server cannot replay it; the index and the
+  receipt are checked (a problem there is a mismatch), and the replay is the site's:
+  :func:`verify_site` (``fairforget verify --state-dir STATE``) reads the site's state folder, its
+  data and its recorded seeds and replays the shard bit for bit against the model the site serves
+  (``fairforget verify --run DIR --site-local`` does so for every shard of a simulation, whose
+  state folders sit beside the server's run folder: there the guarantee against the server does
+  not hold, in a deployment it does);
 * DP-SGD with ``dp-secure-mode``: its noise is cryptographic and cannot be drawn again.
 
 The node state is read, never written: in simulation it is ``OUT/nodes/shard-K`` (``index.json``,
 and for an augmented shard ``augment/synthetic.pt``, whose live samples are part of the shard's
 pool). The results go to ``OUT/verify.json`` (the last verification of each shard), which the report
-shows.
+shows; a site's own verification writes nothing.
 """
 
 from __future__ import annotations
@@ -45,7 +54,7 @@ from fairforget import __version__
 from fairforget.data import load_dataset, shard_of
 from fairforget.data.base import SYNTHETIC_ID_BASE, SampleSet, make_sampleset
 from fairforget.ledger import REFUSED, Ledger
-from fairforget.sisa import SisaError, SisaSettings, SisaShard, assign_slices, derived_seed
+from fairforget.sisa import SisaError, SisaSettings, SisaShard, assign_slices, derived_seed, read_dp_seeds
 from fairforget.storage import atomic_write_json, read_json, state_hash, torch_load
 from fairforget.tombstones import Tombstones
 from fairforget.unlearning.approximate import APPROX_FILE
@@ -57,6 +66,9 @@ MATCH = "match"  # the replay equals the served model (and the ledger's receipt)
 MISMATCH = "mismatch"  # the replay, the served model and the receipt disagree, or the index is inconsistent
 APPROXIMATE = "approximate"  # served by an approximate unlearner: no exactness receipt (not a failure)
 NOT_REPLAYABLE = "not-replayable"  # DP-SGD with secure (cryptographic) noise cannot be drawn again
+SITE_ONLY = "site-only"  # DP-SGD: the randomness is the site's secret; only the site can replay it
+SITE_ONLY_NOTE = ("DP randomness is the site's secret: the server cannot replay this shard; run `fairforget verify "
+                  "--state-dir STATE` at the site (in simulation: `fairforget verify --run DIR --site-local`)")
 
 
 class VerifyError(ValueError):
@@ -98,19 +110,75 @@ class NodeState:
     pool: SampleSet  # the node's originals and its synthetic samples
     served_hash: str
     approx_meta: dict[str, Any] | None  # the valid approximate model's metadata, if the shard serves one
+    # read at the site only (site-local verification): stage -> the DP seeds recorded for it
+    dp_seeds: dict[int, dict[str, Any]] | None = None
 
 
 def node_dir(run_dir: Path, shard: int) -> Path:
     return Path(run_dir) / "nodes" / f"shard-{shard}"
 
 
-def read_node(run_dir: Path, cfg: Any, originals: SampleSet, shard: int) -> NodeState:
-    """The shard's index, sample pool, served model hash and approximate state; :class:`VerifyError`
-    for anything missing or malformed."""
+def read_node(run_dir: Path, cfg: Any, originals: SampleSet, shard: int, *, site_local: bool = False) -> NodeState:
+    """The shard's index, sample pool, served model hash and approximate state (``site_local``: and
+    its recorded DP seeds, as the site reads them); :class:`VerifyError` for anything missing or
+    malformed."""
     run_dir, state = Path(run_dir), node_dir(run_dir, shard)
     model_path = run_dir / "models" / f"shard-{shard}.pt"
     if not model_path.is_file():
         raise VerifyError(f"{model_path} is missing: the run serves no model for shard {shard}")
+    index = _read_index(state, cfg, shard)
+    try:
+        served_hash = state_hash(torch_load(model_path))
+    except Exception as exc:  # noqa: BLE001 - any unreadable model file is the same one-line error
+        raise VerifyError(f"{model_path} is not a readable model: {type(exc).__name__}") from None
+    node = NodeState(shard, index, _pool(state, originals), served_hash, _approx_meta(state, index))
+    if site_local and cfg.dp:
+        node.dp_seeds = _dp_seeds(state)
+    return node
+
+
+def read_site(state: Path, cfg: Any, originals: SampleSet) -> NodeState:
+    """A site's shard as the site itself reads it (:func:`verify_site`): its index (the shard is the
+    index's), its pool (``originals``: the site's data, and its synthetic samples), the model it
+    serves (its valid approximate model, else the checkpoint of its last trained stage) and its
+    recorded DP seeds."""
+    state = Path(state)
+    try:
+        shard = int(read_json(state / "index.json")["shard"])
+    except FileNotFoundError:
+        raise VerifyError(f"{state / 'index.json'} is missing: {state} is not a shard's state folder") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise VerifyError(f"{state / 'index.json'} is not a valid shard index: {type(exc).__name__}") from None
+    index = _read_index(state, cfg, shard)
+    approx = _approx_meta(state, index)
+    if approx is not None:
+        served_hash = str(approx["model_hash"])
+    elif index["trained"] == 0:
+        raise VerifyError(f"shard {shard} in {state} has no trained stage: it serves no model yet")
+    else:
+        ckpt = state / "checkpoints" / f"stage-{index['trained']}.pt"
+        try:
+            served_hash = state_hash(torch_load(ckpt)["model"])
+        except FileNotFoundError:
+            raise VerifyError(f"{ckpt} is missing: shard {shard} has no model for its trained stage "
+                              f"{index['trained']}") from None
+        except Exception as exc:  # noqa: BLE001
+            raise VerifyError(f"{ckpt} is not a readable checkpoint: {type(exc).__name__}") from None
+    node = NodeState(shard, index, _pool(state, originals), served_hash, approx)
+    if cfg.dp:
+        node.dp_seeds = _dp_seeds(state)
+    return node
+
+
+def _dp_seeds(state: Path) -> dict[int, dict[str, Any]]:
+    """stage -> the DP seeds the site recorded for the training that made its checkpoint."""
+    try:
+        return {int(k): v for k, v in read_dp_seeds(state)["stages"].items()}
+    except SisaError as exc:
+        raise VerifyError(str(exc)) from None
+
+
+def _read_index(state: Path, cfg: Any, shard: int) -> dict[str, Any]:
     index_path = state / "index.json"
     if not index_path.is_file():
         raise VerifyError(f"{index_path} is missing: shard {shard}'s node state is not in this run folder "
@@ -125,11 +193,7 @@ def read_node(run_dir: Path, cfg: Any, originals: SampleSet, shard: int) -> Node
     if index.get("shard") != shard or len(slices) != cfg.slices or not 0 <= index["trained"] <= cfg.slices:
         raise VerifyError(f"{index_path} belongs to shard {index.get('shard')} with {len(slices)} slices and "
                           f"{index['trained']} trained, not to shard {shard} of a run with {cfg.slices} slices")
-    try:
-        served_hash = state_hash(torch_load(model_path))
-    except Exception as exc:  # noqa: BLE001 - any unreadable model file is the same one-line error
-        raise VerifyError(f"{model_path} is not a readable model: {type(exc).__name__}") from None
-    return NodeState(shard, index, _pool(state, originals), served_hash, _approx_meta(state, index))
+    return index
 
 
 def _pool(state: Path, originals: SampleSet) -> SampleSet:
@@ -216,13 +280,32 @@ def index_problems(node: NodeState, settings: SisaSettings | None, ledger_delete
 # ---------------------------------------------------------------------- replay
 def replay_hash(node: NodeState, settings: SisaSettings) -> str:
     """Train the shard from scratch in a temporary folder, on the index's live slices, through the
-    stages the index has trained; the model's hash."""
+    stages the index has trained (under DP with the site's recorded seeds, ``node.dp_seeds``); the
+    model's hash."""
     live = sorted(i for sl in node.index["slices"] for i in sl)
     data = node.pool.select_ids(live)
+    seeds = None if node.dp_seeds is None else {
+        k: (int(v["sample_seed"]), int(v["noise_seed"])) for k, v in node.dp_seeds.items()}
     with tempfile.TemporaryDirectory(prefix=f"fairforget-verify-{node.shard}-") as tmp:
-        shard = SisaShard(Path(tmp), node.shard, data, settings, slices=node.index["slices"])
+        shard = SisaShard(Path(tmp), node.shard, data, settings, slices=node.index["slices"], replay_seeds=seeds)
         shard.train_through(node.index["trained"])
         return shard.model_hash()
+
+
+def seed_problems(node: NodeState) -> list[str]:
+    """Where the site's recorded DP seeds do not cover the trained stages, or were drawn for stages
+    of another size than the index's (the checkpoint is then not the training they seeded)."""
+    seeds, problems = node.dp_seeds or {}, []
+    missing = [r for r in range(1, node.index["trained"] + 1) if r not in seeds]
+    if missing:
+        problems.append(f"no recorded DP seeds for stage(s) {_fmt(missing)} (STATE/dp-seeds.json): "
+                        "the shard's training cannot be replayed")
+    for r in range(1, node.index["trained"] + 1):
+        recorded = (seeds.get(r) or {}).get("samples")
+        size = sum(len(sl) for sl in node.index["slices"][:r])
+        if recorded is not None and int(recorded) != size:
+            problems.append(f"stage {r}'s DP seeds were drawn for {recorded} samples, its slices hold {size}")
+    return problems
 
 
 def verify_shard(node: NodeState, settings: SisaSettings | None, ledger: list[dict[str, Any]],
@@ -262,8 +345,18 @@ def verify_shard(node: NodeState, settings: SisaSettings | None, ledger: list[di
     verdict.problems = index_problems(node, settings, ledger_deleted, set(tombstoned or ()))
     if "seed" in verdict.ledger_fields and int(verdict.ledger_fields["seed"]) != settings.seed:
         verdict.problems.append(f"the ledger's seed {verdict.ledger_fields['seed']} is not the run's {settings.seed}")
+    if settings.dp is not None and node.dp_seeds is None:  # the server: everything but the replay
+        if verdict.ledger_hash is not None and verdict.ledger_hash != node.served_hash:
+            verdict.problems.append(f"the served model {node.served_hash} is not the ledger's receipt "
+                                    f"{verdict.ledger_hash} (request {verdict.ledger_request})")
+        verdict.status = MISMATCH if verdict.problems else SITE_ONLY
+        verdict.note = SITE_ONLY_NOTE
+        return verdict
+    if node.dp_seeds is not None:
+        verdict.problems += seed_problems(node)
+        verdict.note = "replayed at the site with its recorded DP seeds"
     t0 = time.perf_counter()
-    if not any(p.startswith("live id(s) with no sample") for p in verdict.problems):
+    if not any(p.startswith(("live id(s) with no sample", "no recorded DP seeds")) for p in verdict.problems):
         try:
             verdict.replay_hash = replay_hash(node, settings)
         except SisaError as exc:  # e.g. a DP replay refused by the epsilon cap
@@ -279,15 +372,17 @@ def verify_shard(node: NodeState, settings: SisaSettings | None, ledger: list[di
     return verdict
 
 
-def verify_run(run_dir: Path, cfg: Any, shards: list[int]) -> list[ShardVerdict]:
+def verify_run(run_dir: Path, cfg: Any, shards: list[int], *, site_local: bool = False) -> list[ShardVerdict]:
     """Verify ``shards`` of the run in ``run_dir`` (config ``cfg``). Every input is read and checked
-    before the first replay, so bad input raises :class:`VerifyError` having spent nothing."""
+    before the first replay, so bad input raises :class:`VerifyError` having spent nothing. A DP
+    shard is :data:`SITE_ONLY` unless ``site_local`` (a simulation: each shard's state folder,
+    ``OUT/nodes/shard-K``, is read as its site would read it, its recorded DP seeds included)."""
     bundle = load_dataset(cfg)
     parts = shard_of(cfg, bundle)
     bad = [k for k in shards if not 0 <= k < len(parts)]
     if bad:
         raise VerifyError(f"no shard {bad[0]}: the run has shards 0-{len(parts) - 1}")
-    nodes = [read_node(run_dir, cfg, parts[k], k) for k in shards]
+    nodes = [read_node(run_dir, cfg, parts[k], k, site_local=site_local) for k in shards]
     secure = bool(cfg.dp and cfg.dp_secure_mode)
     settings = None if secure else SisaSettings.from_config(cfg, bundle.num_classes, bundle.num_private)
     try:
@@ -296,6 +391,25 @@ def verify_run(run_dir: Path, cfg: Any, shards: list[int]) -> list[ShardVerdict]
     except ValueError as exc:  # a broken ledger or tombstone line: one line, as the ledger words it
         raise VerifyError(str(exc)) from None
     return [verify_shard(node, settings, ledger, tombstoned) for node in nodes]
+
+
+def verify_site(state: Path, cfg: Any, *, tombstones: str | Path | None = None) -> ShardVerdict:
+    """A site verifies its own shard (``fairforget verify --state-dir STATE --data-root ROOT``): its
+    data is ``cfg.data_root`` (its whole training split is its shard, as the node reads it), its
+    deletions are the index's and its data's tombstones (``tombstones``: the node-config key of that
+    name), and its training is replayed with the DP seeds recorded in ``STATE/dp-seeds.json``, bit for
+    bit, against the model it serves. Nothing is written."""
+    if not str(cfg.data_root).strip():
+        raise VerifyError("a site's verification needs its data: --data-root (the site's image folder)")
+    bundle = load_dataset(cfg)
+    node = read_site(Path(state), cfg, bundle.train)
+    secure = bool(cfg.dp and cfg.dp_secure_mode)
+    settings = None if secure else SisaSettings.from_config(cfg, bundle.num_classes, bundle.num_private)
+    try:
+        tombstoned = Tombstones.for_data(cfg, bundle.records, path=tombstones).ids()
+    except ValueError as exc:
+        raise VerifyError(str(exc)) from None
+    return verify_shard(node, settings, [], tombstoned)
 
 
 # ---------------------------------------------------------------------- verify.json
@@ -329,5 +443,6 @@ def _fmt(ids: list[int], limit: int = 10) -> str:
     return text + (f" (+{len(ids) - limit} more)" if len(ids) > limit else "")
 
 
-__all__ = ["APPROXIMATE", "MATCH", "MISMATCH", "NOT_REPLAYABLE", "ShardVerdict", "VerifyError", "read_node",
-           "read_verification", "verify_run", "verify_shard", "write_verification"]
+__all__ = ["APPROXIMATE", "MATCH", "MISMATCH", "NOT_REPLAYABLE", "SITE_ONLY", "ShardVerdict", "VerifyError",
+           "read_node", "read_site", "read_verification", "verify_run", "verify_shard", "verify_site",
+           "write_verification"]

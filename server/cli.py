@@ -30,7 +30,7 @@ from fairforget.sisa import SisaSettings
 from fairforget.storage import atomic_write_bytes, replace_dir
 from fairforget.tombstones import Tombstones
 from fairforget.unlearning import get_unlearner
-from fairforget.verify import MATCH, MISMATCH, VerifyError, verify_run, write_verification
+from fairforget.verify import MATCH, MISMATCH, SITE_ONLY, VerifyError, verify_run, verify_site, write_verification
 from strategies import build_strategy, strategy_class
 
 EXIT_USAGE = 2
@@ -402,6 +402,12 @@ def _audit(run: RunDir, cfg: RunConfig) -> int:
 
 # ---------------------------------------------------------------------- verify
 def cmd_verify(args: argparse.Namespace) -> int:
+    if args.state_dir:
+        return _verify_site(args)
+    if not args.run:
+        raise UserError("verify needs --run DIR (a run folder) or --state-dir STATE (a site's own shard)")
+    if args.data_root or args.tombstones or args.config or args.set:
+        raise UserError("--data-root, --tombstones, --config and --set go with --state-dir (a site's verification)")
     run = RunDir(Path(args.run).expanduser().resolve())
     run.require_finished()
     cfg = run.config()
@@ -410,15 +416,57 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if args.shard is not None and not 0 <= args.shard < cfg.num_shards:
         raise UserError(f"no shard {args.shard}: the run has shards 0-{cfg.num_shards - 1}")
     shards = list(range(cfg.num_shards)) if args.shard is None else [args.shard]
-    print(f"fairforget: replaying the SISA training of shard(s) {', '.join(map(str, shards))} of {run.path}",
-          flush=True)
+    print(f"fairforget: replaying the SISA training of shard(s) {', '.join(map(str, shards))} of {run.path}"
+          + (" as each site would, from its state folder (OUT/nodes/shard-K) and its recorded DP seeds"
+             if args.site_local else ""), flush=True)
     try:
         with locked(run.path, "verify"):  # no forget may change the models while they are replayed
-            verdicts = verify_run(run.path, cfg, shards)
+            verdicts = verify_run(run.path, cfg, shards, site_local=args.site_local)
             write_verification(run.path, verdicts)
             write_report(run.path)
     except (VerifyError, LockBusy) as exc:
         raise UserError(str(exc)) from None
+    code = _print_verdicts(verdicts)
+    if args.site_local and cfg.dp:
+        print("note: in simulation every site's state folder (its secret DP seeds included) sits beside the server's "
+              "run folder on this machine, so the DP guarantee does not hold against the server here; in a "
+              "deployment each site keeps its own and runs `fairforget verify --state-dir STATE --data-root ROOT`")
+    elif any(v.status == SITE_ONLY for v in verdicts):
+        print(f"site-only: the DP randomness is each site's secret; a site replays its shard with `fairforget verify "
+              f"--state-dir STATE --data-root ROOT` (in this simulation: `fairforget verify --run {run.path} "
+              "--site-local`)")
+    print(f"receipt: {run.path / 'verify.json'}")
+    return code
+
+
+def _verify_site(args: argparse.Namespace) -> int:
+    """``verify --state-dir STATE --data-root ROOT``: a site replays its own shard with its own DP seeds."""
+    if args.site_local or args.shard is not None:
+        raise UserError("--site-local and --shard go with --run; with --state-dir the shard is the state folder's")
+    if not args.data_root:
+        raise UserError("verify --state-dir needs --data-root ROOT: the site's own data (its image folder)")
+    if args.run and (args.config or args.set):
+        raise UserError("give the run config once: --run DIR (its config.toml) or --config / --set")
+    cfg = RunDir(Path(args.run).expanduser().resolve()).config() if args.run else _config(args)
+    state = Path(args.state_dir).expanduser().resolve()
+    if not state.is_dir():
+        raise UserError(f"--state-dir {state} is not a folder")
+    cfg = cfg.replace(data_root=str(Path(args.data_root).expanduser().resolve()))
+    print(f"fairforget: replaying the SISA training of the shard in {state} on {cfg.data_root}"
+          + (" with this site's recorded DP seeds" if cfg.dp else ""), flush=True)
+    try:
+        with locked(state, "verify"):  # the node may not change the shard while it is replayed
+            verdict = verify_site(state, cfg, tombstones=args.tombstones)
+    except (VerifyError, LockBusy) as exc:
+        raise UserError(str(exc)) from None
+    code = _print_verdicts([verdict], what="the model this site serves")
+    if cfg.dp:
+        print("the DP seeds never left this site (STATE/dp-seeds.json, mode 0600): nobody else can replay this "
+              "shard; nothing was written")
+    return code
+
+
+def _print_verdicts(verdicts: list, what: str = "") -> int:
     for v in verdicts:
         head = f"shard {v.shard}: {v.status}"
         if v.replay_hash is not None:
@@ -431,8 +479,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     mismatched = [v.shard for v in verdicts if v.status == MISMATCH]
     proven = [v.shard for v in verdicts if v.status == MATCH]
     print(f"verified: {len(proven)} of {len(verdicts)} shard(s) match their from-scratch replay"
+          + (f" ({what})" if what else "")
           + (f"; MISMATCH: shard(s) {', '.join(map(str, mismatched))}" if mismatched else ""))
-    print(f"receipt: {run.path / 'verify.json'}")
     return EXIT_RUN if mismatched else 0
 
 
@@ -550,10 +598,24 @@ def build_parser() -> argparse.ArgumentParser:
                     "(DIR/models/shard-K.pt) and the ledger's last hash_after: a match proves the model holds no "
                     "trace of the deleted records. Writes DIR/verify.json and the report's verification section. "
                     "Exit 0: every replayed shard matches (an approximate or DP secure-mode shard is reported, "
-                    "not proven); 1: a mismatch; 2: bad input.",
+                    "not proven); 1: a mismatch; 2: bad input. Under DP the noise is each site's secret: the "
+                    "server reports a DP shard as site-only (its index and receipt checked, no replay), and the "
+                    "site replays it with its recorded seeds: `verify --state-dir STATE --data-root ROOT "
+                    "--config RUN.toml` at the site, or `verify --run DIR --site-local` in a simulation.",
     )
-    ve.add_argument("--run", metavar="DIR", required=True, help="the folder of a finished `simulate` run")
+    ve.add_argument("--run", metavar="DIR",
+                    help="the folder of a finished `simulate` run (with --state-dir: only its config.toml is read)")
     ve.add_argument("--shard", type=int, metavar="K", help="verify only shard K (default: every shard)")
+    ve.add_argument("--site-local", action="store_true",
+                    help="simulation: replay each shard as its site would, from OUT/nodes/shard-K and its recorded DP "
+                         "seeds (the guarantee against the server holds only in a deployment)")
+    ve.add_argument("--state-dir", metavar="STATE",
+                    help="at a site: verify the shard in this state folder (the node-config key state-dir) against "
+                         "the model it serves, replaying it with the site's recorded DP seeds; writes nothing")
+    ve.add_argument("--data-root", metavar="ROOT", help="with --state-dir: the site's data (node-config key data-root)")
+    ve.add_argument("--tombstones", metavar="FILE",
+                    help="with --state-dir: the site's tombstones file, if the node config names one")
+    _add_config_args(ve)
     ve.set_defaults(func=cmd_verify)
 
     co = sub.add_parser(

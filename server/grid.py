@@ -86,7 +86,7 @@ class SiteGrid(Grid):
         connected = set(self.inner.get_node_ids())
         if not b.fixed:
             b.assign(connected)
-        self._check_names(connected)
+        self._check_names()
         if not b.missing(connected) and len(b.task) == b.num_shards:  # the saved binding, every node still
             self._identified = True  # connected and its task known: no new round trip
             return
@@ -99,7 +99,7 @@ class SiteGrid(Grid):
                 b.assign(connected)
             new = [n for k, n in sorted(b.node_of.items()) if n in connected and n not in asked]
             if new:
-                self._check_names(connected)
+                self._check_names()
                 msgs = [Message(RecordDict({keys.CONFIG: ConfigRecord({})}), dst_node_id=n,
                                 message_type=keys.MSG_IDENTIFY) for n in new]
                 for reply in self._exchange(msgs, timeout):
@@ -137,7 +137,7 @@ class SiteGrid(Grid):
         self._task[shard] = (int(m[keys.NUM_CLASSES]), int(m[keys.NUM_PRIVATE]))
         return True
 
-    def _check_names(self, connected: set[int]) -> None:
+    def _check_names(self) -> None:
         """Where the grid reports the name each node's key was registered under (``flwr supernode register
         --name``), it must be the bound site's name (a cross-check: the name is optional, not unique)."""
         b = self.binding
@@ -244,7 +244,7 @@ class SiteGrid(Grid):
         replies: list[Message] = []
         last_reply = time.monotonic()
         while waiting:
-            got = list(self.inner.pull_messages(waiting))
+            got = list(self.inner.pull_messages([m for m in sent if m in waiting]))  # in sending order
             for reply in got:
                 why, settled = self._refusal(reply, sent)
                 self._log(reply, why)
@@ -270,12 +270,12 @@ class SiteGrid(Grid):
         """(why ``reply`` is refused, '' if it is not; whether it settles the message it answers)."""
         mid, src = reply.metadata.reply_to_message_id, reply.metadata.src_node_id
         short = mid[:16]
-        if mid in self._answered:
-            return f"a second reply to message {short} (a duplicate or a replay)", False
         if mid not in sent:
             if mid in self._sent:
                 return f"a replayed reply to message {short} of an earlier exchange", False
             return f"a reply to message {short}, which this exchange did not send", False
+        if mid in self._answered:
+            return f"a second reply to message {short} (a duplicate)", False
         node, shard, kind = sent[mid]
         if src != node:
             bound = self.binding.shard_of(src)

@@ -51,6 +51,7 @@ import torch
 
 from fairforget.config import ConfigError, RunConfig, resolve
 from fairforget.data import load_dataset, shard_of
+from fairforget.requests import Request
 from fairforget.run import RunDir
 from fairforget.runner import FlowerRunError, run_flower
 from fairforget.sisa import SisaSettings, SisaShard
@@ -162,7 +163,9 @@ def bench_flower(cfg: RunConfig, workdir: Path) -> dict[str, Any]:
     """One Flower simulation of ``cfg``, then the same SISA training in a plain in-process loop."""
     out = workdir / "flower-run"
     out.mkdir(parents=True)
-    cfg = cfg.replace(out_dir=str(out.resolve()), mode="simulate", forget_ids="")
+    request = Request.simulate()
+    cfg = cfg.replace(out_dir=str(out.resolve()), request=request.id)
+    request.save(out)
     t0 = time.perf_counter()
     run_flower(cfg, quiet=True)
     flower_total = time.perf_counter() - t0

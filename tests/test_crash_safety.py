@@ -233,12 +233,14 @@ def _forget_in_child(cfg_map: dict, ids: str, queue) -> None:
     from tests.conftest import InProcessGrid, forget_request
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    from fairforget.requests import read_status
+
     cfg = resolve(cfg_map)
+    request = forget_request(ids)
     try:
-        run_driver(InProcessGrid(cfg), cfg, forget_request(ids))
-        queue.put(("ok", ids))
-    except LockBusy as exc:
-        queue.put(("busy", str(exc)))
+        run_driver(InProcessGrid(cfg), cfg, request)  # a refusal by the lock is the request's status, one line
+        status = read_status(cfg.out_path, request.id)
+        queue.put(("ok", ids) if status["ok"] else ("busy", status["error"]))
     except Exception as exc:  # noqa: BLE001 - reported to the parent
         queue.put(("error", f"{type(exc).__name__}: {exc}"))
 

@@ -5,9 +5,11 @@ and node loss. Every command here is one the README's "Deploying across sites" s
 One federation for the module (starting it costs more than a tiny run): certificates and keys from
 ``simulations/make_certs.py``; a ``flower-superlink`` with TLS and ``--enable-supernode-auth``; two
 sites' public keys registered with ``flwr supernode register``; two ``flower-supernode``s whose
-record ids (``P-0001``...), row numbers and image paths collide; a third, unregistered SuperNode
-that must be refused. All processes run in their own sessions and are killed at the end, with
-whatever they started.
+record ids (``P-0001``...), row numbers and image paths collide, bound to their shards by the
+operator's binding file (the registered node ids); a third, unregistered SuperNode that must be
+refused; and site-c's registered SuperNode claiming site-a's shard and name, which must never be sent
+anything. All processes run in their own sessions and are killed at the end, with whatever they
+started.
 """
 
 from __future__ import annotations
@@ -36,11 +38,13 @@ from fairforget.storage import read_json
 pytestmark = pytest.mark.e2e
 
 SITES = ("site-a", "site-b")
+IMPOSTOR = "site-c"  # a registered, authenticated site whose SuperNode claims site-a's shard and name
 BIN = Path(sys.executable).parent
 REPLY_TIMEOUT = 60  # seconds the node-loss runs wait for a reply: above a ClientApp start on 2 busy cores
 # the README's commands with a tiny model; training audits at the sites, the later runs do not (time)
 RUN = ('dataset="image-folder" num-shards=2 slices=2 epochs-per-slice=1 model-width=4 image-size=8 batch-size=16 '
-       'device="cpu" audit-attacks="loss,rmia" audit-references=2 audit-bootstrap=20 out-dir="{out}"')
+       'device="cpu" audit-attacks="loss,rmia" audit-references=2 audit-bootstrap=20 out-dir="{out}" '
+       'binding="{{binding}}"')  # the operator's binding file: Federation.flwr_run fills in its path
 FORGET = RUN + ' audit=false mode="forget"'
 
 
@@ -117,6 +121,8 @@ class Federation:
         self.port = _free_port()
         self.procs: dict[str, subprocess.Popen] = {}
         self.node_ids: dict[str, int] = {}
+        self.binding: Path | None = None  # the operator's binding file (write_binding)
+        self.impostor: int | None = None  # site-c's registered node id
         home = root / "flwr-home"
         home.mkdir()
         (home / "config.toml").write_text(
@@ -140,7 +146,7 @@ class Federation:
 
     def make_certs(self) -> None:
         subprocess.run([sys.executable, str(APP_DIR / "simulations" / "make_certs.py"), "--out", str(self.certs),
-                        "--host", "127.0.0.1", *[a for s in (*SITES, "rogue") for a in ("--site", s)]],
+                        "--host", "127.0.0.1", *[a for s in (*SITES, IMPOSTOR, "rogue") for a in ("--site", s)]],
                        check=True, capture_output=True, env=self.env)
 
     def start_superlink(self) -> None:
@@ -172,9 +178,21 @@ class Federation:
         self.node_ids[site] = int(reply["node-id"])
         return self.node_ids[site]
 
-    def start_supernode(self, site: str, shard: int, key: str | None = None) -> subprocess.Popen:
-        node_config = (f'partition-id={shard} site="{site}" data-root="{self.data_root(site)}" '
-                       f'state-dir="{self.state_dir(site)}"')
+    def write_binding(self) -> Path:
+        """The operator's binding file: each site's shard and the node id its key was registered under."""
+        self.binding = self.root / "binding.toml"
+        self.binding.write_text("".join(
+            f'[[site]]\nname = "{site}"\nshard = {shard}\nnode-id = {self.node_ids[site]}\n\n'
+            for shard, site in enumerate(SITES)))
+        return self.binding
+
+    def start_supernode(self, site: str, shard: int, key: str | None = None,
+                        home: str | None = None) -> subprocess.Popen:
+        """``site``'s SuperNode (``key``: another private key; ``home``: another site's data and state
+        folders: a node whose config claims ``site`` and ``shard`` that are not its own)."""
+        home = home or site
+        node_config = (f'partition-id={shard} site="{site}" data-root="{self.data_root(home)}" '
+                       f'state-dir="{self.state_dir(home)}"')
         return self._start(key or site, [
             str(BIN / "flower-supernode"), "--root-certificates", str(self.certs / "ca.crt"),
             "--superlink", f"127.0.0.1:{self.port}", "--auth-supernode-private-key", str(self.certs / (key or site)),
@@ -187,6 +205,7 @@ class Federation:
         return (self.logs / f"{name}.log").read_text(errors="replace")
 
     def flwr_run(self, run_config: str, background: bool = False):
+        run_config = run_config.replace("{binding}", str(self.binding))
         argv = [str(BIN / "flwr"), "run", str(APP_DIR), "sites", "--stream", "--run-config", run_config]
         if background:
             return subprocess.Popen(argv, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -225,8 +244,15 @@ def fed(tmp_path_factory):
         for shard, site in enumerate(SITES):
             f.register(site)
             f.start_supernode(site, shard)
+        f.write_binding()  # from the node ids `flwr supernode register` printed
         # a third SuperNode whose key was never registered, claiming site-b's shard
         f.start_supernode("site-b", 1, key="rogue")
+        # site-c: registered (authenticated), its own data, but its SuperNode claims site-a's shard and name
+        # (test_a_registered_node_claiming_site_a_gets_nothing, at the end: it must never be sent anything)
+        write_site(f.data_root(IMPOSTOR), shade=100)
+        f.impostor = f.register(IMPOSTOR)
+        del f.node_ids[IMPOSTOR]  # not a site of this federation's binding
+        f.start_supernode("site-a", 0, key=IMPOSTOR, home=IMPOSTOR)
         f.out = f.root / "server-run"
         f.train = f.flwr_run(RUN.format(out=f.out))
         f.timings = {"start_and_train": time.monotonic() - t0}
@@ -263,15 +289,16 @@ def test_unregistered_supernode_is_refused(fed):
     listing = subprocess.run([str(BIN / "flwr"), "supernode", "list", "--format", "json"], env=fed.env,
                              capture_output=True, text=True, timeout=120, check=True).stdout
     nodes = json.loads(listing[listing.index("{"):])["nodes"]
-    assert {int(n["node-id"]) for n in nodes} == set(fed.node_ids.values()), nodes
+    assert {int(n["node-id"]) for n in nodes} == {*fed.node_ids.values(), fed.impostor}, nodes
 
 
 # ---------------------------------------------------------------------- training, what travels
 def test_training_at_two_sites(fed):
     assert status(fed.out)["ok"], _tail(fed.train)
     # each registered node id is bound to its site's shard (the id Flower derived from its key)
-    bound = read_json(fed.out / "nodes.json")["shards"]
-    assert {int(k): (int(v["node"]), v["site"]) for k, v in bound.items()} == {
+    nodes = read_json(fed.out / "nodes.json")  # as the operator's binding file says
+    assert nodes["source"] == str(fed.binding)
+    assert {int(k): (int(v["node"]), v["site"]) for k, v in nodes["shards"].items()} == {
         k: (fed.node_ids[s], s) for k, s in enumerate(SITES)}
     for site in SITES:
         assert (fed.state_dir(site) / "index.json").is_file()
@@ -455,3 +482,25 @@ def test_min_shards_lets_a_run_finish_without_a_lost_site(fed):
     assert [s["shard"] for s in metrics["shards"]] == [0]
     assert metrics["federation"]["missing"] == [1], metrics["federation"]
     assert "Lost sites" in (out / "report.md").read_text()
+
+
+# ---------------------------------------------------------------------- a registered node claiming site-a
+def test_a_registered_node_claiming_site_a_gets_nothing(fed):
+    """site-c's key is registered (its SuperNode is authenticated and online since before the
+    training), but its node config claims ``partition-id=0 site="site-a"``, site-a's shard. The binding
+    file binds shard 0 to site-a's registered node id, so through the training, the deletions, the
+    resume and the run without site-b it was sent nothing (its SuperNode logged no "Receiving:"), no
+    reply came from it, and no run bound it. (The same attack while site-a is offline, and replies that
+    claim another shard: tests/adversarial/test_binding.py, in process.)"""
+    impostor = fed.procs[IMPOSTOR]
+    assert impostor.poll() is None, fed.log(IMPOSTOR)[-3000:]  # connected all along, not refused
+    log = fed.log(IMPOSTOR)
+    assert "Receiving:" not in log, log[-3000:]
+    for out in (fed.out, fed.root / "run-without-b"):  # the first training's run folder, and the later one
+        if out != fed.out and not (out / "nodes.json").exists():
+            continue  # (run alone, without the min-shards test)
+        nodes = read_json(out / "nodes.json")
+        assert fed.impostor not in {int(v["node"]) for v in nodes["shards"].values()}, nodes
+        assert (int(nodes["shards"]["0"]["node"]), nodes["shards"]["0"]["site"]) == (fed.node_ids["site-a"], "site-a")
+        assert fed.impostor not in {x["src_node_id"] for x in wire(out)}
+    assert not (fed.state_dir(IMPOSTOR) / "index.json").exists()  # it never trained anything

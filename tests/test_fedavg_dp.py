@@ -15,6 +15,7 @@ from clients import handlers
 from clients.app import app
 from fairforget import keys
 from fairforget.config import ConfigError, resolve
+from server.grid import site_grid
 from strategies import build_strategy
 from strategies.base import StrategyReplyError
 from strategies.fedavg import FedAvgBaseline
@@ -47,8 +48,13 @@ def recording_grid(grid_for):
 
         def reply(self, msg):
             r = self.via_app(msg) if self.through_app else super().reply(msg)
-            self.exchanges.append((msg, None if r.has_error() else r.content.get(keys.ARRAYS)))
+            if msg.metadata.message_type != keys.MSG_IDENTIFY:  # the grid's query.identify: not an exchange here
+                self.exchanges.append((msg, None if r.has_error() else r.content.get(keys.ARRAYS)))
             return r
+
+        @property
+        def trains(self) -> list[Message]:
+            return [m for m in self.sent if m.metadata.message_type == keys.MSG_TRAIN]
 
         def via_app(self, msg: Message) -> Message:
             node_config = {keys.NODE_PARTITION_ID: self.nodes[msg.metadata.dst_node_id],
@@ -76,11 +82,11 @@ def test_server_side_dp_adds_calibrated_noise_and_reports_a_growing_spend(tiny_c
         return None
 
     initial = strategy.initial_arrays(10)
-    result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=strategy.num_rounds(), train_config=SEED,
-                            evaluate_fn=evaluate_fn)
-    assert len(grid.sent) == 2 * cfg.num_shards
-    assert all(m.content[keys.CONFIG][keys.TRAIN_MODE] == keys.TRAIN_MODE_LOCAL for m in grid.sent)
-    assert all(KEY_CLIPPING_NORM not in m.content[keys.CONFIG] for m in grid.sent)  # the server clips
+    result = strategy.start(grid=site_grid(grid, cfg), initial_arrays=initial, num_rounds=strategy.num_rounds(),
+                            train_config=SEED, evaluate_fn=evaluate_fn)
+    assert len(grid.trains) == 2 * cfg.num_shards
+    assert all(m.content[keys.CONFIG][keys.TRAIN_MODE] == keys.TRAIN_MODE_LOCAL for m in grid.trains)
+    assert all(KEY_CLIPPING_NORM not in m.content[keys.CONFIG] for m in grid.trains)  # the server clips
     assert set(strategy.shard_reports) == set(range(cfg.num_shards))
     state = strategy.ensemble_states(result.arrays)[0]
     assert all(torch.isfinite(v).all() for v in state.values())
@@ -123,7 +129,8 @@ def test_client_side_clipping_mod_clips_local_updates(tiny_cfg, recording_grid):
     cfg = dp_cfg(tiny_cfg, rounds=1, **{"dp-fedavg-clipping": "client", "dp-max-grad-norm": clip})
     strategy = build_strategy(cfg, 10)
     grid = recording_grid(cfg, through_app=True)
-    result = strategy.start(grid=grid, initial_arrays=strategy.initial_arrays(10), num_rounds=1, train_config=SEED)
+    result = strategy.start(grid=site_grid(grid, cfg), initial_arrays=strategy.initial_arrays(10), num_rounds=1,
+                            train_config=SEED)
     assert result.arrays is not None and len(grid.exchanges) == cfg.num_shards
     for msg, arrays in grid.exchanges:
         assert msg.content[keys.CONFIG][KEY_CLIPPING_NORM] == clip
@@ -139,7 +146,7 @@ def test_clipping_mod_leaves_other_messages_alone(tiny_cfg, recording_grid):
     cfg = tiny_cfg()  # shard ensemble: SISA stages through the ClientApp
     grid = recording_grid(cfg, through_app=True)
     strategy = ShardEnsemble.from_config(cfg, 10)
-    strategy.start(grid=grid, initial_arrays=ArrayRecord(), num_rounds=1)
+    strategy.start(grid=site_grid(grid, cfg), initial_arrays=ArrayRecord(), num_rounds=1)
     for msg, arrays in grid.exchanges:
         assert arrays is not None, "a SISA train message failed through the ClientApp"
         node_state = grid.node(msg.metadata.dst_node_id).sisa.model_state(1)
@@ -152,7 +159,8 @@ def test_clipping_mod_leaves_other_messages_alone(tiny_cfg, recording_grid):
     reply = grid.via_app(sisa)
     assert reply.has_error() and "clipping" in reply.error.reason
     # other handlers carry no mod at all
-    describe = Message(RecordDict({keys.CONFIG: ConfigRecord({keys.FORGET_IDS: [0], KEY_CLIPPING_NORM: 1.0})}),
+    describe = Message(RecordDict({keys.CONFIG: ConfigRecord({keys.FORGET_IDS: [0], KEY_CLIPPING_NORM: 1.0,
+                                                              keys.SHARD: grid.nodes[node_id]})}),
                        dst_node_id=node_id, message_type=keys.MSG_DESCRIBE)
     assert not grid.via_app(describe).has_error()
 
@@ -166,8 +174,8 @@ def test_without_dp_fedavg_is_unchanged(tiny_cfg, recording_grid):
     states = []
     for strategy, through_app in ((built, True), (plain, False)):  # the ClientApp's mod is a no-op here
         grid = recording_grid(cfg, through_app=through_app)
-        result = strategy.start(grid=grid, initial_arrays=strategy.initial_arrays(10), num_rounds=cfg.rounds,
-                                train_config=SEED)
+        result = strategy.start(grid=site_grid(grid, cfg), initial_arrays=strategy.initial_arrays(10),
+                                num_rounds=cfg.rounds, train_config=SEED)
         assert all(arrays is not None for _, arrays in grid.exchanges)
         states.append(strategy.ensemble_states(result.arrays)[0])
     assert states[0].keys() == states[1].keys() and "encoder.1.running_var" in states[0]  # BatchNorm, as before

@@ -17,7 +17,7 @@ import torch
 
 from fairforget.config import resolve
 from fairforget.data import DATASETS, DatasetError, load_dataset, shard_of
-from fairforget.data.base import BIASED_MNIST_COLOURS
+from fairforget.data.base import BIASED_MNIST_COLOURS, split_unit
 from server import cli
 from tests.fixtures_formats import (
     BLOND_RGB,
@@ -453,7 +453,9 @@ def test_image_folder_labels_csv_and_site_partition(tmp_path):
     all_ids = [set(rows_of(s).tolist()) for s in (b.train, b.heldout, b.test_biased)]
     assert not (all_ids[0] & all_ids[1] or all_ids[0] & all_ids[2] or all_ids[1] & all_ids[2])
     assert set().union(*all_ids) == set(range(60))
-    assert len(b.test_biased) == 12  # test-fraction 0.2 of each class's 30 rows
+    # the test split is drawn by record id (not row): exactly the records whose hash falls below test-fraction
+    drawn = {r for r in b.records.values() if split_unit(cfg.seed, "test", r) < cfg.test_fraction}
+    assert {b.records[i] for i in b.test_biased.ids.tolist()} == drawn and 6 <= len(drawn) <= 18
     shards = shard_of(cfg, b)
     assert len(shards) == 3
     for k, shard in enumerate(shards):
@@ -486,7 +488,8 @@ def test_image_folder_torchvision_layout(tmp_path):
     b = load_dataset(cfg)
     assert b.num_classes == 3 and b.num_private == 1
     sizes = len(b.train) + len(b.heldout) + len(b.test_biased)
-    assert sizes == 30 and len(b.test_biased) == 6
+    drawn = {r for r in b.records.values() if split_unit(cfg.seed, "test", r) < cfg.test_fraction}
+    assert sizes == 30 and {b.records[i] for i in b.test_biased.ids.tolist()} == drawn and 2 <= len(drawn) <= 10
     for s in (b.train, b.heldout, b.test_biased, b.test_unbiased):
         check_split(s, 8)
         assert set(s.private.tolist()) == {0} and set(s.site.tolist()) == {-1}

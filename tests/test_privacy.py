@@ -135,13 +135,16 @@ def test_unlearning_is_exact_under_dp(dp_shard, tmp_path):
     shard = SisaShard(tmp_path / "s", 0, data, settings)
     shard.train_through()
     original = [list(s) for s in shard.index["slices"]]
+    first = shard.recorded_seeds()
     victims = [original[1][0], original[1][1]]
     result = unlearn(shard, victims)
     assert result.restart_stage == 1
+    seeds = shard.recorded_seeds()
+    assert seeds[1] == first[1] and set(seeds[2]).isdisjoint(first[2])  # the retrain drew fresh noise
     scratch = SisaShard(tmp_path / "scratch", 0, data, settings,
-                        slices=[[i for i in s if i not in victims] for s in original])
+                        slices=[[i for i in s if i not in victims] for s in original], replay_seeds=seeds)
     scratch.train_through()
-    assert shard.model_hash() == scratch.model_hash()  # seeded Poisson masks and noise: replayable
+    assert shard.model_hash() == scratch.model_hash()  # the site's recorded masks and noise: replayable there
     assert "running_mean" not in " ".join(shard.model_state())  # GroupNorm, not BatchNorm
     # the retrain composed into the shard's accountant: more spent than the from-scratch shard
     assert len(shard.accountant.history) == 3 and shard.accountant.epsilon() > scratch.accountant.epsilon()

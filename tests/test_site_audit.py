@@ -17,6 +17,7 @@ from fairforget.run import RunDir
 from fairforget.storage import torch_load
 from server.audit import audit_messages, federated_audit, site_audits
 from server.experiment import run_training
+from server.grid import site_grid
 
 ATTACKS = "loss,entropy,lira-offline,rmia"
 
@@ -45,7 +46,8 @@ def _leaves(obj: Any, path: str = "") -> list[tuple[str, Any]]:
 
 
 def test_reply_carries_statistics_only(trained, grid_for):
-    grid = grid_for(trained)
+    nodes = grid_for(trained)
+    grid = site_grid(nodes, trained)  # as the drivers do: each message carries its node's shard
     states = RunDir(trained.out_path).load_models()
     messages = audit_messages(grid, trained, states)
     assert all(keys.ARRAYS not in m.content for m in messages)  # default scope: no weights travel
@@ -60,7 +62,7 @@ def test_reply_carries_statistics_only(trained, grid_for):
         shard = body["shard"]
         assert set(body["targets"]) == {f"shard-{shard}"}
         assert set(body["targets"][f"shard-{shard}"]) == set(ATTACKS.split(","))
-        node = grid.node(reply.metadata.src_node_id)
+        node = nodes.node(reply.metadata.src_node_id)
         assert body["members"] == len(node.sisa.live_ids()) and body["references"] == trained.audit_references
         ids = {int(i) for i in node.data.ids.tolist()} | {int(i) for i in node.heldout.ids.tolist()}
         for path, value in _leaves(body):
@@ -75,10 +77,11 @@ def test_reply_carries_statistics_only(trained, grid_for):
 
 
 def test_site_references_never_include_a_member(trained, grid_for):
-    grid = grid_for(trained)
+    nodes = grid_for(trained)
+    grid = site_grid(nodes, trained)  # as the drivers do: each message carries its node's shard
     site_audits(grid, trained, RunDir(trained.out_path).load_models())
     for node_id in grid.get_node_ids():
-        node = grid.node(node_id)
+        node = nodes.node(node_id)
         cache = list((node.state_dir / "audit").glob("references-shard-*.pt"))
         assert len(cache) == 1
         trained_on = torch_load(cache[0])["trained_on"]
@@ -92,7 +95,8 @@ def test_site_references_never_include_a_member(trained, grid_for):
 
 
 def test_default_scope_refuses_weights_and_the_ensemble(trained, grid_for):
-    grid = grid_for(trained)
+    nodes = grid_for(trained)
+    grid = site_grid(nodes, trained)  # as the drivers do: each message carries its node's shard
     states = RunDir(trained.out_path).load_models()
     other = pack_shards({1: ArrayRecord(states[1])})
     everyone = pack_shards({k: ArrayRecord(v) for k, v in states.items()})
@@ -105,7 +109,8 @@ def test_default_scope_refuses_weights_and_the_ensemble(trained, grid_for):
 
 def test_ensemble_scope_when_set(trained, grid_for):
     cfg = trained.replace(site_audit_scope="ensemble")
-    grid = grid_for(cfg)
+    nodes = grid_for(cfg)
+    grid = site_grid(nodes, cfg)
     run = RunDir(cfg.out_path)
     states = run.load_models()
     assert all(set(m.content[keys.ARRAYS].keys()) == set(pack_shards(
@@ -120,7 +125,8 @@ def test_ensemble_scope_when_set(trained, grid_for):
 
 
 def test_a_site_that_audited_another_model_is_an_error(trained, grid_for):
-    grid = grid_for(trained)
+    nodes = grid_for(trained)
+    grid = site_grid(nodes, trained)  # as the drivers do: each message carries its node's shard
     states = RunDir(trained.out_path).load_models()
     sites = site_audits(grid, trained, {0: states[0], 1: states[0]})  # the server holds another shard-1 model
     assert "targets" in sites["site-0"] and not sites["site-0"]["skipped"]

@@ -12,7 +12,7 @@ import pytest
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from fairforget import keys
-from fairforget.binding import Binding, BindingError
+from fairforget.binding import Binding, BindingError, binding_toml
 from fairforget.ledger import Ledger
 from fairforget.run import RunDir
 from server.experiment import run_training
@@ -43,7 +43,7 @@ class SitesGrid(InProcessGrid):
         self.nodes = {101 + k: k for k in sites} | (claims or {})
         self.fail: set[int] = set()
 
-    def node(self, node_id: int):
+    def node(self, node_id: int, assigned: int | None = None):
         from clients.node import Node
 
         if node_id in self.fail:
@@ -52,16 +52,18 @@ class SitesGrid(InProcessGrid):
         data, state, name = self.sites[shard]
         return Node.from_context(self.cfg.to_mapping(), {
             keys.NODE_PARTITION_ID: shard, keys.NODE_SITE: name,
-            keys.NODE_DATA_ROOT: str(data), keys.NODE_STATE_DIR: str(state)})
+            keys.NODE_DATA_ROOT: str(data), keys.NODE_STATE_DIR: str(state)}, assigned)
 
 
 @pytest.fixture
 def federation(tmp_path):
     sites = {k: (write_site(tmp_path / f"data-{name}"), tmp_path / f"state-{name}", f"site-{name}")
              for k, name in enumerate("ab")}
+    binding = tmp_path / "binding.toml"  # the operator's: site-a's node is 101, site-b's 102
+    binding.write_text(binding_toml([(name, k, 101 + k) for k, (_, _, name) in sites.items()]))
     cfg = __import__("fairforget.config", fromlist=["resolve"]).resolve({
         **TINY, "dataset": "image-folder", "data-root": "", "out-dir": str(tmp_path / "server"),
-        "audit-attacks": "loss,confidence", "reply-timeout": 5.0})
+        "audit-attacks": "loss,confidence", "reply-timeout": 5.0, "binding": str(binding)})
     return cfg, sites
 
 
@@ -85,18 +87,18 @@ def test_a_server_without_data_trains_evaluates_and_deletes_at_one_site(federati
     # the same record id at both sites: the request names site-b, so site-a is never asked
     site_a = _state_bytes(sites[0][1])
     grid = SitesGrid(cfg, sites)
-    run_forget(grid, cfg, forget_request(site="site-b", records="P-0003"))
+    run_forget(grid, cfg, forget_request(site="site-b", records="P-0007"))
     asked = {m.metadata.dst_node_id for m in grid.sent if m.metadata.message_type in (keys.MSG_DESCRIBE,
                                                                                      keys.MSG_UNLEARN)}
     assert asked == {102}  # no membership question to site-a
     assert _state_bytes(sites[0][1]) == site_a  # byte-identical at the other site
     (line,) = Ledger(run.path / "ledger.jsonl").entries()
-    assert (line["site"], line["records"], line["shard"]) == ("site-b", ["P-0003"], 1)
+    assert (line["site"], line["records"], line["shard"]) == ("site-b", ["P-0007"], 1)
     index = json.loads((sites[1][1] / "index.json").read_text())
     assert line["ids"] == index["deleted"] and len(index["deleted"]) == 1
 
     # the erasure request repeated is satisfied by the first one (its request and receipt), not an error
-    again = run_forget(SitesGrid(cfg, sites), cfg, forget_request(site="site-b", records="P-0003"))
+    again = run_forget(SitesGrid(cfg, sites), cfg, forget_request(site="site-b", records="P-0007"))
     assert [(r["request"], r["hash_after"], r["site"]) for r in again["satisfied"]] == [
         (line["request"], line["hash_after"], "site-b")]
     with pytest.raises(ForgetError, match="unknown record id.*P-9999"):
@@ -114,17 +116,14 @@ def test_a_server_without_data_trains_evaluates_and_deletes_at_one_site(federati
                 assert not names & {keys.OWNED_IDS, keys.DELETED_IDS, keys.UNKNOWN_RECORDS}, entry
 
 
-def test_binding_refuses_a_second_node_for_a_bound_shard(federation):
+def test_a_node_the_binding_file_does_not_name_is_never_contacted(federation):
+    """A third connected node whose config claims shard 1 (site-b's): the operator's binding file
+    decides, so it receives nothing (tests/adversarial/test_binding.py: the attacks)."""
     cfg, sites = federation
-    grid = SitesGrid(cfg, sites, claims={103: 1})  # a misconfigured third node says it is shard 1 too
-    with pytest.raises(BindingError, match="both claim shard 1"):
-        run_training(grid, cfg)
-    b = Binding(2)
-    b.bind(7, 0, "site-a", connected=[7])
-    with pytest.raises(BindingError, match="bound to shard 0 but now says shard 1"):
-        b.bind(7, 1, "site-a", connected=[7])
-    assert not b.bind(7, 0, "site-a", connected=[7])
-    assert b.bind(8, 0, "site-a", connected=[8])  # a restarted node (new id) takes over once the old one left
+    grid = SitesGrid(cfg, sites, claims={103: 1})
+    run_training(grid, cfg)
+    assert {m.metadata.dst_node_id for m in grid.sent} == {101, 102}
+    assert Binding.load(cfg.out_path / "nodes.json", 2).node_of == {0: 101, 1: 102}
 
 
 @pytest.mark.parametrize("min_shards", [0, 1])
@@ -153,7 +152,8 @@ def test_a_lost_site_stops_the_run_or_is_reported(federation, min_shards):
 
 # ---------------------------------------------------------------------- reply timeout
 class SlowGrid(InProcessGrid):
-    """Node k's reply becomes available ``delays[k]`` seconds after the push (None: never)."""
+    """Node k's reply becomes available ``delays[k]`` seconds after the push (None: never); its
+    ``query.identify`` reply at once."""
 
     def __init__(self, cfg, delays: dict[int, float | None]) -> None:
         super().__init__(cfg)
@@ -161,11 +161,13 @@ class SlowGrid(InProcessGrid):
 
     def push_messages(self, messages):
         ids = []
-        for msg in messages:
-            msg.metadata.__dict__["_message_id"] = f"m{msg.metadata.dst_node_id}"
-            reply = Message(RecordDict({keys.METRICS: MetricRecord({})}), reply_to=msg)
+        for n, msg in enumerate(messages):
+            msg.metadata.__dict__["_message_id"] = f"m{msg.metadata.dst_node_id}-{len(self.due)}-{n}"
+            identify = msg.metadata.message_type == keys.MSG_IDENTIFY
+            task = {keys.NUM_CLASSES: 2, keys.NUM_PRIVATE: 2} if identify else {}
+            reply = Message(RecordDict({keys.METRICS: MetricRecord(task)}), reply_to=msg)
             self.outbox[msg.metadata.message_id] = reply
-            delay = self.delays[msg.metadata.dst_node_id]
+            delay = 0.0 if identify else self.delays[msg.metadata.dst_node_id]
             self.due[msg.metadata.message_id] = None if delay is None else time.monotonic() + delay
             ids.append(msg.metadata.message_id)
         return ids

@@ -6,6 +6,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Error, Message
 from fairforget import keys
 from fairforget.model import build_model
 from fairforget.records import pack_shards, unpack_shards
+from server.grid import site_grid
 from strategies import STRATEGIES
 from strategies.base import StrategyReplyError
 from strategies.shard_ensemble import ShardEnsemble
@@ -18,16 +19,18 @@ def name(request):
 
 def test_contract_full_run(name, tiny_cfg, grid_for):
     cfg = tiny_cfg(strategy=name)
-    grid = grid_for(cfg)
+    nodes = grid_for(cfg)
+    grid = site_grid(nodes, cfg)  # as every driver does: messages carry the shard the server assigned
     strategy = STRATEGIES[name].from_config(cfg, 10)
     assert strategy.name == name
     rounds = strategy.num_rounds()
     assert rounds >= 1
     result = strategy.start(grid=grid, initial_arrays=strategy.initial_arrays(10), num_rounds=rounds,
                             train_config=ConfigRecord({"seed": 0}))
-    train_msgs = [m for m in grid.sent if m.metadata.message_type == keys.MSG_TRAIN]
+    train_msgs = [m for m in nodes.sent if m.metadata.message_type == keys.MSG_TRAIN]
     assert len(train_msgs) == rounds * cfg.num_shards
-    assert {m.metadata.dst_node_id for m in train_msgs} == set(grid.get_node_ids())
+    assert {m.metadata.dst_node_id for m in train_msgs} == set(nodes.get_node_ids())
+    assert {(m.metadata.dst_node_id, m.content[keys.CONFIG][keys.SHARD]) for m in train_msgs} == {(101, 0), (102, 1)}
     states = strategy.ensemble_states(result.arrays)
     assert states
     for state in states.values():  # every constituent is a loadable SimpleConvNet
@@ -51,7 +54,7 @@ def test_shard_ensemble_never_averages(tiny_cfg, grid_for):
     cfg = tiny_cfg()
     grid = grid_for(cfg)
     strategy = ShardEnsemble.from_config(cfg, 10)
-    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(), num_rounds=strategy.num_rounds())
+    result = strategy.start(grid=site_grid(grid, cfg), initial_arrays=ArrayRecord(), num_rounds=strategy.num_rounds())
     states = strategy.ensemble_states(result.arrays)
     assert sorted(states) == list(range(cfg.num_shards))
     w0, w1 = states[0]["fc.weight"], states[1]["fc.weight"]
@@ -61,7 +64,8 @@ def test_shard_ensemble_never_averages(tiny_cfg, grid_for):
         node_state = grid.node(node_id).sisa.model_state()
         assert all((node_state[k] == states[shard][k]).all() for k in node_state)
     # SISA stages are sent one per round, with no weights going down
-    stages = sorted({int(m.content[keys.CONFIG][keys.STAGE]) for m in grid.sent})
+    train = [m for m in grid.sent if m.metadata.message_type == keys.MSG_TRAIN]
+    stages = sorted({int(m.content[keys.CONFIG][keys.STAGE]) for m in train})
     assert stages == list(range(1, cfg.slices + 1))
     assert all(keys.ARRAYS not in m.content for m in grid.sent)
 

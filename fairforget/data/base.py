@@ -8,6 +8,7 @@ and ``test_unbiased`` (private attribute independent of the label).
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -145,6 +146,32 @@ def stratified_split(
     return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
 
 
+def split_unit(seed: int, what: str, key: str) -> float:
+    """A number in [0, 1) that depends on (seed, what, key) alone: where a record falls in a split
+    drawn by its record id (``key``), whatever the row it is on and whatever other rows there are."""
+    digest = hashlib.sha256(f"fairforget-split:{int(seed)}:{what}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def id_split(keys: list[str], labels: np.ndarray, fraction: float, seed: int, what: str,
+             fallback: str = "") -> np.ndarray:
+    """The rows (a boolean mask) a split ``what`` of ``fraction`` takes, each by its record id alone:
+    row i is taken when ``split_unit(seed, what, keys[i]) < fraction``, so adding rows never moves an
+    existing record between splits; the class balance is the expected one, not exact. When that takes
+    no row at all (a tiny folder), ``fallback`` takes the lowest-ranked row of each class (``"class"``)
+    or overall (``"one"``); as rows are added such a row can only leave the split, never join it
+    from the other side, so no member is ever taken out of training."""
+    units = np.array([split_unit(seed, what, k) for k in keys], dtype=np.float64)
+    take = units < fraction
+    if len(keys) and fraction > 0 and not take.any():
+        labels = np.asarray(labels)
+        groups = [np.flatnonzero(labels == c) for c in np.unique(labels)] if fallback == "class" else \
+            [np.arange(len(keys))] if fallback == "one" else []
+        for idx in groups:
+            take[idx[np.argmin(units[idx])]] = True
+    return take
+
+
 def long_tail_keep(
     labels: np.ndarray, imbalance: float, rng: np.random.Generator, num_classes: int
 ) -> np.ndarray:
@@ -254,23 +281,46 @@ def image_bundle(
 ) -> DataBundle:
     """Splits for datasets that come with their own private attribute (CelebA, site folders).
 
-    Members and non-members are split from ``pool`` per class after the long-tail subsampling; the
-    biased test set keeps the test split's own (class, private) distribution; the unbiased test set
-    subsamples every populated (class, private) group of the test split to the same size.
+    Members and non-members are split from ``pool`` after the long-tail subsampling; the biased test
+    set keeps the test split's own (class, private) distribution; the unbiased test set subsamples
+    every populated (class, private) group of the test split to the same size.
+
+    Data with record ids (``records``: a site's folder) is split by record id alone
+    (:func:`id_split`: a hash of the seed and the record id against the fraction), so a row added to
+    ``labels.csv`` later moves no existing record between members, non-members and the long-tail
+    cut, and a trained shard's ids stay in its data. Data without (CelebA: fixed files) is split per
+    class by a seeded permutation, exactly stratified.
     """
     rng = np.random.default_rng(seed)
     y = pool.y.numpy()
-    keep = long_tail_keep(y, class_imbalance, rng, num_classes)
+    if records:
+        keys = [records[int(i)] for i in pool.ids.tolist()]
+        frac = (class_imbalance ** (-y / (num_classes - 1)) if class_imbalance > 1.0 and num_classes > 1
+                else np.ones(len(y)))
+        keep = np.flatnonzero(np.array([split_unit(seed, "long-tail", k) for k in keys]) < frac)
+    else:
+        keep = long_tail_keep(y, class_imbalance, rng, num_classes)
     pool = pool.subset(keep)
     roles = np.full(len(pool), "", dtype=object) if roles is None else np.asarray(roles, dtype=object)[keep]
     free = np.flatnonzero(roles == "")  # rows a site marked train / heldout keep their role
-    held_free, train_free = stratified_split(pool.y.numpy()[free], (heldout_fraction,), rng)
+    if records:
+        keys = [records[int(i)] for i in pool.ids[free].tolist()]
+        held = id_split(keys, pool.y.numpy()[free], heldout_fraction, seed, "heldout", fallback="one")
+        held_free, train_free = np.flatnonzero(held), np.flatnonzero(~held)
+    else:
+        held_free, train_free = stratified_split(pool.y.numpy()[free], (heldout_fraction,), rng)
     heldout_pos = np.sort(np.concatenate([np.flatnonzero(roles == "heldout"), free[held_free]]).astype(np.int64))
     train_pos = np.sort(np.concatenate([np.flatnonzero(roles == "train"), free[train_free]]).astype(np.int64))
     groups = test.y.numpy() * num_private + test.private.numpy()
     present = [g for g in np.unique(groups)]
     per_group = min(int((groups == g).sum()) for g in present)
-    balanced = np.sort(np.concatenate([rng.permutation(np.flatnonzero(groups == g))[:per_group] for g in present]))
+    if records:  # each group's lowest-ranked records by id
+        rank = np.array([split_unit(seed, "unbiased", records[int(i)]) for i in test.ids.tolist()])
+        order = [np.flatnonzero(groups == g) for g in present]
+        balanced = np.sort(np.concatenate([idx[np.argsort(rank[idx], kind="stable")][:per_group] for idx in order]))
+    else:
+        balanced = np.sort(np.concatenate([rng.permutation(np.flatnonzero(groups == g))[:per_group]
+                                           for g in present]))
     return DataBundle(
         name,
         pool.subset(train_pos),

@@ -9,8 +9,12 @@ secret key (:func:`record_key`; the key is ``ROOT/.fairforget-site.key``, made o
 0600, never sent): the server's ledger holds sample ids it cannot invert or link across sites. The
 bundle keeps the map back (``DataBundle.records``), and deletion requests name records by site and
 record id. ``path`` is relative to the root and must stay inside it. ``split``: ``test`` rows are the test
-split (without any, a stratified ``test-fraction`` is drawn), ``train`` rows are always members,
-``heldout`` rows never (the audits' non-members); unmarked rows are split by ``heldout-fraction``.
+split (without any, a ``test-fraction`` is drawn), ``train`` rows are always members, ``heldout``
+rows never (the audits' non-members); unmarked rows are split by ``heldout-fraction``. Every split
+drawn here follows from the record id alone (a hash of the seed and the normalised record id against
+the fraction: :func:`fairforget.data.base.id_split`), not from the row, so adding rows to
+``labels.csv`` never moves an existing record between train, held-out and test (class balance is
+the expected one, not exact; a split that would take no row at all takes each class's first-ranked).
 ``site`` feeds ``partition = "site"`` (one shard per site).
 
 Bad input is a one-line :class:`DatasetError` at start-up: a missing or unreadable file, a path
@@ -28,10 +32,10 @@ import torch
 from fairforget.data.base import (
     DataBundle,
     DatasetError,
+    id_split,
     image_bundle,
     load_image_file,
     make_sampleset,
-    stratified_split,
 )
 from fairforget.site_secret import KEY_FILE, SiteSecretError, keyed_sample_id, load_site_key, normalise_record_id
 
@@ -137,12 +141,11 @@ def load(cfg) -> DataBundle:
         raise DatasetError(f"{root}: two record ids hash to the same sample id; rename one of them")
     full = make_sampleset(x, y, private, ids, site)
     split_arr = np.array(split)
-    rng = np.random.default_rng(cfg.seed)
     test_pos = np.flatnonzero(split_arr == "test")
-    if len(test_pos) == 0:
+    if len(test_pos) == 0:  # drawn by record id, never by row: an added row moves no other record
         free = np.flatnonzero(split_arr == "")
-        t, _ = stratified_split(y[free], (cfg.test_fraction,), rng)
-        test_pos = free[t]
+        take = id_split([records[i] for i in free], y[free], cfg.test_fraction, cfg.seed, "test", fallback="class")
+        test_pos = free[take]
     pool_pos = np.setdiff1d(np.arange(len(y)), test_pos)
     if len(pool_pos) < 2 or len(test_pos) == 0:
         raise DatasetError(f"{root}: too few images to split into train and test ({len(y)})")
