@@ -1,9 +1,11 @@
 """What a SuperNode knows about itself: its shard, its data and its state folder.
 
-Simulation: Flower sets ``partition-id`` / ``num-partitions`` in the node config; the node
-rebuilds the dataset from the run config (deterministic) and takes its partition; its state lives in
-``OUT/nodes/shard-K``. Deployment: a hospital site sets ``state-dir`` and, for its own data,
-``data-root`` (then its whole training split is its shard), plus ``partition-id`` as its shard id.
+The shard is the one the server assigned, carried by every message (:func:`assigned_shard`;
+:mod:`fairforget.binding`), never the node's own claim. Simulation: the node rebuilds the dataset from
+the run config (deterministic) and takes that partition; its state lives in ``OUT/nodes/shard-K``
+(Flower's ``partition-id`` is ignored). Deployment: a hospital site sets ``state-dir`` and, for its own
+data, ``data-root`` (then its whole training split is its shard), plus ``partition-id``, its shard: a
+message assigning another shard is refused.
 
 Deletions are kept by the data's owner as tombstones keyed on the normalised record id
 (:mod:`fairforget.tombstones`: ``DATA_ROOT/.fairforget-tombstones.jsonl`` beside an image folder's

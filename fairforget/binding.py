@@ -139,8 +139,10 @@ class Binding:
         atomic_write_json(path, {"source": self.source, "shards": shards})
 
     def adopt_tasks(self, saved: Binding) -> None:
-        """The tasks ``saved`` knows for shards still bound to the same node (no new round trip)."""
-        self.task.update({k: t for k, t in saved.task.items() if saved.node_of.get(k) == self.node_of.get(k)})
+        """The tasks ``saved`` (a run's earlier binding) knows for shards that a binding file bound to the
+        same node and site then, so their identities were cross-checked (no new round trip)."""
+        self.task.update({k: t for k, t in saved.task.items() if saved.fixed and saved.node_of.get(k) ==
+                          self.node_of.get(k) and saved.site_of.get(k) == self.site_of.get(k)})
 
     # ------------------------------------------------------------------ the server's assignment
     def assign(self, connected: Iterable[int]) -> bool:

@@ -307,8 +307,8 @@ class SisaShard:
             return self.privacy
         if self.replay_seeds is not None:
             if stage not in self.replay_seeds:
-                raise SisaError(f"no recorded DP seeds for {'an approximate training' if stage is None else f'stage {stage}'}"
-                                f" of shard {self.shard}: it cannot be replayed")
+                what = "an approximate training" if stage is None else f"stage {stage}"
+                raise SisaError(f"no recorded DP seeds for {what} of shard {self.shard}: it cannot be replayed")
             sample_seed, noise_seed = self.replay_seeds[stage]
         else:
             sample_seed, noise_seed = secure_seed(), secure_seed()

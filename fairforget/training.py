@@ -16,6 +16,8 @@ One function, :func:`train`, runs epochs of minibatch descent on a :class:`Sampl
 Determinism: epoch ``e`` visits the samples in the order ``torch.randperm(n)`` drawn on the CPU from
 a generator seeded with ``seeds[e]``, cut into consecutive batches. So the same data, seeds, initial
 weights and optimizer state give the same model on every run; SISA's exact unlearning relies on it.
+A DP-SGD hook replaces the batches by Poisson ones and adds noise, both from its own two seeds (a
+SISA shard's are the site's secret: :meth:`fairforget.sisa.SisaShard.dp_hook`).
 
 Callers: SISA stages (:mod:`fairforget.sisa`), FedAvg local epochs (``clients/handlers.py``), the
 approximate unlearners (:mod:`fairforget.unlearning`), reference and shadow models

@@ -68,7 +68,8 @@ APPROXIMATE = "approximate"  # served by an approximate unlearner: no exactness 
 NOT_REPLAYABLE = "not-replayable"  # DP-SGD with secure (cryptographic) noise cannot be drawn again
 SITE_ONLY = "site-only"  # DP-SGD: the randomness is the site's secret; only the site can replay it
 SITE_ONLY_NOTE = ("DP randomness is the site's secret: the server cannot replay this shard; run `fairforget verify "
-                  "--state-dir STATE` at the site (in simulation: `fairforget verify --run DIR --site-local`)")
+                  "--state-dir STATE --data-root ROOT` at the site (in simulation: `fairforget verify --run DIR "
+                  "--site-local`)")
 
 
 class VerifyError(ValueError):
@@ -312,7 +313,9 @@ def verify_shard(node: NodeState, settings: SisaSettings | None, ledger: list[di
                  tombstoned: set[int] | None = None) -> ShardVerdict:
     """Verify one shard (``settings`` None: its training cannot be replayed, DP secure mode;
     ``ledger``: the run's ledger entries; ``tombstoned``: the ids the data's owner deleted,
-    :mod:`fairforget.tombstones`)."""
+    :mod:`fairforget.tombstones`). Under DP the replay needs the site's recorded seeds
+    (``node.dp_seeds``, read at the site): without them, :data:`SITE_ONLY` once the index and the
+    receipt check out."""
     index = node.index
     lines = ledger_lines(ledger, node.shard)
     last = lines[-1] if lines else None

@@ -597,7 +597,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "(the deleted ids left out) and compare the model hash with the served model "
                     "(DIR/models/shard-K.pt) and the ledger's last hash_after: a match proves the model holds no "
                     "trace of the deleted records. Writes DIR/verify.json and the report's verification section. "
-                    "Exit 0: every replayed shard matches (an approximate or DP secure-mode shard is reported, "
+                    "Exit 0: every replayed shard matches (an approximate or a DP site-only shard is reported, "
                     "not proven); 1: a mismatch; 2: bad input. Under DP the noise is each site's secret: the "
                     "server reports a DP shard as site-only (its index and receipt checked, no replay), and the "
                     "site replays it with its recorded seeds: `verify --state-dir STATE --data-root ROOT "

@@ -259,11 +259,10 @@ class SiteGrid(Grid):
                     continue
                 replies.append(reply)
                 last_reply = time.monotonic()
-            if got:
-                continue
-            if time.monotonic() - last_reply >= limit:
+            if time.monotonic() - last_reply >= limit:  # refused replies do not keep the exchange open
                 break
-            time.sleep(PULL_INTERVAL)
+            if not got:
+                time.sleep(PULL_INTERVAL)
         return replies
 
     def _refusal(self, reply: Message, sent: dict[str, tuple[int, int, str]]) -> tuple[str, bool]:

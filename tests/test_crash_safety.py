@@ -152,8 +152,13 @@ def test_node_crash_is_finished_on_restart(trained, grid_for, monkeypatch, tmp_p
     last = run.ledger.entries()[-1]
     assert last["resumed"] is True and last["hash_before"] == ""
     assert_clean(trained, set(ids), tmp_path)
-    with pytest.raises(ForgetError, match="already deleted"):
-        _forget(grid_for, trained, ids)  # and the ids are not deleted twice
+    entries = len(run.ledger.entries())
+    grid = grid_for(trained)  # asked again: satisfied by the finished request, not deleted twice
+    again = run_forget(grid, grid.cfg, forget_request(",".join(map(str, ids))))
+    assert sorted(r["id"] for r in again["satisfied"]) == sorted(ids)
+    assert {r["request"] for r in again["satisfied"]} == {1}
+    assert len(run.ledger.entries()) == entries
+    assert not [m for m in grid.sent if m.metadata.message_type == "train.unlearn"]
 
 
 def test_server_crash_after_one_of_two_replies(trained, grid_for, monkeypatch, tmp_path):

@@ -101,15 +101,26 @@ def test_exact_retrain_after_approximate_deletions_is_exact(memorised):
     assert shard.model_hash() == scratch.model_hash() == approximate.current_hash(shard)
 
 
-def test_a_stale_approximate_model_is_never_served(memorised):
-    """A crash between the index commit and saving approx.pt leaves an older approx.pt: ignored."""
+def test_a_stale_approximate_model_is_never_served_and_resume_retrains_exactly(memorised):
+    """A crash between the index commit (with its retrain target) and saving approx.pt leaves an older
+    approx.pt: never served, deleted by the resume (it was trained on the new ids), which retrains
+    exactly through the target (tests/adversarial/test_deletion_safety.py: real kills)."""
     m = memorised
     shard = _copy(m["root"], "stale", m["data"], m["settings"])
+    slices = [list(s) for s in shard.index["slices"]]
     UNLEARNERS["finetune"](shard, m["ids"][:2])
-    shard.remove(m["ids"][2:4])  # the index moves on; no new approx.pt (the crash)
+    assert shard.target == m["settings"].slices > shard.trained  # the exact retrain's target is in the index
+    shard.remove(m["ids"][2:4], retrain_to=approximate.target_stage(shard))  # no new approx.pt (the crash)
     assert approximate.meta(shard) is None
-    assert approximate.current_hash(shard) == shard.model_hash()  # the clean checkpoint
+    assert approximate.current_hash(shard) == shard.model_hash()  # the clean checkpoint, until the resume
     assert approximate.target_stage(shard) == m["settings"].slices
+    approximate.resume(shard)
+    assert not approximate.approx_path(shard).exists() and shard.trained == m["settings"].slices
+    gone = set(m["ids"][:4])
+    scratch = SisaShard(m["root"] / "scratch-stale", 0, m["data"], m["settings"],
+                        slices=[[i for i in s if i not in gone] for s in slices])
+    scratch.train_through()
+    assert approximate.current_hash(shard) == scratch.model_hash()
 
 
 # ---------------------------------------------------------------------- the Newton step

@@ -7,7 +7,8 @@ import pytest
 from fairforget.capacity import BudgetStateError, DeletionBudget
 from fairforget.data import load_dataset, shard_of
 from fairforget.run import RunDir
-from fairforget.storage import atomic_torch_save, read_json, torch_load
+from fairforget.sisa import SisaSettings
+from fairforget.storage import atomic_torch_save, atomic_write_json, read_json, torch_load
 from fairforget.tombstones import Tombstones
 from fairforget.verify import NOT_REPLAYABLE, read_node, verify_shard
 from server import cli
@@ -128,6 +129,23 @@ def test_an_approximate_shard_is_reported_not_proven(tiny_cfg, grid_for, capsys)
     assert "verified: 1 of 2 shard(s)" in out  # ...and not a proof
     record = read_json(cfg.out_path / "verify.json")["shards"]
     assert record["1"]["status"] == "approximate" and record["1"]["replay_hash"] is None
+    # an approximate shard's index and model are checked all the same: a deleted id live again, or a
+    # served model that is not the node's approximate one, is a mismatch, not "approximate"
+    bundle = load_dataset(cfg)
+    settings = SisaSettings.from_config(cfg, bundle.num_classes, bundle.num_private)
+    ledger = RunDir(cfg.out_path).ledger.entries()
+    index_path = cfg.out_path / "nodes" / "shard-1" / "index.json"
+    index = read_json(index_path)
+    victim = index["deleted"][0]
+    atomic_write_json(index_path, {**index, "deleted": [], "slices": [index["slices"][0] + [victim],
+                                                                     *index["slices"][1:]]})
+    verdict = verify_shard(read_node(cfg.out_path, cfg, shard_of(cfg, bundle)[1], 1), settings, ledger)
+    assert verdict.status == "mismatch" and any(f"deleted id(s) still live: {victim}" in p for p in verdict.problems)
+    atomic_write_json(index_path, index)
+    models = RunDir(cfg.out_path).load_models()
+    atomic_torch_save(cfg.out_path / "models" / "shard-1.pt", models[0])  # another model served as shard 1's
+    verdict = verify_shard(read_node(cfg.out_path, cfg, shard_of(cfg, bundle)[1], 1), settings, ledger)
+    assert verdict.status == "mismatch" and any("not the node's approximate model" in p for p in verdict.problems)
     # DP-SGD with secure noise cannot be drawn again: no settings to replay with
     node = read_node(cfg.out_path, cfg, shard_of(cfg, load_dataset(cfg))[0], 0)
     assert verify_shard(node, None, []).status == NOT_REPLAYABLE
@@ -180,7 +198,8 @@ def test_force_replaces_a_run_and_keeps_its_tombstones(bare, capsys, monkeypatch
     tombstones = Tombstones.of_run(out).path.read_bytes()
     assert cli.main(["simulate", *SMALL, "--out", str(out), "--force"]) == 0
     assert started == [out]
-    assert sorted(p.name for p in out.iterdir()) == ["tombstones.jsonl"]  # the old run is gone, its deletions kept
+    # the old run is gone, its deletions kept (and the new run's request file, for the ServerApp)
+    assert sorted(p.name for p in out.iterdir()) == ["requests", "tombstones.jsonl"]
     assert Tombstones.of_run(out).path.read_bytes() == tombstones
     assert sorted(p.name for p in out.parent.iterdir()) == [out.name]  # nothing left beside it
 

