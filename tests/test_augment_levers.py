@@ -238,9 +238,9 @@ def test_classifier_guidance_raises_the_requested_class_probability():
     plain = sample(model, y, a, seed=3)
     guided = sample(model, y, a, seed=3, classifier=toy_colour_classifier, classifier_scale=5.0)
     assert_guidance_raises(plain, guided, toy_colour_classifier, y, min_gain=0.2)
-    # towards the class after: class y + 1 gains, class y loses
-    other = sample(model, y, a, seed=3, classifier=toy_colour_classifier, classifier_scale=5.0,
-                   ) if False else sample(model, (y + 1) % 3, a, seed=3, classifier=toy_colour_classifier,
-                                          classifier_scale=5.0, guidance_scale=0.0)
-    plain0 = sample(model, (y + 1) % 3, a, seed=3, guidance_scale=0.0)
-    assert_guidance_raises(plain0, other, toy_colour_classifier, (y + 1) % 3, min_gain=0.2)
+    # classifier guidance alone (no classifier-free term), towards other classes: they gain too
+    other = (y + 1) % 3
+    unconditional = sample(model, other, a, seed=3, guidance_scale=0.0)
+    guided = sample(model, other, a, seed=3, guidance_scale=0.0, classifier=toy_colour_classifier,
+                    classifier_scale=5.0)
+    assert_guidance_raises(unconditional, guided, toy_colour_classifier, other, min_gain=0.2)

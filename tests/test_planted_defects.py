@@ -106,3 +106,43 @@ def test_worst_group_that_ignores_min_group_fails_the_hand_computed_report(monke
     monkeypatch.setattr(figures, "accuracy_report", metrics.accuracy_report)
     with pytest.raises(AssertionError):
         figures.test_accuracy_report_hand_computed()
+
+
+# ---------------------------------------------------------------------- 11. guidance direction
+def test_classifier_guidance_with_the_wrong_sign_fails_the_direction_check(monkeypatch):
+    import torch
+
+    from fairforget.diffusion import generator
+    from tests.test_augment_levers import _untrained_generator
+
+    model = _untrained_generator()
+    y, a = torch.arange(3).repeat(4), torch.zeros(12, dtype=torch.long)
+    plain = generator.sample(model, y, a, seed=3)
+
+    def guided():
+        return generator.sample(model, y, a, seed=3, classifier=oracles.toy_colour_classifier, classifier_scale=5.0)
+
+    oracles.assert_guidance_raises(plain, guided(), oracles.toy_colour_classifier, y, min_gain=0.2)
+    real = generator._classifier_grad
+    monkeypatch.setattr(generator, "_classifier_grad", lambda *args: -real(*args))
+    with pytest.raises(AssertionError, match="guidance moved"):
+        oracles.assert_guidance_raises(plain, guided(), oracles.toy_colour_classifier, y, min_gain=0.2)
+
+
+@pytest.mark.parametrize("defect", ["negated", "private-as-class", "no-private-term"])
+def test_classifier_free_guidance_defects_fail_the_hand_computed_check(monkeypatch, defect):
+    from fairforget.diffusion import generator
+    from tests.test_augment_levers import assert_classifier_free_guidance_hand_computed
+
+    real = generator._guided_eps
+
+    def wrong(model, x, t, y, private, w, w_private=None):
+        if defect == "negated":  # pushes away from the conditional
+            return real(model, x, t, y, private, -w, None if w_private is None else -w_private)
+        if defect == "private-as-class":  # the private factor weighted with the class factor's scale
+            return real(model, x, t, y, private, w, w)
+        return real(model, x, t, y, private, w, 0.0)
+
+    monkeypatch.setattr(generator, "_guided_eps", wrong)
+    with pytest.raises(AssertionError):
+        assert_classifier_free_guidance_hand_computed()

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import json
 import math
-import secrets
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -54,6 +53,7 @@ from torch import nn
 from fairforget.privacy.accountant import ShardAccountant, epsilon_of
 from fairforget.privacy.dp_sgd import DPSettings
 from fairforget.privacy.gdp import Entry
+from fairforget.site_secret import secure_seed
 from fairforget.storage import finite, replace_dir, torch_load
 
 
@@ -341,10 +341,12 @@ def _train_dp(x: torch.Tensor, y: torch.Tensor, private: torch.Tensor, settings:
     ``dp.max_epsilon`` comes first (nothing is built or trained past the cap); the spend is recorded
     only after training completes.
 
-    Replayable unless ``dp.secure_mode``: the Poisson masks, the per-sample draws and the noise come
-    from CPU generators seeded by ``seed`` (so, as for the DP SISA shards, the guarantee holds
-    against an adversary who does not know the run's seed). Secure mode draws Opacus' secure noise
-    and seeds the Poisson masks from the OS, and cannot be replayed.
+    The Poisson masks and the Gaussian noise come from generators seeded afresh from the operating
+    system's secure randomness at the site (:func:`fairforget.site_secret.secure_seed`), never from
+    the run's public ``seed``: whoever knows the run config (the server, another site) cannot
+    regenerate the noise, so the guarantee holds against them. A generator is not replayed (a
+    deletion retrains it from scratch without the record); the per-sample draws of the diffusion
+    loss (noise, timestep, label dropout) are data-independent and stay seeded by ``seed``.
 
     Out of scope of the guarantee (the caller's business): the per-group counts a node asks the
     generator for are planned from its live data's counts. Classifier guidance at sampling time is
@@ -358,9 +360,8 @@ def _train_dp(x: torch.Tensor, y: torch.Tensor, private: torch.Tensor, settings:
     check_dp_trainable(model)
     q = planned[0][1]
     gen = torch.Generator().manual_seed(seed)  # per-sample draws: noise, timestep, label dropout
-    poisson_seed = secrets.randbits(63) if dp.secure_mode else (seed + 1) % (1 << 63)
-    poisson = torch.Generator().manual_seed(poisson_seed)
-    dp_noise = None if dp.secure_mode else torch.Generator(device=device).manual_seed((seed + 2) % (1 << 63))
+    poisson = torch.Generator().manual_seed(secure_seed())  # secret to the site: see the docstring
+    dp_noise = None if dp.secure_mode else torch.Generator(device=device).manual_seed(secure_seed())
     gsm, handles = per_sample_module(model)
     dp_opt = DPOptimizer(opt, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
                          expected_batch_size=max(1, round(n * q)), loss_reduction="mean", generator=dp_noise,
