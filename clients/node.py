@@ -31,6 +31,7 @@ from fairforget import keys
 from fairforget.config import RunConfig
 from fairforget.data import DataBundle, SampleSet, load_dataset, shard_of
 from fairforget.locks import locked
+from fairforget.privacy.accountant import PrivacyBudgetExceeded
 from fairforget.sisa import SisaSettings, SisaShard
 from fairforget.storage import sweep_leftovers
 from fairforget.tombstones import Tombstones
@@ -160,7 +161,13 @@ class Node:
                 self.augmenter.forget(unfinished)
             self.augmenter.resume()
         elif unfinished:
-            exact.unlearn(shard, unfinished)
+            try:
+                exact.unlearn(shard, unfinished)
+            except PrivacyBudgetExceeded:
+                # DP, an approximate deletion that crashed before its commit, and the exact retrain past the
+                # cap: the ids leave the index all the same, and the clean checkpoint serves (approximate.resume)
+                shard.remove(unfinished, retrain_to=approximate.target_stage(shard))
+                approximate.clear(shard)
         else:
             approximate.resume(shard)
 

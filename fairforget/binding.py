@@ -102,7 +102,9 @@ class Binding:
             if not isinstance(name, str) or not name.strip() or name != name.strip():
                 raise BindingError(f"{what}: name = {name!r} must be the site's name (a non-empty string)")
             what = f"{where}: site {name!r}"
-            if not isinstance(shard, int) or isinstance(shard, bool) or not 0 <= shard < num_shards:
+            if not isinstance(shard, int) or isinstance(shard, bool):
+                raise BindingError(f"{what}: shard = {shard!r} must be an integer, 0..{num_shards - 1}")
+            if not 0 <= shard < num_shards:
                 raise BindingError(f"{what}: shard = {shard!r} is out of range: the run has shards "
                                    f"0..{num_shards - 1} (num-shards = {num_shards})")
             if isinstance(node, str) and node.isascii() and node.isdigit():

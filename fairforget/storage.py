@@ -139,13 +139,15 @@ def durable_append_lines(path: Path, lines: Iterable[str]) -> None:
         try:
             write_all(fd, data, path)
             os.fsync(fd)
-        except OSError:
+        except OSError as exc:
             try:  # the lines appended so far are cut off again: nothing half there
                 os.ftruncate(fd, size)
                 os.fsync(fd)
             except OSError:
                 pass  # a torn tail is cut off by the next append and skipped by readers
-            raise
+            if str(path) in str(exc.strerror):
+                raise
+            raise OSError(exc.errno, f"cannot write {path}: {exc.strerror or exc}") from None
     finally:
         os.close(fd)
     if new:

@@ -125,6 +125,26 @@ def assert_forgets_like_retraining(fig: ForgetFigures, retrained: ForgetFigures,
         f"(margin {acc_margin})")
 
 
+def gap_closed(after: ForgetFigures, before: ForgetFigures, retrained: ForgetFigures) -> tuple[float, float]:
+    """The share of the way from the original model to exact retraining an unlearner went on the forget
+    set, in accuracy and in loss (0: did nothing, 1: as far as retraining)."""
+    acc_gap, loss_gap = before.forget_acc - retrained.forget_acc, retrained.forget_loss - before.forget_loss
+    assert acc_gap >= 0.5 and loss_gap >= 1.0, "the case must memorise its forget set and retraining forget it"
+    return ((before.forget_acc - after.forget_acc) / acc_gap, (after.forget_loss - before.forget_loss) / loss_gap)
+
+
+def assert_moves_towards_retraining(after: ForgetFigures, before: ForgetFigures, retrained: ForgetFigures,
+                                    what: str, min_acc: float, min_loss: float) -> tuple[float, float]:
+    """An approximate unlearner closes at least ``min_acc`` of the forget-accuracy gap and ``min_loss``
+    of the forget-loss gap between the original model and the exactly retrained one."""
+    acc, loss = gap_closed(after, before, retrained)
+    assert acc >= min_acc, (f"{what}: forget accuracy {after.forget_acc:.2f} closes {acc:.0%} of the way from "
+                            f"{before.forget_acc:.2f} to retraining's {retrained.forget_acc:.2f} (< {min_acc:.0%})")
+    assert loss >= min_loss, (f"{what}: forget loss {after.forget_loss:.3f} closes {loss:.0%} of the way from "
+                              f"{before.forget_loss:.3f} to retraining's {retrained.forget_loss:.3f} (< {min_loss:.0%})")
+    return acc, loss
+
+
 # ---------------------------------------------------------------------- guidance
 def toy_colour_classifier(x: torch.Tensor) -> torch.Tensor:
     """Class c's logit is the mean of colour channel c (images in [0, 1]), times 8: a classifier whose

@@ -146,3 +146,34 @@ def test_classifier_free_guidance_defects_fail_the_hand_computed_check(monkeypat
     monkeypatch.setattr(generator, "_guided_eps", wrong)
     with pytest.raises(AssertionError):
         assert_classifier_free_guidance_hand_computed()
+
+
+# ---------------------------------------------------------------------- 7. unlearners forget
+from tests.test_unlearners import memorised  # noqa: E402,F401 - the memorising shard (module-scoped fixture)
+
+
+@pytest.mark.parametrize("name", ["finetune", "neggrad"])
+def test_an_approximate_unlearner_that_does_nothing_fails_the_forgetting_check(memorised, name, monkeypatch):  # noqa: F811
+    """The method's work replaced by nothing (the SISA bookkeeping still runs, approx.pt is written):
+    the forget set is still memorised and the check fails."""
+    import importlib
+
+    from fairforget.unlearning import UNLEARNERS, approximate
+    from fairforget.unlearning.approximate import UnlearnParams, model_from
+    from tests.test_unlearners import GAP_CLOSED, _copy, _figures
+
+    m = memorised
+    monkeypatch.setattr(importlib.import_module(f"fairforget.unlearning.{name}"), "_method", lambda *a, **k: {})
+    shard = _copy(m["root"], f"noop-{name}", m["data"], m["settings"])
+    UNLEARNERS[name](shard, m["ids"], UnlearnParams.from_config(m["cfg"]))
+    after = _figures(model_from(approximate.current_state(shard), shard), m["data"].select_ids(m["ids"]),
+                     m["nonmembers"])
+    assert after.forget_acc == m["before"].forget_acc  # nothing was unlearned
+    with pytest.raises(AssertionError, match="closes 0%"):
+        oracles.assert_moves_towards_retraining(after, m["before"], m["retrained"], name, *GAP_CLOSED[name])
+
+
+def test_an_exact_unlearner_that_does_nothing_fails_the_non_member_check(memorised):  # noqa: F811
+    """A no-op exact unlearner serves the model before the deletion: its forget set is not like non-members."""
+    with pytest.raises(AssertionError, match="forget accuracy 0.80 vs non-members"):
+        oracles.assert_forgets_like_nonmembers(memorised["before"])

@@ -193,7 +193,7 @@ BAD = {
     "missing-key": ('[[site]]\nname = "site-a"\nshard = 0\n', "missing key(s) node-id"),
     "unknown-key": ('[[site]]\nname = "site-a"\nshard = 0\nnode-id = 101\npartition-id = 0\n', "unknown key(s)"),
     "shard-out-of-range": (binding_toml([("site-a", 0, A), ("site-b", 2, B)]), "shard = 2 is out of range"),
-    "shard-not-int": ('[[site]]\nname = "site-a"\nshard = "0"\nnode-id = 101\n', "shard = '0' is out of range"),
+    "shard-not-int": ('[[site]]\nname = "site-a"\nshard = "0"\nnode-id = 101\n', "shard = '0' must be an integer"),
     "bad-node-id": (binding_toml([("site-a", 0, -5)]), "node-id = -5 must be the positive integer"),
     "two-nodes-one-shard": (binding_toml([("site-a", 0, A), ("site-b", 0, B)]), "two nodes for shard 0"),
     "one-node-two-shards": (binding_toml([("site-a", 0, A), ("site-b", 1, A)]), f"node {A} is bound to two shards"),

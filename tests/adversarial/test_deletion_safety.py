@@ -35,7 +35,7 @@ from fairforget.config import resolve
 from fairforget.data import _load_cached, load_dataset, shard_of
 from fairforget.privacy.accountant import PrivacyBudgetExceeded
 from fairforget.sisa import SisaError, SisaSettings, SisaShard, assign_slices
-from fairforget.storage import read_jsonl, state_hash, torch_load
+from fairforget.storage import read_jsonl, state_hash, sweep_leftovers, torch_load
 from fairforget.tombstones import SITE_FILE, Tombstones, legacy_sample_id
 from fairforget.unlearning import approximate
 from tests.conftest import TINY
@@ -139,6 +139,15 @@ def test_the_dp_cap_reached_mid_deletion_refuses_with_nothing_changed(tmp_path):
     evaluation = handlers.evaluate(_msg(node), node)
     assert json.loads(evaluation[keys.CONFIG][keys.EVAL_JSON])["biased"]["n"] > 0
     assert _files(node.state_dir) == state
+
+    # a deletion tombstoned before a crash (an approximate one, whose own spend fitted), whose exact
+    # finish on restart is past the cap: the id leaves the index all the same, the node keeps serving
+    node.tombstones.add([victim])
+    node = _node(cfg)
+    assert _describe(node, [victim]) == ([], [victim])
+    assert approximate.current_hash(node.sisa) != served and victim in node.sisa.deleted
+    assert node.sisa.target > node.sisa.trained  # the retrain stays pending, refused by the cap
+    handlers.evaluate(_msg(node), node)
 
 
 # ---------------------------------------------------------------------- (b) a kill inside an approximate deletion
@@ -401,3 +410,32 @@ def test_tombstones_key_on_the_normalised_record_id_and_live_beside_the_data(tmp
     for k in range(again.num_shards):
         assert not (gone | {third}) & set(_node(again, k).data.ids.tolist())
     assert Tombstones.for_data(again, bundle.records, run_dir=Path(again.out_dir)).ids() >= gone | {third}
+
+
+# ---------------------------------------------------------------------- leftovers of a crash, swept
+def test_leftover_folders_and_temporaries_are_swept_when_the_node_starts(trained_shard, tmp_path):
+    base, prior, _, _ = trained_shard
+    cfg = base.replace(out_dir=str(tmp_path / "run"))
+    shutil.copytree(base.out_dir, cfg.out_dir)
+    node = _node(cfg)
+    state, run = node.state_dir, Path(cfg.out_dir)
+    checkpoints = _files(state / "checkpoints")
+    # a durable_rmtree killed after its rename (a folder that held a deleted record), a replace_dir killed
+    # after its first rename (the old folder is the only copy) and after its second, an atomic write's temporary
+    (state / "augment" / ".grids.removing-4242").mkdir(parents=True)
+    (state / "augment" / ".grids.removing-4242" / "grid.pt").write_bytes(b"trained on a deleted record")
+    (state / "augment" / ".generator.old").mkdir()
+    (state / "augment" / ".generator.old" / "model.pt").write_bytes(b"the only copy")
+    (state / ".checkpoints.old").mkdir()
+    (state / ".checkpoints.old" / "stage-1.pt").write_bytes(b"old")
+    (state / ".approx.pt.x1y2.tmp").write_bytes(b"half a model")
+    (run / ".models.removing-77").mkdir()
+    (run / ".metrics.json.abc.tmp").write_bytes(b"{")
+    handlers.describe(_msg(node, prior), node)  # the node's first message
+    assert not (state / "augment" / ".grids.removing-4242").exists()
+    assert (state / "augment" / "generator" / "model.pt").read_bytes() == b"the only copy"  # restored
+    assert not (state / ".checkpoints.old").exists() and _files(state / "checkpoints") == checkpoints
+    assert not (state / ".approx.pt.x1y2.tmp").exists()
+    # the run folder: swept by whoever opens it, holding its lock (a temporary there may be another writer's)
+    assert sweep_leftovers(run) == [str(run / ".models.removing-77")]
+    assert (run / ".metrics.json.abc.tmp").exists()
