@@ -37,8 +37,8 @@ def run_training(grid: Grid, cfg: RunConfig) -> None:
     if cfg.dp and cfg.dp_calibrate != "none":
         raise ConfigError(f"dp-calibrate = {cfg.dp_calibrate!r} is resolved before the run starts: use `fairforget "
                           "simulate`, or `fairforget calibrate` and pass the dp-noise-multiplier it prints")
+    grid = site_grid(grid, cfg)  # the node binding (a bad binding file: one line, nothing written), timeouts, wire log
     run.write_config(cfg)
-    grid = site_grid(grid, cfg)  # the node binding, reply timeouts, the wire log
     if not cfg.server_has_data:  # sites with their own data: the server keeps none
         return run_training_at_sites(grid, cfg, run)
     bundle = load_dataset(cfg)

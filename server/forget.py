@@ -236,8 +236,8 @@ def unlearn_and_store(grid: Grid, run: RunDir, strategy: Any, messages: list[Mes
     stored = ", ".join(str(k) for k in sorted(outcomes) if k not in failed_hash) or "none"
     log(WARNING, "fairforget: request %d: shard(s) %s failed (%s)", request_no, sorted(left), what)
     return (f"request {request_no}: deleted and stored at shard(s) {stored}; shard(s) "
-            f"{', '.join(map(str, sorted(left)))} did not finish ({what}); run `fairforget forget --run "
-            f"{run.path} --resume` to finish them")
+            f"{', '.join(map(str, sorted(left)))} did not finish ({what}); finish them with `fairforget forget --run "
+            f"{run.path} --resume` (a deployment: `fairforget request --run {run.path} --resume`, then its flwr run)")
 
 
 def reconcile(grid: Grid, run: RunDir, strategy: Any, pending: dict[int, dict[int, dict[str, Any]]],
@@ -249,7 +249,8 @@ def reconcile(grid: Grid, run: RunDir, strategy: Any, pending: dict[int, dict[in
         missing = sorted(set(plans) - set(node_of))
         if missing:
             raise ForgetError(f"request {request_no} is unfinished at shard(s) {missing}, whose node is not "
-                              "connected; start it and run `fairforget forget --resume`")
+                              "connected; start it and resume (`fairforget forget --resume`, or `fairforget request "
+                              "--resume` in a deployment)")
         log(INFO, "fairforget: finishing request %d at shard(s) %s (left unfinished by an earlier run)",
             request_no, sorted(plans))
         failed = unlearn_and_store(grid, run, strategy, strategy.plan_unlearn(plans, node_of), request_no, seed)

@@ -32,7 +32,7 @@ import pytest
 from PIL import Image
 
 from fairforget.config import APP_DIR
-from fairforget.data.image_folder import record_key
+from fairforget.data.image_folder import record_key, site_key
 from fairforget.storage import read_json
 
 pytestmark = pytest.mark.e2e
@@ -45,7 +45,25 @@ REPLY_TIMEOUT = 60  # seconds the node-loss runs wait for a reply: above a Clien
 RUN = ('dataset="image-folder" num-shards=2 slices=2 epochs-per-slice=1 model-width=4 image-size=8 batch-size=16 '
        'device="cpu" audit-attacks="loss,rmia" audit-references=2 audit-bootstrap=20 out-dir="{out}" '
        'binding="{{binding}}"')  # the operator's binding file: Federation.flwr_run fills in its path
-FORGET = RUN + ' audit=false mode="forget"'
+FORGET = RUN + ' audit=false request="{request}"'  # the request itself is a file in out-dir (fairforget request)
+
+
+def key_of(fed, site: str, record: str) -> int:
+    """The sample id site ``site`` gives its record (a keyed hash under the site's own secret key)."""
+    return record_key(record, site_key(fed.data_root(site)))
+
+
+def file_request(out: Path, *args: str) -> str:
+    """``fairforget request --run OUT ARGS`` on the coordinator; the id it printed."""
+    import contextlib
+    import io
+
+    from server import cli
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert cli.main(["request", "--run", str(out), *args]) == 0
+    return buf.getvalue().split("request ", 1)[1].split()[0]
 
 
 
@@ -342,7 +360,8 @@ def _server_holds_no_ids(out: Path, sites: list[Path], allowed: set[str]) -> Non
     id or by its sample id (the hash of its id): only the records asked to be deleted may appear."""
     images = {hashlib.sha256(p.read_bytes()).hexdigest() for root in sites for p in root.rglob("*") if p.is_file()}
     live = [r for r in RECORDS if r not in allowed]
-    needles = {r.encode(): r for r in live} | {str(record_key(r)).encode(): r for r in live}
+    keys = [site_key(root) for root in sites]
+    needles = {r.encode(): r for r in live} | {str(record_key(r, k)).encode(): r for r in live for k in keys}
     for p in out.rglob("*"):
         if p.is_file():
             data = p.read_bytes()
@@ -368,7 +387,10 @@ def test_forget_at_one_site_retrains_only_there(fed):
     index_b = (fed.state_dir("site-b") / "index.json").read_bytes()
     seen = len(wire(fed.out))
     t0 = time.monotonic()
-    res = fed.flwr_run(FORGET.format(out=fed.out) + ' forget-site="site-b" forget-records="P-0003"')
+    request = file_request(fed.out, "--site", "site-b", "--records", "P-0003")
+    run_config = FORGET.format(out=fed.out, request=request)
+    assert "P-0003" not in run_config and "site-b" not in run_config  # what every site's ClientApp receives
+    res = fed.flwr_run(run_config)
     fed.timings["forget"] = time.monotonic() - t0
     assert status(fed.out)["ok"], _tail(res)
 
@@ -376,7 +398,8 @@ def test_forget_at_one_site_retrains_only_there(fed):
     assert tree_hashes(fed.state_dir("site-a")) == before["site-a"]
     assert not (fed.data_root("site-a") / ".fairforget-tombstones.jsonl").exists()
     # site-b: the index moved on without the record, tombstoned at the data's owner
-    key = record_key("P-0003")
+    key = key_of(fed, "site-b", "P-0003")
+    assert key != key_of(fed, "site-a", "P-0003")  # the same record id at two sites: unlinkable sample ids
     assert (fed.state_dir("site-b") / "index.json").read_bytes() != index_b
     assert str(key) in (fed.data_root("site-b") / ".fairforget-tombstones.jsonl").read_text()
     assert str(key) not in json.dumps(read_json(fed.state_dir("site-b") / "index.json")["slices"])
@@ -415,11 +438,12 @@ def test_node_lost_mid_deletion_then_restarted_resumes(fed):
     (resume). (A kill after the node's commit is tests/test_crash_safety.py's, in process: with a
     tiny model the retrain is over before a kill could land.)"""
     tomb = fed.data_root("site-b") / ".fairforget-tombstones.jsonl"
-    key = record_key("P-0005")
+    key = key_of(fed, "site-b", "P-0005")
     before = {site: tree_hashes(fed.state_dir(site)) for site in SITES}
     received = fed.log("site-b").count("Receiving: train.unlearn")
     t0 = time.monotonic()
-    run = fed.flwr_run(FORGET.format(out=fed.out) + f' forget-site="site-b" forget-records="P-0005" '
+    request = file_request(fed.out, "--site", "site-b", "--records", "P-0005")
+    run = fed.flwr_run(FORGET.format(out=fed.out, request=request) + " "
                        f"reply-timeout={REPLY_TIMEOUT}", background=True)
     try:
         _wait_for(lambda: fed.log("site-b").count("Receiving: train.unlearn") > received, 300,
@@ -444,7 +468,7 @@ def test_node_lost_mid_deletion_then_restarted_resumes(fed):
     fed.start_supernode("site-b", 1)
     seen = len(wire(fed.out))
     t0 = time.monotonic()
-    res = fed.flwr_run(FORGET.format(out=fed.out) + ' forget-records=""')
+    res = fed.flwr_run(FORGET.format(out=fed.out, request=file_request(fed.out, "--resume")))
     fed.timings["resume"] = time.monotonic() - t0
     st = status(fed.out)
     assert st["ok"], _tail(res)
