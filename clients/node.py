@@ -94,6 +94,7 @@ class Node:
     site: str = ""  # the site's name (node-config key site; default site-<shard>)
     server_has_data: bool = True  # False: a deployment whose server keeps no patient data
     partition_id: int | None = None  # the node config's partition-id: what the node claims, a cross-check only
+    own_data: bool = False  # a site with its own data-root (its whole training split is its shard)
 
     @classmethod
     def from_context(cls, run_config: dict[str, Any], node_config: dict[str, Any],
@@ -132,7 +133,7 @@ class Node:
         default_dir = Path(cfg.out_dir) / "nodes" / f"shard-{shard}"
         state_dir = Path(str(node_config.get(keys.NODE_STATE_DIR) or default_dir))
         return cls(cfg, shard, state_dir, bundle, data, tombstones, site, server_has_data,
-                   partition_id=_claimed(node_config))
+                   partition_id=_claimed(node_config), own_data=bool(node_config.get(keys.NODE_DATA_ROOT)))
 
     # ------------------------------------------------------------------ crash safety
     @contextmanager
@@ -180,7 +181,7 @@ class Node:
     def heldout(self) -> SampleSet:
         """This site's non-members: its own held-out split (deployment with ``data-root``), or its
         share of the run's held-out split (simulation)."""
-        if self.data is self.bundle.train:
+        if self.own_data:  # a site's own data: its whole held-out split
             return self.bundle.heldout
         parts = np.array_split(np.arange(len(self.bundle.heldout)), self.cfg.num_shards)
         return self.bundle.heldout.subset(parts[self.shard])

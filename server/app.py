@@ -18,6 +18,7 @@ from fairforget.ledger import LedgerError
 from fairforget.locks import LockBusy, locked
 from fairforget.requests import FORGET, Request, RequestError
 from fairforget.run import RunDir, RunDirError
+from fairforget.storage import sweep_leftovers
 from server.experiment import run_training
 from server.forget import ForgetError, run_forget
 
@@ -39,6 +40,7 @@ def run_driver(grid: Grid, cfg: RunConfig, request: Request | None = None) -> No
     run = RunDir(cfg.out_path)
     try:
         with locked(run.path, request.mode):
+            sweep_leftovers(run.path)  # a folder swap or removal a crash cut short
             seen = len(run.ledger.lines()) if run.ledger.path.exists() else 0  # lines before this run
             try:
                 extra = DRIVERS[request.mode](grid, cfg, request) or {}

@@ -380,7 +380,7 @@ def _audit(run: RunDir, cfg: RunConfig) -> int:
     states = run.load_models()
     print(f"fairforget: auditing {len(states)} model(s) of {run.path}", flush=True)
     metrics = run.metrics()
-    deleted = run.ledger.unlearned_ids() | Tombstones.of_run(run.path).ids()
+    deleted = run.ledger.unlearned_ids() | Tombstones.for_data(cfg, bundle.records, run_dir=run.path).ids()
     privacy = run_audit(run, cfg, bundle, states, deleted=deleted, dp=metrics.get("dp"))
     if "sites" in metrics.get("privacy", {}):  # site audits need the federation: keep the last ones
         privacy["sites"] = metrics["privacy"]["sites"]

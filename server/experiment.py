@@ -74,7 +74,7 @@ def run_training(grid: Grid, cfg: RunConfig) -> None:
         run.save_budget(strategy.budget)  # the retirements' spend, where a later forget goes on from
     if cfg.audit:
         retired = set(augmentation["retired_ids"]) if augmentation else set()
-        deleted = retired | Tombstones.of_run(run.path).ids()  # a replaced run's deletions stay deleted
+        deleted = retired | Tombstones.for_data(cfg, bundle.records, run_dir=run.path).ids()  # replaced runs' too
         metrics["privacy"] = federated_audit(grid, run, cfg, bundle, states, deleted=deleted, dp=metrics["dp"])
         metrics["timing"]["audit_seconds"] = metrics["privacy"]["seconds"]
     run.write_metrics(metrics)

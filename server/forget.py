@@ -304,7 +304,7 @@ def _finish(run: RunDir, cfg: RunConfig, bundle: Any, grid: Grid, strategy: Any,
     if cfg.audit and bundle is None:  # the data stays at the sites: each site audits on its own data
         metrics["privacy"] = federated_audit(grid, run, cfg, None, after, deleted=set(), dp=metrics["dp"])
     elif cfg.audit and ids and metrics["unlearning"]:
-        deleted = run.ledger.unlearned_ids() | Tombstones.of_run(run.path).ids()
+        deleted = run.ledger.unlearned_ids() | Tombstones.for_data(cfg, bundle.records, run_dir=run.path).ids()
         metrics["unlearning"][-1]["audit"] = {
             "deleted_vs_nonmembers_auc_before": unlearning_audit(cfg, bundle, before, ids, run),
             "deleted_vs_nonmembers_auc_after": unlearning_audit(cfg, bundle, after, ids, run),

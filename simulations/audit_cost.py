@@ -60,7 +60,7 @@ def server_side_seconds(run: RunDir) -> tuple[float, dict]:
     cfg = run.config()
     torch.set_num_threads(max(cfg.num_threads, 1))
     bundle = load_dataset(cfg)
-    deleted = run.ledger.unlearned_ids() | Tombstones.of_run(run.path).ids()
+    deleted = run.ledger.unlearned_ids() | Tombstones.for_data(cfg, bundle.records, run_dir=run.path).ids()
     with tempfile.TemporaryDirectory(prefix="audit-cost-") as tmp:
         t0 = time.perf_counter()
         privacy = run_audit(RunDir(Path(tmp)), cfg, bundle, run.load_models(), deleted=deleted, shards=True)

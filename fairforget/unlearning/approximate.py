@@ -204,8 +204,12 @@ def check(name: str, shard: SisaShard, ids: list[int], params: UnlearnParams | N
                             "teacher into every step, or masks gradients, which Opacus' per-sample clipping does "
                             "not cover; use finetune, newton or exact-sisa")
         n_retain = len(shard.live_ids() - set(ids))
-        shard.check_privacy(shard.settings.dp.planned(n_retain, shard.settings.batch_size, dp_epochs),
-                            f"{name} unlearning")
+        planned = shard.settings.dp.planned(n_retain, shard.settings.batch_size, dp_epochs)
+        shard.check_privacy(planned, f"{name} unlearning")
+        # a crash mid-deletion is finished by an exact retrain (resume): that must fit the cap as well,
+        # or the node would be left serving a lower stage with a retrain it may never run
+        shard.check_privacy(planned + shard.planned_removal(ids, target_stage(shard)),
+                            f"{name} unlearning (with the exact retrain that finishes it after a crash)")
 
 
 def approximate(name: str, method: Method, shard: SisaShard, ids: list[int],
