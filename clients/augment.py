@@ -152,6 +152,20 @@ class Augmenter:
             return group_counts(data.y, data.private, s.num_classes, s.num_private)
         return np.bincount(data.y.numpy(), minlength=s.num_classes)
 
+    def judged(self, data: SampleSet, fidelity: FidelityClassifiers) -> SampleSet:
+        """``data`` with each synthetic sample's class (and, in class-private mode, private attribute)
+        replaced by what the fidelity classifiers see in it: the bias of what was generated, not of what
+        was asked for (a generator that draws noise or the wrong colour shows here, not in ``kl_after``)."""
+        synth = torch.as_tensor(is_synthetic(data.ids))
+        if not bool(synth.any()):
+            return data
+        y, a = data.y.clone(), data.private.clone()
+        pred_y, pred_a = fidelity.predict(data.x[synth])
+        y[synth] = pred_y.to(y.dtype)
+        if self.settings.uses_private:
+            a[synth] = pred_a.to(a.dtype)
+        return make_sampleset(data.x, y.numpy(), a.numpy(), data.ids.numpy())
+
     def generator_data(self) -> SampleSet:
         """The site's originals the generator may learn from: all of them but the deleted ones."""
         keep = [i for i, sid in enumerate(self.originals.ids.tolist()) if sid not in self.store.deleted]
@@ -202,7 +216,9 @@ class Augmenter:
         report["restart_stage"] = restart
         report["retrain_seconds"] = self.sisa.train_through(target_stage)
         live = self.sisa.live_data()
-        report["kl_after"] = kl_to_target(self.counts(live))
+        report["kl_after"] = kl_to_target(self.counts(live))  # the groups requested of the generator
+        if fidelity is not None:  # ... and the groups the fidelity classifiers see in what it generated
+            report["kl_after_judged"] = kl_to_target(self.counts(self.judged(live, fidelity)))
         report["num_originals"] = int((~is_synthetic(live.ids)).sum())
         report["num_synthetic"] = int(is_synthetic(live.ids).sum())
         report["generator_version"] = int(self.store.state["generator_version"])

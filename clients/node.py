@@ -30,9 +30,11 @@ import numpy as np
 from fairforget import keys
 from fairforget.config import RunConfig
 from fairforget.data import DataBundle, SampleSet, load_dataset, shard_of
+from fairforget.data.image_folder import site_key
 from fairforget.locks import locked
 from fairforget.privacy.accountant import PrivacyBudgetExceeded
 from fairforget.sisa import SisaSettings, SisaShard
+from fairforget.site_secret import KEY_FILE, check_key_fingerprint
 from fairforget.storage import sweep_leftovers
 from fairforget.tombstones import Tombstones
 from fairforget.unlearning import approximate, exact
@@ -118,6 +120,10 @@ class Node:
             cfg = cfg.replace(data_root=str(node_config[keys.NODE_DATA_ROOT]))
             bundle = load_dataset(cfg)
             data = bundle.train
+            if cfg.dataset == "image-folder":  # its sample ids are keyed: the state must have the same key
+                root = Path(cfg.data_root).expanduser()
+                check_key_fingerprint(Path(str(node_config.get(keys.NODE_STATE_DIR))), site_key(root),
+                                      root / KEY_FILE)
             tombstones = Tombstones.for_data(cfg, bundle.records, path=node_config.get(keys.NODE_TOMBSTONES))
         else:
             num = int(node_config.get(keys.NODE_NUM_PARTITIONS, cfg.num_shards))

@@ -115,3 +115,28 @@ def write_private_json(path: Path, obj: Any) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def key_fingerprint(key: bytes) -> str:
+    """A public name for a key (HMAC of a constant): tells whether a state folder was made under the
+    same key, and reveals nothing of it."""
+    return hmac.new(key, b"fairforget key fingerprint", hashlib.sha256).hexdigest()[:16]
+
+
+def check_key_fingerprint(state_dir: Path, key: bytes, key_path: Path) -> None:
+    """A site's state folder remembers which record key its sample ids were made under
+    (``STATE/site-key.json``); a state folder made under another key (the key file lost and made
+    anew, or swapped) is a one-line :class:`SiteSecretError` instead of a shard whose ids match
+    nothing. The first call records the fingerprint."""
+    path = Path(state_dir) / "site-key.json"
+    mine = key_fingerprint(key)
+    if path.is_file():
+        try:
+            seen = json.loads(path.read_text(encoding="utf-8"))["fingerprint"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise SiteSecretError(f"{path} is unreadable: {exc}") from None
+        if seen != mine:
+            raise SiteSecretError(f"site key {key_path} is not the key state folder {state_dir} was made under "
+                                  f"(fingerprint {mine}, state {seen}): restore the site's key from its backup")
+    elif Path(state_dir).is_dir() or not Path(state_dir).exists():
+        write_private_json(path, {"fingerprint": mine})

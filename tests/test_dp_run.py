@@ -105,3 +105,105 @@ def test_dp_capacity_uses_each_shards_spent_epsilon(dp_run, grid_for):
     d = head_parameters(8 * dp_run.model_width, 10)
     assert row["capacity"] == dp_capacity(eps, dp_run.dp_delta, n, d, dp_run.capacity_c)
     assert json.loads(run.budget_path.read_text())["bound"] == "dp"
+
+
+# ---------------------------------------------------------------------- the alarm on real runs
+LEAKY = {"num-shards": 2, "slices": 1, "epochs-per-slice": 40, "model-width": 16, "batch-size": 8, "lr": 0.01,
+         "audit": False, "audit-attacks": "loss", "audit-bootstrap": 50}
+LEAKY_TRAIN = 134  # two shards of 67 samples with random labels: only memorising fits them
+
+
+def _random_label_digits(monkeypatch):
+    """Biased-Digits with every label drawn at random (seeded) and the training set cut to
+    :data:`LEAKY_TRAIN` samples: a model that fits its shard has memorised it, so the LOSS attack tells
+    its members from held-out samples (seen on the shards: AUC about 0.8, TPR at 1% FPR about 0.13)."""
+    import copy
+
+    import torch
+
+    from fairforget import data
+
+    real = data.DATASETS["biased-digits"]
+
+    def load(cfg):
+        bundle = copy.copy(real(cfg))
+        gen = torch.Generator().manual_seed(5)
+        for part in ("train", "heldout", "test_biased", "test_unbiased"):
+            s = copy.copy(getattr(bundle, part))
+            if part == "train":
+                s = s.subset(range(LEAKY_TRAIN))
+            s.y = torch.randint(0, bundle.num_classes, (len(s),), generator=gen)
+            setattr(bundle, part, s)
+        return bundle
+
+    data._load_cached.cache_clear()
+    monkeypatch.setitem(data.DATASETS, "biased-digits", load)
+
+
+@pytest.fixture(scope="module")
+def leaky_run(tmp_path_factory):
+    """A real run trained WITHOUT DP on shards it memorises, whose metrics.json is then given the DP
+    block an accountant would write had every shard trained with noise multiplier 50 (mu about 0.04):
+    accounting that does not match the training. Its data stay patched for the module's tests."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fairforget import data
+    from fairforget.config import resolve
+    from fairforget.privacy.accountant import summarize
+    from fairforget.privacy.gdp import planned_sisa
+    from fairforget.privacy.reporting import dp_block, stage_sizes
+    from tests.conftest import TINY, InProcessGrid
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # module scope: before autouse
+    with pytest.MonkeyPatch.context() as mp:
+        _random_label_digits(mp)
+        cfg = resolve({**TINY, **LEAKY, "out-dir": str(tmp_path_factory.mktemp("leaky") / "run")})
+        run_training(InProcessGrid(cfg), cfg)
+        run = RunDir(cfg.out_path)
+        shards = {}
+        for k, shard in enumerate(shard_of(cfg, load_dataset(cfg))):
+            history = planned_sisa(stage_sizes(len(shard), cfg.slices), cfg.batch_size, cfg.epochs_per_slice, 50.0)
+            shards[k] = {"shard": k, **summarize(history, "rdp", cfg.dp_delta)}
+        metrics = run.metrics()
+        metrics["dp"] = dp_block(cfg.replace(dp=True, dp_noise_multiplier=50.0, dp_accountant="rdp"), shards, None)
+        run.write_metrics(metrics)
+        yield cfg
+    data._load_cached.cache_clear()  # the next test loads the real data again
+
+
+def assert_audit_alarm(out, expect_violation: bool, capsys) -> list[str]:
+    """``fairforget audit`` on the run: exit 1 with the DP-bound error and the violations listed iff
+    ``expect_violation``."""
+    code = cli.main(["audit", "--run", str(out), "--set", 'audit-attacks="loss"'])
+    err = capsys.readouterr().err
+    found = RunDir(out).metrics()["privacy"].get("dp_bound_violations")
+    if expect_violation:
+        assert code == cli.EXIT_RUN and "beat the differential-privacy bound" in err, (code, err)
+        assert found and all("exceeds the mu-GDP bound" in v for v in found), found
+    else:
+        assert code == 0 and "beat the differential-privacy bound" not in err, (code, err)
+        assert found == [], found
+    return found
+
+
+def test_alarm_fires_on_a_real_run_whose_accounting_understates_the_leak(leaky_run, capsys):
+    # seen: shard-1 loss: TPR 0.090 at 1.0% FPR (95% CI from 0.045) exceeds the mu-GDP bound 0.027 (mu = 0.043)
+    found = assert_audit_alarm(leaky_run.out_path, True, capsys)
+    assert any(v.startswith("shard-") and "loss" in v for v in found)  # the memorising shard models
+    dp = RunDir(leaky_run.out_path).metrics()["dp"]
+    assert max(v["mu"] for v in dp["shards"].values()) < 0.05  # what the tampered accounting claimed
+
+
+def test_alarm_stays_quiet_on_the_real_dp_run(dp_run, capsys):
+    """The same audit on a run really trained with DP-SGD (sigma 1.5) and accounted for it: no alarm."""
+    assert_audit_alarm(dp_run.out_path, False, capsys)
+
+
+def test_planted_a_detector_that_never_fires_fails_the_alarm_check(leaky_run, capsys, monkeypatch):
+    """Planted defect (issue 28; kept beside the run it needs, built once): the bound check replaced by
+    one that never reports a violation. The alarm check on the leaky run must then fail."""
+    from fairforget.audit import suite
+
+    monkeypatch.setattr(suite, "violations", lambda privacy, dp: [])
+    with pytest.raises(AssertionError):
+        assert_audit_alarm(leaky_run.out_path, True, capsys)

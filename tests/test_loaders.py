@@ -565,14 +565,19 @@ def test_site_record_ids_are_the_sites_own_and_survive_reordering(tmp_path):
     rows marked heldout are never members, rows marked train always are."""
     rows = [f"P-{i:04d},{i}.png,{i % 2},{(i // 2) % 2},{'heldout' if i < 4 else 'train' if i < 8 else ''}"
             for i in range(24)]
+    from fairforget.data import _load_cached
+
     a = load_dataset(folder_cfg(_site_folder(tmp_path / "a", rows)))
-    b = load_dataset(folder_cfg(_site_folder(tmp_path / "b", rows[::-1])))
+    _load_cached.cache_clear()
+    b = load_dataset(folder_cfg(_site_folder(tmp_path / "a", rows[::-1])))  # the same site, its rows reordered
+    other = load_dataset(folder_cfg(_site_folder(tmp_path / "c", rows)))  # another site: its own key
     for bundle in (a, b):
         members = {bundle.records[i] for i in bundle.train.ids.tolist()}
         held = {bundle.records[i] for i in bundle.heldout.ids.tolist()}
         assert {f"P-{i:04d}" for i in range(4)} <= held and not {f"P-{i:04d}" for i in range(4)} & members
         assert {f"P-{i:04d}" for i in range(4, 8)} <= members
     assert a.records == b.records  # same record -> same sample id, whatever the row order
+    assert not set(a.records) & set(other.records)  # the same record ids at another site: unrelated sample ids
     known, unknown = a.sample_ids(["P-0005", "P-9999"])
     assert [a.records[k] for k in known] == ["P-0005"] and unknown == ["P-9999"]
 
