@@ -40,14 +40,17 @@ def on_node(handler: Handler) -> Handler:
     @functools.wraps(handler)
     def run(content: RecordDict, node: Node) -> RecordDict:
         with node.locked():
+            node.pin_key()
             node.resume()
             return handler(content, node)
 
     return run
 
 
-def _shard_metrics(node: Node, data_len: int, seconds: float) -> MetricRecord:
-    live = node.sisa.live_data() if node.cfg.strategy == "shard-ensemble" else node.data
+def _shard_metrics(node: Node, data_len: int, seconds: float, sisa: bool = True) -> MetricRecord:
+    """The reply's figures; ``sisa``: the node trains its own SISA shard (its live data), else it trains
+    the global model on all of its data (the train message's mode says which)."""
+    live = node.sisa.live_data() if sisa else node.data
     counts = group_counts(live.y, live.private, node.bundle.num_classes, node.bundle.num_private)
     return MetricRecord({
         keys.SHARD: node.shard,
@@ -57,9 +60,10 @@ def _shard_metrics(node: Node, data_len: int, seconds: float) -> MetricRecord:
     })
 
 
-def _privacy_info(node: Node) -> dict[str, str]:
-    """The shard's cumulative DP spend for the reply's ConfigRecord (nothing without DP-SGD)."""
-    if node.cfg.strategy != "shard-ensemble" or node.sisa.accountant is None:
+def _privacy_info(node: Node, sisa: bool = True) -> dict[str, str]:
+    """The shard's cumulative DP spend for the reply's ConfigRecord (nothing without DP-SGD at this
+    site: no SISA shard, ``sisa`` False, or no accountant)."""
+    if not sisa or node.sisa.accountant is None:
         return {}
     return {keys.DP_JSON: json.dumps(node.sisa.privacy_summary())}
 
@@ -88,10 +92,10 @@ def train(content: RecordDict, node: Node) -> RecordDict:
         result = train_model(model, node.data, seeds=seeds, batch_size=cfg.batch_size, objective=objective,
                              optimizer=settings.optimizer.build(model, objective))
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        metrics = _shard_metrics(node, len(node.data), result.seconds)
+        metrics = _shard_metrics(node, len(node.data), result.seconds, sisa=False)
     else:
         raise ValueError(f"unknown train mode {mode!r}")
-    info = ConfigRecord({keys.MODEL_HASH: state_hash(state), **_privacy_info(node)})
+    info = ConfigRecord({keys.MODEL_HASH: state_hash(state), **_privacy_info(node, mode == keys.TRAIN_MODE_SISA)})
     return RecordDict({
         keys.ARRAYS: ArrayRecord(state),
         keys.METRICS: metrics,
@@ -204,16 +208,18 @@ def audit(content: RecordDict, node: Node) -> RecordDict:
     """Audit the model this site serves, on its own live members and held-out data, with every
     configured attack and reference models trained here (:mod:`fairforget.audit.site`); with
     ``site-audit-scope = "ensemble"`` also the ensemble the server sent. Any other model is refused:
-    under the default scope a site receives no weights (FedAvg: the global model, which every client
-    already trains from). Replies with ROC statistics only."""
+    under the default scope a site receives no weights. The message says which model is the site's
+    (``model-target``): its own shard model, or the one global model it carries (an averaging
+    strategy's, which every client already trains from). Replies with ROC statistics only."""
     cfg = node.cfg
     scope = str(content[keys.CONFIG][keys.AUDIT_SCOPE])
+    target = str(content[keys.CONFIG].get(keys.MODEL_TARGET, ""))
     if scope != cfg.site_audit_scope:
         raise ValueError(f"a {scope!r} site audit was asked for, but this run's site-audit-scope is "
                          f"{cfg.site_audit_scope!r}")
     sent = unpack_shards(content[keys.ARRAYS]) if keys.ARRAYS in content else {}
     num_classes = node.bundle.num_classes
-    if cfg.strategy == "shard-ensemble":
+    if target == keys.TARGET_OWN_SHARD:
         if scope == "shard" and sent:
             raise ValueError(f"site-audit-scope = 'shard': this site audits only its own model and takes no "
                              f"weights, got shard(s) {', '.join(map(str, sorted(sent)))}")
@@ -222,12 +228,15 @@ def audit(content: RecordDict, node: Node) -> RecordDict:
         if scope == "ensemble":
             targets["ensemble"] = [load_model(sent[k], num_classes, cfg.model_width) for k in sorted(sent)]
         members = node.sisa.live_data()
-    else:  # fedavg: one global model
+    elif target == keys.TARGET_SENT:  # an averaging strategy: one global model
         if set(sent) != {0}:
-            raise ValueError("a FedAvg site audit takes exactly the global model")
+            raise ValueError("a site audit of the global model takes exactly that model")
         own = sent[0]
         targets = {"global": [load_model(own, num_classes, cfg.model_width)]}
         members = node.data
+    else:
+        raise ValueError(f"{keys.MODEL_TARGET} must be {keys.TARGET_OWN_SHARD!r} or {keys.TARGET_SENT!r}, "
+                         f"got {target!r}")
     members = members.subset(np.flatnonzero(~is_synthetic(members.ids)))  # members are real people
     gone = node.tombstones.ids()
     heldout = node.heldout.subset([i for i, sid in enumerate(node.heldout.ids.tolist()) if sid not in gone])
@@ -255,10 +264,23 @@ def identify(content: RecordDict, node: Node) -> RecordDict:
 
 @on_node
 def evaluate(content: RecordDict, node: Node) -> RecordDict:
-    """This site's own shard model on this site's own test split (biased: as it is; unbiased: every
-    (class, private) group subsampled to the same size): accuracies and each group's accuracy as
-    fractions, never counts per group, samples or ids."""
-    model = load_model(approximate.current_state(node.sisa), node.bundle.num_classes, node.cfg.model_width)
+    """This site's model on this site's own test split (biased: as it is; unbiased: every (class,
+    private) group subsampled to the same size): accuracies and each group's accuracy as fractions,
+    never counts per group, samples or ids. The message says which model (``model-target``): the
+    site's own shard model, or the one global model it carries."""
+    config = content.get(keys.CONFIG) or ConfigRecord({})
+    target = str(config.get(keys.MODEL_TARGET, ""))
+    if target == keys.TARGET_SENT:
+        sent = unpack_shards(content[keys.ARRAYS])
+        if set(sent) != {0}:
+            raise ValueError("an evaluation of the global model takes exactly that model")
+        state = sent[0]
+    elif target == keys.TARGET_OWN_SHARD:
+        state = approximate.current_state(node.sisa)
+    else:
+        raise ValueError(f"{keys.MODEL_TARGET} must be {keys.TARGET_OWN_SHARD!r} or {keys.TARGET_SENT!r}, "
+                         f"got {target!r}")
+    model = load_model(state, node.bundle.num_classes, node.cfg.model_width)
     out = {}
     for name, data in (("biased", node.bundle.test_biased), ("unbiased", node.bundle.test_unbiased)):
         with torch.no_grad():

@@ -148,6 +148,13 @@ class Node:
         with locked(self.state_dir, f"node of shard {self.shard}", wait=float("inf")):
             yield self
 
+    def pin_key(self) -> None:
+        """Record the site key's fingerprint in the state folder (once, holding the state lock), so a
+        lost or swapped key is noticed before a shard trained under the old one is touched."""
+        if self.own_data and self.cfg.dataset == "image-folder":
+            root = Path(self.cfg.data_root).expanduser()
+            check_key_fingerprint(self.state_dir, site_key(root), root / KEY_FILE, pin=True)
+
     def resume(self) -> None:
         """Finish what a crash interrupted, before handling anything: leftover folders of an
         interrupted removal or swap (:func:`fairforget.storage.sweep_leftovers`); a deletion whose

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import math
 import tomllib
 from collections.abc import Mapping
@@ -43,6 +44,16 @@ class ConfigError(ValueError):
 
 
 T = TypeVar("T")
+
+
+def _json_object(text: str) -> bool:
+    """Whether ``text`` is empty or a JSON object (what ``strategy-options`` holds)."""
+    if not text.strip():
+        return True
+    try:
+        return isinstance(json.loads(text), dict)
+    except ValueError:
+        return False
 
 
 def lookup(key: str, name: str, registry: Mapping[str, T]) -> T:
@@ -75,6 +86,7 @@ class RunConfig:
     min_shards: int
     binding: str
     strategy: str
+    strategy_options: str  # the strategy's own parameters, a JSON object (strategies.base: ``options``)
     ensemble_vote: str
     rounds: int
     local_epochs: int
@@ -187,6 +199,7 @@ class RunConfig:
              "empty (a training) or the 16-hex-digit id of a request in out-dir/requests/"),
             ("dataset", bool(self.dataset.strip()), "a dataset name"),
             ("strategy", bool(self.strategy.strip()), "a strategy name"),
+            ("strategy-options", _json_object(self.strategy_options), "\"\" or a JSON object of options"),
             ("objective", bool(self.objective.strip()), "an objective name"),
             ("end-alpha", self.end_alpha >= 0.0, ">= 0"),
             ("end-beta", self.end_beta >= 0.0, ">= 0"),
@@ -270,9 +283,8 @@ class RunConfig:
         if self.dp and self.augment and self.diffusion_group_reweight > 0:
             raise ConfigError("config key 'diffusion-group-reweight' must be 0 with dp = true (reweighting changes "
                               "each sample's sampling rate, which the accountant does not model)")
-        if self.augment and self.strategy != "shard-ensemble":
-            raise ConfigError(f"config key 'augment' = true needs strategy = \"shard-ensemble\" (SISA shards to "
-                              f"unlearn from), not {self.strategy!r}")
+        # what the chosen strategy supports (augment, dp) is its class's to say: strategies.check_config,
+        # where the strategy is built (this module imports no registry of strategies)
 
     def _check_privacy(self) -> None:
         """What DP-SGD cannot honour, refused wherever the config is read (not only by the command's
@@ -283,14 +295,8 @@ class RunConfig:
                               "which is not installed and does not install with torch 2.14: turn it off; the DP-SGD "
                               "noise and Poisson masks are already seeded at each site from the operating system's "
                               "secure randomness, kept secret there (STATE/dp-seeds.json)")
-        if self.dp and self.strategy == "shard-ensemble":
-            from fairforget.objectives import OBJECTIVES  # here, not at the top: this module imports no registry
-
-            objective = OBJECTIVES.get(self.objective)  # an unknown name is refused by the registry, where used
-            if objective is not None and not objective.per_sample:
-                raise ConfigError(f"objective {self.objective!r} couples the samples of a batch, so DP-SGD's "
-                                  "per-sample clipping bounds no sample's influence: use it without dp, or with "
-                                  "strategy = \"fedavg\"")
+        # DP-SGD with a batch-coupled objective (EnD, ReBias) is refused where DP-SGD is chosen: by the
+        # strategy that declares it (strategies.check_config) and by the site's SISA training (fairforget.sisa)
 
     @property
     def out_path(self) -> Path:

@@ -1,12 +1,19 @@
 """The shard ensemble: one SimpleConvNet per shard, never averaged (SISA, Bourtoule et al. 2021).
 
-Prediction is the mean of the constituents' softmax outputs (``softmax``) or the share of their
-votes (``majority``; ties go to the lower class, as ``argmax`` does).
+Prediction is the (weighted) mean of the constituents' softmax outputs (``softmax``) or the
+(weighted) share of their votes (``majority``; ties go to the lower class, as ``argmax`` does).
+
+A strategy owns how its constituents' predictions combine: its ``predictor()`` returns a
+:class:`Predictor` (or a subclass), and every place that predicts (the server's evaluation, its
+audit, ``forget``'s figures) builds the ensemble through it. :meth:`Ensemble.combine` is the one
+combination rule: :meth:`Ensemble.predict_proba` is ``combine(member_probs(x))``, and evaluation,
+which also needs every constituent's own accuracy, calls the two parts itself.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import torch
 
@@ -15,10 +22,11 @@ from fairforget.model import SimpleConvNet, load_model
 
 class Ensemble:
     def __init__(self, states: Mapping[int, Mapping[str, torch.Tensor]], num_classes: int, width: int,
-                 vote: str = "softmax") -> None:
+                 vote: str = "softmax", weights: Mapping[int, float] | None = None) -> None:
         if vote not in ("softmax", "majority"):
             raise ValueError(f"unknown ensemble vote {vote!r}")
         self.vote = vote
+        self.weights = None if weights is None else {int(k): float(v) for k, v in weights.items()}
         self.num_classes = num_classes
         self.models: dict[int, SimpleConvNet] = {}
         for shard, state in sorted(states.items()):
@@ -32,12 +40,34 @@ class Ensemble:
             out.append(torch.cat([model(x[i : i + batch_size]).softmax(-1) for i in range(0, len(x), batch_size)]))
         return torch.stack(out)
 
-    def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
-        probs = self.member_probs(x)
-        if self.vote == "softmax":
+    def combine(self, probs: torch.Tensor) -> torch.Tensor:
+        """(N, K) ensemble output from the (S, N, K) outputs of :meth:`member_probs`."""
+        if self.vote == "majority":
+            probs = torch.nn.functional.one_hot(probs.argmax(-1), self.num_classes).float()
+        if self.weights is None:
             return probs.mean(0)
-        votes = torch.nn.functional.one_hot(probs.argmax(-1), self.num_classes).float()
-        return votes.mean(0)
+        w = torch.tensor([self.weights.get(k, 0.0) for k in self.models], dtype=probs.dtype)
+        if not (w >= 0).all() or float(w.sum()) <= 0:
+            raise ValueError(f"ensemble weights must be >= 0 and not all 0, got {self.weights}")
+        return (probs * (w / w.sum()).view(-1, 1, 1)).sum(0)
+
+    def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
+        return self.combine(self.member_probs(x))
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         return self.predict_proba(x).argmax(-1)
+
+
+@dataclass(frozen=True)
+class Predictor:
+    """How a strategy's constituent models predict together (what ``strategy.predictor()`` returns):
+    the vote and, optionally, a weight per constituent (shard -> weight; none: even). Called with the
+    constituents' state dicts it builds the :class:`Ensemble` that predicts; a strategy with another
+    rule returns a subclass whose ``__call__`` builds an :class:`Ensemble` subclass overriding
+    :meth:`Ensemble.combine`."""
+
+    vote: str = "softmax"
+    weights: Mapping[int, float] | None = field(default=None)
+
+    def __call__(self, states: Mapping[int, Mapping[str, torch.Tensor]], num_classes: int, width: int) -> Ensemble:
+        return Ensemble(states, num_classes, width, self.vote, self.weights)

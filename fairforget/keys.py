@@ -32,6 +32,12 @@ REQUEST_OPTIONS = ("unlearn-epochs", "unlearn-lr", "newton-lambda", "augment-on-
 TRAIN_MODE_SISA = "sisa-stage"
 TRAIN_MODE_LOCAL = "local-epochs"
 
+# query.audit and query.evaluate: which model the site scores, decided by the strategy's capabilities
+# (keeps_shard_models), so that a site never needs the strategy's name.
+MODEL_TARGET = "model-target"
+TARGET_OWN_SHARD = "own-shard"  # the shard model this site trained and serves (no weights sent)
+TARGET_SENT = "sent"  # the one global model the message carries (an averaging strategy)
+
 # Keys of the MetricRecord / ConfigRecord a client replies with.
 SHARD = "shard"
 NUM_EXAMPLES = "num-examples"

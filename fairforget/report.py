@@ -251,10 +251,12 @@ def _augmentation_lines(metrics: dict[str, Any], run_dir: Path) -> list[str]:
         cells = [f"{mia[n]['auc']:.3f} / {mia[n]['tpr_at_0.01_fpr']:.3f}" if n in mia else "" for n in names]
         lines.append(f"| {r['name']} | {kl} | {r['accuracy_unbiased']:.3f} | {r['worst_group']['accuracy']:.3f} | "
                      + " | ".join(cells) + " |")
-    lines += ["", "Per shard and step (quality: label fidelity of the new samples by the fidelity classifiers; "
+    lines += ["", "Per shard and step (KL after: of the groups requested of the generator; in brackets, of the "
+              "groups the fidelity classifiers see in the samples it generated; "
+              "quality: label fidelity of the new samples by the fidelity classifiers; "
               "Frechet distance on their features, matched labels, next to real vs real):", "",
-              "| step | shard | KL before | KL after | generated | originals / synthetic | class fidelity | "
-              "private fidelity | FD (real vs real) | generator s | sampling s | retrain s |",
+              "| step | shard | KL before | KL after (as judged) | generated | originals / synthetic | "
+              "class fidelity | private fidelity | FD (real vs real) | generator s | sampling s | retrain s |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for st in aug["steps"]:
         for k, rep in st["shards"].items():
@@ -262,7 +264,8 @@ def _augmentation_lines(metrics: dict[str, Any], run_dir: Path) -> list[str]:
             fid = q.get("label_fidelity", {})
             fd = (f"{_fmt3(q['frechet_distance'])} ({_fmt3(q['frechet_distance_real_vs_real'])})"
                   if "frechet_distance" in q else "")
-            lines.append(f"| {st['step']} | {k} | {rep['kl_before']:.3f} | {rep['kl_after']:.4f} | "
+            judged = f" ({rep['kl_after_judged']:.3f})" if "kl_after_judged" in rep else ""
+            lines.append(f"| {st['step']} | {k} | {rep['kl_before']:.3f} | {rep['kl_after']:.4f}{judged} | "
                          f"{rep['generated']} | "
                          f"{rep['num_originals']} / {rep['num_synthetic']} | {_fmt3(fid.get('class'))} | "
                          f"{_fmt3(fid.get('private'))} | {fd} | {rep['generator_seconds']:.1f} | "

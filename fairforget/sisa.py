@@ -227,6 +227,9 @@ class SisaShard:
         with torch.random.fork_rng(devices=[]):  # an objective's own parts start seeded too
             torch.manual_seed(derived_seed(s.seed, self.shard, 1) % (1 << 63))
             objective = s.build_objective().to(s.device)
+        if s.dp is not None and not getattr(objective, "per_sample", True):
+            raise SisaError(f"objective {s.objective!r} couples the samples of a batch, so DP-SGD's per-sample "
+                            "clipping bounds no sample's influence: use it without dp")
         if s.dp is not None and any(True for _ in objective.parameters()):
             raise SisaError(f"objective {s.objective!r} trains parts of its own, which DP-SGD does not cover here; "
                             "use it without dp")

@@ -123,11 +123,12 @@ def key_fingerprint(key: bytes) -> str:
     return hmac.new(key, b"fairforget key fingerprint", hashlib.sha256).hexdigest()[:16]
 
 
-def check_key_fingerprint(state_dir: Path, key: bytes, key_path: Path) -> None:
+def check_key_fingerprint(state_dir: Path, key: bytes, key_path: Path, *, pin: bool = False) -> None:
     """A site's state folder remembers which record key its sample ids were made under
     (``STATE/site-key.json``); a state folder made under another key (the key file lost and made
     anew, or swapped) is a one-line :class:`SiteSecretError` instead of a shard whose ids match
-    nothing. The first call records the fingerprint."""
+    nothing. ``pin``: record the fingerprint if the folder has none yet (a node does so, holding its
+    state lock, before it trains)."""
     path = Path(state_dir) / "site-key.json"
     mine = key_fingerprint(key)
     if path.is_file():
@@ -138,5 +139,5 @@ def check_key_fingerprint(state_dir: Path, key: bytes, key_path: Path) -> None:
         if seen != mine:
             raise SiteSecretError(f"site key {key_path} is not the key state folder {state_dir} was made under "
                                   f"(fingerprint {mine}, state {seen}): restore the site's key from its backup")
-    elif Path(state_dir).is_dir() or not Path(state_dir).exists():
+    elif pin:
         write_private_json(path, {"fingerprint": mine})

@@ -42,7 +42,7 @@ def run_augmentation(grid: Grid, cfg: RunConfig, strategy: Any, bundle: DataBund
     originals = [int(i) for i in bundle.train.ids.tolist()]
     fidelity = FidelityClassifiers.train(bundle.heldout, bundle.num_classes, bundle.num_private, seed=cfg.seed)
     fidelity_arrays = ArrayRecord(fidelity.state())
-    rows = [_row("vanilla", vanilla_eval, None, _mia(cfg, bundle, states, originals, run), [])]
+    rows = [_row("vanilla", vanilla_eval, None, _mia(cfg, bundle, states, originals, run, strategy.predictor()), [])]
 
     steps: list[dict[str, Any]] = []
     retired: list[int] = []
@@ -60,7 +60,7 @@ def run_augmentation(grid: Grid, cfg: RunConfig, strategy: Any, bundle: DataBund
         retired += step_retired
         if step_retired:
             run.ledger.append(_ledger_rows(run.ledger.next_request(), step, shard_steps))
-        evaluation = evaluate_states(states, bundle, cfg)
+        evaluation = evaluate_states(states, bundle, cfg, strategy.predictor())
         live = sorted(set(originals) - set(retired))
         record = {
             "step": step, "retired": len(step_retired), "granted": {str(k): g for k, g in grants.items()},
@@ -69,10 +69,10 @@ def run_augmentation(grid: Grid, cfg: RunConfig, strategy: Any, bundle: DataBund
             "worst_group_accuracy": evaluation["unbiased"]["worst_group"]["accuracy"],
             "shards": {str(k): _shard_summary(rep) for k, rep in shard_steps.items()},
             "missing_shards": sorted(set(grants) - set(shard_steps)),  # no reply in time (min-shards allowed it)
-            "mia_live_originals": _mia(cfg, bundle, states, live, run),
+            "mia_live_originals": _mia(cfg, bundle, states, live, run, strategy.predictor()),
         }
         if retired:
-            record["mia_retired_originals"] = _mia(cfg, bundle, states, retired, run)
+            record["mia_retired_originals"] = _mia(cfg, bundle, states, retired, run, strategy.predictor())
         steps.append(record)
         if step == 0:
             rows[0]["kl_per_shard"] = {str(k): rep["kl_before"] for k, rep in shard_steps.items()}
@@ -93,10 +93,10 @@ def run_augmentation(grid: Grid, cfg: RunConfig, strategy: Any, bundle: DataBund
 
 # ---------------------------------------------------------------------- helpers
 def _mia(cfg: RunConfig, bundle: DataBundle, states: dict[int, dict[str, torch.Tensor]], ids: list[int],
-         run: RunDir) -> dict[str, dict[str, float]]:
+         run: RunDir, predictor: Any = None) -> dict[str, dict[str, float]]:
     if not ids:
         return {}
-    full = membership(cfg, bundle, states, ids, run, bootstrap=0)
+    full = membership(cfg, bundle, states, ids, run, bootstrap=0, predictor=predictor)
     return {attack: {k: float(r[k]) for k in MIA_KEYS} for attack, r in full.items()}
 
 
@@ -118,9 +118,9 @@ def _row(name: str, evaluation: dict[str, Any], shard_steps: dict[int, Any] | No
 
 
 def _shard_summary(rep: dict[str, Any]) -> dict[str, Any]:
-    keep = ("kl_before", "kl_after", "generated", "num_originals", "num_synthetic", "generator_version",
-            "generator_trained", "generator_seconds", "sampling_seconds", "retrain_seconds", "restart_stage",
-            "seconds", "quality", "filter")
+    keep = ("kl_before", "kl_after", "kl_after_judged", "generated", "num_originals", "num_synthetic",
+            "generator_version", "generator_trained", "generator_seconds", "sampling_seconds", "retrain_seconds",
+            "restart_stage", "seconds", "quality", "filter")
     return {k: rep[k] for k in keep if k in rep}
 
 

@@ -31,7 +31,7 @@ from fairforget.storage import atomic_write_bytes, replace_dir
 from fairforget.tombstones import Tombstones
 from fairforget.unlearning import get_unlearner
 from fairforget.verify import MATCH, MISMATCH, SITE_ONLY, VerifyError, verify_run, verify_site, write_verification
-from strategies import build_strategy, strategy_class
+from strategies import build_strategy, refusal, strategy_class
 
 EXIT_USAGE = 2
 EXIT_RUN = 1
@@ -64,7 +64,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     replace = _replaceable(out, args.force)  # before anything else: only a run is ever replaced
     bundle = preflight(cfg)
     calibration = None
-    if cfg.dp and cfg.strategy == "shard-ensemble":  # the DP noise is chosen before the run starts
+    if cfg.dp and strategy_class(cfg.strategy).dp_mechanism == "dp-sgd":  # the sites' noise, chosen before the run
         calibration = calibrate(cfg, [len(s) for s in shard_of(cfg, bundle)], compare=cfg.dp_calibrate != "none")
         _print_calibration(calibration)
         cfg = cfg.replace(dp_noise_multiplier=calibration["chosen"]["noise_multiplier"], dp_calibrate="none")
@@ -173,7 +173,7 @@ def preflight(cfg: RunConfig):
     get_unlearner(cfg.unlearn_method)
     if cfg.audit:
         check_audit_config(cfg, bundle)
-    if cfg.dp and cfg.dp_calibrate != "none" and cfg.strategy != "shard-ensemble":
+    if cfg.dp and cfg.dp_calibrate != "none" and strategy_class(cfg.strategy).dp_mechanism != "dp-sgd":
         raise UserError(f"dp-calibrate = {cfg.dp_calibrate!r} calibrates the shards' DP-SGD; strategy "
                         f"{cfg.strategy!r} takes dp-noise-multiplier as it is (dp-calibrate = \"none\")")
     return bundle
@@ -220,8 +220,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
     cfg = resolve(run.config().to_mapping(), sets).replace(out_dir=str(run.path))
     get_unlearner(cfg.unlearn_method)
     if not strategy_class(cfg.strategy).exact_unlearning:
-        raise UserError(f"run {run.path} used strategy '{cfg.strategy}', which keeps no shard models; "
-                        "exact unlearning needs shard-ensemble")
+        raise UserError(f"run {run.path}: {refusal(strategy_class(cfg.strategy), cfg.strategy)}")
     if args.ids_file:
         try:
             text = Path(args.ids_file).read_text()
@@ -381,7 +380,8 @@ def _audit(run: RunDir, cfg: RunConfig) -> int:
     print(f"fairforget: auditing {len(states)} model(s) of {run.path}", flush=True)
     metrics = run.metrics()
     deleted = run.ledger.unlearned_ids() | Tombstones.for_data(cfg, bundle.records, run_dir=run.path).ids()
-    privacy = run_audit(run, cfg, bundle, states, deleted=deleted, dp=metrics.get("dp"))
+    privacy = run_audit(run, cfg, bundle, states, deleted=deleted, dp=metrics.get("dp"),
+                        predictor=build_strategy(cfg, bundle.num_classes).predictor())
     if "sites" in metrics.get("privacy", {}):  # site audits need the federation: keep the last ones
         privacy["sites"] = metrics["privacy"]["sites"]
     metrics["privacy"] = privacy
@@ -411,7 +411,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     run = RunDir(Path(args.run).expanduser().resolve())
     run.require_finished()
     cfg = run.config()
-    if not strategy_class(cfg.strategy).exact_unlearning:
+    if not strategy_class(cfg.strategy).keeps_shard_models:
         raise UserError(f"run {run.path} used strategy '{cfg.strategy}', which keeps no shard models to verify")
     if args.shard is not None and not 0 <= args.shard < cfg.num_shards:
         raise UserError(f"no shard {args.shard}: the run has shards 0-{cfg.num_shards - 1}")

@@ -1,6 +1,8 @@
 """Evaluation of the ensemble on the biased and the unbiased test sets: on the server when it has the
 data (:func:`evaluate_states`), else at the sites (:func:`evaluate_at_sites`), each site scoring its own
-shard model on its own test split and returning accuracies only."""
+shard model (or the global model the server sends it) on its own test split and returning accuracies
+only. On the server the ensemble predicts as the strategy's predictor combines it
+(:meth:`strategies.base.FairforgetStrategy.predictor`), the same rule its audit scores."""
 
 from __future__ import annotations
 
@@ -15,19 +17,24 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from fairforget import keys
 from fairforget.config import RunConfig
 from fairforget.data import DataBundle
-from fairforget.ensemble import Ensemble
+from fairforget.ensemble import Predictor
 from fairforget.metrics import accuracy_report
+from fairforget.records import pack_shards
+from strategies import build_strategy, strategy_class
 
 
-def evaluate_states(states: dict[int, dict[str, torch.Tensor]], bundle: DataBundle, cfg: RunConfig) -> dict[str, Any]:
+def evaluate_states(states: dict[int, dict[str, torch.Tensor]], bundle: DataBundle, cfg: RunConfig,
+                    predictor: Predictor | None = None) -> dict[str, Any]:
     """Accuracy, per-group accuracy and worst group of the ensemble on both test sets, and each
-    constituent's own accuracy on the unbiased test set."""
-    ensemble = Ensemble(states, bundle.num_classes, cfg.model_width, cfg.ensemble_vote)
+    constituent's own accuracy on the unbiased test set. The ensemble predicts as ``predictor`` (the
+    strategy's; none given: the one the run's strategy declares) combines its constituents."""
+    if predictor is None:
+        predictor = build_strategy(cfg, bundle.num_classes).predictor()
+    ensemble = predictor(states, bundle.num_classes, cfg.model_width)
     out: dict[str, Any] = {}
     for name, data in (("biased", bundle.test_biased), ("unbiased", bundle.test_unbiased)):
         member = ensemble.member_probs(data.x)
-        probs = member.mean(0) if cfg.ensemble_vote == "softmax" else None
-        pred = probs.argmax(-1) if probs is not None else ensemble.predict(data.x)
+        pred = ensemble.combine(member).argmax(-1)  # the predictor's rule, one forward pass per model
         out[name] = accuracy_report(pred, data, bundle.num_classes, bundle.num_private)
         out[name]["per_model_accuracy"] = {
             int(k): float((member[i].argmax(-1) == data.y).float().mean()) for i, k in enumerate(ensemble.models)
@@ -55,7 +62,8 @@ class RoundEvaluator:
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if len(arrays) == 0:
             return None
-        result = evaluate_states(self.strategy.ensemble_states(arrays), self.bundle, self.cfg)
+        result = evaluate_states(self.strategy.ensemble_states(arrays), self.bundle, self.cfg,
+                                 self.strategy.predictor())
         row = {
             "round": server_round,
             "accuracy_biased": result["biased"]["accuracy"],
@@ -66,13 +74,26 @@ class RoundEvaluator:
         return MetricRecord({k: float(v) for k, v in row.items() if k != "round"})
 
 
-def evaluate_at_sites(grid: Any, cfg: RunConfig) -> dict[str, Any]:
-    """``query.evaluate`` to every bound site: each scores its own shard model on its own test split.
+def evaluate_at_sites(grid: Any, cfg: RunConfig, strategy: Any = None,
+                      states: dict[int, dict[str, torch.Tensor]] | None = None) -> dict[str, Any]:
+    """``query.evaluate`` to every bound site: each scores its own shard model on its own test split
+    (a strategy that keeps no shard models: the global model, ``states[0]``, sent with the message).
     The same shape as :func:`evaluate_states`: accuracy pooled over the sites' test samples, each
     group's accuracy the mean over the sites that have the group, the worst of those, and each shard's
-    own accuracy. No weights travel to the sites, no counts per group come back."""
-    messages = [Message(RecordDict({keys.CONFIG: ConfigRecord({})}), dst_node_id=n, message_type=keys.MSG_EVALUATE)
-                for n in grid.bound_nodes()]
+    own accuracy. No shard weights travel to the sites, no counts per group come back."""
+    keeps = (strategy if strategy is not None else strategy_class(cfg.strategy)).keeps_shard_models
+    if not keeps and states is None:
+        raise ValueError("evaluating the global model at the sites needs the model (states)")
+    config = {keys.MODEL_TARGET: keys.TARGET_OWN_SHARD if keeps else keys.TARGET_SENT}
+    arrays = None if keeps else pack_shards({0: ArrayRecord(states[0])})
+
+    def ask(node: int) -> Message:
+        content = RecordDict({keys.CONFIG: ConfigRecord(dict(config))})
+        if arrays is not None:
+            content[keys.ARRAYS] = arrays
+        return Message(content, dst_node_id=node, message_type=keys.MSG_EVALUATE)
+
+    messages = [ask(n) for n in grid.bound_nodes()]
     sites = {}
     for reply in grid.send_and_receive(messages):
         if not reply.has_error():
@@ -92,5 +113,6 @@ def evaluate_at_sites(grid: Any, cfg: RunConfig) -> dict[str, Any]:
         worst = min(groups, key=lambda g: g["accuracy"]) if groups else {"accuracy": float("nan")}
         out[name] = {"accuracy": acc, "n": n, "worst_group": worst, "groups": groups,
                      "per_model_accuracy": {k: r["accuracy"] for k, r in rows.items()},
-                     "scope": "each site's own shard model on its own test split"}
+                     "scope": ("each site's own shard model on its own test split" if keeps
+                               else "the global model on each site's own test split")}
     return out

@@ -29,7 +29,7 @@ from server.audit import federated_audit
 from server.augment import run_augmentation
 from server.evaluation import RoundEvaluator, evaluate_at_sites, evaluate_states
 from server.grid import SiteGrid, site_grid
-from strategies import build_strategy
+from strategies import build_strategy, check_config, strategy_class
 
 
 def run_training(grid: Grid, cfg: RunConfig) -> None:
@@ -37,6 +37,7 @@ def run_training(grid: Grid, cfg: RunConfig) -> None:
     if cfg.dp and cfg.dp_calibrate != "none":
         raise ConfigError(f"dp-calibrate = {cfg.dp_calibrate!r} is resolved before the run starts: use `fairforget "
                           "simulate`, or `fairforget calibrate` and pass the dp-noise-multiplier it prints")
+    check_config(strategy_class(cfg.strategy), cfg)  # what the strategy supports (augment, dp): before any write
     grid = site_grid(grid, cfg)  # the node binding (a bad binding file: one line, nothing written), timeouts, wire log
     run.write_config(cfg)
     if not cfg.server_has_data:  # sites with their own data: the server keeps none
@@ -60,7 +61,7 @@ def run_training(grid: Grid, cfg: RunConfig) -> None:
 
     states = strategy.ensemble_states(result.arrays)
     run.save_models(states)
-    evaluation = evaluate_states(states, bundle, cfg)
+    evaluation = evaluate_states(states, bundle, cfg, strategy.predictor())
     augmentation = None
     if cfg.augment:  # diffusion augmentation, then step-wise unlearning of the originals
         augmentation, states, evaluation = run_augmentation(grid, cfg, strategy, bundle, run, states, evaluation)
@@ -75,7 +76,8 @@ def run_training(grid: Grid, cfg: RunConfig) -> None:
     if cfg.audit:
         retired = set(augmentation["retired_ids"]) if augmentation else set()
         deleted = retired | Tombstones.for_data(cfg, bundle.records, run_dir=run.path).ids()  # replaced runs' too
-        metrics["privacy"] = federated_audit(grid, run, cfg, bundle, states, deleted=deleted, dp=metrics["dp"])
+        metrics["privacy"] = federated_audit(grid, run, cfg, bundle, states, deleted=deleted, dp=metrics["dp"],
+                                             strategy=strategy)
         metrics["timing"]["audit_seconds"] = metrics["privacy"]["seconds"]
     run.write_metrics(metrics)
     run.ledger.ensure()
@@ -99,7 +101,7 @@ def run_training_at_sites(grid: SiteGrid, cfg: RunConfig, run: RunDir) -> None:
     train_wall = time.perf_counter() - t0
     states = strategy.ensemble_states(result.arrays)
     run.save_models(states)
-    evaluation = evaluate_at_sites(grid, cfg)
+    evaluation = evaluate_at_sites(grid, cfg, strategy, states)
     info = {"name": cfg.dataset, "num_train": sum(int(r[keys.NUM_EXAMPLES]) for r in strategy.shard_reports.values()),
             "num_heldout": None, "num_test_biased": evaluation["biased"]["n"],
             "num_test_unbiased": evaluation["unbiased"]["n"], "num_classes": num_classes, "num_private": num_private}
@@ -107,7 +109,8 @@ def run_training_at_sites(grid: SiteGrid, cfg: RunConfig, run: RunDir) -> None:
     metrics["federation"] = federation(strategy, grid)
     metrics["dp"] = dp_metrics(cfg, strategy, run.calibration())
     if cfg.audit:
-        metrics["privacy"] = {**federated_audit(grid, run, cfg, None, states, deleted=set(), dp=metrics["dp"]),
+        metrics["privacy"] = {**federated_audit(grid, run, cfg, None, states, deleted=set(), dp=metrics["dp"],
+                                                strategy=strategy),
                               "note": "the data stays at the sites: each site audits on its own data"}
         metrics["timing"]["audit_seconds"] = metrics["privacy"]["seconds"]
     run.write_metrics(metrics)

@@ -48,7 +48,7 @@ from server.audit import federated_audit
 from server.evaluation import evaluate_at_sites, evaluate_states
 from server.experiment import dp_metrics, evaluation_summary
 from server.grid import site_grid
-from strategies import build_strategy
+from strategies import build_strategy, refusal
 from strategies.shard_ensemble import UnlearnOutcome
 
 CODE_VERSION = "fairforget-sisa-1"  # bump when a change of training code changes what a replay produces
@@ -76,7 +76,7 @@ def run_forget(grid: Grid, cfg: RunConfig, request: Request) -> dict[str, Any]:
     num_classes = bundle.num_classes if bundle is not None else grid.task()[0]
     strategy = build_strategy(cfg, num_classes)
     if not strategy.exact_unlearning:
-        raise ForgetError(f"strategy '{cfg.strategy}' keeps no shard models; exact unlearning needs shard-ensemble")
+        raise ForgetError(refusal(strategy, cfg.strategy))
     strategy.load_states(run.load_models())
     run.ledger.settle(run.load_budget(strategy.budget))
     if cfg.audit and bundle is not None:
@@ -291,7 +291,9 @@ def _record_figures(run: RunDir, cfg: RunConfig, bundle: Any, grid: Any, strateg
     rows = {int(e["shard"]): e for e in run.ledger.entries() if e["request"] == request_no}
     if not rows:
         return metrics
-    evaluation = evaluate_states(run.load_models(), bundle, cfg) if bundle is not None else evaluate_at_sites(grid, cfg)
+    states = run.load_models()
+    evaluation = (evaluate_states(states, bundle, cfg, strategy.predictor()) if bundle is not None
+                  else evaluate_at_sites(grid, cfg, strategy, states))
     wall = max(float(e.get("request_wall_seconds", e.get("wall_seconds", 0.0))) for e in rows.values())
     return updated_metrics(metrics, request_no, rows, strategy.shard_reports, evaluation, wall)
 
@@ -302,15 +304,17 @@ def _finish(run: RunDir, cfg: RunConfig, bundle: Any, grid: Grid, strategy: Any,
     after = run.load_models()
     metrics["dp"] = dp_metrics(cfg, strategy, run.calibration(), metrics.get("dp"))
     if cfg.audit and bundle is None:  # the data stays at the sites: each site audits on its own data
-        metrics["privacy"] = federated_audit(grid, run, cfg, None, after, deleted=set(), dp=metrics["dp"])
+        metrics["privacy"] = federated_audit(grid, run, cfg, None, after, deleted=set(), dp=metrics["dp"],
+                                             strategy=strategy)
     elif cfg.audit and ids and metrics["unlearning"]:
         deleted = run.ledger.unlearned_ids() | Tombstones.for_data(cfg, bundle.records, run_dir=run.path).ids()
         metrics["unlearning"][-1]["audit"] = {
-            "deleted_vs_nonmembers_auc_before": unlearning_audit(cfg, bundle, before, ids, run),
-            "deleted_vs_nonmembers_auc_after": unlearning_audit(cfg, bundle, after, ids, run),
+            "deleted_vs_nonmembers_auc_before": unlearning_audit(cfg, bundle, before, ids, run, strategy.predictor()),
+            "deleted_vs_nonmembers_auc_after": unlearning_audit(cfg, bundle, after, ids, run, strategy.predictor()),
         }
         metrics["unlearning"][-1]["privacy_before"] = headline(metrics.get("privacy"))
-        metrics["privacy"] = federated_audit(grid, run, cfg, bundle, after, deleted=deleted, dp=metrics["dp"])
+        metrics["privacy"] = federated_audit(grid, run, cfg, bundle, after, deleted=deleted, dp=metrics["dp"],
+                                             strategy=strategy)
         metrics["unlearning"][-1]["privacy_after"] = headline(metrics["privacy"])
     run.write_metrics(metrics)
     write_report(run.path)

@@ -9,14 +9,17 @@ Flower's ``Strategy.start`` loop, which carries one ArrayRecord between rounds, 
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord
 
 from fairforget import keys
+from fairforget.config import ConfigError
+from fairforget.ensemble import Predictor
 
 
 class StrategyReplyError(RuntimeError):
@@ -27,10 +30,53 @@ class FairforgetStrategy(ABC):
     """Mixin contract; concrete strategies also subclass a Flower strategy."""
 
     name: ClassVar[str]
+    # Capabilities: what the framework asks instead of the strategy's name (no code outside
+    # strategies/ compares names). The contract suite (strategies/testing.py) checks each one.
+    #: one model per shard, each trained at its site and never averaged (SISA); False: one averaged
+    #: model (``ensemble_states`` gives {0: it}). Decides what a site audits and evaluates (its own shard
+    #: model, or the global model the server sends) and whether deletions can be routed to one shard.
+    keeps_shard_models: ClassVar[bool] = False
+    #: a deletion is served by retraining the owning shard only (``fairforget forget``); needs
+    #: ``keeps_shard_models``. False: ``forget``/``verify`` refuse with :attr:`forget_refusal`.
     exact_unlearning: ClassVar[bool] = False
+    #: the one-line reason ``forget`` gives for a strategy without exact unlearning
+    forget_refusal: ClassVar[str] = "it keeps no shard models, so a deletion needs a full retrain"
+    #: how ``dp = true`` is honoured: "dp-sgd" (each site trains with DP-SGD, record level, calibrated
+    #: before the run), "user-level" (the server clips and noises whole updates), None: not supported
+    dp_mechanism: ClassVar[str | None] = None
+    #: ``augment = true`` (diffusion augmentation, then unlearning originals shard by shard) works
+    supports_augment: ClassVar[bool] = False
+    #: the strategy's own parameters, set through the one run-config key ``strategy-options`` (a JSON
+    #: object): option name -> default; a given value must have its default's type (an int for a float)
+    options: ClassVar[Mapping[str, Any]] = {}
+
+    @classmethod
+    def parse_options(cls, text: str) -> dict[str, Any]:
+        """Every declared option, its default overridden by ``strategy-options``; an unknown or mistyped
+        option is a one-line ConfigError naming the key, the strategy and the option."""
+        given = json.loads(text) if text.strip() else {}
+        unknown = sorted(set(given) - set(cls.options))
+        if unknown:
+            takes = f"its options: {', '.join(sorted(cls.options))}" if cls.options else "it takes none"
+            raise ConfigError(f"config key 'strategy-options': strategy {cls.name!r} has no option {unknown[0]!r} "
+                              f"({takes})")
+        out = dict(cls.options)
+        for key, value in given.items():
+            default = cls.options[key]
+            number = isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool)
+            if not (number or (type(value) is type(default))):
+                raise ConfigError(f"config key 'strategy-options': option {key!r} of strategy {cls.name!r} = "
+                                  f"{value!r}: expected {type(default).__name__}")
+            out[key] = float(value) if number else value
+        return out
 
     def __init__(self) -> None:
         self.shard_reports: dict[int, dict[str, Any]] = {}
+
+    def predictor(self) -> Predictor:
+        """How the constituents' predictions combine (:class:`fairforget.ensemble.Predictor`): used by
+        the server's evaluation, its audit and ``forget``'s figures alike. Default: even softmax mean."""
+        return Predictor()
 
     @classmethod
     @abstractmethod

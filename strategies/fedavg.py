@@ -26,7 +26,10 @@ from strategies.fedavg_dp import FedAvgUserDP
 
 class FedAvgBaseline(FairforgetStrategy, FedAvg):
     name = "fedavg"
+    keeps_shard_models = False  # one averaged model
     exact_unlearning = False
+    forget_refusal = "it trains one averaged model on everyone's data: a deletion needs a full retrain"
+    dp_mechanism = "user-level"  # dp = true builds FedAvgUserDP
 
     def __init__(self, num_shards: int, rounds: int, local_epochs: int, seed: int, width: int) -> None:
         FairforgetStrategy.__init__(self)

@@ -67,6 +67,8 @@ class FedAvgUserDP(FairforgetStrategy, Strategy):
 
     name = "fedavg"
     exact_unlearning = False
+    forget_refusal = "it trains one averaged model on everyone's data: a deletion needs a full retrain"
+    dp_mechanism = "user-level"
 
     def __init__(self, num_shards: int, rounds: int, local_epochs: int, seed: int, width: int, *,
                  noise_multiplier: float, clipping_norm: float, clipping: str = "server", delta: float = 1e-5,

@@ -35,6 +35,7 @@ from flwr.supercore import log
 
 from fairforget import keys, ledger
 from fairforget.capacity import BudgetExceeded, DeletionBudget, head_parameters
+from fairforget.ensemble import Predictor
 from fairforget.model import bottleneck_dim
 from fairforget.records import pack_shards, unpack_shards
 from fairforget.unlearning import EXACT, UnlearnResult
@@ -67,7 +68,10 @@ class UnlearnOutcome:
 
 class ShardEnsemble(FairforgetStrategy, Strategy):
     name = "shard-ensemble"
+    keeps_shard_models = True
     exact_unlearning = True
+    dp_mechanism = "dp-sgd"  # each site's SISA training, calibrated before the run
+    supports_augment = True
 
     def __init__(self, num_shards: int, num_slices: int, vote: str = "softmax",
                  budget: DeletionBudget | None = None, policy: str = "retrain", required: int | None = None) -> None:
@@ -174,6 +178,9 @@ class ShardEnsemble(FairforgetStrategy, Strategy):
 
     def ensemble_states(self, arrays: ArrayRecord) -> dict[int, dict[str, torch.Tensor]]:
         return unpack_shards(arrays)
+
+    def predictor(self) -> Predictor:
+        return Predictor(self.vote)  # ensemble-vote: mean softmax or majority, every shard alike
 
     # ------------------------------------------------------------------ unlearning
     def configure_describe(self, grid: Grid, ids: list[int]) -> list[Message]:

@@ -9,6 +9,7 @@ expects the same helper to raise ``AssertionError``. Not collected by pytest (no
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -141,7 +142,8 @@ def assert_moves_towards_retraining(after: ForgetFigures, before: ForgetFigures,
     assert acc >= min_acc, (f"{what}: forget accuracy {after.forget_acc:.2f} closes {acc:.0%} of the way from "
                             f"{before.forget_acc:.2f} to retraining's {retrained.forget_acc:.2f} (< {min_acc:.0%})")
     assert loss >= min_loss, (f"{what}: forget loss {after.forget_loss:.3f} closes {loss:.0%} of the way from "
-                              f"{before.forget_loss:.3f} to retraining's {retrained.forget_loss:.3f} (< {min_loss:.0%})")
+                              f"{before.forget_loss:.3f} to retraining's {retrained.forget_loss:.3f} "
+                              f"(< {min_loss:.0%})")
     return acc, loss
 
 
@@ -174,10 +176,68 @@ def assert_generated_match_requested(fidelity: dict[str, float], min_class: floa
     assert fidelity["private"] >= min_private, f"private-attribute fidelity {fidelity['private']:.2f} < {min_private}"
 
 
-def assert_debiased(report: dict, threshold: float) -> None:
-    """An augmentation step's shard report: the bias of what was generated, as the fidelity
-    classifiers see it (``kl_after_judged``), is under the threshold, as is the planned one."""
+JUDGED_CLOSED = 0.9  # share of the planned KL reduction the generated samples must achieve as judged
+
+
+def assert_debiased(report: dict, threshold: float, min_closed: float = JUDGED_CLOSED) -> float:
+    """An augmentation step's shard report: the plan brings KL under the threshold, and what was
+    generated, as the fidelity classifiers see it (``kl_after_judged``), achieves at least
+    ``min_closed`` of the planned reduction (the classifiers err on some real images too: seen 0.31
+    judged for 0.26 planned from 2.24 with real images of the requested groups, 0.98 of the reduction;
+    noise: 2.41, below zero)."""
     assert report["kl_after"] <= threshold, f"planned KL {report['kl_after']:.3f} > {threshold}"
-    assert report["kl_after_judged"] <= threshold, (
-        f"KL of the generated samples as judged {report['kl_after_judged']:.3f} > {threshold} "
-        f"(planned: {report['kl_after']:.3f})")
+    closed = (report["kl_before"] - report["kl_after_judged"]) / (report["kl_before"] - report["kl_after"])
+    assert closed >= min_closed, (
+        f"the generated samples as judged leave KL at {report['kl_after_judged']:.3f} (planned "
+        f"{report['kl_after']:.3f}, before {report['kl_before']:.3f}): {closed:.0%} of the planned reduction")
+    return closed
+
+
+@functools.lru_cache(maxsize=1)
+def tiny_fidelity():
+    """The fidelity classifiers of a TINY run (8 px Biased-Digits, trained on its held-out split as the
+    server trains them) and the real unbiased test set, which has every (class, colour) group."""
+    from fairforget.config import resolve
+    from fairforget.data import load_dataset
+    from fairforget.diffusion.quality import FidelityClassifiers
+    from tests.conftest import TINY
+
+    bundle = load_dataset(resolve(dict(TINY)))
+    return FidelityClassifiers.train(bundle.heldout, bundle.num_classes, bundle.num_private, seed=0, epochs=15), \
+        bundle.test_unbiased
+
+
+def real_group_sampler(pool, colour=None):
+    """A stand-in for the generator's ``sample`` that returns real images of the requested (class,
+    private) group from ``pool`` (``colour``: a function of the class giving the colour it draws instead)."""
+    groups = (pool.y * 10 + pool.private).numpy()
+
+    def draw(model, y, a, seed, **kw):
+        rng = np.random.default_rng(seed)
+        a = a if colour is None else colour(y)
+        return pool.x[[int(rng.choice(np.flatnonzero(groups == g))) for g in (y * 10 + a).tolist()]]
+
+    return draw
+
+
+def noise_sampler(model, y, a, seed, **kw):
+    """A generator that outputs noise."""
+    return torch.rand(len(y), 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+def augment_step_report(root, sampler, monkeypatch) -> dict:
+    """One augmentation step (step 0: generate, no retirement) of shard 0 of a TINY augmented run, with
+    ``sampler`` in place of the generator's sampling and the TINY fidelity classifiers judging."""
+    import clients.augment
+    from clients.node import Node
+    from fairforget import keys
+    from fairforget.config import resolve
+    from tests.conftest import TINY
+    from tests.test_augment import TINY_AUG
+
+    fidelity, _ = tiny_fidelity()
+    monkeypatch.setattr(clients.augment, "sample", sampler)
+    # the sampler is stubbed: one generator training step is enough
+    cfg = resolve({**TINY, **TINY_AUG, "diffusion-train-steps": 1, "out-dir": str(root / "run")})
+    node = Node.from_context(cfg.to_mapping(), {keys.NODE_PARTITION_ID: 0, keys.NODE_NUM_PARTITIONS: cfg.num_shards})
+    return node.augmenter.step(0, 0, fidelity)

@@ -199,3 +199,64 @@ def test_rmia_detects_members_through_its_reference_ratio():
     with pytest.raises(AssertionError):
         assert_detects(ATTACKS["loss"]().scores(case.target, None), case.is_member, "loss")
     assert_detects(ATTACKS["rmia"]().scores(case.target, case.refs), case.is_member, "rmia")
+
+
+# ---------------------------------------------------------------------- the scores, by hand
+def _k2(phi):
+    """Two-class softmax outputs whose LiRA statistic is ``phi`` (label 0): p_0 = sigmoid(phi)."""
+    from tests.oracles import probs_from_phi
+
+    phi = np.asarray(phi, dtype=np.float64)
+    return probs_from_phi(phi, np.zeros(phi.shape[-1], dtype=int), 2)
+
+
+def test_lira_scores_by_hand():
+    from scipy.stats import norm
+
+    y = np.zeros(2, dtype=int)
+    # offline: references' phi (0, 2) for candidate 0 and (1, 1) for candidate 1: mu_out = (1, 1); the fixed
+    # variance pools the residuals (-1, 1, 0, 0) over 4 - 2 degrees of freedom: s = 1
+    refs = ReferenceOutputs(_k2([[0.0, 1.0], [2.0, 1.0]]), _k2([[0.0], [0.0]]), np.zeros((2, 2), bool), 0.0)
+    target = TargetOutputs(_k2([2.0, 0.0]), y, _k2([0.0]), np.zeros(1, int))
+    np.testing.assert_allclose(ATTACKS["lira-offline"]().scores(target, refs), [norm.logcdf(1.0), norm.logcdf(-1.0)],
+                               atol=1e-6)
+    # online: candidate 0 IN for references 0, 1 (phi 3, 5) and OUT for 2, 3 (0, 2); candidate 1 IN for 0, 2
+    # (2, 4) and OUT for 1, 3 (0, 1): mu_in (4, 3), mu_out (1, 0.5); pooled s_in^2 = 4 / 2, s_out^2 = 2.5 / 2
+    phi = np.array([[3.0, 2.0], [5.0, 0.0], [0.0, 4.0], [2.0, 1.0]])
+    in_mask = np.array([[True, True], [True, False], [False, True], [False, False]])
+    refs = ReferenceOutputs(_k2(phi), _k2(np.zeros((4, 1))), in_mask, 0.0)
+    target = TargetOutputs(_k2([4.0, 0.5]), y, _k2([0.0]), np.zeros(1, int))
+    s_in, s_out = np.sqrt(2.0), np.sqrt(1.25)
+    expected = [norm.logpdf(4.0, 4.0, s_in) - norm.logpdf(4.0, 1.0, s_out),
+                norm.logpdf(0.5, 3.0, s_in) - norm.logpdf(0.5, 0.5, s_out)]
+    np.testing.assert_allclose(ATTACKS["lira-online"]().scores(target, refs), expected, atol=1e-6)
+
+
+def test_rmia_scores_by_hand():
+    """a = 0.3, gamma = 2. Pr(x) = ((1 + a) Pr_OUT(x) + 1 - a) / 2 = (0.675, 0.74, 0.415) for references'
+    p_y (0.5, 0.6, 0.1); target p_y (0.8, 0.3, 0.9) gives ratios (1.185, 0.405, 2.169). Population ratios
+    p_y / Pr(z) (0.3, 0.45, 0.62, 0.8, 1.1, 1.6, 2.5, 4.0); the score is the share of z with ratio_z <=
+    ratio_x / 2: 2/8, 0/8, 4/8."""
+    def probs(p):  # true class 0 with probability p, of two classes
+        p = np.asarray(p, dtype=np.float64)
+        return np.stack([p, 1 - p], -1)
+
+    ratio_z = np.array([0.3, 0.45, 0.62, 0.8, 1.1, 1.6, 2.5, 4.0])
+    refs = ReferenceOutputs(probs([[0.5, 0.6, 0.1]]), probs([np.full(8, 0.2)]), np.zeros((1, 3), bool), 0.0)
+    target = TargetOutputs(probs([0.8, 0.3, 0.9]), np.zeros(3, int), probs(0.2 * ratio_z), np.zeros(8, int))
+    np.testing.assert_allclose(ATTACKS["rmia"]().scores(target, refs), [0.25, 0.0, 0.5])
+    np.testing.assert_allclose(type(ATTACKS["rmia"]())(a=0.0, gamma=1.0).scores(target, refs), [0.5, 0.0, 0.75])
+    for bad in ({"a": -0.1}, {"a": 1.1}, {"gamma": 0.0}):
+        with pytest.raises(ValueError, match="RMIA needs 0 <= a <= 1 and gamma > 0"):
+            type(ATTACKS["rmia"]())(**bad)
+    type(ATTACKS["rmia"]())(a=1.0, gamma=1e-3)  # the edges are allowed
+
+
+def test_summary_reports_its_counts_and_curve():
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.35, 0.4, 0.3, 0.2, 0.1, 0.05])
+    labels = np.r_[np.ones(4, bool), np.zeros(6, bool)]  # members above all but one non-member (0.4 > 0.35)
+    r = summarize(scores, labels, bootstrap=0, curve_points=3)
+    assert r["auc"] == pytest.approx(23 / 24) and (r["n_members"], r["n_nonmembers"]) == (4, 6)
+    assert r["advantage"] == pytest.approx(1.0) and r["balanced_accuracy"] == pytest.approx(1.0)
+    assert r["tpr_at_0.01_fpr"] == 1.0 and np.isnan(r["tpr_at_0.01_fpr_ci95"]).all()
+    assert len(r["roc"]["fpr"]) == 3 and r["roc"]["fpr"][0] == 0.0 and r["roc"]["tpr"][-1] == 1.0

@@ -141,3 +141,20 @@ def test_nan_figures_are_written_as_null(tmp_path):
     atomic_write_json(tmp_path / "m.json", {"a": float("nan"), "b": [1.0, float("inf")], "c": 2.5})
     assert json.loads((tmp_path / "m.json").read_text(), parse_constant=_strict) == {"a": None, "b": [1.0, None],
                                                                                       "c": 2.5}
+
+
+def test_forgetting_a_record_an_earlier_run_deleted_is_satisfied(tiny_cfg, grid_for):
+    """`make demo` twice: `simulate --force` keeps the old run's tombstones, so the new run never
+    trained on ids 17, 42, 5; asking to forget them again is satisfied by the data owner's tombstone
+    (exit 0 at the CLI), not refused, and nothing is retrained."""
+    from fairforget.tombstones import Tombstones
+
+    cfg = tiny_cfg(audit=False)
+    victim = shard_of(cfg, load_dataset(cfg))[0].ids[0].item()
+    Tombstones.of_run(cfg.out_path).add([victim])  # what simulate --force carried over
+    run_training(grid_for(cfg), cfg)
+    grid = grid_for(cfg)
+    result = run_forget(grid, grid.cfg, forget_request(str(victim)))
+    assert result["satisfied"] == [{"id": victim, "tombstoned": True}]
+    assert not [m for m in grid.sent if m.metadata.message_type == keys.MSG_UNLEARN]
+    assert not RunDir(cfg.out_path).ledger.entries()

@@ -96,8 +96,7 @@ class _Fixed(torch.nn.Module):
 
 
 def fixed_ensemble(vote: str) -> Ensemble:
-    ens = Ensemble.__new__(Ensemble)
-    ens.vote, ens.num_classes = vote, 3
+    ens = Ensemble({}, 3, 4, vote=vote)  # no states: the three fixed members are put in below
     ens.models = {m: _Fixed(m) for m in range(3)}
     return ens
 

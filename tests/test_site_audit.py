@@ -100,7 +100,8 @@ def test_default_scope_refuses_weights_and_the_ensemble(trained, grid_for):
     states = RunDir(trained.out_path).load_models()
     other = pack_shards({1: ArrayRecord(states[1])})
     everyone = pack_shards({k: ArrayRecord(v) for k, v in states.items()})
-    asks = [RecordDict({keys.CONFIG: ConfigRecord({keys.AUDIT_SCOPE: "shard"}), keys.ARRAYS: other}),
+    own = {keys.AUDIT_SCOPE: "shard", keys.MODEL_TARGET: keys.TARGET_OWN_SHARD}
+    asks = [RecordDict({keys.CONFIG: ConfigRecord(own), keys.ARRAYS: other}),
             RecordDict({keys.CONFIG: ConfigRecord({keys.AUDIT_SCOPE: "ensemble"}), keys.ARRAYS: everyone})]
     replies = list(grid.send_and_receive([Message(c, dst_node_id=101, message_type=keys.MSG_AUDIT) for c in asks]))
     assert "takes no weights, got shard(s) 1" in replies[0].error.reason

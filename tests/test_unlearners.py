@@ -15,7 +15,11 @@ from fairforget.sisa import SisaSettings, SisaShard
 from fairforget.unlearning import EXACT, UNLEARNERS, approximate
 from fairforget.unlearning.approximate import UnlearnParams, accuracy, model_from
 from fairforget.unlearning.newton import newton_sigma, newton_step
-from tests.oracles import assert_forgets_like_nonmembers, assert_forgets_like_retraining, assert_moves_towards_retraining
+from tests.oracles import (
+    assert_forgets_like_nonmembers,
+    assert_forgets_like_retraining,
+    assert_moves_towards_retraining,
+)
 
 APPROXIMATE = sorted(n for n in UNLEARNERS if n != EXACT)
 FLIPPED = 10  # forget set: samples whose label is shifted by one, so the model can only memorise them

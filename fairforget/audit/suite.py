@@ -31,7 +31,7 @@ from fairforget.audit.references import ReferenceOutputs, offline_references, pr
 from fairforget.audit.roc import auc, summarize
 from fairforget.config import RunConfig
 from fairforget.data import DataBundle, SampleSet, shard_of
-from fairforget.model import load_model
+from fairforget.ensemble import Ensemble, Predictor
 from fairforget.privacy.reporting import violations
 from fairforget.run import RunDir
 from fairforget.sisa import SisaSettings
@@ -53,8 +53,11 @@ def check_audit_config(cfg: RunConfig, bundle: DataBundle) -> list[str]:
 
 
 def run_audit(run: RunDir, cfg: RunConfig, bundle: DataBundle, states: dict[int, dict[str, torch.Tensor]],
-              deleted: set[int], dp: dict[str, Any] | None = None, shards: bool = True) -> dict[str, Any]:
-    """Every attack on the ensemble and, with ``shards``, on every shard model; the ``privacy`` block
+              deleted: set[int], dp: dict[str, Any] | None = None, shards: bool = True,
+              predictor: Predictor | None = None) -> dict[str, Any]:
+    """Every attack on the ensemble (as the strategy's ``predictor`` combines its models: the same
+    prediction its evaluation scores; none given: the even softmax mean) and, with ``shards``, on
+    every shard model; the ``privacy`` block
     of metrics.json. The drivers pass ``shards = False``: each site audits its own shard model
     (:mod:`fairforget.audit.site`) and :func:`with_sites` adds those. With the run's ``dp`` block,
     every attack's TPR at low FPR is set against its target's mu-GDP bound: an empirical TPR above the
@@ -66,7 +69,8 @@ def run_audit(run: RunDir, cfg: RunConfig, bundle: DataBundle, states: dict[int,
     population = bundle.test_biased
     members_of = [s.subset([i for i, sid in enumerate(s.ids.tolist()) if sid not in deleted])
                   for s in shard_of(cfg, bundle)]
-    models = {k: load_model(state, bundle.num_classes, cfg.model_width) for k, state in states.items()}
+    ensemble = (predictor or Predictor())(states, bundle.num_classes, cfg.model_width)
+    models = dict(ensemble.models)
     rng = np.random.default_rng(cfg.seed + 4242)
 
     targets: dict[str, tuple[list[torch.nn.Module], SampleSet]] = {}
@@ -87,8 +91,9 @@ def run_audit(run: RunDir, cfg: RunConfig, bundle: DataBundle, states: dict[int,
     for tname, (tmodels, members) in targets.items():
         cand = SampleSet.concat([members, bundle.heldout])
         is_member = np.r_[np.ones(len(members), bool), np.zeros(len(bundle.heldout), bool)]
-        target = TargetOutputs(predict_probs(tmodels, cand.x), cand.y.numpy(),
-                               predict_probs(tmodels, population.x), population.y.numpy())
+        scored = ensemble if tname == "ensemble" else tmodels
+        target = TargetOutputs(target_probs(scored, cand.x), cand.y.numpy(),
+                               target_probs(scored, population.x), population.y.numpy())
         kind = "ensemble" if tname == "ensemble" else "shard"
         n_models = len(tmodels)
         refs: dict[str, ReferenceOutputs] = {}
@@ -163,25 +168,36 @@ def _shard_key(target: str) -> int:
     return int(target.split("-")[1]) if target.startswith("shard-") else -1
 
 
+def target_probs(target: Ensemble | list[torch.nn.Module], x: torch.Tensor) -> np.ndarray:
+    """(N, K) outputs an attack sees: an ensemble's own prediction (:meth:`Ensemble.predict_proba`,
+    its strategy's combination rule), or one model's softmax."""
+    if isinstance(target, Ensemble):
+        return target.predict_proba(x).numpy()
+    return predict_probs(target, x)
+
+
 def unlearning_audit(cfg: RunConfig, bundle: DataBundle, states: dict[int, dict[str, torch.Tensor]],
-                     deleted_ids: list[int], run: RunDir) -> dict[str, float]:
+                     deleted_ids: list[int], run: RunDir, predictor: Predictor | None = None) -> dict[str, float]:
     """AUC of the deleted samples against held-out non-members, per reference-free attack and the
     offline reference attacks, for one state of the ensemble (about 0.5 after exact unlearning)."""
-    return {n: r["auc"] for n, r in membership(cfg, bundle, states, deleted_ids, run, bootstrap=0).items()}
+    return {n: r["auc"] for n, r in membership(cfg, bundle, states, deleted_ids, run, bootstrap=0,
+                                                predictor=predictor).items()}
 
 
 def membership(cfg: RunConfig, bundle: DataBundle, states: dict[int, dict[str, torch.Tensor]],
-               member_ids: list[int], run: RunDir, bootstrap: int | None = None) -> dict[str, dict[str, Any]]:
+               member_ids: list[int], run: RunDir, bootstrap: int | None = None,
+               predictor: Predictor | None = None) -> dict[str, dict[str, Any]]:
     """ROC figures (AUC, TPR at 1% FPR, ...) of the ensemble's training samples ``member_ids`` (or
     samples it forgot) against held-out non-members, per attack but the online one."""
     names = [n for n in parse_attacks(cfg.audit_attacks) if ATTACKS[n].reference_mode != "online"]
     deleted = bundle.train.select_ids(sorted(member_ids))
     cand = SampleSet.concat([deleted, bundle.heldout])
     is_member = np.r_[np.ones(len(deleted), bool), np.zeros(len(bundle.heldout), bool)]
-    models = [load_model(s, bundle.num_classes, cfg.model_width) for s in states.values()]
+    ensemble = (predictor or Predictor())(states, bundle.num_classes, cfg.model_width)
+    models = list(ensemble.models.values())
     population = bundle.test_biased
-    target = TargetOutputs(predict_probs(models, cand.x), cand.y.numpy(),
-                           predict_probs(models, population.x), population.y.numpy())
+    target = TargetOutputs(target_probs(ensemble, cand.x), cand.y.numpy(),
+                           target_probs(ensemble, population.x), population.y.numpy())
     settings = SisaSettings.from_config(cfg, bundle.num_classes, bundle.num_private)
     ref = None
     if any(ATTACKS[n].reference_mode == "offline" for n in names):

@@ -169,15 +169,17 @@ def test_a_dp_run_on_a_shard_trained_without_dp_is_refused(tmp_path):
 # ---------------------------------------------------------------------- (d) one validation for every route
 def test_dp_with_a_batch_coupled_objective_is_refused_by_every_route(tmp_path):
     mapping = {**_cfg(tmp_path).to_mapping(), "objective": "end"}
+    from strategies import build_strategy  # the strategy declares its DP mechanism (DP-SGD at the sites)
+
     with pytest.raises(ConfigError, match="objective 'end' couples the samples of a batch") as err:
-        RunConfig.from_mapping(mapping)  # what the ServerApp runs on context.run_config
+        build_strategy(RunConfig.from_mapping(mapping), 10)  # what the ServerApp and the command run
     assert "\n" not in str(err.value)
-    with pytest.raises(ConfigError, match="couples the samples"):  # what every ClientApp runs
-        _node_from_mapping(mapping)
+    with pytest.raises(SisaError, match="couples the samples"):  # what every site's DP-SGD training runs
+        _node_from_mapping(mapping).sisa.train_stage(1)
     with pytest.raises(ConfigError, match="couples the samples"):  # rebias too
-        RunConfig.from_mapping({**mapping, "objective": "rebias"})
-    RunConfig.from_mapping({**mapping, "dp": False})  # EnD without DP is fine
-    RunConfig.from_mapping({**mapping, "strategy": "fedavg"})  # user-level DP clips whole updates
+        build_strategy(RunConfig.from_mapping({**mapping, "objective": "rebias"}), 10)
+    build_strategy(RunConfig.from_mapping({**mapping, "dp": False}), 10)  # EnD without DP is fine
+    build_strategy(RunConfig.from_mapping({**mapping, "strategy": "fedavg"}), 10)  # user-level DP: whole updates
 
 
 def _node_from_mapping(mapping):
