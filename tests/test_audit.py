@@ -253,10 +253,11 @@ def test_rmia_scores_by_hand():
 
 
 def test_summary_reports_its_counts_and_curve():
-    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.35, 0.4, 0.3, 0.2, 0.1, 0.05])
-    labels = np.r_[np.ones(4, bool), np.zeros(6, bool)]  # members above all but one non-member (0.4 > 0.35)
+    scores = np.array([0.9, 0.8, 0.7, 0.35, 0.4, 0.3, 0.2, 0.1, 0.05, 0.01])
+    labels = np.r_[np.ones(4, bool), np.zeros(6, bool)]  # one pair of 24 misordered: member 0.35 < 0.4
     r = summarize(scores, labels, bootstrap=0, curve_points=3)
     assert r["auc"] == pytest.approx(23 / 24) and (r["n_members"], r["n_nonmembers"]) == (4, 6)
-    assert r["advantage"] == pytest.approx(1.0) and r["balanced_accuracy"] == pytest.approx(1.0)
-    assert r["tpr_at_0.01_fpr"] == 1.0 and np.isnan(r["tpr_at_0.01_fpr_ci95"]).all()
+    # best threshold 0.35: TPR 1, FPR 1/6
+    assert r["advantage"] == pytest.approx(5 / 6) and r["balanced_accuracy"] == pytest.approx(11 / 12)
+    assert r["tpr_at_0.01_fpr"] == 0.75 and np.isnan(r["tpr_at_0.01_fpr_ci95"]).all()
     assert len(r["roc"]["fpr"]) == 3 and r["roc"]["fpr"][0] == 0.0 and r["roc"]["tpr"][-1] == 1.0
