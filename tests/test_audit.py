@@ -245,7 +245,8 @@ def test_rmia_scores_by_hand():
     refs = ReferenceOutputs(probs([[0.5, 0.6, 0.1]]), probs([np.full(8, 0.2)]), np.zeros((1, 3), bool), 0.0)
     target = TargetOutputs(probs([0.8, 0.3, 0.9]), np.zeros(3, int), probs(0.2 * ratio_z), np.zeros(8, int))
     np.testing.assert_allclose(ATTACKS["rmia"]().scores(target, refs), [0.25, 0.0, 0.5])
-    np.testing.assert_allclose(type(ATTACKS["rmia"]())(a=0.0, gamma=1.0).scores(target, refs), [0.5, 0.0, 0.75])
+    # a = 0, gamma = 1: Pr(x) = (0.75, 0.8, 0.55), ratios (1.067, 0.375, 1.636): 4/8, 1/8, 6/8
+    np.testing.assert_allclose(type(ATTACKS["rmia"]())(a=0.0, gamma=1.0).scores(target, refs), [0.5, 0.125, 0.75])
     for bad in ({"a": -0.1}, {"a": 1.1}, {"gamma": 0.0}):
         with pytest.raises(ValueError, match="RMIA needs 0 <= a <= 1 and gamma > 0"):
             type(ATTACKS["rmia"]())(**bad)
