@@ -24,12 +24,11 @@ import json
 import os
 import posixpath
 import secrets
-import tempfile
 import unicodedata
 from pathlib import Path
 from typing import Any
 
-from fairforget.storage import finite, fsync_dir, write_all
+from fairforget.storage import atomic_write_bytes, finite, fsync_dir, write_all
 
 KEY_FILE = ".fairforget-site.key"
 KEY_BYTES = 32
@@ -98,23 +97,9 @@ def keyed_sample_id(key: bytes, record_id: str, *, path: bool = False) -> int:
 
 
 def write_private_json(path: Path, obj: Any) -> None:
-    """Atomically write ``obj`` as JSON to ``path`` with mode 0600 (the temporary file is 0600 from
-    its creation: ``mkstemp``), fsynced, renamed over the target, folder fsynced."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = (json.dumps(finite(obj), indent=2, allow_nan=False) + "\n").encode("utf-8")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    """Atomically write ``obj`` as JSON to ``path`` with mode 0600 (never readable by others, not even
+    as the temporary file: ``mkstemp`` creates it 0600)."""
+    atomic_write_bytes(path, (json.dumps(finite(obj), indent=2, allow_nan=False) + "\n").encode("utf-8"), mode=0o600)
 
 
 def key_fingerprint(key: bytes) -> str:

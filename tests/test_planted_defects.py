@@ -209,3 +209,18 @@ def test_a_figure_taken_from_the_requested_labels_fails_the_augmentation_check(t
     monkeypatch.setattr(Augmenter, "judged", lambda self, data, fidelity: data)
     with pytest.raises(AssertionError, match="noise passed the debiasing check"):
         check_reported_bias_follows_generation(tmp_path, monkeypatch)
+
+
+def test_noise_fails_the_class_and_colour_check_of_the_trained_generator_test():
+    """The check of tests/test_augment.py's slow trained-generator test, on what a noise generator draws
+    (and, for scale, on real images of the requested groups, which pass it)."""
+    import torch
+
+    fidelity, pool = oracles.tiny_fidelity()
+    y = torch.arange(10).repeat_interleave(10)
+    a = torch.randint(0, 10, (100,), generator=torch.Generator().manual_seed(0))
+    real = oracles.real_group_sampler(pool)(None, y, a, seed=1)
+    oracles.assert_generated_match_requested(fidelity.fidelity(real, y, a), min_class=0.5, min_private=0.5)
+    noise = oracles.noise_sampler(None, y, a, seed=1)
+    with pytest.raises(AssertionError, match="fidelity"):
+        oracles.assert_generated_match_requested(fidelity.fidelity(noise, y, a), min_class=0.5, min_private=0.5)

@@ -50,7 +50,8 @@ def _node(cfg, shard: int = 0, **node_config) -> Node:
 
 
 def _msg(node: Node, ids: list[int] | None = None, method: str | None = None, records: list[str] | None = None):
-    config = {keys.SHARD: node.shard, keys.FORGET_IDS: [int(i) for i in ids or []]}
+    config = {keys.SHARD: node.shard, keys.FORGET_IDS: [int(i) for i in ids or []],
+              keys.MODEL_TARGET: keys.TARGET_OWN_SHARD}  # an evaluation of the site's own model
     if method:
         config[keys.UNLEARN_METHOD] = method
     if records:
