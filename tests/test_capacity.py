@@ -13,7 +13,7 @@ from fairforget.capacity import (
 )
 from fairforget.data import load_dataset, shard_of
 from fairforget.run import RunDir, RunDirError
-from fairforget.sisa import SisaSettings, SisaShard
+from fairforget.sisa import SisaSettings, SisaShard, assign_slices
 from fairforget.storage import read_json, state_hash
 from server.experiment import run_training
 from server.forget import ForgetError, run_forget
@@ -247,7 +247,12 @@ def test_retrain_policy_falls_back_to_exact_and_resets_the_budget(small_budget_r
     index = read_json(node / "index.json")
     assert index["trained"] == cfg.slices and sorted(index["deleted"]) == sorted(ids)
     settings = SisaSettings.from_config(cfg, bundle.num_classes)
-    scratch = SisaShard(cfg.out_path.parent / "scratch", 0, data, settings, slices=index["slices"])
+    # the from-scratch replay's slices come from the shard's own assignment less the four ids, never
+    # from the node's index (an index that lost or kept the wrong ids would replay to itself)
+    gone = set(ids)
+    slices = [[i for i in sl if i not in gone] for sl in assign_slices(data.ids.tolist(), cfg.slices, cfg.seed, 0)]
+    assert index["slices"] == slices
+    scratch = SisaShard(cfg.out_path.parent / "scratch", 0, data, settings, slices=slices)
     scratch.train_through()
     assert state_hash(run.load_models()[0]) == scratch.model_hash()
     # an exact request resets too

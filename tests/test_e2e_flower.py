@@ -9,7 +9,7 @@ import torch
 
 from fairforget.data import load_dataset, shard_of
 from fairforget.run import RunDir
-from fairforget.sisa import SisaSettings, SisaShard
+from fairforget.sisa import SisaSettings, SisaShard, assign_slices
 from fairforget.storage import read_json, read_jsonl, torch_load
 
 pytestmark = pytest.mark.e2e
@@ -52,7 +52,10 @@ def test_simulate_then_forget_through_flower(tmp_path):
     # exactness through the Flower path: the unlearned constituent equals a from-scratch SISA model
     index = read_json(out / "nodes" / "shard-1" / "index.json")
     assert not set(victims) & {i for s in index["slices"] for i in s}
-    scratch = SisaShard(tmp_path / "scratch", 1, shards[1], SisaSettings.from_config(cfg, 10), slices=index["slices"])
+    gone = set(victims)  # the replay's slices: the shard's own assignment less the victims, not the node's index
+    slices = [[i for i in sl if i not in gone] for sl in assign_slices(shards[1].ids.tolist(), cfg.slices, cfg.seed, 1)]
+    assert index["slices"] == slices
+    scratch = SisaShard(tmp_path / "scratch", 1, shards[1], SisaSettings.from_config(cfg, 10), slices=slices)
     scratch.train_through()
     served = torch_load(out / "models" / "shard-1.pt")
     ref = scratch.model_state()
