@@ -249,6 +249,8 @@ def cmd_forget(args: argparse.Namespace) -> int:
         raise UserError(f"unknown sample id(s) (not a training member of this run): {shown}")
     # an erasure request repeated is satisfied, not an error: name the request that deleted it
     already = _print_satisfied(_ledger_satisfied(run, sorted(set(ids) & run.ledger.deleted_ids())))
+    tombstoned = Tombstones.for_data(cfg, load_dataset(cfg).records, run_dir=run.path).ids()  # an earlier run's
+    already |= _print_satisfied([{"id": i, "tombstoned": True} for i in sorted(set(ids) & tombstoned - already)])
     ids = [i for i in ids if i not in already]
     if not ids and not pending:
         print("fairforget: nothing left to delete: every id was deleted by an earlier request")
