@@ -371,3 +371,24 @@ def test_class_mode_regeneration_keeps_the_replaced_samples_labels(tiny_cfg, gri
     assert (versions == 2).all() and not set(before.ids.tolist()) & set(after.ids.tolist())
     order = torch.argsort(before.y, stable=True)
     assert torch.equal(after.y, before.y[order]) and torch.equal(after.private, before.private[order])
+
+
+def test_verify_proves_an_augmented_shard_and_sees_a_synthetic_sample_moved(augmented_run, tmp_path):
+    """`fairforget verify` on an augmented run: every shard (originals and live synthetic samples) is
+    replayed from scratch and matches; a synthetic sample moved to another slice in the node's index
+    (the replay would follow the index) is caught by the slice check, not trusted."""
+    from fairforget.data.base import SYNTHETIC_ID_BASE
+    from fairforget.verify import MATCH, MISMATCH, verify_run
+
+    cfg = _copy(augmented_run, tmp_path)
+    verdicts = verify_run(Path(cfg.out_dir), cfg, [0, 1])
+    assert [v.status for v in verdicts] == [MATCH, MATCH], [(v.status, v.problems) for v in verdicts]
+    assert all(v.replay_hash == v.served_hash for v in verdicts)
+    path = Path(cfg.out_dir) / "nodes" / "shard-0" / "index.json"
+    index = json.loads(path.read_text())
+    s, synth = next((s, i) for s, sl in enumerate(index["slices"]) for i in sl if i >= SYNTHETIC_ID_BASE)
+    index["slices"][s].remove(synth)
+    index["slices"][(s + 1) % len(index["slices"])].append(synth)
+    path.write_text(json.dumps(index))
+    (v,) = verify_run(Path(cfg.out_dir), cfg, [0])
+    assert v.status == MISMATCH and any("synthetic id(s) in slice" in p for p in v.problems), v.problems
