@@ -595,3 +595,25 @@ def test_bad_site_labels_are_one_line_errors(tmp_path, rows, expected):
     with pytest.raises(DatasetError) as exc:
         load_dataset(folder_cfg(root))
     assert expected in one_line(exc)
+
+
+def test_rows_added_to_a_site_folder_move_no_record_to_another_shard(tmp_path):
+    """A simulation over an image folder, iid over 3 shards: each record's shard follows from its record
+    id, so rows appended to labels.csv move no existing record between shards (a row-position cut would)."""
+    from fairforget.data import _load_cached, shard_of
+
+    def rows(n: int) -> list[str]:
+        return [f"P-{i:04d},{i}.png,{i % 2},{(i // 2) % 2},{'test' if i % 5 == 0 else 'train'}" for i in range(n)]
+
+    cfg = folder_cfg(_site_folder(tmp_path / "site", rows(36)), num_shards=3)
+
+    def owners():
+        bundle = load_dataset(cfg)
+        return {bundle.records[int(i)]: k for k, part in enumerate(shard_of(cfg, bundle)) for i in part.ids.tolist()}
+
+    before = owners()
+    _load_cached.cache_clear()
+    _site_folder(tmp_path / "site", rows(54))
+    after = owners()
+    assert len(after) > len(before) > 20 and len(set(before.values())) == 3
+    assert {r: after[r] for r in before} == before

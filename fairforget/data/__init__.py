@@ -43,7 +43,7 @@ def _load_cached(data_keys: tuple) -> DataBundle:
 
 def shard_of(cfg, bundle: DataBundle) -> list[SampleSet]:
     """The training set split into ``num-shards`` shards by ``partition``."""
-    return partition_shards(bundle.train, cfg.num_shards, cfg.partition, cfg.seed)
+    return partition_shards(bundle.train, cfg.num_shards, cfg.partition, cfg.seed, bundle.records)
 
 
 __all__ = ["DATASETS", "DataBundle", "DatasetError", "SampleSet", "load_dataset", "partition_shards", "shard_of"]
