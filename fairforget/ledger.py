@@ -91,11 +91,24 @@ class Ledger:
     def pending_ids(self) -> set[int]:
         return {int(i) for shards in self.pending().values() for p in shards.values() for i in p["ids"]}
 
-    def deleted_ids(self) -> set[int]:
-        """Ids a deletion request removed (a ``refused`` request removed nothing; a retired original,
-        ``retire-original``, left the classifier but not the site, and may still be deleted)."""
-        return {int(i) for e in self.entries() if e.get("decision") not in (REFUSED, RETIRE_ORIGINAL)
+    def deletions(self) -> dict[int, dict[str, Any]]:
+        """id -> the completion line that deleted it (a ``refused`` request removed nothing; a retired
+        original, ``retire-original``, left the classifier but not the site, and may still be deleted)."""
+        return {int(i): e for e in self.entries() if e.get("decision") not in (REFUSED, RETIRE_ORIGINAL)
                 for i in e.get("ids", [])}
+
+    def deleted_ids(self) -> set[int]:
+        """Ids a deletion request removed."""
+        return set(self.deletions())
+
+    def receipts(self, ids: Iterable[int]) -> list[dict[str, Any]]:
+        """For each of ``ids`` a request deleted: the id, that request, its shard, the model hash after it
+        (its receipt), the time and the record ids it named (what a repeated erasure request is told)."""
+        done = self.deletions()
+        return [{"id": int(i), "request": int(e["request"]), "shard": int(e["shard"]),
+                 "hash_after": e.get("hash_after", ""), "time": e.get("time", ""),
+                 **({"record": e["records"]} if "records" in e else {})}
+                for i in sorted(ids) if (e := done.get(int(i))) is not None]
 
     def unlearned_ids(self) -> set[int]:
         """Ids no shard model trains on any more: the deleted ones and the retired originals."""

@@ -32,7 +32,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from fairforget.config import ConfigError, parse_ids
 from fairforget.site_secret import write_private_json
 from fairforget.storage import read_json
 
@@ -43,6 +42,7 @@ FOLDER = "requests"
 # Run-config keys a single deletion request may set for itself (the capacity parameters are fixed
 # when the run is created: whoever asks for a deletion cannot raise the deletion capacity).
 OPTION_PREFIXES = ("unlearn-", "newton-", "capacity-policy", "augment-on-delete")
+FIXED_KEYS = ("capacity-bound", "capacity-eps", "capacity-delta", "capacity-c")  # never per request
 _ID = re.compile(r"^[0-9a-f]{16}$")
 
 
@@ -86,8 +86,7 @@ class Request:
             raise RequestError(f"{where}: a training request names no ids")
         if len(set(self.ids)) != len(self.ids) or any(i < 0 for i in self.ids):
             raise RequestError(f"{where}: sample ids must be distinct non-negative integers")
-        bad = sorted(k for k in self.options if not str(k).startswith(OPTION_PREFIXES)
-                     or str(k).startswith(("capacity-bound", "capacity-eps", "capacity-delta", "capacity-c")))
+        bad = sorted(k for k in self.options if not str(k).startswith(OPTION_PREFIXES) or k in FIXED_KEYS)
         if bad:
             raise RequestError(f"{where}: a request may set only the unlearn-*, newton-*, capacity-policy and "
                                f"augment-on-delete keys, got {', '.join(bad)}")
@@ -154,10 +153,3 @@ def parse_records(text: str) -> list[str]:
     """``"P-0003, P-0004"`` -> the record ids (a site's own ids: any text without commas)."""
     return [r.strip() for r in text.replace("\n", ",").split(",") if r.strip()]
 
-
-def ids_from_text(text: str) -> list[int]:
-    """Sample ids from a command line, with the config's one-line errors."""
-    try:
-        return parse_ids(text)
-    except ConfigError as exc:
-        raise RequestError(str(exc)) from None

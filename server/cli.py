@@ -23,7 +23,7 @@ from fairforget.ledger import LedgerError
 from fairforget.locks import LockBusy, check_free, locked
 from fairforget.privacy.reporting import calibrate
 from fairforget.report import write_report
-from fairforget.requests import Request, RequestError, parse_records, status_path
+from fairforget.requests import FIXED_KEYS, OPTION_PREFIXES, Request, RequestError, parse_records, status_path
 from fairforget.run import RunDir, RunDirError
 from fairforget.runner import FlowerRunError, run_flower
 from fairforget.sisa import SisaSettings
@@ -167,8 +167,8 @@ def preflight(cfg: RunConfig):
     bundle = load_dataset(cfg)  # fail on a bad data root before starting Flower
     shard_of(cfg, bundle)
     build_strategy(cfg, bundle.num_classes)
-    # the objective's name (DP with a batch-coupled objective is refused by RunConfig.validate, which
-    # the ServerApp and every ClientApp run too)
+    # the objective's name (DP with a batch-coupled objective is refused by build_strategy above, which
+    # every ServerApp route runs too, and at the site by its DP-SGD training)
     SisaSettings.from_config(cfg, bundle.num_classes, bundle.num_private).build_objective()
     get_unlearner(cfg.unlearn_method)
     if cfg.audit:
@@ -248,7 +248,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
         shown = ", ".join(map(str, unknown[:20]))
         raise UserError(f"unknown sample id(s) (not a training member of this run): {shown}")
     # an erasure request repeated is satisfied, not an error: name the request that deleted it
-    already = _print_satisfied(_ledger_satisfied(run, sorted(set(ids) & run.ledger.deleted_ids())))
+    already = _print_satisfied(run.ledger.receipts(ids))
     tombstoned = Tombstones.for_data(cfg, load_dataset(cfg).records, run_dir=run.path).ids()  # an earlier run's
     already |= _print_satisfied([{"id": i, "tombstoned": True} for i in sorted(set(ids) & tombstoned - already)])
     ids = [i for i in ids if i not in already]
@@ -295,24 +295,17 @@ def cmd_forget(args: argparse.Namespace) -> int:
 def _request_options(args: argparse.Namespace) -> dict:
     """``--set`` / ``--method`` of a deletion request: its own options, checked."""
     sets = parse_set(args.set or [])
-    fixed = sorted(k for k in sets if k in FIXED_CAPACITY_KEYS)
+    fixed = sorted(k for k in sets if k in FIXED_KEYS)
     if fixed:
         raise UserError(f"forget --set {', '.join(fixed)}: the capacity parameters are fixed when the run is "
                         "created (only capacity-policy may change per request)")
-    other = sorted(k for k in sets if not k.startswith(FORGET_KEY_PREFIXES))
+    other = sorted(k for k in sets if not k.startswith(OPTION_PREFIXES))
     if other:
         raise UserError(f"forget --set takes only the unlearn-*, newton-*, capacity-policy and augment-on-delete "
                         f"keys, got {', '.join(other)}")
     if getattr(args, "method", None):
         sets["unlearn-method"] = args.method
     return sets
-
-
-def _ledger_satisfied(run: RunDir, ids: list[int]) -> list[dict]:
-    rows = {int(i): e for e in run.ledger.entries() if e.get("decision") not in ("refused", "retire-original")
-            for i in e.get("ids", [])}
-    return [{"id": i, "request": int(rows[i]["request"]), "shard": int(rows[i]["shard"]),
-             "hash_after": rows[i].get("hash_after", ""), "time": rows[i].get("time", "")} for i in ids if i in rows]
 
 
 def _print_satisfied(rows: list[dict]) -> set[int]:
@@ -349,9 +342,6 @@ def cmd_request(args: argparse.Namespace) -> int:
     return 0
 
 
-FORGET_KEY_PREFIXES = ("unlearn-", "newton-", "capacity-policy", "augment-on-delete")
-# fixed when the run is created: whoever asks for a deletion cannot raise the deletion capacity
-FIXED_CAPACITY_KEYS = ("capacity-bound", "capacity-eps", "capacity-delta", "capacity-c")
 
 
 # ---------------------------------------------------------------------- audit

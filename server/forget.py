@@ -173,18 +173,9 @@ def _satisfied(run: RunDir, gone: list[int], site: str) -> list[dict[str, Any]]:
     (the model hash after it), or the data owner's tombstone when this run's ledger has none."""
     if not gone:
         return []
-    done = {int(i): e for e in run.ledger.entries() if e.get("decision") not in (ledger.REFUSED, ledger.RETIRE_ORIGINAL)
-            for i in e.get("ids", [])}
-    out = []
-    for i in sorted(gone):
-        e = done.get(i)
-        row: dict[str, Any] = {"id": i, **({"site": site} if site else {})}
-        if e is not None:
-            row.update(request=int(e["request"]), shard=int(e["shard"]), hash_after=e.get("hash_after", ""),
-                       time=e.get("time", ""), **({"record": e["records"]} if "records" in e else {}))
-        else:
-            row["tombstoned"] = True  # deleted by an earlier run over the same data (its tombstone)
-        out.append(row)
+    receipts = {r["id"]: r for r in run.ledger.receipts(gone)}
+    # an id this run's ledger never deleted was deleted by an earlier run over the same data (its tombstone)
+    out = [{**receipts.get(i, {"id": i, "tombstoned": True}), **({"site": site} if site else {})} for i in sorted(gone)]
     log(INFO, "fairforget: already deleted (satisfied by an earlier request): %s",
         ", ".join(f"{r['id']} (request {r['request']})" if "request" in r else f"{r['id']} (tombstone)" for r in out))
     return out
