@@ -6,10 +6,10 @@ OUT    ?= runs/demo
 
 .PHONY: demo test bench headline lint clean mutation
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml examples/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[dev]" -e examples
 	touch $@
 
 demo: $(VENV)/.installed  ## train a 4-shard SISA ensemble on Biased-Digits via Flower, forget 3 samples, then EnD beside it
