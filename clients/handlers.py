@@ -23,6 +23,7 @@ from fairforget import keys
 from fairforget.audit import parse_attacks
 from fairforget.audit.site import SiteAudit, site_audit, site_seed
 from fairforget.data.base import is_synthetic
+from fairforget.ensemble import Ensemble
 from fairforget.metrics import accuracy_report, group_counts, kl_from_uniform
 from fairforget.model import load_model
 from fairforget.records import unpack_shards
@@ -225,8 +226,9 @@ def audit(content: RecordDict, node: Node) -> RecordDict:
                              f"weights, got shard(s) {', '.join(map(str, sorted(sent)))}")
         own = node.sisa.model_state() if node.augmented else approximate.current_state(node.sisa)
         targets = {f"shard-{node.shard}": [load_model(own, num_classes, cfg.model_width)]}
-        if scope == "ensemble":
-            targets["ensemble"] = [load_model(sent[k], num_classes, cfg.model_width) for k in sorted(sent)]
+        if scope == "ensemble":  # combined as the run's strategy predicts (its vote and weights)
+            rule = json.loads(str(content[keys.CONFIG].get(keys.ENSEMBLE_RULE, "{}")))
+            targets["ensemble"] = Ensemble.from_rule(sent, num_classes, cfg.model_width, rule)
         members = node.sisa.live_data()
     elif target == keys.TARGET_SENT:  # an averaging strategy: one global model
         if set(sent) != {0}:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -53,6 +54,28 @@ class Ensemble:
 
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
         return self.combine(self.member_probs(x))
+
+    def __len__(self) -> int:
+        return len(self.models)
+
+    def rule(self) -> dict[str, Any]:
+        """How the constituents combine, as data that can travel to a site (``{"vote", "weights"}``:
+        shard -> weight, or None for even); a ValueError for a subclass with its own :meth:`combine`,
+        whose rule is code."""
+        if type(self).combine is not Ensemble.combine:
+            raise ValueError(f"the predictor combines its models by its own rule ({type(self).__name__}.combine), "
+                             "which cannot be sent to a site: use site-audit-scope = \"shard\"")
+        return {"vote": self.vote,
+                "weights": None if self.weights is None else {str(k): v for k, v in sorted(self.weights.items())}}
+
+    @classmethod
+    def from_rule(cls, states: Mapping[int, Mapping[str, torch.Tensor]], num_classes: int, width: int,
+                  rule: Mapping[str, Any]) -> Ensemble:
+        """The ensemble of ``states`` combined as :meth:`rule` says (what a site builds from the server's
+        audit message)."""
+        weights = rule.get("weights")
+        return cls(states, num_classes, width, str(rule.get("vote", "softmax")),
+                   None if weights is None else {int(k): float(v) for k, v in weights.items()})
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         return self.predict_proba(x).argmax(-1)

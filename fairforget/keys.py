@@ -50,6 +50,7 @@ OWNED_IDS = "owned-ids"
 DELETED_IDS = "deleted-ids"
 AUDIT_JSON = "audit-json"  # a site's ROC statistics, as JSON text
 AUDIT_SCOPE = "audit-scope"  # query.audit: "shard" (no weights sent) or "ensemble" (every shard's weights)
+ENSEMBLE_RULE = "ensemble-rule"  # query.audit, scope "ensemble": JSON {"vote", "weights"}, how the sent models combine
 AUGMENT_JSON = "augment-json"  # an augmentation step's report (counts, seconds, quality), as JSON text
 APPROX_DELETIONS = "approx-deletions"  # deletions served approximately since the last exact retrain
 RETRAINED_STAGES = "retrained-stages"

@@ -67,6 +67,11 @@ def norm_of(state: Mapping[str, torch.Tensor]) -> str:
     return "batch" if any(k.endswith("running_mean") for k in state) else "group"
 
 
+def num_classes_of(state: Mapping[str, torch.Tensor]) -> int:
+    """The number of classes a saved SimpleConvNet predicts (rows of its ``fc`` head)."""
+    return int(state["fc.weight"].shape[0])
+
+
 def load_model(state: Mapping[str, torch.Tensor], num_classes: int, width: int) -> SimpleConvNet:
     """A SimpleConvNet holding ``state`` (BatchNorm or GroupNorm, read off the state), in eval mode."""
     model = build_model(num_classes, width, seed=0, norm=norm_of(state))

@@ -15,6 +15,7 @@ strategy's predictor combines it (:meth:`strategies.base.FairforgetStrategy.pred
 
 from __future__ import annotations
 
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
@@ -26,12 +27,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from fairforget import keys
 from fairforget.audit.site import SiteAudit
 from fairforget.audit.suite import run_audit, with_sites
-from fairforget.config import RunConfig
+from fairforget.config import ConfigError, RunConfig
 from fairforget.data import DataBundle
+from fairforget.model import num_classes_of
 from fairforget.records import pack_shards
 from fairforget.run import RunDir
 from fairforget.storage import state_hash
 from strategies import build_strategy, strategy_class
+from strategies.base import FairforgetStrategy
 
 
 def federated_audit(grid: Any, run: RunDir, cfg: RunConfig, bundle: DataBundle | None,
@@ -86,20 +89,34 @@ def audit_messages(grid: Any, cfg: RunConfig, states: dict[int, dict[str, torch.
     model the message carries: the strategy's ``keeps_shard_models``), and weights only where the scope
     or the global model needs them."""
     keeps = _capabilities(cfg, strategy).keeps_shard_models
-    arrays = None
+    arrays, config = None, {keys.AUDIT_SCOPE: cfg.site_audit_scope,
+                            keys.MODEL_TARGET: keys.TARGET_OWN_SHARD if keeps else keys.TARGET_SENT}
     if not keeps:
         arrays = pack_shards({0: ArrayRecord(states[0])})
     elif cfg.site_audit_scope == "ensemble":
         arrays = pack_shards({k: ArrayRecord(v) for k, v in states.items()})
-    target = keys.TARGET_OWN_SHARD if keeps else keys.TARGET_SENT
+        config[keys.ENSEMBLE_RULE] = json.dumps(ensemble_rule(cfg, states, strategy))
     messages = []
     for node in _audit_nodes(grid):
-        content = RecordDict({keys.CONFIG: ConfigRecord({keys.AUDIT_SCOPE: cfg.site_audit_scope,
-                                                         keys.MODEL_TARGET: target})})
+        content = RecordDict({keys.CONFIG: ConfigRecord(dict(config))})
         if arrays is not None:
             content[keys.ARRAYS] = arrays
         messages.append(Message(content, dst_node_id=node, message_type=keys.MSG_AUDIT))
     return messages
+
+
+def ensemble_rule(cfg: RunConfig, states: dict[int, dict[str, torch.Tensor]], strategy: Any) -> dict[str, Any]:
+    """How the strategy's predictor combines ``states`` (vote and weights), for the sites' audits of the
+    ensemble: the same rule the server's evaluation and audit use. A predictor with its own combination
+    code cannot travel: a one-line ConfigError naming ``site-audit-scope``."""
+    num_classes = num_classes_of(next(iter(states.values())))
+    if not isinstance(strategy, FairforgetStrategy):  # none given, or its class: the one the run config builds
+        strategy = build_strategy(cfg, num_classes)
+    ensemble = strategy.predictor()(states, num_classes, cfg.model_width)
+    try:
+        return ensemble.rule()
+    except ValueError as exc:
+        raise ConfigError(f"config key 'site-audit-scope' = 'ensemble': {exc}") from None
 
 
 def _capabilities(cfg: RunConfig, strategy: Any) -> Any:

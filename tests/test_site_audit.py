@@ -133,3 +133,55 @@ def test_a_site_that_audited_another_model_is_an_error(trained, grid_for):
     assert "targets" in sites["site-0"] and not sites["site-0"]["skipped"]
     assert "not the model the server holds" in sites["site-1"]["error"] and "targets" not in sites["site-1"]
     assert SiteAudit(shard=0, site="a", scope="shard", model_hash="h").to_records()[keys.METRICS][keys.SHARD] == 0
+
+
+def test_the_sites_ensemble_audit_combines_as_the_strategys_predictor(trained, grid_for):
+    """Under ``site-audit-scope = "ensemble"`` a site scores the ensemble as the run's strategy predicts
+    (its weights travel with the message): all the weight on shard 0 makes site 0's ensemble audit that
+    of its own model; an even predictor (the weights dropped) does not."""
+    from fairforget.ensemble import Predictor
+    from strategies.shard_ensemble import ShardEnsemble
+
+    class ShardZeroOnly(ShardEnsemble):
+        def predictor(self):
+            return Predictor(weights={0: 1.0, 1: 0.0})
+
+    cfg = trained.replace(site_audit_scope="ensemble", audit_attacks="loss", audit_references=0)
+    grid = site_grid(grid_for(cfg), cfg)
+    states = RunDir(cfg.out_path).load_models()
+    message = audit_messages(grid, cfg, states, ShardZeroOnly.from_config(cfg, 10))[0]
+    assert json.loads(message.content[keys.CONFIG][keys.ENSEMBLE_RULE]) == {"vote": "softmax",
+                                                                             "weights": {"0": 1.0, "1": 0.0}}
+
+    def site0(strategy):
+        sites = site_audits(grid, cfg, states, strategy)
+        return {t: v["loss"]["auc"] for t, v in sites["site-0"]["targets"].items()}
+
+    weighted = site0(ShardZeroOnly.from_config(cfg, 10))
+    assert weighted["ensemble"] == pytest.approx(weighted["shard-0"], abs=1e-12)
+    even = site0(ShardEnsemble.from_config(cfg, 10))
+    assert even["ensemble"] != pytest.approx(even["shard-0"], abs=1e-6)
+
+
+def test_a_predictor_with_its_own_combination_code_cannot_go_to_the_sites(trained):
+    from fairforget.ensemble import Ensemble, Predictor
+    from server.audit import ensemble_rule
+    from strategies.shard_ensemble import ShardEnsemble
+
+    class Geometric(Ensemble):
+        def combine(self, probs):
+            return probs.log().mean(0).softmax(-1)
+
+    class GeometricPredictor(Predictor):
+        def __call__(self, states, num_classes, width):
+            return Geometric(states, num_classes, width)
+
+    class GeometricEnsemble(ShardEnsemble):
+        def predictor(self):
+            return GeometricPredictor()
+
+    cfg = trained.replace(site_audit_scope="ensemble")
+    states = RunDir(cfg.out_path).load_models()
+    with pytest.raises(ConfigError, match=r"^config key 'site-audit-scope' = 'ensemble': .*Geometric\.combine"):
+        ensemble_rule(cfg, states, GeometricEnsemble.from_config(cfg, 10))
+    assert ensemble_rule(cfg, states, None) == {"vote": "softmax", "weights": None}

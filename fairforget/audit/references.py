@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from fairforget.data.base import SampleSet
+from fairforget.ensemble import Ensemble
 from fairforget.model import build_model, load_model
 from fairforget.sisa import SisaSettings, assign_slices, derived_seed
 from fairforget.storage import atomic_torch_save, torch_load
@@ -62,8 +63,11 @@ def train_sisa_model(data: SampleSet, settings: SisaSettings, seed: int) -> torc
 
 
 @torch.no_grad()
-def predict_probs(models: list[torch.nn.Module], x: torch.Tensor, batch: int = 512) -> np.ndarray:
-    """Mean softmax of ``models`` (one model, or an ensemble) on ``x`` -> (N, K)."""
+def predict_probs(models: list[torch.nn.Module] | Ensemble, x: torch.Tensor, batch: int = 512) -> np.ndarray:
+    """Mean softmax of ``models`` (one model, or an ensemble's members) on ``x`` -> (N, K); an
+    :class:`fairforget.ensemble.Ensemble` predicts by its own rule (vote, weights)."""
+    if isinstance(models, Ensemble):
+        return torch.cat([models.predict_proba(x[i : i + batch]) for i in range(0, len(x), batch)]).numpy()
     out = []
     for model in models:
         model.eval()

@@ -82,7 +82,7 @@ def split_heldout(heldout: SampleSet, seed: int) -> tuple[SampleSet, SampleSet]:
     return heldout.subset(np.sort(order[:half])), heldout.subset(np.sort(order[half:]))
 
 
-def site_audit(targets: dict[str, list[torch.nn.Module]], members: SampleSet, heldout: SampleSet, *,
+def site_audit(targets: dict[str, list[torch.nn.Module] | Ensemble], members: SampleSet, heldout: SampleSet, *,
                attacks: list[str], settings: SisaSettings, references: int, bootstrap: int, seed: int,
                cache_dir: Path) -> dict[str, Any]:
     """Every attack on every target; the fields of a :class:`SiteAudit` but its identity."""
