@@ -30,7 +30,7 @@ from fairforget.records import unpack_shards
 from fairforget.sisa import derived_seed
 from fairforget.storage import state_hash
 from fairforget.training import train as train_model
-from fairforget.unlearning import EXACT, UnlearnResult, approximate, get_check, get_unlearner
+from fairforget.unlearning import EXACT, UnlearnResult, approximate, get_check, get_unlearner, unlearn_params
 
 Handler = Callable[[RecordDict, Node], RecordDict]
 
@@ -128,7 +128,7 @@ def unlearn(content: RecordDict, node: Node) -> RecordDict:
     if not todo:
         result = _resumed(node, method, state())
         return _unlearn_reply(node, result, state())
-    params = approximate.UnlearnParams.from_config(node.cfg)
+    params = unlearn_params(node.cfg, method)  # with the method's own options (unlearner-options)
     if augmented:
         owned, _ = node.augmenter.owned(todo)
         unknown = sorted(set(todo) - set(owned))
@@ -242,10 +242,10 @@ def audit(content: RecordDict, node: Node) -> RecordDict:
     members = members.subset(np.flatnonzero(~is_synthetic(members.ids)))  # members are real people
     gone = node.tombstones.ids()
     heldout = node.heldout.subset([i for i, sid in enumerate(node.heldout.ids.tolist()) if sid not in gone])
-    result = site_audit(targets, members, heldout, attacks=parse_attacks(cfg.audit_attacks),
+    result = site_audit(targets, members, heldout, attacks=parse_attacks(cfg.audit_attacks, cfg.attack_options),
                         settings=node.sisa_settings, references=cfg.audit_references,
                         bootstrap=cfg.audit_bootstrap, seed=site_seed(cfg.seed, node.shard),
-                        cache_dir=node.state_dir / "audit")
+                        cache_dir=node.state_dir / "audit", attack_options=cfg.attack_options)
     return SiteAudit(shard=node.shard, site=node.site, scope=scope, model_hash=state_hash(own),
                      **result).to_records()
 

@@ -7,8 +7,10 @@ the ClientApp turn ``context.run_config`` into the same object once; deeper code
 Flower ``Context``.
 
 Names that select a registered part (``dataset``, ``strategy``, ``objective``, ``unlearn-method``,
-``audit-attacks``) are checked by the registry that owns them, where they are used, with
-:func:`lookup`: this module imports no registry.
+``audit-attacks``: built-in or a plugin, :mod:`fairforget.plugins`) are checked by the registry that
+owns them, where they are used; so are the plugins' own options (``strategy-options``,
+``objective-options``, ``unlearner-options``, ``attack-options``, ``dataset-options``), whose shape,
+a JSON object, is checked here: this module imports no registry.
 """
 
 from __future__ import annotations
@@ -46,14 +48,16 @@ class ConfigError(ValueError):
 T = TypeVar("T")
 
 
-def _json_object(text: str) -> bool:
-    """Whether ``text`` is empty or a JSON object (what ``strategy-options`` holds)."""
+def _json_object(text: str, nested: bool = False) -> bool:
+    """Whether ``text`` is empty or a JSON object (what ``strategy-options`` holds); ``nested``: one
+    whose every value is an object too (``attack-options``: options by attack name)."""
     if not text.strip():
         return True
     try:
-        return isinstance(json.loads(text), dict)
+        value = json.loads(text)
     except ValueError:
         return False
+    return isinstance(value, dict) and (not nested or all(isinstance(v, dict) for v in value.values()))
 
 
 def lookup(key: str, name: str, registry: Mapping[str, T]) -> T:
@@ -87,6 +91,10 @@ class RunConfig:
     binding: str
     strategy: str
     strategy_options: str  # the strategy's own parameters, a JSON object (strategies.base: ``options``)
+    objective_options: str  # a plugin objective's own parameters, a JSON object (fairforget.plugins)
+    unlearner_options: str  # a plugin unlearner's, a JSON object
+    attack_options: str  # plugin attacks', a JSON object by attack name
+    dataset_options: str  # a plugin dataset's, a JSON object
     ensemble_vote: str
     rounds: int
     local_epochs: int
@@ -200,6 +208,11 @@ class RunConfig:
             ("dataset", bool(self.dataset.strip()), "a dataset name"),
             ("strategy", bool(self.strategy.strip()), "a strategy name"),
             ("strategy-options", _json_object(self.strategy_options), "\"\" or a JSON object of options"),
+            ("objective-options", _json_object(self.objective_options), "\"\" or a JSON object of options"),
+            ("unlearner-options", _json_object(self.unlearner_options), "\"\" or a JSON object of options"),
+            ("attack-options", _json_object(self.attack_options, nested=True),
+             "\"\" or a JSON object of options by attack name ({\"my-attack\": {...}})"),
+            ("dataset-options", _json_object(self.dataset_options), "\"\" or a JSON object of options"),
             ("objective", bool(self.objective.strip()), "an objective name"),
             ("end-alpha", self.end_alpha >= 0.0, ">= 0"),
             ("end-beta", self.end_beta >= 0.0, ">= 0"),
@@ -309,10 +322,15 @@ class RunConfig:
 
     @property
     def server_has_data(self) -> bool:
-        """Whether the ServerApp can load the data itself: the embedded data, or a real loader with a
-        ``data-root`` on the server. Without it (sites with their own data), evaluation and audits
-        run at the sites and the server keeps no patient data."""
-        return self.dataset == "biased-digits" or bool(self.data_root.strip())
+        """Whether the ServerApp can load the data itself: embedded data (``biased-digits``, or a dataset
+        plugin that declares ``EMBEDDED``), or a real loader with a ``data-root`` on the server. Without
+        it (sites with their own data), evaluation and audits run at the sites and the server keeps no
+        patient data."""
+        if self.data_root.strip() or self.dataset == "biased-digits":
+            return True
+        from fairforget.data import dataset_declares  # noqa: PLC0415 - resolves a dataset plugin (and torch)
+
+        return dataset_declares(self.dataset, "EMBEDDED")  # a plugin's own embedded data
 
     def torch_device(self) -> str:
         """``auto`` resolves to ``cuda`` when a GPU is visible, else ``cpu``."""

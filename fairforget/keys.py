@@ -25,9 +25,12 @@ SEED = "seed"  # the run's seed, in every round's train config
 FORGET_IDS = "forget-ids"  # list of sample ids, for train.unlearn and query.describe
 STEP = "step"  # augmentation step (0 = first augmentation)
 RETIRE = "retire"  # originals to retire (unlearn) in this augmentation step
-UNLEARN_METHOD = "method"  # train.unlearn (and its reply): a name of fairforget.unlearning.UNLEARNERS
+UNLEARN_METHOD = "method"  # train.unlearn (and its reply): an unlearner's name (fairforget.unlearning.unlearner)
 # train.unlearn: a deletion request's own options (fairforget/requests.py), for the owning node alone
-REQUEST_OPTIONS = ("unlearn-epochs", "unlearn-lr", "newton-lambda", "augment-on-delete")
+# (unlearn-method and unlearner-options: the node gives the method's own options to the method asked
+# for, and its defaults to the exact fallback of a spent budget: fairforget.unlearning.unlearn_params)
+REQUEST_OPTIONS = ("unlearn-epochs", "unlearn-lr", "newton-lambda", "augment-on-delete", "unlearn-method",
+                   "unlearner-options")
 
 TRAIN_MODE_SISA = "sisa-stage"
 TRAIN_MODE_LOCAL = "local-epochs"

@@ -41,7 +41,7 @@ MODES = (SIMULATE, FORGET)
 FOLDER = "requests"
 # Run-config keys a single deletion request may set for itself (the capacity parameters are fixed
 # when the run is created: whoever asks for a deletion cannot raise the deletion capacity).
-OPTION_PREFIXES = ("unlearn-", "newton-", "capacity-policy", "augment-on-delete")
+OPTION_PREFIXES = ("unlearn-", "unlearner-options", "newton-", "capacity-policy", "augment-on-delete")
 FIXED_KEYS = ("capacity-bound", "capacity-eps", "capacity-delta", "capacity-c")  # never per request
 _ID = re.compile(r"^[0-9a-f]{16}$")
 
@@ -88,8 +88,8 @@ class Request:
             raise RequestError(f"{where}: sample ids must be distinct non-negative integers")
         bad = sorted(k for k in self.options if not str(k).startswith(OPTION_PREFIXES) or k in FIXED_KEYS)
         if bad:
-            raise RequestError(f"{where}: a request may set only the unlearn-*, newton-*, capacity-policy and "
-                               f"augment-on-delete keys, got {', '.join(bad)}")
+            raise RequestError(f"{where}: a request may set only the unlearn-*, unlearner-options, newton-*, "
+                               f"capacity-policy and augment-on-delete keys, got {', '.join(bad)}")
 
     # ------------------------------------------------------------------ files
     def save(self, run_dir: Path) -> Path:

@@ -75,6 +75,7 @@ class SisaSettings:
     num_private: int = 1
     dp: DPSettings | None = None  # DP-SGD for every training of the shard (fairforget/privacy/)
     objective_options: tuple[tuple[str, float], ...] = ()  # the objectives' keys (end-alpha, ...)
+    plugin_options: str = ""  # objective-options: a plugin objective's own (JSON), checked by its class when built
 
     @classmethod
     def from_config(cls, cfg: Any, num_classes: int, num_private: int = 1) -> SisaSettings:
@@ -84,6 +85,7 @@ class SisaSettings:
             num_classes=num_classes, seed=cfg.seed, num_threads=cfg.num_threads,
             device=cfg.torch_device(), objective=cfg.objective, num_private=num_private,
             dp=DPSettings.from_config(cfg), objective_options=objective_options(cfg),
+            plugin_options=cfg.objective_options,
         )
 
     @property
@@ -104,7 +106,8 @@ class SisaSettings:
     def build_objective(self) -> Objective:
         return build_objective(self.objective, ObjectiveContext(self.num_classes, self.num_private,
                                                                 bottleneck_dim(self.width),
-                                                                dict(self.objective_options)))
+                                                                dict(self.objective_options)),
+                               self.plugin_options)
 
 
 class SisaError(ValueError):

@@ -45,7 +45,6 @@ from fairforget.storage import durable_append_lines, read_jsonl
 
 RUN_FILE = "tombstones.jsonl"
 SITE_FILE = ".fairforget-tombstones.jsonl"
-OWNED_DATASETS = ("image-folder",)  # data with record ids of its own: tombstones live beside it
 
 
 def legacy_sample_id(record_id: str) -> int:
@@ -80,7 +79,7 @@ class Tombstones:
         own file, ``run_dir``, read as well: give it in a simulation), else the run's."""
         if path:
             return cls(Path(path), records)
-        if cfg.dataset in OWNED_DATASETS and cfg.data_root:
+        if cfg.data_root and _owns_records(cfg.dataset):
             also = [Path(run_dir) / RUN_FILE] if run_dir is not None else []
             return cls(Path(cfg.data_root).expanduser() / SITE_FILE, records, also)
         return cls(Path(run_dir if run_dir is not None else cfg.out_dir) / RUN_FILE, records)
@@ -116,3 +115,10 @@ class Tombstones:
                                                                       else {}), "request": request, "time": stamp})
                                              for i in new])
         return new
+
+
+def _owns_records(dataset: str) -> bool:
+    """Whether the data has record ids of its own (the dataset declares ``OWNS_RECORDS``)."""
+    from fairforget.data import dataset_declares  # noqa: PLC0415 - fairforget.data imports this module's users
+
+    return dataset_declares(dataset, "OWNS_RECORDS")

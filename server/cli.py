@@ -3,8 +3,12 @@
 selects (dataset, strategy, objective, unlearning method, attacks) with the registry that owns it,
 before anything is written.
 
-User mistakes (bad config, missing data, unknown ids, a folder that is no run) end with one line
-``fairforget: error: ...`` and exit status 2, before anything is written.
+User mistakes (bad config, missing data, unknown ids, a folder that is no run, bad argument syntax)
+end with one line ``fairforget: error: ...`` and exit status 2, before anything is written.
+
+Start-up is light: this module imports only what the parser needs (no torch, Opacus, Flower or the
+audit package), and each command imports what it uses, so ``--help`` and an argument error answer at
+once (``tests/test_cli_startup.py``).
 """
 
 from __future__ import annotations
@@ -13,32 +17,48 @@ import argparse
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from fairforget.audit import AuditError
-from fairforget.audit.suite import check_audit_config, run_audit
 from fairforget.config import ConfigError, RunConfig, parse_ids, parse_set, read_toml, resolve
-from fairforget.data import DatasetError, load_dataset, shard_of
-from fairforget.ledger import LedgerError
 from fairforget.locks import LockBusy, check_free, locked
-from fairforget.privacy.reporting import calibrate
-from fairforget.report import write_report
-from fairforget.requests import FIXED_KEYS, OPTION_PREFIXES, Request, RequestError, parse_records, status_path
-from fairforget.run import RunDir, RunDirError
 from fairforget.runner import FlowerRunError, run_flower
-from fairforget.sisa import SisaSettings
-from fairforget.storage import atomic_write_bytes, replace_dir
-from fairforget.tombstones import Tombstones
-from fairforget.unlearning import get_unlearner
-from fairforget.verify import MATCH, MISMATCH, SITE_ONLY, VerifyError, verify_run, verify_site, write_verification
-from strategies import build_strategy, refusal, strategy_class
+
+if TYPE_CHECKING:
+    from fairforget.run import RunDir
+
+STARTED = time.time()  # when this module was loaded: the start of a console command's wait (see main)
 
 EXIT_USAGE = 2
 EXIT_RUN = 1
 
+# The errors a user can fix, printed as one line, by the module that defines each. They are looked up
+# in sys.modules when a command fails: an exception whose module was never imported cannot have been
+# raised, so recognising them imports nothing.
+USER_ERRORS = {
+    "fairforget.config": "ConfigError", "fairforget.data": "DatasetError", "fairforget.run": "RunDirError",
+    "fairforget.audit": "AuditError", "fairforget.ledger": "LedgerError", "fairforget.locks": "LockBusy",
+    "fairforget.requests": "RequestError",
+}
+
 
 class UserError(Exception):
     """Anything the user can fix; printed as one line."""
+
+
+def _is_user_error(exc: BaseException) -> bool:
+    if isinstance(exc, UserError):
+        return True
+    return any(module in sys.modules and isinstance(exc, getattr(sys.modules[module], name, ()))
+               for module, name in USER_ERRORS.items())
+
+
+def run_audit(*args: Any, **kwargs: Any) -> dict:
+    """:func:`fairforget.audit.suite.run_audit`, imported when an audit runs (not at start-up)."""
+    from fairforget.audit.suite import run_audit as audit
+
+    return audit(*args, **kwargs)
 
 
 # ---------------------------------------------------------------------- simulate
@@ -57,6 +77,12 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    from fairforget.data import shard_of
+    from fairforget.privacy.reporting import calibrate
+    from fairforget.requests import Request
+    from fairforget.run import RunDir
+    from strategies import strategy_class
+
     cfg = _config(args)
     out = Path(args.out if args.out else cfg.out_dir).expanduser().resolve()
     request = Request.simulate()
@@ -101,6 +127,8 @@ def _replaceable(out: Path, force: bool) -> bool:
 def _holds_run(out: Path) -> bool:
     """``out/config.toml`` is a run config a fairforget run wrote (a valid config naming its own
     out-dir, mode and shards: an empty or foreign TOML file is not)."""
+    from fairforget.run import RunDir, RunDirError
+
     run = RunDir(out)
     if not run.config_path.is_file():
         return False
@@ -115,6 +143,10 @@ def _replace_run(out: Path) -> None:
     """Replace the run in ``out`` by an empty folder, keeping its tombstones (the deletions its data
     owner recorded: no later run may train on those records). The new folder is made beside it and
     swapped in (:func:`fairforget.storage.replace_dir`), so a crash never leaves the tombstones lost."""
+    from fairforget.run import RunDir
+    from fairforget.storage import atomic_write_bytes, replace_dir
+    from fairforget.tombstones import Tombstones
+
     try:
         check_free(out, "simulate --force")  # a command still writing the old run
     except LockBusy as exc:
@@ -151,6 +183,9 @@ def _print_calibration(c: dict) -> None:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
+    from fairforget.data import load_dataset, shard_of
+    from fairforget.privacy.reporting import calibrate
+
     cfg = _config(args)
     if args.shard_size:
         sizes = [args.shard_size]
@@ -164,6 +199,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 def preflight(cfg: RunConfig):
     """Every check that needs no Flower: the data root, the partition, and each registered name."""
+    from fairforget.audit.suite import check_audit_config
+    from fairforget.data import load_dataset, shard_of
+    from fairforget.sisa import SisaSettings
+    from fairforget.unlearning import get_unlearner
+    from strategies import build_strategy, strategy_class
+
     bundle = load_dataset(cfg)  # fail on a bad data root before starting Flower
     shard_of(cfg, bundle)
     build_strategy(cfg, bundle.num_classes)
@@ -180,6 +221,8 @@ def preflight(cfg: RunConfig):
 
 
 def _print_summary(out: Path) -> None:
+    from fairforget.run import RunDir
+
     m = RunDir(out).metrics()
     ens = m["ensemble"]
     print(f"accuracy: biased test {ens['biased']['accuracy']:.3f}, unbiased test {ens['unbiased']['accuracy']:.3f}, "
@@ -212,6 +255,13 @@ def _print_violations(privacy: dict) -> bool:
 
 # ---------------------------------------------------------------------- forget
 def cmd_forget(args: argparse.Namespace) -> int:
+    from fairforget.data import load_dataset
+    from fairforget.requests import Request
+    from fairforget.run import RunDir
+    from fairforget.tombstones import Tombstones
+    from fairforget.unlearning import get_unlearner
+    from strategies import build_strategy, refusal, strategy_class
+
     run = RunDir(Path(args.run).expanduser().resolve())
     run.require_finished()
     check_free(run.path, "forget")  # another command writing the run: one line now, not after Flower starts
@@ -226,9 +276,9 @@ def cmd_forget(args: argparse.Namespace) -> int:
             text = Path(args.ids_file).read_text()
         except OSError as exc:
             raise UserError(f"cannot read --ids-file {args.ids_file}: {exc.strerror}") from None
+        ids = parse_ids(text)
     else:
-        text = args.ids or ""
-    ids = parse_ids(text)
+        ids = args.ids or []  # parsed by the parser (_id_list)
     if not ids and not args.resume:
         raise UserError("no sample ids given (--ids 3,17,42 or --ids-file FILE)")
     if not ids and not pending:
@@ -262,7 +312,9 @@ def cmd_forget(args: argparse.Namespace) -> int:
               flush=True)
     request = Request.forget(ids, options=sets)
     request.save(run.path)
+    launched = time.time()
     status = run_flower(run.config().replace(out_dir=str(run.path), request=request.id), quiet=args.quiet)
+    returned = time.time()
     _print_satisfied(status.get("satisfied") or [])
     mine = {int(r) for r in status.get("deleted", {})}  # the ledger requests *this* run completed
     for entry in [e for e in run.ledger.entries() if e["request"] in mine]:
@@ -282,18 +334,54 @@ def cmd_forget(args: argparse.Namespace) -> int:
     untouched = [k for k in before if k not in shards]
     print(f"untouched shards: {', '.join(map(str, untouched)) or 'none'}")
     last = next((u for u in reversed(run.metrics()["unlearning"]) if u["request"] in mine), None)
+    waited = _record_wait(run.path, request.id, status, args.started, launched, returned)
     if last is not None:
         sp = last["speedup_vs_full_retrain"]
         print(f"unlearning {last['seconds']:.2f}s vs full retrain {last['full_retrain_seconds']:.2f}s"
-              + (f" ({sp:.1f}x faster)" if sp else ""))
+              + (f" ({sp:.1f}x faster)" if sp else "") + f"; {waited}")
         print(f"accuracy after: biased {last['accuracy_biased']:.3f}, unbiased {last['accuracy_unbiased']:.3f}")
+    else:
+        print(waited)
     print(f"ledger:  {run.path / 'ledger.jsonl'}")
     print(f"report:  {run.path / 'report.md'}")
     return 0
 
 
+def wait_phases(timing: dict, started: float, launched: float, returned: float, now: float) -> dict:
+    """The command's wall (``started`` to ``now``, epoch seconds) in consecutive phases: ``startup``,
+    this command's until Flower is launched (imports, the run folder's checks, the partition);
+    ``flower_startup``, Flower's until the driver starts (SuperLink, Ray, the ServerApp's imports); the
+    driver's own phases (:class:`server.forget.Phases`, from ``timing``, the request status's block);
+    ``flower_shutdown`` after the driver; ``other``: the rest (the driver's work between its phases,
+    this summary). They add up to ``wall_seconds``."""
+    driver = timing.get("driver_started_at")
+    if driver is None:  # a run that reported no timing: Flower's part is one block
+        parts = {"startup": launched - started, "flower": returned - launched}
+    else:
+        parts = {"startup": launched - started, "flower_startup": driver - launched, **timing.get("phases", {}),
+                 "flower_shutdown": returned - driver - timing.get("driver_seconds", 0.0)}
+    return {"wall_seconds": now - started, "phases": {**parts, "other": now - started - sum(parts.values())}}
+
+
+def _record_wait(run_path: Path, request_id: str, status: dict, started: float, launched: float,
+                 returned: float) -> str:
+    """The user's wait, added to the request's status file (``timing.command``, beside the driver's
+    phases) and said in one clause: "you waited 78.8 s: start-up 5.1 s, Flower start-up 30.2 s, ..."."""
+    from fairforget.requests import status_path
+    from fairforget.site_secret import write_private_json
+
+    timing = status.get("timing") or {}
+    wait = wait_phases(timing, started, launched, returned, time.time())
+    write_private_json(status_path(run_path, request_id), {**status, "timing": {**timing, "command": wait}})
+    said = {"startup": "start-up", "flower_startup": "Flower start-up", "flower_shutdown": "Flower shutdown"}
+    return f"you waited {wait['wall_seconds']:.1f} s: " + ", ".join(
+        f"{said.get(k, k)} {v:.1f} s" for k, v in wait["phases"].items())
+
+
 def _request_options(args: argparse.Namespace) -> dict:
     """``--set`` / ``--method`` of a deletion request: its own options, checked."""
+    from fairforget.requests import FIXED_KEYS, OPTION_PREFIXES
+
     sets = parse_set(args.set or [])
     fixed = sorted(k for k in sets if k in FIXED_KEYS)
     if fixed:
@@ -301,8 +389,8 @@ def _request_options(args: argparse.Namespace) -> dict:
                         "created (only capacity-policy may change per request)")
     other = sorted(k for k in sets if not k.startswith(OPTION_PREFIXES))
     if other:
-        raise UserError(f"forget --set takes only the unlearn-*, newton-*, capacity-policy and augment-on-delete "
-                        f"keys, got {', '.join(other)}")
+        raise UserError(f"forget --set takes only the unlearn-*, unlearner-options, newton-*, capacity-policy and "
+                        f"augment-on-delete keys, got {', '.join(other)}")
     if getattr(args, "method", None):
         sets["unlearn-method"] = args.method
     return sets
@@ -326,6 +414,9 @@ def cmd_request(args: argparse.Namespace) -> int:
     """Write a deletion request into a deployment's run folder (on the machine where the ServerApp
     runs) and print the ``flwr run`` key that starts it; the run config then names only the request's
     random id, so no site learns whose record is deleted."""
+    from fairforget.requests import Request, parse_records, status_path
+    from fairforget.run import RunDir
+
     run = RunDir(Path(args.run).expanduser().resolve())
     run.require_finished()
     records = parse_records(args.records or "")
@@ -345,10 +436,13 @@ def cmd_request(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------- audit
-AUDIT_KEYS = ("audit-attacks", "audit-references", "audit-bootstrap")
+AUDIT_KEYS = ("audit-attacks", "attack-options", "audit-references", "audit-bootstrap")
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
+    from fairforget.requests import Request
+    from fairforget.run import RunDir
+
     run = RunDir(Path(args.run).expanduser().resolve())
     run.require_finished()
     sets = parse_set(args.set or [])
@@ -367,6 +461,11 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def _audit(run: RunDir, cfg: RunConfig) -> int:
+    from fairforget.data import load_dataset
+    from fairforget.report import write_report
+    from fairforget.tombstones import Tombstones
+    from strategies import build_strategy
+
     bundle = load_dataset(cfg)
     states = run.load_models()
     print(f"fairforget: auditing {len(states)} model(s) of {run.path}", flush=True)
@@ -394,6 +493,11 @@ def _audit(run: RunDir, cfg: RunConfig) -> int:
 
 # ---------------------------------------------------------------------- verify
 def cmd_verify(args: argparse.Namespace) -> int:
+    from fairforget.report import write_report
+    from fairforget.run import RunDir
+    from fairforget.verify import SITE_ONLY, VerifyError, verify_run, write_verification
+    from strategies import strategy_class
+
     if args.state_dir:
         return _verify_site(args)
     if not args.run:
@@ -433,6 +537,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def _verify_site(args: argparse.Namespace) -> int:
     """``verify --state-dir STATE --data-root ROOT``: a site replays its own shard with its own DP seeds."""
+    from fairforget.run import RunDir
+    from fairforget.verify import VerifyError, verify_site
+
     if args.site_local or args.shard is not None:
         raise UserError("--site-local and --shard go with --run; with --state-dir the shard is the state folder's")
     if not args.data_root:
@@ -459,6 +566,8 @@ def _verify_site(args: argparse.Namespace) -> int:
 
 
 def _print_verdicts(verdicts: list, what: str = "") -> int:
+    from fairforget.verify import MATCH, MISMATCH
+
     for v in verdicts:
         head = f"shard {v.shard}: {v.status}"
         if v.replay_hash is not None:
@@ -478,6 +587,8 @@ def _print_verdicts(verdicts: list, what: str = "") -> int:
 
 def _owners(cfg) -> dict[int, int]:
     """sample id -> shard, from the run's deterministic partition."""
+    from fairforget.data import load_dataset, shard_of
+
     bundle = load_dataset(cfg)
     return {int(i): k for k, shard in enumerate(shard_of(cfg, bundle)) for i in shard.ids.tolist()}
 
@@ -498,8 +609,24 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------- parser
+class Parser(argparse.ArgumentParser):
+    """argparse whose syntax errors are the command's one-line :class:`UserError` (not a usage block
+    and an exit inside the parser); the subcommands' parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(f"{message} (see `{self.prog} --help`)")
+
+
+def _id_list(text: str) -> list[int]:
+    """``--ids`` as argparse parses it: a syntax error is an argument error, before any run is read."""
+    try:
+        return parse_ids(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="fairforget",
         description="Federated privacy-preserving debiasing on Flower: SISA shard ensembles, exact "
                     "unlearning and reports.",
@@ -529,13 +656,15 @@ def build_parser() -> argparse.ArgumentParser:
     ids.add_argument("--resume", action="store_true",
                      help="finish the deletions a crash or a failed node left unfinished (the ledger's intents "
                           "without a completion line), and nothing else; `forget --ids` does this first too")
-    ids.add_argument("--ids", metavar="ID,ID,...", help="comma-separated sample ids, e.g. 3,17,42")
+    ids.add_argument("--ids", metavar="ID,ID,...", type=_id_list, help="comma-separated sample ids, e.g. 3,17,42")
     ids.add_argument("--ids-file", metavar="FILE", help="a file of sample ids, separated by commas or newlines")
     fg.add_argument("--method", metavar="NAME",
                     help="unlearning method (the unlearn-method key): exact-sisa (default), finetune, neggrad, "
-                         "scrub, newton or del; the approximate ones spend the shard's deletion budget")
+                         "scrub, newton or del, or an unlearner plugin (its name or package.module:Attr); the "
+                         "approximate ones spend the shard's deletion budget")
     fg.add_argument("--set", metavar="KEY=VALUE", action="append",
-                    help="override an unlearn-*, newton-*, capacity-policy or augment-on-delete key for this request, "
+                    help="override an unlearn-*, unlearner-options, newton-*, capacity-policy or augment-on-delete key "
+                         "for this request, "
                          "e.g. --set capacity-policy=refuse (repeatable; the capacity-bound, -eps, -delta and -c "
                          "parameters are fixed when the run is created)")
     fg.add_argument("--quiet", action="store_true", help="hide Flower's streamed logs")
@@ -625,19 +754,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    # No argv: this process is the command (the console script, python -m): its wait began when this
+    # module loaded. Called with a list (tests, scripts), it begins now.
+    started = STARTED if argv is None else time.time()
     try:
+        args = build_parser().parse_args(argv)  # --help exits 0 here; bad syntax is a UserError
+        args.started = started
         return int(args.func(args))
-    except (UserError, ConfigError, DatasetError, RunDirError, AuditError, LedgerError, LockBusy, RequestError) as exc:
-        print(f"fairforget: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
     except FlowerRunError as exc:
         print(f"fairforget: error: {exc}", file=sys.stderr)
         return EXIT_RUN
     except KeyboardInterrupt:
         print("fairforget: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if not _is_user_error(exc):
+            raise
+        print(f"fairforget: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

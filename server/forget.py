@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from logging import INFO, WARNING
 from typing import Any
 
@@ -59,30 +61,66 @@ class ForgetError(ValueError):
     was stored is named in the message and the run's status)."""
 
 
+class Phases:
+    """Where the driver's wall time goes: seconds per phase (``with phases("describe"): ...``, summed
+    over the phase's calls), from the driver's start (``started_at``, epoch seconds, so that the command
+    that launched Flower can place the driver in its own wait). Phases: ``restore`` (the run's models,
+    data, strategy and budget), ``describe`` (which node holds which ids), ``unlearning`` (send, receive,
+    store models and ledger lines), ``evaluation`` (the ensemble after, the DP figures), ``audit``,
+    ``report`` (metrics.json and report.md)."""
+
+    def __init__(self) -> None:
+        self.started_at = time.time()
+        self._t0 = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - t0
+
+    def timing(self) -> dict[str, Any]:
+        """The ``timing`` block so far: the phases, the driver's wall and its start."""
+        return {"phases": dict(self.seconds), "driver_seconds": time.perf_counter() - self._t0,
+                "driver_started_at": self.started_at}
+
+
 def run_forget(grid: Grid, cfg: RunConfig, request: Request) -> dict[str, Any]:
     """Serve one deletion ``request`` (read from the run folder by the ServerApp; no ids and no
     records: finish the unfinished deletions only). Returns what goes into the request's status
-    beyond the ledger's figures: ``satisfied``, the asked ids an earlier request already deleted."""
-    run = RunDir(cfg.out_path)
-    run.require_finished()
-    grid = site_grid(grid, cfg)  # the node binding, reply timeouts, the wire log
-    ids = list(request.ids)
-    records = list(request.records)
-    site = request.site
-    pending = run.ledger.pending()
-    if not ids and not records and not pending:
-        raise ForgetError("no sample ids to forget")
-    bundle = load_dataset(cfg) if cfg.server_has_data else None  # the data may stay at the sites
-    num_classes = bundle.num_classes if bundle is not None else grid.task()[0]
-    strategy = build_strategy(cfg, num_classes)
-    if not strategy.exact_unlearning:
-        raise ForgetError(refusal(strategy, cfg.strategy))
-    strategy.load_states(run.load_models())
-    run.ledger.settle(run.load_budget(strategy.budget))
-    if cfg.audit and bundle is not None:
-        check_audit_config(cfg, bundle)
-    metrics = run.metrics()
-    before = run.load_models()
+    beyond the ledger's figures: ``satisfied``, the asked ids an earlier request already deleted, and
+    ``timing``, the driver's seconds per phase (:class:`Phases`; the latest request's entry in
+    metrics.json has those up to the report)."""
+    phases = Phases()
+    out = _forget(grid, cfg, request, phases)
+    return {**out, "timing": phases.timing()}
+
+
+def _forget(grid: Grid, cfg: RunConfig, request: Request, phases: Phases) -> dict[str, Any]:
+    with phases("restore"):
+        run = RunDir(cfg.out_path)
+        run.require_finished()
+        grid = site_grid(grid, cfg)  # the node binding, reply timeouts, the wire log
+        ids = list(request.ids)
+        records = list(request.records)
+        site = request.site
+        pending = run.ledger.pending()
+        if not ids and not records and not pending:
+            raise ForgetError("no sample ids to forget")
+        bundle = load_dataset(cfg) if cfg.server_has_data else None  # the data may stay at the sites
+        num_classes = bundle.num_classes if bundle is not None else grid.task()[0]
+        strategy = build_strategy(cfg, num_classes)
+        if not strategy.exact_unlearning:
+            raise ForgetError(refusal(strategy, cfg.strategy))
+        strategy.load_states(run.load_models())
+        run.ledger.settle(run.load_budget(strategy.budget))
+        if cfg.audit and bundle is not None:
+            check_audit_config(cfg, bundle)
+        metrics = run.metrics()
+        before = run.load_models()
 
     # 1. who holds what. Each node is asked only about ids that may be its own: the site a request
     #    names about that request (its records -> its sample ids); the node of an unfinished request's
@@ -97,35 +135,40 @@ def run_forget(grid: Grid, cfg: RunConfig, request: Request) -> dict[str, Any]:
                 unreachable.setdefault(request_no, []).append(shard)
     replies = []
     satisfied: list[dict[str, Any]] = []
-    if records:
-        node = grid.node_of(grid.binding.shard_of_site(site))
-        replies = list(grid.send_and_receive([_describe(node, [], records)]))
-        ids, gone = _site_ids(replies, records, site)
-        satisfied = _satisfied(run, gone, site)
-    elif ids:
-        for node in grid.bound_nodes():
-            asks.setdefault(node, set()).update(ids)
-    replies += list(grid.send_and_receive([_describe(n, sorted(v)) for n, v in sorted(asks.items())]))
+    with phases("describe"):
+        if records:
+            node = grid.node_of(grid.binding.shard_of_site(site))
+            replies = list(grid.send_and_receive([_describe(node, [], records)]))
+            ids, gone = _site_ids(replies, records, site)
+            satisfied = _satisfied(run, gone, site)
+        elif ids:
+            for node in grid.bound_nodes():
+                asks.setdefault(node, set()).update(ids)
+        replies += list(grid.send_and_receive([_describe(n, sorted(v)) for n, v in sorted(asks.items())]))
     shard_of, sizes, spent = nodes_table(replies)
     node_of = {shard: node for node, shard in shard_of.items()}
 
     # 2. finish what an earlier request left unfinished (where its node is connected)
     done: list[int] = []
     if pending:
-        done = reconcile(grid, run, strategy, {r: p for r, p in pending.items() if r not in unreachable},
-                         node_of, cfg.seed)
+        with phases("unlearning"):
+            done = reconcile(grid, run, strategy, {r: p for r, p in pending.items() if r not in unreachable},
+                             node_of, cfg.seed)
         for request_no in done:
-            metrics = _record_figures(run, cfg, bundle, grid, strategy, metrics, request_no)
+            with phases("evaluation"):
+                metrics = _record_figures(run, cfg, bundle, grid, strategy, metrics, request_no)
         if ids:  # the owners of this request's ids are asked again: the reconciled ids are deleted now
             targets = [node] if records else grid.bound_nodes()
-            replies = list(grid.send_and_receive([_describe(n, ids) for n in targets]))
+            with phases("describe"):
+                replies = list(grid.send_and_receive([_describe(n, ids) for n in targets]))
     if ids and not records:  # ids an earlier request (or the data's owner) deleted: satisfied, not an error
         owners, gone = route(replies, ids)
         satisfied = _satisfied(run, gone, "")
         ids = sorted({i for v in owners.values() for i in v})
     if not ids:
         if done:  # nothing new to delete: the figures change only if an unfinished deletion was finished
-            _finish(run, cfg, bundle, grid, strategy, metrics, before, [i for r in done for i in _request_ids(run, r)])
+            _finish(run, cfg, bundle, grid, strategy, metrics, before, [i for r in done for i in _request_ids(run, r)],
+                    phases, done[-1])
         _blocked(unreachable)
         return {"satisfied": satisfied} if satisfied else {}
     if records:
@@ -146,10 +189,12 @@ def run_forget(grid: Grid, cfg: RunConfig, request: Request) -> dict[str, Any]:
         message.content[keys.CONFIG].update({k: v for k, v in cfg.to_mapping().items() if k in keys.REQUEST_OPTIONS})
     request_no = run.ledger.next_request()
     run.ledger.intend(request_no, strategy.planned(), cfg.unlearn_method)
-    failed = unlearn_and_store(grid, run, strategy, messages, request_no, cfg.seed,
-                               {"site": site, "records": records} if records else None)
-    metrics = _record_figures(run, cfg, bundle, grid, strategy, metrics, request_no)
-    _finish(run, cfg, bundle, grid, strategy, metrics, before, ids)
+    with phases("unlearning"):
+        failed = unlearn_and_store(grid, run, strategy, messages, request_no, cfg.seed,
+                                   {"site": site, "records": records} if records else None)
+    with phases("evaluation"):
+        metrics = _record_figures(run, cfg, bundle, grid, strategy, metrics, request_no)
+    _finish(run, cfg, bundle, grid, strategy, metrics, before, ids, phases, request_no)
     if failed:
         raise ForgetError(failed)
     _blocked(unreachable)
@@ -290,25 +335,33 @@ def _record_figures(run: RunDir, cfg: RunConfig, bundle: Any, grid: Any, strateg
 
 
 def _finish(run: RunDir, cfg: RunConfig, bundle: Any, grid: Grid, strategy: Any, metrics: dict[str, Any],
-            before: dict[int, Any], ids: list[int]) -> None:
-    """Figures after the deletions: DP block, the audit before and after, report."""
-    after = run.load_models()
-    metrics["dp"] = dp_metrics(cfg, strategy, run.calibration(), metrics.get("dp"))
-    if cfg.audit and bundle is None:  # the data stays at the sites: each site audits on its own data
-        metrics["privacy"] = federated_audit(grid, run, cfg, None, after, deleted=set(), dp=metrics["dp"],
-                                             strategy=strategy)
-    elif cfg.audit and ids and metrics["unlearning"]:
-        deleted = run.ledger.unlearned_ids() | Tombstones.for_data(cfg, bundle.records, run_dir=run.path).ids()
-        metrics["unlearning"][-1]["audit"] = {
-            "deleted_vs_nonmembers_auc_before": unlearning_audit(cfg, bundle, before, ids, run, strategy.predictor()),
-            "deleted_vs_nonmembers_auc_after": unlearning_audit(cfg, bundle, after, ids, run, strategy.predictor()),
-        }
-        metrics["unlearning"][-1]["privacy_before"] = headline(metrics.get("privacy"))
-        metrics["privacy"] = federated_audit(grid, run, cfg, bundle, after, deleted=deleted, dp=metrics["dp"],
-                                             strategy=strategy)
-        metrics["unlearning"][-1]["privacy_after"] = headline(metrics["privacy"])
-    run.write_metrics(metrics)
-    write_report(run.path)
+            before: dict[int, Any], ids: list[int], phases: Phases, request_no: int) -> None:
+    """Figures after the deletions: DP block, the audit before and after, report; the entry of
+    ``request_no`` (the last request this run completed) gets the driver's ``timing`` up to the report."""
+    with phases("evaluation"):
+        after = run.load_models()
+        metrics["dp"] = dp_metrics(cfg, strategy, run.calibration(), metrics.get("dp"))
+    with phases("audit"):
+        if cfg.audit and bundle is None:  # the data stays at the sites: each site audits on its own data
+            metrics["privacy"] = federated_audit(grid, run, cfg, None, after, deleted=set(), dp=metrics["dp"],
+                                                 strategy=strategy)
+        elif cfg.audit and ids and metrics["unlearning"]:
+            deleted = run.ledger.unlearned_ids() | Tombstones.for_data(cfg, bundle.records, run_dir=run.path).ids()
+            metrics["unlearning"][-1]["audit"] = {
+                "deleted_vs_nonmembers_auc_before": unlearning_audit(cfg, bundle, before, ids, run,
+                                                                     strategy.predictor()),
+                "deleted_vs_nonmembers_auc_after": unlearning_audit(cfg, bundle, after, ids, run, strategy.predictor()),
+            }
+            metrics["unlearning"][-1]["privacy_before"] = headline(metrics.get("privacy"))
+            metrics["privacy"] = federated_audit(grid, run, cfg, bundle, after, deleted=deleted, dp=metrics["dp"],
+                                                 strategy=strategy)
+            metrics["unlearning"][-1]["privacy_after"] = headline(metrics["privacy"])
+    for entry in metrics["unlearning"]:
+        if entry["request"] == request_no:
+            entry["timing"] = phases.timing()
+    with phases("report"):
+        run.write_metrics(metrics)
+        write_report(run.path)
 
 
 def route(replies: list[Any], ids: list[int]) -> tuple[dict[int, list[int]], list[int]]:

@@ -75,16 +75,11 @@ class Harness:
 
 @contextlib.contextmanager
 def registered(cls: type[FairforgetStrategy]) -> Iterator[None]:
-    """``cls`` registered under its name while the block runs (the previous entry back afterwards)."""
-    before = strategies.STRATEGIES.get(cls.name)
-    strategies.STRATEGIES[cls.name] = cls
-    try:
+    """``cls`` is what the strategy name ``cls.name`` resolves to while the block runs: in place of a
+    built-in or an installed plugin of that name (the class under test may be a subclass or a spy of
+    it), registered nowhere beyond the block."""
+    with strategies.REGISTRY.substituted(cls.name, cls):
         yield
-    finally:
-        if before is None:
-            strategies.STRATEGIES.pop(cls.name, None)
-        else:
-            strategies.STRATEGIES[cls.name] = before
 
 
 class PredictorSpy:

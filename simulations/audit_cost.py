@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fairforget.audit import ATTACKS, TargetOutputs
+from fairforget.audit import TargetOutputs, build_attack
 from fairforget.audit.references import predict_probs, train_references
 from fairforget.audit.roc import summarize
 from fairforget.audit.suite import run_audit
@@ -139,7 +139,7 @@ def attacks(args: argparse.Namespace) -> int:
             refs = train_references(pop, cand, count=count, members_per_model=min(train_size, len(pop)),
                                     models_per_reference=len(tmodels), settings=settings, seed=cfg.seed + 99,
                                     online=online)
-            r = summarize(ATTACKS[name]().scores(target, refs), is_member, bootstrap=0)
+            r = summarize(build_attack(name).scores(target, refs), is_member, bootstrap=0)
             seconds = time.perf_counter() - t0
             base = base or seconds
             print(f"{tname:10} {name:14} {count:>4} {r['auc']:>6.3f} {r['tpr_at_0.01_fpr']:>7.3f} "

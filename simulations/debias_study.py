@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 from fairforget.compare import markdown, plot_by, plot_tradeoff, read_run, rows_as_dicts, write_rows  # noqa: E402
 from fairforget.config import ConfigError, parse_set, resolve  # noqa: E402
 from fairforget.data import load_dataset, shard_of  # noqa: E402
-from fairforget.objectives import OBJECTIVES  # noqa: E402
+from fairforget.objectives import REGISTRY as OBJECTIVES  # noqa: E402
 from fairforget.storage import atomic_write_bytes, atomic_write_json, atomic_write_text  # noqa: E402
 from simulations.simulate_cli import simulate as run_simulate  # noqa: E402
 from simulations.simulate_cli import toml_value  # noqa: E402
@@ -62,8 +62,8 @@ def method_sets(method: str, augment_keys: dict[str, str] | None = None) -> dict
     if method == "augment":
         augment, objective = "augment", "cross-entropy"
     objective = "cross-entropy" if objective == "vanilla" else objective
-    if objective not in OBJECTIVES or augment not in ("", "augment"):
-        raise ConfigError(f"--methods: unknown method {method!r} (vanilla, {', '.join(sorted(OBJECTIVES))}, "
+    if not OBJECTIVES.known(objective) or augment not in ("", "augment"):  # a plugin objective too
+        raise ConfigError(f"--methods: unknown method {method!r} (vanilla, {', '.join(OBJECTIVES.names())}, "
                           "augment, augment+OBJECTIVE)")
     sets: dict[str, object] = {"objective": json.dumps(objective)}
     if augment:

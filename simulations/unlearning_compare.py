@@ -53,7 +53,7 @@ from fairforget.report import unlearning_methods_table, write_report
 from fairforget.run import RunDir, RunDirError
 from fairforget.sisa import SisaSettings, SisaShard
 from fairforget.storage import atomic_write_json
-from fairforget.unlearning import EXACT, UNLEARNERS, approximate
+from fairforget.unlearning import EXACT, UNLEARNERS, approximate, get_unlearner
 from fairforget.unlearning.approximate import UnlearnParams, accuracy, model_from
 
 DEFAULT_OUT = Path("runs/unlearning_compare.json")
@@ -116,7 +116,7 @@ def compare(cfg: RunConfig, k: int, natural: bool, workdir: Path,
     for name in [EXACT, *sorted(n for n in UNLEARNERS if n != EXACT)]:
         shutil.copytree(workdir / "base", workdir / name)
         shard = SisaShard(workdir / name, 0, data, settings)
-        result = UNLEARNERS[name](shard, ids, params)
+        result = get_unlearner(name)(shard, ids, params)
         row = {"method": name, **figures(shard, forget, bundle.test_unbiased, bundle.heldout),
                "seconds": result.seconds}
         if "noise_sigma" in result.figures:

@@ -9,7 +9,6 @@ Flower's ``Strategy.start`` loop, which carries one ArrayRecord between rounds, 
 
 from __future__ import annotations
 
-import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
@@ -18,8 +17,8 @@ import torch
 from flwr.app import ArrayRecord, Message, MetricRecord
 
 from fairforget import keys
-from fairforget.config import ConfigError
 from fairforget.ensemble import Predictor
+from fairforget.plugins import parse_plugin_options
 
 
 class StrategyReplyError(RuntimeError):
@@ -53,22 +52,9 @@ class FairforgetStrategy(ABC):
     @classmethod
     def parse_options(cls, text: str) -> dict[str, Any]:
         """Every declared option, its default overridden by ``strategy-options``; an unknown or mistyped
-        option is a one-line ConfigError naming the key, the strategy and the option."""
-        given = json.loads(text) if text.strip() else {}
-        unknown = sorted(set(given) - set(cls.options))
-        if unknown:
-            takes = f"its options: {', '.join(sorted(cls.options))}" if cls.options else "it takes none"
-            raise ConfigError(f"config key 'strategy-options': strategy {cls.name!r} has no option {unknown[0]!r} "
-                              f"({takes})")
-        out = dict(cls.options)
-        for key, value in given.items():
-            default = cls.options[key]
-            number = isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool)
-            if not (number or (type(value) is type(default))):
-                raise ConfigError(f"config key 'strategy-options': option {key!r} of strategy {cls.name!r} = "
-                                  f"{value!r}: expected {type(default).__name__}")
-            out[key] = float(value) if number else value
-        return out
+        option is a one-line ConfigError naming the key, the strategy and the option (the options
+        check every kind of plugin shares: :func:`fairforget.plugins.parse_plugin_options`)."""
+        return parse_plugin_options("strategy-options", f"strategy {cls.name!r}", cls.options, text)
 
     def __init__(self) -> None:
         self.shard_reports: dict[int, dict[str, Any]] = {}

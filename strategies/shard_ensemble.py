@@ -38,7 +38,7 @@ from fairforget.capacity import BudgetExceeded, DeletionBudget, head_parameters
 from fairforget.ensemble import Predictor
 from fairforget.model import bottleneck_dim
 from fairforget.records import pack_shards, unpack_shards
-from fairforget.unlearning import EXACT, UnlearnResult
+from fairforget.unlearning import EXACT, UnlearnResult, is_exact
 from strategies.base import FairforgetStrategy, StrategyReplyError, mean_metrics
 
 POLICIES = ("retrain", "refuse")
@@ -194,7 +194,8 @@ class ShardEnsemble(FairforgetStrategy, Strategy):
         """Decide, per owning node (``owners``: node id -> ids; ``shard_of``: node id -> shard;
         ``sizes``: shard -> live samples), what it runs, and return one ``train.unlearn`` message each.
 
-        An exact ``method`` is sent as it is. An approximate one is sent where the shard's deletion
+        An exact ``method`` (one that declares it: :func:`fairforget.unlearning.is_exact`) is sent as it
+        is. An approximate one is sent where the shard's deletion
         budget covers the request; where it does not, ``policy = "refuse"`` raises
         :class:`BudgetExceeded` before any message exists, ``"retrain"`` sends an exact retrain.
 
@@ -202,12 +203,13 @@ class ShardEnsemble(FairforgetStrategy, Strategy):
         a shard's capacity is the DP baseline at the epsilon that shard's training has spent: a DP
         learner is its own unlearner for that many deletions (Sekhari et al. 2021)."""
         self._dp_epsilons = dict(dp_epsilons or {}) if self.budget.bound == "dp" else {}
+        exact = is_exact(method)  # what the method declares (a plugin's EXACT), resolved here: before any message
         planned: dict[int, Planned] = {}
         for node_id, ids in sorted(owners.items()):
             shard, k = shard_of[node_id], len(ids)
             self.budget.track(shard, sizes[shard], self._dp_epsilons.get(shard))
-            if method == EXACT:
-                planned[shard] = Planned(node_id, sorted(ids), EXACT, ledger.EXACT_RETRAIN)
+            if exact:  # exact-sisa, or a plugin that declares EXACT: resets the budget, never charged
+                planned[shard] = Planned(node_id, sorted(ids), method, ledger.EXACT_RETRAIN)
             elif not self.budget.would_exceed(shard, k):
                 planned[shard] = Planned(node_id, sorted(ids), method, ledger.APPROXIMATE)
             elif self.policy == "refuse":

@@ -102,3 +102,52 @@ def test_forget_refuses_fedavg_runs(tiny_cfg, grid_for, capsys):
     code = cli.main(["forget", "--run", str(cfg.out_path), "--ids", "1"])
     _one_line_error(capsys, code, "exact unlearning needs shard-ensemble")
     assert _snapshot(cfg.out_path) == before
+
+
+def test_forget_says_what_the_user_waited_for(tiny_cfg, grid_for, capsys, monkeypatch):
+    """The driver writes its seconds per phase (request status, and the request's metrics.json entry up to
+    the report); the command adds its own start-up, Flower's and the rest, which add up to its wall; the
+    summary line says that wall next to the compute speed-up. Flower's transport is the in-process grid."""
+    import re
+
+    from fairforget import runner
+    from fairforget.requests import Request, read_status
+    from server.app import run_driver
+
+    def in_process_flower(cfg, quiet=False):
+        run_driver(grid_for(cfg), cfg, Request.load(cfg.out_path, cfg.request))
+        return runner.outcome(cfg, 0, quiet)
+
+    monkeypatch.setattr(cli, "run_flower", in_process_flower)
+    cfg = tiny_cfg(**{"audit-attacks": "loss"})
+    run_training(grid_for(cfg), cfg)
+    victim = shard_of(cfg, load_dataset(cfg))[1].ids[0].item()
+    capsys.readouterr()
+    assert cli.main(["forget", "--run", str(cfg.out_path), "--ids", str(victim)]) == 0
+    out = capsys.readouterr().out
+    (request_id,) = [p.name.removesuffix(".status.json") for p in (cfg.out_path / "requests").glob("*.status.json")
+                     if read_status(cfg.out_path, p.name.removesuffix(".status.json"))["mode"] == "forget"]
+    timing = read_status(cfg.out_path, request_id)["timing"]
+
+    driver = timing["phases"]
+    assert list(driver) == ["restore", "describe", "unlearning", "evaluation", "audit", "report"]
+    assert all(v > 0 for v in driver.values()), driver
+    assert sum(driver.values()) <= timing["driver_seconds"]
+    entry = RunDir(cfg.out_path).metrics()["unlearning"][-1]
+    assert entry["wall_seconds"] <= driver["unlearning"]  # the nodes' exchange is part of the unlearning phase
+    assert set(entry["timing"]["phases"]) == set(driver) - {"report"}  # written before the report
+    assert sum(entry["timing"]["phases"].values()) <= entry["timing"]["driver_seconds"] <= timing["driver_seconds"]
+
+    command = timing["command"]
+    wall, phases = command["wall_seconds"], command["phases"]
+    assert list(phases) == ["startup", "flower_startup", *driver, "flower_shutdown", "other"]
+    assert all(v >= 0 for v in phases.values()), phases
+    assert sum(phases.values()) == pytest.approx(wall) and wall >= timing["driver_seconds"]
+
+    line = next(s for s in out.splitlines() if s.startswith("unlearning "))
+    said = re.search(r"vs full retrain [\d.]+s \([\d.]+x faster\); you waited ([\d.]+) s: (.*)$", line)
+    assert said, line
+    assert float(said[1]) == pytest.approx(wall, abs=0.051)
+    parts = dict(re.fullmatch(r"(.+) ([\d.]+) s", p).groups() for p in said[2].split(", "))
+    assert list(parts) == ["start-up", "Flower start-up", *driver, "Flower shutdown", "other"]
+    assert sum(float(v) for v in parts.values()) == pytest.approx(wall, abs=0.051 * len(parts))

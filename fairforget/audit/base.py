@@ -9,8 +9,9 @@ candidate) or ``online`` (each candidate IN for about half of them).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -33,6 +34,9 @@ class Attack(ABC):
     name: ClassVar[str]
     reference_mode: ClassVar[str | None] = None
     min_references: ClassVar[int] = 0
+    #: a plugin attack's own parameters (``attack-options``, keyed by its name): option name -> default on
+    #: the class; the values in effect on the instance :func:`fairforget.audit.build_attack` makes
+    options: Mapping[str, Any] = {}
 
     @abstractmethod
     def scores(self, target: TargetOutputs, refs: ReferenceOutputs | None) -> np.ndarray:

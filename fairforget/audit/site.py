@@ -32,10 +32,11 @@ import torch
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from fairforget import keys
-from fairforget.audit import ATTACKS, TargetOutputs
+from fairforget.audit import TargetOutputs, attack_class, build_attack
 from fairforget.audit.references import ReferenceOutputs, offline_references, predict_probs, train_references
 from fairforget.audit.roc import summarize
 from fairforget.data.base import SampleSet
+from fairforget.ensemble import Ensemble
 from fairforget.sisa import SisaSettings, derived_seed
 
 SCOPES = ("shard", "ensemble")
@@ -84,8 +85,9 @@ def split_heldout(heldout: SampleSet, seed: int) -> tuple[SampleSet, SampleSet]:
 
 def site_audit(targets: dict[str, list[torch.nn.Module] | Ensemble], members: SampleSet, heldout: SampleSet, *,
                attacks: list[str], settings: SisaSettings, references: int, bootstrap: int, seed: int,
-               cache_dir: Path) -> dict[str, Any]:
-    """Every attack on every target; the fields of a :class:`SiteAudit` but its identity."""
+               cache_dir: Path, attack_options: str = "") -> dict[str, Any]:
+    """Every attack on every target (each with its ``attack-options``); the fields of a
+    :class:`SiteAudit` but its identity."""
     t0 = time.perf_counter()
     population, nonmembers = split_heldout(heldout, seed)
     counts = {"members": len(members), "nonmembers": len(nonmembers), "population": len(population)}
@@ -94,7 +96,7 @@ def site_audit(targets: dict[str, list[torch.nn.Module] | Ensemble], members: Sa
                                      f"(the audit needs members and {2 * MIN_HALF} held-out samples)"}
     cand = SampleSet.concat([members, nonmembers])
     is_member = np.r_[np.ones(len(members), bool), np.zeros(len(nonmembers), bool)]
-    modes = sorted({ATTACKS[n].reference_mode for n in attacks} - {None})
+    modes = sorted({attack_class(n).reference_mode for n in attacks} - {None})
     results: dict[str, dict[str, Any]] = {}
     ref_seconds = 0.0
     for tname, models in targets.items():
@@ -113,8 +115,9 @@ def site_audit(targets: dict[str, list[torch.nn.Module] | Ensemble], members: Sa
                                               members_per_model=len(members), models_per_reference=len(models),
                                               settings=settings, seed=ref_seed, online=True)
             ref_seconds += refs[mode].seconds
-        results[tname] = {name: summarize(ATTACKS[name]().scores(target, refs.get(ATTACKS[name].reference_mode)),
-                                          is_member, bootstrap=bootstrap, seed=seed)
-                          for name in attacks}
+        scorers = {name: build_attack(name, attack_options, attacks) for name in attacks}
+        results[tname] = {name: summarize(a.scores(target, refs.get(a.reference_mode)), is_member, bootstrap=bootstrap,
+                                          seed=seed)
+                          for name, a in scorers.items()}
     return {**counts, "targets": results, "references": references if "offline" in modes else 0,
             "reference_seconds": ref_seconds, "seconds": time.perf_counter() - t0}

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fairforget.audit import ATTACKS, AuditError, TargetOutputs, parse_attacks
+from fairforget.audit import AuditError, TargetOutputs, attack_class, build_attack, parse_attacks
 from fairforget.audit.probe import attribute_inference, bottleneck
 from fairforget.audit.references import ReferenceOutputs, offline_references, predict_probs, train_references
 from fairforget.audit.roc import auc, summarize
@@ -42,11 +42,11 @@ PROBE_TEST_PER_GROUP = 10  # unbiased test samples per (class, private) group th
 
 def check_audit_config(cfg: RunConfig, bundle: DataBundle) -> list[str]:
     """Fail fast, before anything is written: unknown attacks, too few references, no held-out data."""
-    names = parse_attacks(cfg.audit_attacks)
+    names = parse_attacks(cfg.audit_attacks, cfg.attack_options)
     if len(bundle.heldout) < 2:
         raise AuditError("the run has no held-out (non-member) data to audit against")
     for name in names:
-        need = ATTACKS[name].min_references
+        need = attack_class(name).min_references
         if need > cfg.audit_references:
             raise AuditError(f"attack '{name}' needs audit-references >= {need}, got {cfg.audit_references}")
     return names
@@ -97,14 +97,14 @@ def run_audit(run: RunDir, cfg: RunConfig, bundle: DataBundle, states: dict[int,
         kind = "ensemble" if tname == "ensemble" else "shard"
         n_models = len(tmodels)
         refs: dict[str, ReferenceOutputs] = {}
-        for mode in sorted({ATTACKS[n].reference_mode for n in names} - {None}):
+        for mode in sorted({attack_class(n).reference_mode for n in names} - {None}):
             ref, secs = _references(run, cfg, settings, population, cand, kind, n_models,
                                     len(members) if kind == "shard" else len(live), mode)
             refs[mode] = ref
             refs_time += secs
         results[tname] = {}
         for name in names:
-            attack = ATTACKS[name]()
+            attack = build_attack(name, cfg.attack_options, names)
             scores = attack.scores(target, refs.get(attack.reference_mode))
             summary = summarize(scores, is_member, bootstrap=cfg.audit_bootstrap, seed=cfg.seed)
             if tname == "ensemble":
@@ -189,7 +189,8 @@ def membership(cfg: RunConfig, bundle: DataBundle, states: dict[int, dict[str, t
                predictor: Predictor | None = None) -> dict[str, dict[str, Any]]:
     """ROC figures (AUC, TPR at 1% FPR, ...) of the ensemble's training samples ``member_ids`` (or
     samples it forgot) against held-out non-members, per attack but the online one."""
-    names = [n for n in parse_attacks(cfg.audit_attacks) if ATTACKS[n].reference_mode != "online"]
+    chosen = parse_attacks(cfg.audit_attacks, cfg.attack_options)
+    names = [n for n in chosen if attack_class(n).reference_mode != "online"]
     deleted = bundle.train.select_ids(sorted(member_ids))
     cand = SampleSet.concat([deleted, bundle.heldout])
     is_member = np.r_[np.ones(len(deleted), bool), np.zeros(len(bundle.heldout), bool)]
@@ -200,11 +201,12 @@ def membership(cfg: RunConfig, bundle: DataBundle, states: dict[int, dict[str, t
                            target_probs(ensemble, population.x), population.y.numpy())
     settings = SisaSettings.from_config(cfg, bundle.num_classes, bundle.num_private)
     ref = None
-    if any(ATTACKS[n].reference_mode == "offline" for n in names):
+    if any(attack_class(n).reference_mode == "offline" for n in names):
         ref, _ = _references(run, cfg, settings, population, cand, "ensemble", len(models),
                              len(bundle.train), "offline")
     boot = cfg.audit_bootstrap if bootstrap is None else bootstrap
-    return {n: summarize(ATTACKS[n]().scores(target, ref), is_member, bootstrap=boot, seed=cfg.seed)
+    return {n: summarize(build_attack(n, cfg.attack_options, chosen).scores(target, ref), is_member, bootstrap=boot,
+                         seed=cfg.seed)
             for n in names}
 
 

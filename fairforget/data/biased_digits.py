@@ -13,6 +13,8 @@ import torch
 
 from fairforget.data.base import DataBundle, biased_mnist_bundle, resize, stratified_split
 
+EMBEDDED = True  # ships with the package (scikit-learn's digits): no data-root, the ServerApp holds it
+
 
 def load(cfg) -> DataBundle:  # cfg: fairforget.config.RunConfig
     from sklearn.datasets import load_digits  # imported when the data is built, not with the package

@@ -39,6 +39,8 @@ from fairforget.data.base import (
 )
 from fairforget.site_secret import KEY_FILE, SiteSecretError, keyed_sample_id, load_site_key, normalise_record_id
 
+OWNS_RECORDS = True  # the site's record ids (labels.csv): its tombstones live beside the data
+
 
 def _read_csv(root: Path) -> list[dict[str, str]]:
     with (root / "labels.csv").open(newline="") as fh:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -30,7 +30,7 @@ class ObjectiveContext:
     num_classes: int
     num_private: int = 1
     bottleneck_dim: int = 0
-    options: Mapping[str, float] = field(default_factory=dict)
+    options: Mapping[str, Any] = field(default_factory=dict)  # the flat keys (end-alpha, ...) and objective-options
 
 
 class Objective(nn.Module, ABC):
@@ -41,6 +41,10 @@ class Objective(nn.Module, ABC):
 
     name: ClassVar[str]
     per_sample: ClassVar[bool] = True
+    #: a plugin objective's own parameters, set through the run-config key ``objective-options`` (a JSON
+    #: object): option name -> default; the values in effect are in ``self.ctx.options`` (the built-ins
+    #: read their flat run-config keys instead, :meth:`option`)
+    options: ClassVar[Mapping[str, Any]] = {}
 
     def __init__(self, ctx: ObjectiveContext) -> None:
         super().__init__()

@@ -29,8 +29,8 @@ The methods that descend (fine-tune, NegGrad+, SCRUB, DEL) train through the tra
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,8 @@ class UnlearnParams:
     newton_lambda: float
     eps: float
     delta: float
+    #: a plugin method's own options (``unlearner-options``, :func:`fairforget.unlearning.unlearn_params`)
+    options: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, cfg: Any) -> UnlearnParams:
