@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 OUT    ?= runs/demo
 
-.PHONY: demo test bench headline lint clean mutation
+.PHONY: demo test bench headline lint clean mutation docs
 
 $(VENV)/.installed: pyproject.toml examples/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,12 @@ mutation: $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet -e ".[dev,mutation]"
 	$(BIN)/mutmut run --max-children 2 $(MUTANTS)
 	$(BIN)/python simulations/mutation_report.py --survivors 20
+
+# the docs site into site/ (warnings are errors); then the results pages whose code changed since their figures
+docs: $(VENV)/.installed
+	@if [ -f docs/gen_reference.py ]; then $(BIN)/python docs/gen_reference.py; fi
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+	@$(BIN)/python docs/stale_results.py
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .

@@ -42,7 +42,11 @@ class InProcessGrid(Grid):
     """A Grid whose nodes are the real ClientApp handlers, called in this process.
 
     Node ids are 101, 102, ... for partitions 0, 1, ...; a handler exception becomes an error reply,
-    as Flower turns a ClientApp exception into one."""
+    as Flower turns a ClientApp exception into one. Every message sent is recorded in ``sent``.
+
+    :param cfg: the run config; one node per shard (``cfg.num_shards``), each node's state where
+        ``cfg`` puts it (under ``out-dir``)
+    """
 
     HANDLERS = {keys.MSG_TRAIN: handlers.train, keys.MSG_UNLEARN: handlers.unlearn,
                 keys.MSG_DESCRIBE: handlers.describe, keys.MSG_AUDIT: handlers.audit,
@@ -63,9 +67,11 @@ class InProcessGrid(Grid):
         }, assigned)
 
     def get_node_ids(self) -> Iterable[int]:
+        """The node ids, one per shard (101, 102, ...)."""
         return list(self.nodes)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        """Each of ``messages`` handled now, and the replies; ``timeout`` is ignored (nothing waits)."""
         return self.pull_messages(self.push_messages(messages))
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
@@ -90,6 +96,7 @@ class InProcessGrid(Grid):
             return Message(Error(code=1, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """The replies to ``message_ids`` that :meth:`push_messages` stored (each handed out once)."""
         return [self.outbox.pop(i) for i in list(message_ids) if i in self.outbox]
 
     # fairforget's drivers only call get_node_ids, send_and_receive, push and pull; the rest must stay unused

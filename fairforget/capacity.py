@@ -15,7 +15,8 @@ gamma (0.01). For n training samples and d parameters of the part that is unlear
 
 * no unlearner can exceed ``c n`` (the upper bound, ``c < 1``); both values are capped there.
 
-Assumptions (stated in the theorem and repeated in the README): the loss is convex, L-Lipschitz and
+Assumptions (stated in the theorem and repeated in docs/explanation/deletion-capacity.md): the loss is
+convex, L-Lipschitz and
 lambda-strongly convex in the unlearned parameters, with an M-Lipschitz Hessian, and the learner
 returns the (regularised) empirical risk minimiser. In this project that holds only for the linear
 head (``SimpleConvNet.fc``) on fixed bottleneck features, which is why d counts the head's

@@ -24,7 +24,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from fairforget.storage import atomic_write_bytes, atomic_write_text, read_json  # noqa: E402
+from fairforget.schemas import SchemaVersionError, read_metrics  # noqa: E402
+from fairforget.storage import atomic_write_bytes, atomic_write_text  # noqa: E402
 
 
 class CompareError(ValueError):
@@ -64,9 +65,12 @@ def read_run(path: Path, name: str | None = None) -> RunRow:
     if missing:
         raise CompareError(f"{path} is not a finished fairforget run (missing {', '.join(missing)})")
     try:
+        m = read_metrics(path / "metrics.json")  # another schema_version: one line
+    except SchemaVersionError as exc:
+        raise CompareError(str(exc)) from None
+    try:
         with (path / "config.toml").open("rb") as fh:
             cfg = tomllib.load(fh)
-        m = read_json(path / "metrics.json")
         ens = m["ensemble"]
         worst = ens["unbiased"]["worst_group"]
         privacy = m.get("privacy") or {}

@@ -22,6 +22,16 @@ from fairforget.model import SimpleConvNet, load_model
 
 
 class Ensemble:
+    """The constituent models of a shard ensemble and the rule that combines their predictions.
+
+    :param states: shard -> the state dict of that shard's SimpleConvNet
+    :param num_classes: number of classes K the models predict
+    :param width: the SimpleConvNet base width the state dicts were trained with (``model-width``)
+    :param vote: ``"softmax"`` (mean of the softmax outputs) or ``"majority"`` (share of the votes);
+        anything else is a ValueError
+    :param weights: shard -> weight (>= 0, not all 0; normalised to sum to 1), or None for even weights
+    """
+
     def __init__(self, states: Mapping[int, Mapping[str, torch.Tensor]], num_classes: int, width: int,
                  vote: str = "softmax", weights: Mapping[int, float] | None = None) -> None:
         if vote not in ("softmax", "majority"):
@@ -35,14 +45,16 @@ class Ensemble:
 
     @torch.no_grad()
     def member_probs(self, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-        """(S, N, K) softmax outputs of every constituent."""
+        """(S, N, K) softmax outputs of every constituent on the images ``x`` (N, C, H, W), computed
+        ``batch_size`` images at a time."""
         out = []
         for model in self.models.values():
             out.append(torch.cat([model(x[i : i + batch_size]).softmax(-1) for i in range(0, len(x), batch_size)]))
         return torch.stack(out)
 
     def combine(self, probs: torch.Tensor) -> torch.Tensor:
-        """(N, K) ensemble output from the (S, N, K) outputs of :meth:`member_probs`."""
+        """(N, K) ensemble output from ``probs``, the (S, N, K) outputs of :meth:`member_probs`, by the
+        vote and the weights; a ValueError for negative weights or weights that are all 0."""
         if self.vote == "majority":
             probs = torch.nn.functional.one_hot(probs.argmax(-1), self.num_classes).float()
         if self.weights is None:
@@ -53,6 +65,7 @@ class Ensemble:
         return (probs * (w / w.sum()).view(-1, 1, 1)).sum(0)
 
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, K) ensemble output on the images ``x``: ``combine(member_probs(x))``."""
         return self.combine(self.member_probs(x))
 
     def __len__(self) -> int:
@@ -78,6 +91,7 @@ class Ensemble:
                    None if weights is None else {int(k): float(v) for k, v in weights.items()})
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """(N,) predicted class of each image in ``x``."""
         return self.predict_proba(x).argmax(-1)
 
 
@@ -87,10 +101,16 @@ class Predictor:
     the vote and, optionally, a weight per constituent (shard -> weight; none: even). Called with the
     constituents' state dicts it builds the :class:`Ensemble` that predicts; a strategy with another
     rule returns a subclass whose ``__call__`` builds an :class:`Ensemble` subclass overriding
-    :meth:`Ensemble.combine`."""
+    :meth:`Ensemble.combine`.
+
+    :param vote: ``"softmax"`` or ``"majority"`` (:class:`Ensemble`)
+    :param weights: shard -> weight, or None for even weights
+    """
 
     vote: str = "softmax"
     weights: Mapping[int, float] | None = field(default=None)
 
     def __call__(self, states: Mapping[int, Mapping[str, torch.Tensor]], num_classes: int, width: int) -> Ensemble:
+        """The :class:`Ensemble` of the constituents ``states`` (shard -> state dict) for ``num_classes``
+        classes and model width ``width``, combined by this predictor's vote and weights."""
         return Ensemble(states, num_classes, width, self.vote, self.weights)

@@ -133,7 +133,7 @@ def parse_plugin_options(key: str, owner: str, declared: Mapping[str, Any],
 
 
 def declared_options(obj: Any) -> Mapping[str, Any]:
-    """What a plugin declares as its ``options`` (none: ``{}``); a non-mapping is taken as none."""
+    """What the plugin ``obj`` declares as its ``options`` (none: ``{}``); a non-mapping is taken as none."""
     options = getattr(obj, "options", None)
     return options if isinstance(options, Mapping) else {}
 
@@ -142,7 +142,18 @@ class Registry(Generic[T]):
     """The plugins of one kind: ``builtins`` (kept by reference: a test may add to the dict), the
     entry-point ``group``, and ``check(obj)``, whether a loaded object is a plugin of this kind
     (``expected`` says what one is, for the message); ``adapt`` turns a valid plugin into what
-    :meth:`resolve` returns (the built-ins are stored adapted already)."""
+    :meth:`resolve` returns (the built-ins are stored adapted already).
+
+    :param kind: the kind's name in messages (``"objective"``)
+    :param key: the run-config key that names a plugin of this kind (``"objective"``, ``"unlearn-method"``)
+    :param builtins: name -> built-in plugin
+    :param check: whether a loaded object is a plugin of this kind
+    :param expected: what a plugin of this kind is, for the message when ``check`` says no
+    :param options_key: the run-config key of the plugin's own options (default ``"<kind>-options"``)
+    :param group: the entry-point group (default ``"fairforget.<kind>s"``)
+    :param adapt: turns a valid loaded plugin into what :meth:`resolve` returns (default: as it is)
+    :param modules: whether a plugin may be a module, so that a dotted ``package.module`` names one
+    """
 
     def __init__(self, kind: str, key: str, builtins: Mapping[str, T], *, check: Callable[[Any], bool],
                  expected: str, options_key: str | None = None, group: str | None = None,
@@ -251,7 +262,8 @@ class Registry(Generic[T]):
         return self.find(name) is not None
 
     def parse_options(self, name: str, declared: Mapping[str, Any], given: str | Mapping[str, Any]) -> dict[str, Any]:
-        """:func:`parse_plugin_options` for this kind's options key, naming ``<kind> 'name'``."""
+        """:func:`parse_plugin_options` for this kind's options key, naming ``<kind> 'name'``: the options
+        ``declared`` (option name -> default) overridden by ``given`` (the key's JSON text, or a mapping)."""
         return parse_plugin_options(self.options_key, f"{self.kind} {name!r}", declared, given)
 
     def _import(self, path: str) -> Any:

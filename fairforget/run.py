@@ -4,7 +4,7 @@ command line and the simulations; it knows nothing of Flower.
 ::
 
     OUT/config.toml      the resolved run config (written by the CLI)
-    OUT/metrics.json     figures (schema in README.md)
+    OUT/metrics.json     figures, with their schema_version (checked on read: fairforget/schemas/)
     OUT/ledger.jsonl     one line per deletion decision
     OUT/budget.json      the strategy's deletion budget: each shard's capacity and what is used of it
     OUT/calibration.json how the DP noise multiplier was chosen (dp = true)
@@ -28,6 +28,7 @@ import torch
 from fairforget.capacity import DeletionBudget
 from fairforget.config import ConfigError, RunConfig, resolve
 from fairforget.ledger import Ledger
+from fairforget.schemas import read_metrics
 from fairforget.storage import atomic_torch_save, atomic_write_json, atomic_write_text, read_json, torch_load
 
 
@@ -56,6 +57,7 @@ class RunDir:
         if missing or not self.models_dir.is_dir():
             what = ", ".join(missing) or "models/"
             raise RunDirError(f"{self.path} is not a finished fairforget run (missing {what})")
+        read_metrics(self.metrics_path, unversioned_ok=True)  # another schema_version: one line, nothing written
 
     def write_config(self, cfg: RunConfig) -> None:
         atomic_write_text(self.config_path, cfg.to_toml())
@@ -102,7 +104,9 @@ class RunDir:
 
     # ------------------------------------------------------------------ figures
     def metrics(self) -> dict[str, Any]:
-        return read_json(self.metrics_path)
+        """``metrics.json``; one of another ``schema_version`` (or none) is a one-line
+        :class:`~fairforget.schemas.SchemaVersionError` (:func:`~fairforget.schemas.read_metrics`)."""
+        return read_metrics(self.metrics_path)
 
     def write_metrics(self, metrics: dict[str, Any]) -> None:
         atomic_write_json(self.metrics_path, metrics)

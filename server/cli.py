@@ -39,7 +39,7 @@ EXIT_RUN = 1
 USER_ERRORS = {
     "fairforget.config": "ConfigError", "fairforget.data": "DatasetError", "fairforget.run": "RunDirError",
     "fairforget.audit": "AuditError", "fairforget.ledger": "LedgerError", "fairforget.locks": "LockBusy",
-    "fairforget.requests": "RequestError",
+    "fairforget.requests": "RequestError", "fairforget.schemas": "SchemaVersionError",
 }
 
 

@@ -24,6 +24,7 @@ from fairforget.privacy.gdp import tpr_bound
 from fairforget.privacy.reporting import dp_block
 from fairforget.report import write_report
 from fairforget.run import RunDir
+from fairforget.schemas import METRICS_SCHEMA_VERSION
 from fairforget.tombstones import Tombstones
 from server.audit import federated_audit
 from server.augment import run_augmentation
@@ -160,7 +161,7 @@ def training_metrics(cfg: RunConfig, data: dict[str, Any], shard_reports: dict[i
                      history: list[dict[str, Any]], evaluation: dict[str, Any], train_wall: float) -> dict[str, Any]:
     shards = [shard_row(k, shard_reports[k], evaluation) for k in sorted(shard_reports)]
     return {
-        "schema_version": 1,
+        "schema_version": METRICS_SCHEMA_VERSION,
         "run": {
             "dataset": data["name"], "strategy": cfg.strategy, "num_shards": cfg.num_shards,
             "slices": cfg.slices, "rho": cfg.rho, "class_imbalance": cfg.class_imbalance, "seed": cfg.seed,

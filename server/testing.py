@@ -66,7 +66,13 @@ APPROXIMATE_METHOD = "finetune"  # an approximate unlearner, charged to the dele
 class Harness:
     """What the checks need from the caller: ``make_cfg(out_dir, **overrides)`` a tiny RunConfig, and
     ``make_grid(cfg)`` a grid delivering messages to the real ClientApp handlers, recording what it
-    sends in ``grid.sent``."""
+    sends in ``grid.sent``; ``root`` the folder the trials' runs are written under (default: a new
+    temporary folder).
+
+    :param make_cfg: ``make_cfg(out_dir, **overrides) -> RunConfig``, e.g. :func:`clients.testing.make_tiny_cfg`
+    :param make_grid: ``make_grid(cfg) -> Grid``, e.g. :class:`clients.testing.InProcessGrid`
+    :param root: where each trial's run folder is made
+    """
 
     make_cfg: Callable[..., RunConfig]
     make_grid: Callable[[RunConfig], Any]
@@ -130,7 +136,11 @@ def spied(cls: type[FairforgetStrategy], spy: PredictorSpy) -> type[FairforgetSt
 
 class Trial:
     """One class under contract: its tiny config and, built once and shared by the checks, its
-    training run (through the real driver, with the audit) and the figures read back from it."""
+    training run (through the real driver, with the audit) and the figures read back from it.
+
+    :param cls: the strategy class under contract (its ``name`` is what the run config selects)
+    :param harness: the config and grid factories (:class:`Harness`)
+    """
 
     def __init__(self, cls: type[FairforgetStrategy], harness: Harness) -> None:
         self.cls, self.harness = cls, harness
@@ -356,14 +366,16 @@ def _inconsistent(t: Trial) -> None:
 
 
 def check_strategy(cls: type[FairforgetStrategy], harness: Harness) -> None:
-    """Run every check ``cls`` is subject to, on one shared training; the first failure raises."""
+    """Run every check the strategy class ``cls`` is subject to (by what it declares), on one shared
+    training built with ``harness`` (:class:`Harness`); the first failure raises AssertionError."""
     trial = Trial(cls, harness)
     for check in strategy_checks(cls):
         check(trial)
 
 
 def parametrize_with_checks(classes: list[type[FairforgetStrategy]]) -> Any:
-    """``@parametrize_with_checks([...])``: one pytest case per (class, check), named ``Class-check``;
+    """``@parametrize_with_checks(classes)``: one pytest case per (class, check) for each strategy class
+    in ``classes``, named ``Class-check``;
     the test receives ``cls`` and ``check`` and calls ``check(trial)`` on a :class:`Trial` it shares
     per class (see ``tests/test_strategies.py``)."""
     import pytest

@@ -43,7 +43,8 @@ from simulations.simulate_cli import toml_value  # noqa: E402
 RHOS = (0.99, 0.995, 0.997, 0.999, 0.90, 0.95)
 METHODS = ("vanilla", "end", "learned-mixin", "rubi", "rebias", "augment", "augment+end")
 BASE = {"audit-attacks": '"loss,rmia"', "audit-references": 2}
-AUGMENT_PRESET = ROOT / "presets" / "augment-cpu.toml"  # the levers that helped on a CPU (README)
+# the levers that helped on a CPU (docs/results/augmentation-levers.md)
+AUGMENT_PRESET = ROOT / "presets" / "augment-cpu.toml"
 QUICK = {"audit-attacks": '"loss,confidence,entropy"', "audit-references": 0, "audit-bootstrap": 50}
 
 

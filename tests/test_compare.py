@@ -53,6 +53,9 @@ def test_compare_refuses_a_folder_that_is_not_a_finished_run(two_runs, tmp_path,
         err = capsys.readouterr().err.strip()
         assert code == 2 and "\n" not in err and expected in err, err
     (tmp_path / "half" / "metrics.json").write_text('{"ensemble": {}}')
+    with pytest.raises(CompareError, match=r"half/metrics.json: no schema_version \(this fairforget"):
+        collect([tmp_path / "half"])
+    (tmp_path / "half" / "metrics.json").write_text('{"schema_version": 1, "ensemble": {}}')
     with pytest.raises(CompareError, match="unreadable KeyError"):
         collect([tmp_path / "half"])
     assert not (tmp_path / "cmp.md").exists() and not (tmp_path / "cmp.png").exists()

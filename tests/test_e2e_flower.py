@@ -1,5 +1,6 @@
-"""End to end through Flower's simulation engine (`flwr run`, Ray backend): the README's workflow
-on tiny data, 2 SuperNodes. Slow (Flower start-up dominates), so there is just this one."""
+"""End to end through Flower's simulation engine (`flwr run`, Ray backend): the workflow of
+docs/tutorials/first-simulation.md on tiny data, 2 SuperNodes. Slow (Flower start-up dominates), so there is
+just this one."""
 
 import subprocess
 import sys

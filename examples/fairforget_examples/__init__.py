@@ -1,4 +1,4 @@
-"""Worked examples of fairforget plugins, in a package of their own (see ``docs/writing-a-strategy.md``):
+"""Worked examples of fairforget plugins, in a package of their own (see ``docs/how-to/writing-a-strategy.md``):
 
 * ``robust-fedavg`` (:mod:`.robust_fedavg`): FedAvg whose aggregation is Flower's ``FedTrimmedAvg`` or
   ``FedMedian``, robust to a Byzantine node;

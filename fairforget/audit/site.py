@@ -12,7 +12,7 @@ parallel (across Ray workers in simulation) while the server audits only the ens
 2. Members: the site's live real records (synthetic samples are not people).
 3. Targets: ``shard-K``, the model the site serves (the server sends no weights for it); with
    ``site-audit-scope = "ensemble"`` also ``ensemble``, from weights the server sends (every site then
-   holds every site's model: that scope is an explicit choice, see the README).
+   holds every site's model: that scope is an explicit choice, see docs/explanation/audit.md).
 4. The reply is a :class:`SiteAudit`: ROC statistics per (target, attack) (AUC, balanced accuracy,
    advantage, TPR at low FPR with bootstrap intervals, the curve) and counts of the three sets, never
    samples, scores, ids or per-group figures. It becomes Flower records in one place,
