@@ -15,8 +15,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from fairforget.ledger import Ledger  # noqa: E402
+from fairforget.privacy.auditing import AUDIT_FPRS, audit, resolvable  # noqa: E402
 from fairforget.privacy.gdp import tpr_bound  # noqa: E402
-from fairforget.storage import atomic_write_bytes, atomic_write_text, read_json  # noqa: E402
+from fairforget.schemas import read_metrics  # noqa: E402
+from fairforget.storage import atomic_write_bytes, atomic_write_text  # noqa: E402
 from fairforget.verify import read_verification  # noqa: E402
 
 
@@ -143,14 +145,59 @@ def _dp_lines(metrics: dict[str, Any]) -> list[str]:
                       *[(f"epsilon-first, epsilon = {e}", f) for e, f in c["epsilon_first"].items()]]
         lines += [f"| {n} | {f['noise_multiplier']:.3f} | {f['epsilon']:.3f} | {f['mu']:.3f} | {f[key]:.4f} |"
                   for n, f in named]
-    violations = (metrics.get("privacy") or {}).get("dp_bound_violations") or []
+    if metrics.get("privacy"):
+        lines += ["", *_audit_lines(metrics["privacy"], dp)]
+    return lines
+
+
+def _audit_lines(privacy: dict[str, Any], dp: dict[str, Any]) -> list[str]:
+    """The audit against the claims (:mod:`fairforget.privacy.auditing`): per target what the attacks
+    prove beside what is claimed and the most its counts could ever prove; the alarms metrics.json holds."""
+    result = audit(privacy, dp)
+    levels = ", ".join(f"{f:.1%}" for f in AUDIT_FPRS)
+    lines = [f"The audit against these claims (Jagielski et al. 2020, Nasr et al. 2021): at each attack's threshold "
+             f"for {levels} FPR, Clopper-Pearson upper bounds on both error rates give a lower bound on epsilon "
+             f"and on mu at {1 - result.alpha:.0%} confidence, Bonferroni-corrected over {result.tests} tests; a "
+             f"violation is a lower bound above the claimed epsilon or above the mu of the mu-GDP bound (the ROC "
+             f"plot's red curve).", "",
+             "| target | claimed epsilon | claimed mu | non-members | members | most epsilon any attack could prove "
+             "| proven epsilon (attack, FPR) | proven mu |", "|---|---|---|---|---|---|---|---|"]
+    beyond = []
+    for target in dict.fromkeys(c.target for c in result.checks):
+        checks = [c for c in result.checks if c.target == target and c.tested]
+        best = max(checks, key=lambda c: c.epsilon_lower_bound)
+        most = max(c.max_provable_epsilon for c in checks)
+        claim = "" if best.claimed_epsilon is None else f"{best.claimed_epsilon:.3f}"
+        mu = "" if best.claimed_mu is None else f"{best.claimed_mu:.3f}"
+        lines.append(f"| {target} | {claim} | {mu} | {best.nonmembers} | {best.members} | {most:.2f} | "
+                     f"{best.epsilon_lower_bound:.2f} ({best.attack}, {best.fpr:.1%}) | "
+                     f"{max(c.mu_lower_bound for c in checks):.2f} |")
+        if best.claimed_epsilon is not None and best.claimed_epsilon >= most:
+            beyond.append(f"{target} (epsilon {best.claimed_epsilon:.2f}; with {best.nonmembers} non-members and "
+                          f"{best.members} members no attack can prove epsilon above {most:.2f})")
+    if beyond:
+        lines += ["", "Claims no audit of this size can refute, whatever the model leaks: " + "; ".join(beyond) + "."]
+    if result.unchecked:
+        lines += ["", "Not judged (figures without member and non-member counts): " + ", ".join(result.unchecked) + "."]
+    violations = privacy.get("dp_bound_violations") or []
     if violations:
         lines += ["", "**Empirical TPR above the DP bound (a bug in training, accounting or the attack):**", ""]
         lines += [f"- **{v}**" for v in violations]
-    elif metrics.get("privacy"):
-        lines += ["", "Every attack's TPR at 0.1% and 1% FPR stays within its target's mu-GDP bound (or within "
-                      "the bootstrap interval of it); the ROC plot shows the bound as a red curve."]
+    else:
+        lines += ["", "No attack proves more than its target claims (epsilon, or the mu-GDP bound)."]
     return lines
+
+
+def tpr_cell(r: dict[str, Any], fpr: float, ci: bool = True) -> str:
+    """An attack's TPR at ``fpr`` with its bootstrap interval, or "not resolvable with N non-members"
+    when fewer than 1/fpr non-members put the threshold above all of them (its true FPR unknown)."""
+    n = r.get("n_nonmembers")
+    if n and not resolvable(n, fpr):
+        return f"not resolvable with {n} non-members"
+    lo, hi = r.get(f"tpr_at_{fpr:g}_fpr_ci95") or (None, None)
+    shown = ci and lo is not None and hi is not None and lo == lo and hi == hi  # null / NaN: no bootstrap
+    interval = f" [{lo:.3f}, {hi:.3f}]" if shown else ""
+    return f"{r[f'tpr_at_{fpr:g}_fpr']:.3f}{interval}"
 
 
 def _privacy_lines(metrics: dict[str, Any]) -> list[str]:
@@ -175,11 +222,8 @@ def _privacy_lines(metrics: dict[str, Any]) -> list[str]:
              for t, a in (r.get("targets") or {}).items()]  # site-audit-scope = "ensemble"
     for target, place, attacks in rows:
         for name, r in attacks.items():
-            lo, hi = r["tpr_at_0.01_fpr_ci95"]
-            ci = f" [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else ""  # null: no bootstrap
             lines.append(f"| {target} | {place} | {name} | {r['auc']:.3f} | {r['balanced_accuracy']:.3f} | "
-                         f"{r['advantage']:.3f} | {r['tpr_at_0.01_fpr']:.3f}{ci} | "
-                         f"{r['tpr_at_0.001_fpr']:.3f} |")
+                         f"{r['advantage']:.3f} | {tpr_cell(r, 0.01)} | {tpr_cell(r, 0.001, ci=False)} |")
     sites = {s: r for s, r in privacy.get("sites", {}).items() if not r.get("error") and not r.get("skipped")}
     if sites:
         lines += ["", "The sites' audits (ROC statistics only came back; scope: what a site audited):", "",
@@ -301,7 +345,7 @@ def _verification_lines(record: dict[str, Any], metrics: dict[str, Any]) -> list
 
 def write_report(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
-    metrics = read_json(run_dir / "metrics.json")
+    metrics = read_metrics(run_dir / "metrics.json")  # another schema_version: one line, nothing written
     run_ledger = Ledger(run_dir / "ledger.jsonl")
     ledger = run_ledger.entries()  # the decisions (a forget's intent lines left out)
     plots = [

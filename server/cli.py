@@ -249,7 +249,7 @@ def _print_summary(out: Path) -> None:
 def _print_violations(privacy: dict) -> bool:
     found = privacy.get("dp_bound_violations") or []
     for v in found:
-        print(f"WARNING: empirical TPR above the DP bound: {v}", file=sys.stderr)
+        print(f"WARNING: the audit refutes the DP claim: {v}", file=sys.stderr)
     return bool(found)
 
 
@@ -485,8 +485,9 @@ def _audit(run: RunDir, cfg: RunConfig) -> int:
         print(f"{target}: private-attribute probe {p['unbiased_test_accuracy']:.3f} (chance {p['chance']:.3f})")
     print(f"audit took {privacy['seconds']:.1f}s; report: {run.path / 'report.md'}")
     if _print_violations(privacy):
-        print("fairforget: error: an attack beat the differential-privacy bound beyond its confidence interval: "
-              "a bug in training, accounting or the attack (see the report)", file=sys.stderr)
+        print("fairforget: error: an attack proves more than the differential-privacy claim allows (Clopper-Pearson "
+              "bounds on both error rates, corrected for the tests made): a bug in training, accounting or the attack "
+              "(see the report)", file=sys.stderr)
         return EXIT_RUN
     return 0
 

@@ -19,7 +19,10 @@ row (``server`` on an existing ``--run``). ``--mode attacks`` prints what one at
 run: RMIA with 2 references vs LiRA offline with 2 and LiRA online with 8 or 16 shadows.
 
     python simulations/audit_cost.py [--mode both|sites|server|attacks] [--out runs/audit-cost]
-                                     [--run DIR] [--set key=value ...]
+                                     [--run DIR] [--set key=value ...] [--no-page]
+
+``--mode both`` and ``--mode attacks`` also write their part of ``docs/results/audit-cost.md`` (the
+table they print, stamped; :mod:`simulations.results_page`); ``sites`` or ``server`` alone do not.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from fairforget.model import load_model
 from fairforget.run import RunDir, RunDirError
 from fairforget.sisa import SisaSettings
 from fairforget.tombstones import Tombstones
+from simulations.results_page import add_page_option, invocation, page_wanted, record_stdout, write_page
 
 FAIRFORGET = Path(sys.executable).parent / "fairforget"
 
@@ -155,12 +159,34 @@ def main() -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="run-config overrides for the benchmark's run (default: the demo's configuration)")
     parser.add_argument("--shadows", type=int, nargs="+", default=[8, 16], help="LiRA-online shadow counts (attacks)")
+    add_page_option(parser)
     args = parser.parse_args()
-    if args.mode == "attacks":
-        return attacks(args)
     if args.mode == "sites" and args.run:
         parser.error("--mode sites measures a run it trains itself: leave out --run")
-    return compare(args)
+    with record_stdout() as printed:
+        code = attacks(args) if args.mode == "attacks" else compare(args)
+    if code == 0:
+        write_part(args, printed.getvalue())
+    return code
+
+
+# ---------------------------------------------------------------------- results page
+PAGE_MEASURES = ["fairforget/audit/", "server/audit.py", "clients/handlers.py", "simulations/audit_cost.py"]
+PARTS = {"both": ("sites-vs-server", "Audit at the sites vs on the server", "audit cost vs training on"),
+         "attacks": ("attacks", "What one attack costs", "attack cost on")}
+
+
+def write_part(args: argparse.Namespace, printed: str) -> None:
+    """The table this mode printed, as its part of docs/results/audit-cost.md (``both`` and ``attacks`` only)."""
+    part, title, header = PARTS.get(args.mode, ("", "", ""))
+    start = printed.find(header) if header else -1
+    partial = (f"--mode {args.mode} prints one row of the page's table" if not part
+               else "the run has no site audit (audit = false?)" if "this run has no site audit" in printed
+               else "its table was not printed" if start < 0 else None)
+    if page_wanted(args, "audit-cost", partial=partial):
+        table = printed[start:].strip()
+        write_page("audit-cost", "Audit cost", f"```text\n{table}\n```", measures=PAGE_MEASURES,
+                   command=invocation(), part=part, part_title=title)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ Variants:
   class-skew   class-imbalance = 10 at rho = 0.1 (no colour shortcut), groups = class
 
 Each variant is one ``fairforget simulate --set augment=true`` run; the table is read from its
-metrics.json. Prints a markdown table and writes ``runs/headline/headline.md`` and ``headline.json``.
+metrics.json. Prints a markdown table and writes ``runs/headline/headline.md`` and ``headline.json``;
+a run of both variants also writes ``docs/results/augmentation.md`` (the tables, stamped; ``--no-page``
+does not).
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from simulations.results_page import add_page_option, invocation, page_wanted, write_page  # noqa: E402
+
 VARIANTS = {
     "colour-bias": {"rho": 0.99, "class-imbalance": 1.0, "augment-groups": '"class-private"'},
     "class-skew": {"rho": 0.1, "class-imbalance": 10.0, "augment-groups": '"class"'},
@@ -71,6 +77,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "headline")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra run-config overrides for every variant")
+    add_page_option(parser)
     args = parser.parse_args()
     results, lines = {}, []
     for name in args.variant or list(VARIANTS):
@@ -82,7 +89,19 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "headline.md").write_text(text + "\n")
     (args.out / "headline.json").write_text(json.dumps(results, indent=2) + "\n")
+    partial = "--variant runs a subset of the variants" if set(results) != set(VARIANTS) else None
+    if page_wanted(args, "augmentation", partial=partial):
+        write_page("augmentation", "Augmentation (make headline)", PAGE_INTRO + "\n\n" + text,
+                   measures=PAGE_MEASURES, command=invocation())
     return 0
+
+
+# ---------------------------------------------------------------------- results page
+PAGE_MEASURES = ["fairforget/diffusion/", "clients/augment.py", "server/augment.py", "simulations/augment_headline.py"]
+PAGE_INTRO = ("Each variant is one `fairforget simulate --set augment=true` run through Flower's simulation engine "
+              "(colour-bias: rho = 0.99, groups (class, colour); class-skew: class-imbalance 10 at rho = 0.1, "
+              "groups = classes). MIA against the ensemble: the vanilla and augmented rows attack all original "
+              "members, the last row the retired (unlearned) originals, all against the held-out non-members.")
 
 
 if __name__ == "__main__":

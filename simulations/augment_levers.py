@@ -23,7 +23,8 @@ ones (class != colour), judged by the server's fidelity classifier (colour-free 
 held-out split: a measurement, not part of any lever); the filter's keep rate (kept / drawn); the
 ensemble's unbiased accuracy and worst (class, colour) group; seconds (generator training, sampling
 with the filter, shard training). Prints a Markdown table and writes ``OUT/levers.md`` and
-``OUT/levers.json`` (atomically).
+``OUT/levers.json`` (atomically). A run of the mode's default levers (no ``--lever``) also writes its
+part of ``docs/results/augmentation-levers.md``: this run's rows, stamped (``--no-page`` does not).
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from fairforget.ensemble import Ensemble  # noqa: E402
 from fairforget.metrics import accuracy_report  # noqa: E402
 from fairforget.sisa import SisaSettings, SisaShard  # noqa: E402
 from fairforget.storage import atomic_write_json, atomic_write_text  # noqa: E402
+from simulations.results_page import add_page_option, invocation, page_wanted, write_page  # noqa: E402
 from simulations.simulate_cli import simulate as run_simulate  # noqa: E402
 from simulations.simulate_cli import toml_value  # noqa: E402
 
@@ -237,12 +239,14 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "levers")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra run-config overrides for every lever")
+    add_page_option(parser)
     args = parser.parse_args()
     names = args.lever or (PILOT_DEFAULT if args.mode == "pilot" else ["reweight"])
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"levers-{args.mode}.json"
     done: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
     fidelity_cache: dict[str, FidelityClassifiers] = {}
+    measured = []
     for name in names:
         if args.mode == "pilot":
             shards = [int(s) for s in args.shards.split(",")]
@@ -250,12 +254,32 @@ def main() -> int:
         else:
             row = e2e(name, LEVERS[name], args.out, args.set)
         done[f"{name}@{row['mode']}"] = row
+        measured.append(row)
         atomic_write_json(path, done)
         print(table([row]).splitlines()[-1], flush=True)
     text = table(list(done.values()))
     print(text)
     atomic_write_text(args.out / f"levers-{args.mode}.md", text + "\n")
+    if page_wanted(args, "augmentation-levers", partial="--lever measures a subset" if args.lever else None):
+        write_page("augmentation-levers", "Augmentation levers and composition", PAGE_INTRO[args.mode] + "\n\n"
+                   + table(measured), measures=PAGE_MEASURES, command=invocation(), part=f"levers-{args.mode}",
+                   part_title=f"The levers one by one ({args.mode})")
     return 0
+
+
+# ---------------------------------------------------------------------- results page
+PAGE_MEASURES = ["fairforget/diffusion/", "clients/augment.py", "server/augment.py", "simulations/augment_levers.py"]
+PAGE_INTRO = {
+    "pilot": ("Each lever is a run-config override on the colour-bias defaults (rho = 0.99; `LEVERS` in "
+              "`simulations/augment_levers.py`). The pilot runs one site's real generation path "
+              "(`clients.augment.Augmenter`: generator, bias plan, filter) on the chosen shards in-process, trains "
+              "their SISA models on originals plus samples and evaluates their ensemble on the unbiased test set. "
+              "Class fidelity: the server's colour-free fidelity classifier's agreement with the requested class "
+              "(chance 0.10), over all samples and the bias-conflicting ones. Generators are cached by their "
+              "settings: a lever that only changes sampling shows the first measurement's training seconds."),
+    "e2e": ("Each lever is one `fairforget simulate --set augment=true` run with the lever's overrides through "
+            "Flower's simulation engine (4 shards, step-wise unlearning after augmentation)."),
+}
 
 
 if __name__ == "__main__":

@@ -32,7 +32,9 @@ Run from the repository root (about 2 minutes with ``--quick``, a few more witho
     python simulations/benchmark.py --parts b       # only the Flower overhead, at both workloads (about 8 min)
     python simulations/benchmark.py --out runs/bench.json
 
-The figures also go to ``--out`` (default ``runs/benchmark.json``) as JSON.
+The figures also go to ``--out`` (default ``runs/benchmark.json``) as JSON, and a full run (not
+``--quick``, not ``--no-page``) writes its results pages, stamped: part (a) ``docs/results/unlearning-speedup.md``,
+part (b) ``docs/results/flower-overhead.md`` (:mod:`simulations.results_page`).
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ from fairforget.sisa import SisaSettings, SisaShard
 from fairforget.storage import atomic_write_json
 from fairforget.unlearning.exact import unlearn
 from server.evaluation import RoundEvaluator, evaluate_states
+from simulations.results_page import add_page_option, invocation, page_wanted, write_page
 from strategies import build_strategy
 
 DEFAULT_OUT = Path("runs/benchmark.json")
@@ -93,6 +96,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--parts", default="a,b", help="which parts to run: a, b or a,b (default)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help=f"where to write the figures as JSON (default {DEFAULT_OUT})")
+    add_page_option(parser)
     args = parser.parse_args(argv)
     args.parts = {p.strip() for p in args.parts.split(",") if p.strip()}
     if not args.parts or args.parts - {"a", "b"}:
@@ -251,6 +255,60 @@ def print_flower(name: str, fl: dict[str, Any]) -> None:
           "(SuperLink, simulation process)\nplus the ServerApp's data load, final evaluation, model saving and report.")
 
 
+# ---------------------------------------------------------------------- results pages
+SPEEDUP_MEASURES = ["fairforget/sisa.py", "fairforget/training.py", "fairforget/unlearning/exact.py",
+                    "simulations/benchmark.py"]
+OVERHEAD_MEASURES = ["server/experiment.py", "server/evaluation.py", "clients/", "strategies/shard_ensemble.py",
+                     "fairforget/training.py", "simulations/benchmark.py"]
+
+
+def speedup_markdown(results: dict[str, Any]) -> str:
+    """Part (a) as the page shows it."""
+    rows = results["unlearning"]
+    lines = [f"In-process, {results['torch_threads']} torch thread(s); one random sample deleted at a time, "
+             f"mean of {rows[0]['deletions']}; full retrain: training seconds of all S shards from scratch.", "",
+             "| S | R | full retrain s | one deletion s | speed-up | SISA 2RS/(R+1) | measured / SISA | ours* "
+             "| measured / ours | compute-only speed-up |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['shards']} | {r['slices']} | {r['full_retrain_seconds']:.2f} | {r['mean_unlearn_seconds']:.2f} "
+              f"| {r['speedup']:.2f}x | {r['expected_sisa']:.2f}x | {r['measured_over_sisa']:.2f} "
+              f"| {r['expected_schedule']:.2f}x | {r['measured_over_schedule']:.2f} "
+              f"| {r['speedup_compute_only']:.2f}x |" for r in rows]
+    lines += ["", "\\* every stage trains `epochs-per-slice` epochs, so the expected speed-up is "
+              "S R(R+1)/2 / mean_k(sum_{r=k..R} r); SISA's 2RS/(R+1) keeps a shard's total cost fixed as R grows. "
+              "Compute-only: retraining compute alone, without checkpoint I/O, as the full retrain counts it."]
+    return "\n".join(lines)
+
+
+def overhead_markdown(results: dict[str, Any]) -> str:
+    """Part (b) as the page shows it."""
+    lines = ["Audit off; the same SISA training then runs shard after shard in one process (the plain loop); "
+             "the server's per-round evaluation is redone in-process and timed.", "",
+             "| workload | `flwr run` end to end | outside the strategy loop | strategy loop | plain loop "
+             "| loop / plain | loop less per-round evaluation / plain | training compute, Flower clients / plain |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, fl in results["flower"].items():
+        c = fl["config"]
+        lines.append(f"| {name} (S {c['num-shards']}, R {c['slices']}, {c['epochs-per-slice']} epochs, width "
+                     f"{c['model-width']}, {c['client-cpus']} CPU per client) | {fl['flower_total_seconds']:.1f} s "
+                     f"| {fl['flower_outside_loop_seconds']:.1f} s | {fl['flower_loop_seconds']:.1f} s "
+                     f"| {fl['plain_loop_seconds']:.1f} s | {fl['loop_ratio']:.2f}x "
+                     f"| {fl['loop_less_evaluation_ratio']:.2f}x | {fl['client_compute_ratio']:.2f}x |")
+    return "\n".join(lines)
+
+
+def write_pages(args: argparse.Namespace, results: dict[str, Any], failed: bool, command: str) -> None:
+    """Part (a) to docs/results/unlearning-speedup.md, part (b) to flower-overhead.md: full runs only."""
+    quick = "--quick measures less than the page shows" if args.quick else None
+    if "a" in args.parts and page_wanted(args, "unlearning-speedup", partial=quick):
+        write_page("unlearning-speedup", "Unlearning speed-up", speedup_markdown(results),
+                   measures=SPEEDUP_MEASURES, command=command)
+    if "b" in args.parts and page_wanted(args, "flower-overhead",
+                                         partial=quick or ("a Flower run failed" if failed else None)):
+        write_page("flower-overhead", "Flower's overhead", overhead_markdown(results), measures=OVERHEAD_MEASURES,
+                   command=command, script="simulations/benchmark.py --parts b")
+
+
 # ---------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
@@ -295,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
             print_flower(name, fl)
     atomic_write_json(args.out, results)
     print(f"\nfigures: {args.out}")
+    write_pages(args, results, bool(errors), invocation(None if argv is None else [__file__, *argv]))
     return 1 if errors else 0
 
 

@@ -9,7 +9,8 @@ one in a bias-conflicting group, class != colour) at each (class guidance, priva
 judges them with the server's fidelity classifiers (colour-free view for the class; a measurement, not
 part of the method): class fidelity, private (colour) fidelity and *both* (the requested digit on the
 requested colour, the sample the shard model needs). Prints a Markdown table and writes
-``OUT/composition.json``.
+``OUT/composition.json``; at the default guidance pairs also its part of
+``docs/results/augmentation-levers.md`` (the table, stamped; ``--no-page`` does not).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from fairforget.diffusion.quality import FidelityClassifiers  # noqa: E402
 from fairforget.sisa import SisaSettings, SisaShard  # noqa: E402
 from fairforget.storage import atomic_write_json  # noqa: E402
 from simulations.augment_levers import BASE, site_generator  # noqa: E402
+from simulations.results_page import add_page_option, invocation, page_wanted, write_page  # noqa: E402
 
 GUIDANCE = ("1.5,1.5", "1.5,3", "1.5,5", "3,3")
 
@@ -54,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shard", type=int, default=0)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="run-config overrides")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "levers")
+    add_page_option(parser)
     args = parser.parse_args(argv)
     try:
         pairs = [guidance_pair(g) for g in (args.guidance or GUIDANCE)]
@@ -90,7 +93,29 @@ def main(argv: list[str] | None = None) -> int:
                   f"{rows[-1]['seconds']:.0f} |", flush=True)
     atomic_write_json(args.out / "composition.json", {"shard": k, "overrides": parse_set(args.set),
                                                       "samples": len(y), "rows": rows})
+    if page_wanted(args, "augmentation-levers", partial="--guidance measures other pairs" if args.guidance else None):
+        intro = (f"Shard {k} at rho = {cfg.rho:g}, generator {'from the levers cache' if cached else 'trained'} "
+                 f"({gen_seconds:.0f} s); {len(y)} samples the bias plan asks for, {int((y != a).sum())} of them "
+                 "bias-conflicting (class != colour), judged by the server's fidelity classifiers (chance 0.10 each); "
+                 "*both*: the requested digit on the requested colour.")
+        write_page("augmentation-levers", "Augmentation levers and composition", intro + "\n\n" + page_table(rows),
+                   measures=PAGE_MEASURES, command=invocation(None if argv is None else [__file__, *argv]),
+                   part="composition", part_title="Does the generator compose a digit with an unseen colour?")
     return 0
+
+
+# ---------------------------------------------------------------------- results page
+PAGE_MEASURES = ["fairforget/diffusion/", "clients/augment.py", "simulations/composition.py",
+                 "simulations/augment_levers.py"]
+
+
+def page_table(rows: list[dict]) -> str:
+    """The printed table."""
+    lines = ["| class guidance | private guidance | class fidelity | private fidelity | both | sampling s |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['class_guidance']:g} | {r['private_guidance']:g} | {r['class']:.3f} | {r['private']:.3f} "
+              f"| {r['both']:.3f} | {r['seconds']:.0f} |" for r in rows]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

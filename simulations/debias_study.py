@@ -15,7 +15,9 @@ once: the other rows show that run at their own rho, named ``<method>-rho<rho> (
 ``--augment-rhos`` only (default 0.99: each costs about 15 minutes on 2 cores). Output, through
 :mod:`fairforget.compare`: ``OUT/table.md`` and ``OUT/table.png`` (every row),
 ``OUT/probe_per_rho.png`` and ``OUT/probe_vs_unbiased.png`` (the seed's two plots), ``OUT/study.json``
-(rows, wall seconds, the rows that are another rho's run).
+(rows, wall seconds, the rows that are another rho's run). A run of every default method at every
+default rho with no row missing or failed also writes ``docs/results/debiasing.md`` (the table and
+the plots, stamped; ``--no-page`` does not).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from fairforget.config import ConfigError, parse_set, resolve  # noqa: E402
 from fairforget.data import load_dataset, shard_of  # noqa: E402
 from fairforget.objectives import REGISTRY as OBJECTIVES  # noqa: E402
 from fairforget.storage import atomic_write_bytes, atomic_write_json, atomic_write_text  # noqa: E402
+from simulations.results_page import add_page_option, invocation, page_wanted, write_page  # noqa: E402
 from simulations.simulate_cli import simulate as run_simulate  # noqa: E402
 from simulations.simulate_cli import toml_value  # noqa: E402
 
@@ -116,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rerun", action="store_true", help="rerun rows whose folder already holds a finished run")
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: tabulate and plot the rows whose runs have finished, list the others")
+    add_page_option(parser)
     args = parser.parse_args(argv)
     try:
         rhos = [float(r) for r in args.rhos.split(",") if r.strip()]
@@ -185,10 +189,33 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"not run: {', '.join(missing)}")
     print(f"table: {md}\nplots: {png}, {args.out / 'probe_per_rho.png'}, {args.out / 'probe_vs_unbiased.png'}")
+    partial = ("rows not run or failed" if missing or failed
+               else "not every default method and rho" if not (set(METHODS) <= set(methods) and set(RHOS) <= set(rhos))
+               else None)
+    if page_wanted(args, "debiasing", partial=partial):
+        write_page("debiasing", "Debiasing results", page_body(markdown(rows), copies), measures=PAGE_MEASURES,
+                   command=invocation(None if argv is None else [__file__, *argv]),
+                   figures=[png, args.out / "probe_per_rho.png", args.out / "probe_vs_unbiased.png"])
     if failed:
         print(f"debias_study: error: {failures}", file=sys.stderr)
         return 1
     return 0
+
+
+# ---------------------------------------------------------------------- results page
+PAGE_MEASURES = ["fairforget/objectives/", "fairforget/diffusion/", "clients/augment.py", "server/augment.py",
+                 "fairforget/audit/", "simulations/debias_study.py", "presets/augment-cpu.toml"]
+
+
+def page_body(table: str, copies: dict[str, str]) -> str:
+    """The printed table and what its rows are, for docs/results/debiasing.md."""
+    same = "; ".join(f"{row} is {run}" for row, run in copies.items())
+    return ("One `fairforget simulate` per (method, rho) through Flower's simulation engine, tabulated with "
+            "`fairforget compare`; the probe is the audit's linear probe on the bottleneck (chance 0.10). "
+            "`train s` of an augmented row includes the augmentation step. A finished run is reused unless "
+            "`--rerun`: the seconds are those of the run that made it."
+            + (f" Rows whose data equals another rho's show that run: {same}." if same else "")
+            + "\n\n" + table)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ Prints, measured in one run: the generator's training seconds on one shard, then
 count the sampling rate (images per second, guided) and the label fidelity of the samples (class and
 private attribute, judged by classifiers trained on the real held-out split, whose own accuracy on
 the real unbiased test set is printed as the ceiling), over every (class, private) group equally.
+What it prints also goes to ``docs/results/diffusion-cost.md``, stamped (``--no-page``: not).
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from fairforget.config import parse_set, resolve
 from fairforget.data import load_dataset, shard_of
 from fairforget.diffusion.generator import GeneratorSettings, sample, train_generator
 from fairforget.diffusion.quality import FidelityClassifiers
+from simulations.results_page import add_page_option, invocation, page_wanted, record_stdout, write_page
+
+PAGE_MEASURES = ["fairforget/diffusion/", "simulations/diffusion_bench.py"]
 
 
 def main() -> int:
@@ -29,7 +33,20 @@ def main() -> int:
     parser.add_argument("--per-group", type=int, default=4, help="samples per (class, private) group")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    add_page_option(parser)
     args = parser.parse_args()
+    with record_stdout() as printed:
+        measure(args)
+    if page_wanted(args, "diffusion-cost"):
+        head, table = printed.getvalue().split("| DDIM steps", 1)
+        body = "\n\n".join(line.strip() for line in head.splitlines() if line.strip()) + "\n\n| DDIM steps" + table
+        write_page("diffusion-cost", "Diffusion cost and DDIM steps",
+                   body, measures=PAGE_MEASURES, command=invocation())
+    return 0
+
+
+def measure(args: argparse.Namespace) -> None:
+    """Train shard 0's generator, then sample at each DDIM step count; prints the figures."""
     torch.set_num_threads(args.threads)
     overrides = parse_set(args.set)
     if args.train_steps:
@@ -63,7 +80,6 @@ def main() -> int:
         rate = len(y) / (time.perf_counter() - t0)
         fid = fidelity.fidelity(images, y, a)
         print(f"| {steps} | {rate:.1f} | {fid['class']:.3f} | {fid['private']:.3f} |", flush=True)
-    return 0
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ training, with the run's accountant), audited with LiRA (offline) and RMIA on th
 study runs at ``rho = 0.1`` by default (no colour shortcut, so accuracy measures learning the digits,
 and members can be told from non-members only through memorisation); ``--set rho=0.99`` gives the
 shortcut-dominated setting of the demo. Prints markdown tables and writes ``OUT/dp_study.md`` and
-``OUT/dp_study.json``.
+``OUT/dp_study.json``; a run of at least epsilon 1, 4 and 8 with the generator also writes
+``docs/results/dp.md`` (the tables, stamped; ``--no-page`` does not).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from fairforget.config import ConfigError, parse_set, resolve  # noqa: E402
 from fairforget.storage import atomic_write_json, atomic_write_text  # noqa: E402
+from simulations.results_page import add_page_option, invocation, page_wanted, write_page  # noqa: E402
 from simulations.simulate_cli import simulate as run_simulate  # noqa: E402
 from simulations.simulate_cli import toml_value  # noqa: E402
 
@@ -132,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "dp_study")
     parser.add_argument("--skip-generator", action="store_true", help="skip the DP generator's fidelity")
     parser.add_argument("--generator-steps", type=int, default=600)
+    add_page_option(parser)
     args = parser.parse_args(argv)
     try:
         extra = {k: toml_value(v) for k, v in parse_set(args.set).items()}
@@ -154,7 +157,18 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_text(args.out / "dp_study.md", text)
     atomic_write_json(args.out / "dp_study.json", {"rows": rows, "generator": gen, "sets": sets})
     print(f"tables: {args.out / 'dp_study.md'}")
+    partial = ("--skip-generator" if args.skip_generator
+               else "--eps leaves out epsilon 1, 4 or 8" if not {1.0, 4.0, 8.0} <= set(eps) else None)
+    if page_wanted(args, "dp", partial=partial):
+        write_page("dp", "Differential privacy: utility, attacks and the bound", PAGE_INTRO + "\n\n" + text,
+                   measures=["fairforget/privacy/", "fairforget/training.py", "simulations/dp_study.py"],
+                   command=invocation(None if argv is None else [__file__, *argv]))
     return 0
+
+
+PAGE_INTRO = ("Each row is one `fairforget simulate` run through Flower's simulation engine (`dp-calibrate = "
+              "\"epsilon\"`: the noise solved for the target epsilon over the smallest shard's SISA schedule), "
+              "audited with LiRA (offline) and RMIA on the ensemble, next to the mu-GDP bound on any attack's TPR.")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ Prints a markdown table and writes the figures to ``--out`` (default ``runs/unle
 with ``--run`` only when ``--out`` is given). With ``--run DIR`` the figures are also stored in
 ``DIR/metrics.json`` under ``unlearning_methods`` and ``DIR/report.md`` is rendered again; the run's
 node state, models, ledger and budget are never touched (shard 0 is retrained from its data, less the ids
-the run's ledger has deleted, in a temporary folder).
+the run's ledger has deleted, in a temporary folder). Without ``--run`` (and without ``--no-page``) the
+table also goes to ``docs/results/unlearning-methods.md``, stamped.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from fairforget.sisa import SisaSettings, SisaShard
 from fairforget.storage import atomic_write_json
 from fairforget.unlearning import EXACT, UNLEARNERS, approximate, get_unlearner
 from fairforget.unlearning.approximate import UnlearnParams, accuracy, model_from
+from simulations.results_page import add_page_option, page_wanted, record_stdout, write_page
 
 DEFAULT_OUT = Path("runs/unlearning_compare.json")
 DEFAULTS = {"rho": 0.1}  # no colour shortcut: the digits must be learned, members can be memorised
@@ -159,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                              "in DIR/metrics.json (unlearning_methods) and DIR/report.md")
     parser.add_argument("--out", type=Path, default=None,
                         help=f"JSON output (default {DEFAULT_OUT}; with --run none unless given)")
+    add_page_option(parser)
     args = parser.parse_args(argv)
     command = shlex.join([*SCRIPT.split(), *(sys.argv[1:] if argv is None else argv)])
     try:
@@ -172,11 +175,12 @@ def main(argv: list[str] | None = None) -> int:
     c = result["config"]
     gone = result["excluded_deleted_ids"]
     gone = f", {gone} ids deleted in the run left out" if gone else ""
-    print(f"{c['dataset']}, rho = {c['rho']}, {c['image-size']} px, width {c['model-width']}, {c['slices']} slices x "
-          f"{c['epochs-per-slice']} epochs; shard 0 ({result['shard_size']} samples, trained in "
-          f"{result['train_seconds']:.2f}s{gone}); forget set: {result['k']} samples, labels "
-          f"{result['forget_labels']}; exact retrain restarts at stage {result['restart_stage']}\n")
-    print(table(result))
+    with record_stdout() as printed:
+        print(f"{c['dataset']}, rho = {c['rho']}, {c['image-size']} px, width {c['model-width']}, {c['slices']} "
+              f"slices x {c['epochs-per-slice']} epochs; shard 0 ({result['shard_size']} samples, trained in "
+              f"{result['train_seconds']:.2f}s{gone}); forget set: {result['k']} samples, labels "
+              f"{result['forget_labels']}; exact retrain restarts at stage {result['restart_stage']}\n")
+        print(table(result))
     out = DEFAULT_OUT if args.out is None and args.run is None else args.out
     if out is not None:
         atomic_write_json(out, result)
@@ -187,6 +191,10 @@ def main(argv: list[str] | None = None) -> int:
         metrics["unlearning_methods"] = {**result, "command": command}
         run_dir.write_metrics(metrics)
         print(f"\nstored in {run_dir.metrics_path} (unlearning_methods); report: {write_report(run_dir.path)}")
+    if page_wanted(args, "unlearning-methods", partial="--run measures a run's config" if args.run else None):
+        write_page("unlearning-methods", "Approximate unlearning vs exact retraining",
+                   "In-process, no Flower; shard 0 of the run config. " + printed.getvalue(),
+                   measures=["fairforget/unlearning/", "simulations/unlearning_compare.py"], command=command)
     return 0
 
 

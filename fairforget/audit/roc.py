@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 from sklearn import metrics
 
+from fairforget.privacy.auditing import AUDIT_FPRS, resolvable
+
 LOW_FPRS = (0.01, 0.001)
 
 
@@ -86,6 +88,11 @@ def summarize(scores: np.ndarray, is_member: np.ndarray, *, bootstrap: int = 200
         else:
             lo, hi = np.nan, np.nan
         out[key + "_ci95"] = [float(lo), float(hi)]
+        # False: fewer than 1/target non-members, the threshold lies above all of them and its true FPR is
+        # unknown to within several times target; the report prints "not resolvable" instead of the TPR
+        out[key + "_resolvable"] = resolvable(out["n_nonmembers"], target)
+    for target in AUDIT_FPRS:  # the DP audit's moderate levels too (fairforget.privacy.auditing), no interval
+        out.setdefault(f"tpr_at_{target:g}_fpr", tpr_at(fpr, tpr, target))
     keep = np.unique(np.linspace(0, len(fpr) - 1, min(curve_points, len(fpr))).astype(int))
     out["roc"] = {"fpr": fpr[keep].round(6).tolist(), "tpr": tpr[keep].round(6).tolist()}
     return out

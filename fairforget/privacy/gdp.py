@@ -36,6 +36,17 @@ def tpr_bound(mu: float, fpr: float) -> float:
     return float(norm.cdf(norm.ppf(fpr) + mu))
 
 
+def mu_through(fpr: float, tpr: float) -> float:
+    """``Phi^-1(tpr) - Phi^-1(fpr)``: the mu whose bound :func:`tpr_bound` passes through (fpr, tpr), so
+    the smallest mu a mechanism must have for some attack to reach that point (0 on or below the
+    diagonal, inf at fpr = 0 < tpr or tpr = 1 > fpr)."""
+    if not (0.0 <= fpr <= 1.0 and 0.0 <= tpr <= 1.0):
+        raise ValueError(f"fpr and tpr must be in [0, 1], got {fpr}, {tpr}")
+    if tpr <= fpr:
+        return 0.0
+    return float(norm.ppf(tpr) - norm.ppf(fpr))
+
+
 def mu_of(history: Sequence[Entry]) -> float:
     """mu of the composition of ``history`` (CLT approximation per entry, composed in quadrature)."""
     total = 0.0

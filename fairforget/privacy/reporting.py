@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from fairforget.privacy.accountant import epsilon_of
+from fairforget.privacy.auditing import audit
 from fairforget.privacy.gdp import (
     epsilon_for_tpr,
     mu_of,
@@ -108,41 +109,9 @@ def dp_block(cfg: Any, shard_summaries: Mapping[int, Mapping[str, Any]],
 
 
 def violations(privacy: Mapping[str, Any], dp: Mapping[str, Any]) -> list[str]:
-    """Attacks whose empirical TPR exceeds the mu-GDP bound of their target beyond the bootstrap
-    interval: a bug in training, accounting or the attack.
-
-    With ``n`` non-members the empirical "TPR at FPR <= f" is read at a threshold that lets ``k =
-    floor(f n)`` of them through, whose true FPR is not f but Beta(k + 1, n - k) distributed (a
-    threshold at the max of 90 non-members has a mean FPR of 1/91, not 0.1%): the bound is taken at
-    the 97.5% upper quantile of that FPR (when the attack reports ``n_nonmembers``), so that an
-    audit too small to resolve f flags no violation that is only its own noise."""
-    out = []
-    for target, attacks in privacy.get("targets", {}).items():
-        summary = dp["ensemble"] if target == "ensemble" else dp["shards"].get(target.removeprefix("shard-"))
-        if not summary:
-            continue
-        for name, r in attacks.items():
-            for fpr in ("0.01", "0.001"):
-                bound = summary["tpr_bound"].get(fpr)
-                lo = (r.get(f"tpr_at_{fpr}_fpr_ci95") or [None])[0]
-                lo = r[f"tpr_at_{fpr}_fpr"] if lo is None else lo
-                resolved = _fpr_upper(float(fpr), r.get("n_nonmembers"))
-                if bound is not None and resolved > float(fpr):
-                    bound = max(bound, tpr_bound(float(summary["mu"]), resolved))
-                if bound is not None and lo > bound + 1e-9:
-                    out.append(f"{target} {name}: TPR {r[f'tpr_at_{fpr}_fpr']:.3f} at {float(fpr):.1%} FPR "
-                               f"(95% CI from {lo:.3f}) exceeds the mu-GDP bound {bound:.3f} "
-                               f"(mu = {summary['mu']:.3f})")
-    return out
-
-
-def _fpr_upper(fpr: float, n: Any) -> float:
-    """The 97.5% upper quantile of the true FPR of the threshold that lets ``floor(fpr n)`` of ``n``
-    non-members through (``fpr`` itself when ``n`` is unknown)."""
-    if not n:
-        return fpr
-    from scipy.stats import beta
-
-    n = int(n)
-    k = min(n - 1, int(np.floor(fpr * n + 1e-9)))
-    return float(beta.ppf(0.975, k + 1, n - k))
+    """Attacks whose counts prove, at 95% confidence over every test made, more than their target
+    claims (an epsilon lower bound above the accountant's epsilon, or a mu lower bound above the
+    mu-GDP figure): a bug in training, accounting or the attack. The decision, with Clopper-Pearson
+    bounds on both error rates and a Bonferroni correction, is :func:`fairforget.privacy.auditing.audit`'s;
+    a figure an audit of N non-members cannot resolve raises no alarm that is only its own noise."""
+    return audit(privacy, dp).violations
