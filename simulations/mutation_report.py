@@ -5,9 +5,10 @@ Groups: ``fairforget/privacy/`` and ``fairforget/audit/`` as one module each, th
 tombstones and verify. Kill rate = (killed + timeout) / checked, where checked leaves out mutants not
 run (``not checked``: outside the names given to ``mutmut run``) and skipped ones; a mutant no
 selected test covers (``no tests``) counts as surviving. ``--survivors N`` lists N surviving mutant
-names per module (``mutmut show NAME`` prints the diff of one).
+names per module (``mutmut show NAME`` prints the diff of one). ``--per-file`` adds a row per file of
+the two folders (only files with mutants run: ``mutmut run 'fairforget.audit.probe*'`` measures one).
 
-    python simulations/mutation_report.py [--survivors 20] [--json OUT.json]
+    python simulations/mutation_report.py [--survivors 20] [--per-file] [--json OUT.json]
 """
 
 from __future__ import annotations
@@ -32,32 +33,45 @@ def group_of(path: Path) -> str | None:
     return next((g for g in GROUPS if rel == g or rel.startswith(g + "/")), None)
 
 
-def collect(root: Path) -> dict[str, dict[str, str]]:
-    """group -> mutant name -> status."""
+def collect(root: Path, per_file: bool = False) -> dict[str, dict[str, str]]:
+    """group -> mutant name -> status; with ``per_file`` also each file of a folder group (a key
+    ``fairforget/audit/lira.py``, listed after its folder), where any of its mutants was run."""
     out: dict[str, dict[str, str]] = defaultdict(dict)
+    files: dict[str, dict[str, str]] = {}
     for meta in sorted(root.glob("mutants/fairforget/**/*.py.meta")):
         group = group_of(meta.relative_to(root))
         if group is None:
             continue
         codes = json.loads(meta.read_text())["exit_code_by_key"]
-        for name, code in codes.items():
-            out[group][name] = STATUS.get(code, "suspicious")
+        statuses = {name: STATUS.get(code, "suspicious") for name, code in codes.items()}
+        out[group].update(statuses)
+        rel = meta.relative_to(root).as_posix().removeprefix("mutants/").removesuffix(".meta")
+        if per_file and rel != group and any(v not in NOT_RUN for v in statuses.values()):
+            files[rel] = statuses
+    if per_file:
+        ordered: dict[str, dict[str, str]] = {}
+        for group in GROUPS:
+            if group in out:
+                ordered[group] = out[group]
+            ordered.update({f: v for f, v in files.items() if f.startswith(group + "/")})
+        return ordered
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--survivors", type=int, default=0, help="list this many surviving mutants per module")
+    parser.add_argument("--per-file", action="store_true", help="a row per file of fairforget/privacy/ and audit/")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args(argv)
-    results = collect(Path("."))
+    results = collect(Path("."), per_file=args.per_file)
     if not results:
         print("mutation_report: error: no mutmut results under mutants/ (run `make mutation` first)", file=sys.stderr)
         return 2
     rows = {}
     print("| module | mutants | checked | killed | survived | no tests | kill rate |")
     print("|---|---|---|---|---|---|---|")
-    for group in GROUPS:
+    for group in list(results) if args.per_file else GROUPS:
         statuses = results.get(group, {})
         counts = Counter(statuses.values())
         checked = sum(n for s, n in counts.items() if s not in NOT_RUN)

@@ -80,7 +80,7 @@ def test_bound_violations_are_flagged_and_fail_the_audit(dp_run, monkeypatch, ca
     monkeypatch.setattr(cli, "run_audit", beaten)
     assert cli.main(["audit", "--run", str(dp_run.out_path), "--set", 'audit-attacks="loss"']) == cli.EXIT_RUN
     err = capsys.readouterr().err
-    assert "beat the differential-privacy bound" in err
+    assert "proves more than the differential-privacy claim allows" in err
     assert "**Empirical TPR above the DP bound" in RunDir(dp_run.out_path).report_path.read_text()
 
 
@@ -178,10 +178,10 @@ def assert_audit_alarm(out, expect_violation: bool, capsys) -> list[str]:
     err = capsys.readouterr().err
     found = RunDir(out).metrics()["privacy"].get("dp_bound_violations")
     if expect_violation:
-        assert code == cli.EXIT_RUN and "beat the differential-privacy bound" in err, (code, err)
+        assert code == cli.EXIT_RUN and "proves more than the differential-privacy claim allows" in err, (code, err)
         assert found and all("prove epsilon >=" in v and "exceeds the" in v for v in found), found
     else:
-        assert code == 0 and "beat the differential-privacy bound" not in err, (code, err)
+        assert code == 0 and "proves more than the differential-privacy claim allows" not in err, (code, err)
         assert found == [], found
     return found
 

@@ -7,9 +7,10 @@ One federation for the module (starting it costs more than a tiny run): certific
 sites' public keys registered with ``flwr supernode register``; two ``flower-supernode``s whose
 record ids (``P-0001``...), row numbers and image paths collide, bound to their shards by the
 operator's binding file (the registered node ids); a third, unregistered SuperNode that must be
-refused; and site-c's registered SuperNode claiming site-a's shard and name, which must never be sent
-anything. All processes run in their own sessions and are killed at the end, with whatever they
-started.
+refused; site-c's registered SuperNode claiming site-a's shard and name, which must never be sent
+anything; and SuperNodes refused by TLS alone: site-d's (registered key) trusting another CA, site-e's
+(registered key) and a keyless one asking for a plaintext connection. All processes run in their own
+sessions and are killed at the end, with whatever they started.
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ pytestmark = pytest.mark.e2e
 
 SITES = ("site-a", "site-b")
 IMPOSTOR = "site-c"  # a registered, authenticated site whose SuperNode claims site-a's shard and name
+WRONG_CA = "site-d"  # a registered site whose SuperNode trusts another CA (--root-certificates)
+NO_TLS = "site-e"  # a registered site whose SuperNode asks for a plaintext connection (--insecure)
+PLAINTEXT = "plaintext"  # a keyless SuperNode with --insecure: its plaintext reaches the SuperLink's port
+GIVE_UP = ["--max-retries", "2", "--max-wait-time", "20"]  # a refused SuperNode stops trying within seconds
 BIN = Path(sys.executable).parent
 REPLY_TIMEOUT = 60  # seconds the node-loss runs wait for a reply: above a ClientApp start on 2 busy cores
 # the README's commands with a tiny model; training audits at the sites, the later runs do not (time)
@@ -141,6 +146,8 @@ class Federation:
         self.node_ids: dict[str, int] = {}
         self.binding: Path | None = None  # the operator's binding file (write_binding)
         self.impostor: int | None = None  # site-c's registered node id
+        self.tls_refused: dict[str, int] = {}  # site-d's and site-e's registered node ids (never bound)
+        self.other_ca = root / "other-ca"  # a CA of the same make, that signed nothing of this federation
         home = root / "flwr-home"
         home.mkdir()
         (home / "config.toml").write_text(
@@ -164,8 +171,11 @@ class Federation:
 
     def make_certs(self) -> None:
         subprocess.run([sys.executable, str(APP_DIR / "simulations" / "make_certs.py"), "--out", str(self.certs),
-                        "--host", "127.0.0.1", *[a for s in (*SITES, IMPOSTOR, "rogue") for a in ("--site", s)]],
+                        "--host", "127.0.0.1", *[a for s in (*SITES, IMPOSTOR, WRONG_CA, NO_TLS, "rogue")
+                                                 for a in ("--site", s)]],
                        check=True, capture_output=True, env=self.env)
+        subprocess.run([sys.executable, str(APP_DIR / "simulations" / "make_certs.py"), "--out", str(self.other_ca),
+                        "--host", "127.0.0.1"], check=True, capture_output=True, env=self.env)
 
     def start_superlink(self) -> None:
         c = self.certs
@@ -204,16 +214,19 @@ class Federation:
             for shard, site in enumerate(SITES)))
         return self.binding
 
-    def start_supernode(self, site: str, shard: int, key: str | None = None,
-                        home: str | None = None) -> subprocess.Popen:
-        """``site``'s SuperNode (``key``: another private key; ``home``: another site's data and state
-        folders: a node whose config claims ``site`` and ``shard`` that are not its own)."""
+    def start_supernode(self, site: str, shard: int, key: str | None = None, home: str | None = None,
+                        tls: list[str] | None = None, name: str | None = None) -> subprocess.Popen:
+        """``site``'s SuperNode (``key``: another private key, ``""`` none; ``home``: another site's data
+        and state folders: a node whose config claims ``site`` and ``shard`` that are not its own; ``tls``:
+        other TLS options than trusting the federation's CA; ``name``: its process and log name)."""
         home = home or site
         node_config = (f'partition-id={shard} site="{site}" data-root="{self.data_root(home)}" '
                        f'state-dir="{self.state_dir(home)}"')
-        return self._start(key or site, [
-            str(BIN / "flower-supernode"), "--root-certificates", str(self.certs / "ca.crt"),
-            "--superlink", f"127.0.0.1:{self.port}", "--auth-supernode-private-key", str(self.certs / (key or site)),
+        key = site if key is None else key
+        auth = ["--auth-supernode-private-key", str(self.certs / key)] if key else []
+        return self._start(name or key, [
+            str(BIN / "flower-supernode"), *(tls or ["--root-certificates", str(self.certs / "ca.crt")]),
+            "--superlink", f"127.0.0.1:{self.port}", *auth,
             "--host", "127.0.0.1", "--port", str(_free_port()), "--node-config", node_config])
 
     def stop(self, name: str) -> None:
@@ -265,6 +278,16 @@ def fed(tmp_path_factory):
         f.write_binding()  # from the node ids `flwr supernode register` printed
         # a third SuperNode whose key was never registered, claiming site-b's shard
         f.start_supernode("site-b", 1, key="rogue")
+        # refused by TLS alone (test_supernode_trusting_another_ca_is_refused, ..._without_tls_is_refused):
+        # site-d and site-e registered (so authentication would let them in) but never bound
+        t_tls = time.monotonic()
+        for site in (WRONG_CA, NO_TLS):
+            f.tls_refused[site] = f.register(site)
+            del f.node_ids[site]
+        f.start_supernode(WRONG_CA, 0, tls=["--root-certificates", str(f.other_ca / "ca.crt"), *GIVE_UP])
+        f.start_supernode(NO_TLS, 0, tls=["--insecure", *GIVE_UP])
+        f.start_supernode(PLAINTEXT, 0, key="", tls=["--insecure", *GIVE_UP], name=PLAINTEXT)
+        t_tls = time.monotonic() - t_tls
         # site-c: registered (authenticated), its own data, but its SuperNode claims site-a's shard and name
         # (test_a_registered_node_claiming_site_a_gets_nothing, at the end: it must never be sent anything)
         write_site(f.data_root(IMPOSTOR), shade=100)
@@ -273,7 +296,7 @@ def fed(tmp_path_factory):
         f.start_supernode("site-a", 0, key=IMPOSTOR, home=IMPOSTOR)
         f.out = f.root / "server-run"
         f.train = f.flwr_run(RUN.format(out=f.out))
-        f.timings = {"start_and_train": time.monotonic() - t0}
+        f.timings = {"start_and_train": time.monotonic() - t0, "tls_nodes_start": t_tls}
         yield f
     finally:
         f.close()
@@ -289,10 +312,7 @@ def test_superlink_speaks_tls_only(fed):
     with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
         urllib.request.urlopen(f"http://127.0.0.1:{fed.port}/health", timeout=5)
     # and its certificate does not verify against another CA
-    other = fed.root / "other-ca"
-    subprocess.run([sys.executable, str(APP_DIR / "simulations" / "make_certs.py"), "--out", str(other)],
-                   check=True, capture_output=True)
-    wrong = ssl.create_default_context(cafile=str(other / "ca.crt"))
+    wrong = ssl.create_default_context(cafile=str(fed.other_ca / "ca.crt"))
     with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
         urllib.request.urlopen(f"https://127.0.0.1:{fed.port}/health", timeout=5, context=wrong)
 
@@ -307,7 +327,62 @@ def test_unregistered_supernode_is_refused(fed):
     listing = subprocess.run([str(BIN / "flwr"), "supernode", "list", "--format", "json"], env=fed.env,
                              capture_output=True, text=True, timeout=120, check=True).stdout
     nodes = json.loads(listing[listing.index("{"):])["nodes"]
-    assert {int(n["node-id"]) for n in nodes} == {*fed.node_ids.values(), fed.impostor}, nodes
+    registered = {*fed.node_ids.values(), fed.impostor, *fed.tls_refused.values()}
+    assert {int(n["node-id"]) for n in nodes} == registered, nodes
+
+
+def _supernode_list(fed) -> dict[int, dict]:
+    listing = subprocess.run([str(BIN / "flwr"), "supernode", "list", "--format", "json"], env=fed.env,
+                             capture_output=True, text=True, timeout=120, check=True).stdout
+    return {int(n["node-id"]): n for n in json.loads(listing[listing.index("{"):])["nodes"]}
+
+
+def _refused(fed, name: str, *in_log: str) -> str:
+    """SuperNode ``name`` gave up (non-zero exit, within its retries) with ``in_log`` in its log: never
+    activated (no "SuperNode ID:", which Flower logs once the SuperLink let it in), never sent anything
+    (no "Receiving:"), and no reply of the training from it or binding of it. Returns its log."""
+    proc = fed.procs[name]
+    try:
+        rc = proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"SuperNode {name} is still running (connected?):\n" + fed.log(name)[-3000:])
+    log = fed.log(name)
+    assert rc != 0, log[-3000:]
+    for text in in_log:
+        assert text in log, f"{name}: no {text!r} in its log:\n{log[-3000:]}"
+    assert "SuperNode ID:" not in log and "Receiving:" not in log, log[-3000:]
+    # the authentication refusal of test_unregistered_supernode_is_refused is not what stopped it
+    assert "Failed to activate SuperNode" not in log and "must be registered" not in log, log[-3000:]
+    return log
+
+
+def _never_online_nor_bound(fed, site: str) -> None:
+    node = _supernode_list(fed)[fed.tls_refused[site]]
+    assert (node["status"], node["online-at"]) == ("registered", "N/A"), node  # registered, never activated
+    nodes = read_json(fed.out / "nodes.json")
+    assert fed.tls_refused[site] not in {int(v["node"]) for v in nodes["shards"].values()}, nodes
+    assert fed.tls_refused[site] not in {x["src_node_id"] for x in wire(fed.out)}
+
+
+def test_supernode_trusting_another_ca_is_refused(fed):
+    """site-d's key is registered, so authentication would let its SuperNode in; it trusts another CA
+    (``--root-certificates`` of a second make_certs.py CA): the SuperLink's certificate fails to verify,
+    the SuperNode exits (Flower's exit code 305) and never goes online."""
+    _refused(fed, WRONG_CA, "CERTIFICATE_VERIFY_FAILED", "could not establish a connection to the SuperLink")
+    _never_online_nor_bound(fed, WRONG_CA)
+
+
+def test_supernode_without_tls_is_refused(fed):
+    """``--insecure``. With site-e's registered key, Flower refuses to start it at all (exit code 303:
+    authentication needs TLS), so no key crosses the network in clear. A keyless SuperNode is the one
+    whose plaintext reaches the SuperLink: its TLS-only port drops it (exit code 305) before any
+    authentication could answer (no "must be registered"), and no new node goes online."""
+    _refused(fed, NO_TLS, "SuperNode authentication requires a secure TLS connection")
+    _never_online_nor_bound(fed, NO_TLS)
+    _refused(fed, PLAINTEXT, "Starting insecure channel", "Server disconnected without sending a response",
+             "could not establish a connection to the SuperLink")
+    online = {k for k, n in _supernode_list(fed).items() if n["online-at"] != "N/A"}
+    assert online <= {*fed.node_ids.values(), fed.impostor}, online  # (site-b may be restarted later)
 
 
 # ---------------------------------------------------------------------- training, what travels

@@ -181,3 +181,15 @@ def test_unlearners_that_dp_cannot_cover_are_refused(dp_shard, tmp_path):
     UNLEARNERS["finetune"](shard, [shard.index["slices"][0][0]])  # DP-SGD on the retained data, accounted
     assert len(SisaShard(tmp_path / "s", 0, data, settings).accountant.history) == steps + 1
     assert torch.isfinite(torch.tensor(shard.accountant.epsilon()))
+
+
+def test_epsilon_of_a_nearly_non_private_mu_is_a_number_not_a_crash():
+    """Opacus' eps_from_mu gives up near mu 30; a low-noise plan must still get its (huge) epsilon, so the
+    hard stop refuses it as over budget instead of crashing."""
+    from fairforget.privacy.gdp import _eps_from_mu_wide, _gdp_delta, epsilon_of_mu
+
+    for mu in (1.0, 5.0, 20.0):  # where Opacus answers, the wide solver agrees with it
+        assert _eps_from_mu_wide(mu, 1e-5) == pytest.approx(epsilon_of_mu(mu, 1e-5), rel=1e-9)
+    eps = epsilon_of_mu(40.0, 1e-5)
+    assert math.isfinite(eps) and eps > epsilon_of_mu(20.0, 1e-5)
+    assert _gdp_delta(eps, 40.0) == pytest.approx(1e-5, rel=1e-6)

@@ -6,8 +6,10 @@ Principles", IEEE S&P 2022).
 2. Online: fit N(mu_in, s_in^2) on the references trained WITH x and N(mu_out, s_out^2) on those
    WITHOUT; score = log N(phi_target; mu_in, s_in) - log N(phi_target; mu_out, s_out).
 3. Offline: only OUT references; one-sided test, score = log Phi((phi_target - mu_out) / s_out).
-4. Fixed variance: one global s for all candidates, estimated from every candidate's residuals;
-   more stable with few references (Carlini et al. Sec. VI).
+4. Fixed variance (the default): one global s for all candidates (per side), estimated from every
+   candidate's residuals, more stable with few references (Carlini et al. Sec. VI): a site trains 2
+   to 16. ``attack-options = {"lira-online": {"fixed-variance": false}}`` (or ``"lira-offline"``)
+   fits each candidate's own s instead, their choice with 64 or more references.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ MIN_STD = 1e-3
 
 
 def _moments(phi: np.ndarray, mask: np.ndarray, fixed_variance: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Per-candidate mean and std of ``phi`` (M, N) over the references where ``mask`` is True."""
+    """Per-candidate mean and std of ``phi`` (M, N) over the references where ``mask`` is True; with
+    ``fixed_variance`` one pooled std, ``sqrt(sum(resid^2) / (count - N))`` (each candidate's mean one
+    degree of freedom), else each candidate's sample std (``count - 1`` degrees of freedom)."""
     count = mask.sum(0)
     if (count == 0).any():
         raise AuditError("LiRA: some candidates have no IN or no OUT reference model; train more references")
@@ -40,12 +44,12 @@ class LiraOffline(Attack):
     name = "lira-offline"
     reference_mode = "offline"
     min_references = 2
-    fixed_variance = True
+    options = {"fixed-variance": True}  # attack-options; False: per-candidate variance
 
     def scores(self, target: TargetOutputs, refs: ReferenceOutputs | None) -> np.ndarray:
         self.check(refs)
         phi_ref = lira_statistic(refs.cand_probs, target.y)
-        mu_out, s_out = _moments(phi_ref, ~refs.in_mask, self.fixed_variance)
+        mu_out, s_out = _moments(phi_ref, ~refs.in_mask, bool(self.options["fixed-variance"]))
         phi = lira_statistic(target.cand_probs, target.y)
         return norm.logcdf((phi - mu_out) / s_out)
 
@@ -54,12 +58,12 @@ class LiraOnline(Attack):
     name = "lira-online"
     reference_mode = "online"
     min_references = 4
-    fixed_variance = True
+    options = {"fixed-variance": True}  # attack-options; False: per-candidate variance
 
     def scores(self, target: TargetOutputs, refs: ReferenceOutputs | None) -> np.ndarray:
         self.check(refs)
         phi_ref = lira_statistic(refs.cand_probs, target.y)
-        mu_in, s_in = _moments(phi_ref, refs.in_mask, self.fixed_variance)
-        mu_out, s_out = _moments(phi_ref, ~refs.in_mask, self.fixed_variance)
+        mu_in, s_in = _moments(phi_ref, refs.in_mask, bool(self.options["fixed-variance"]))
+        mu_out, s_out = _moments(phi_ref, ~refs.in_mask, bool(self.options["fixed-variance"]))
         phi = lira_statistic(target.cand_probs, target.y)
         return norm.logpdf(phi, mu_in, s_in) - norm.logpdf(phi, mu_out, s_out)

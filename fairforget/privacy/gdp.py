@@ -68,7 +68,27 @@ def epsilon_of_mu(mu: float, delta: float) -> float:
         return 0.0
     if math.isinf(mu):
         return math.inf
-    return float(opacus_gdp.eps_from_mu(mu=mu, delta=delta))
+    try:
+        return float(opacus_gdp.eps_from_mu(mu=mu, delta=delta))
+    except ValueError:  # Opacus' root bracket ends near mu 30: a nearly non-private plan, solved here
+        return _eps_from_mu_wide(mu, delta)
+
+
+def _gdp_delta(eps: float, mu: float) -> float:
+    """delta(eps) of mu-GDP (Dong et al. 2019, Cor. 2.13), its second term in log space (no overflow)."""
+    return float(norm.cdf(-eps / mu + mu / 2) - math.exp(eps + norm.logcdf(-eps / mu - mu / 2)))
+
+
+def _eps_from_mu_wide(mu: float, delta: float) -> float:
+    """The epsilon at which mu-GDP's delta(eps) falls to ``delta``, by bisection on a bracket that grows
+    until it holds the root (delta(eps) decreases in eps)."""
+    lo, hi = 0.0, max(1.0, mu * mu)
+    while _gdp_delta(hi, mu) > delta:
+        lo, hi = hi, 2 * hi
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _gdp_delta(mid, mu) > delta else (lo, mid)
+    return hi
 
 
 def dp_sgd_entry(n: int, batch_size: int, epochs: int, sigma: float) -> list[Entry]:
