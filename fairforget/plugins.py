@@ -107,12 +107,7 @@ def parse_plugin_options(key: str, owner: str, declared: Mapping[str, Any],
     type (an int is taken for a float), is a one-line ConfigError naming the key, the plugin and the
     option."""
     if isinstance(given, str):
-        try:
-            values = json.loads(given) if given.strip() else {}
-        except ValueError:
-            values = None
-        if not isinstance(values, dict):
-            raise ConfigError(f"config key '{key}' = {given!r}: must be \"\" or a JSON object of options")
+        values = json_object(key, given, "of options")
     elif isinstance(given, Mapping):
         values = dict(given)
     else:
@@ -130,6 +125,18 @@ def parse_plugin_options(key: str, owner: str, declared: Mapping[str, Any],
                               f"expected {type(default).__name__}")
         out[name] = float(value) if number else value
     return out
+
+
+def json_object(key: str, text: str, what: str) -> dict[str, Any]:
+    """The JSON object run-config key ``key`` holds (``""``: empty); anything else is a one-line
+    ConfigError saying it must be \"\" or a JSON object ``what`` (e.g. "of options")."""
+    try:
+        value = json.loads(text) if text.strip() else {}
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise ConfigError(f"config key '{key}' = {text!r}: must be \"\" or a JSON object {what}")
+    return value
 
 
 def declared_options(obj: Any) -> Mapping[str, Any]:

@@ -365,6 +365,18 @@ def _inconsistent(t: Trial) -> None:
     raise AssertionError(t.fail("declares exact_unlearning without keeps_shard_models"))
 
 
+def trial_cache(harness: Harness) -> Callable[[type[FairforgetStrategy]], Trial]:
+    """``trials(cls)``: one :class:`Trial` per class on ``harness``, built on first use and shared by that
+    class's checks (one training each), as a module-scoped pytest fixture returns it::
+
+        @pytest.fixture(scope="module")
+        def trials(tmp_path_factory):
+            return trial_cache(Harness(make_tiny_cfg, InProcessGrid, tmp_path_factory.mktemp("contract")))
+    """
+    cache: dict[type, Trial] = {}
+    return lambda cls: cache.setdefault(cls, Trial(cls, harness))
+
+
 def check_strategy(cls: type[FairforgetStrategy], harness: Harness) -> None:
     """Run every check the strategy class ``cls`` is subject to (by what it declares), on one shared
     training built with ``harness`` (:class:`Harness`); the first failure raises AssertionError."""

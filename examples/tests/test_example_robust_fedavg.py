@@ -15,7 +15,7 @@ from clients.testing import InProcessGrid, make_tiny_cfg
 from fairforget import keys
 from fairforget.config import ConfigError
 from fairforget.model import build_model
-from server.testing import Harness, Trial, parametrize_with_checks
+from server.testing import Harness, parametrize_with_checks, trial_cache
 from strategies.fedavg import FedAvgBaseline
 
 SHARDS = 5  # odd, so that the median, a trimmed mean and the mean all differ
@@ -29,9 +29,7 @@ def test_found_by_its_entry_point_name():
 # ---------------------------------------------------------------------- the contract suite
 @pytest.fixture(scope="module")
 def trials(tmp_path_factory):
-    root = tmp_path_factory.mktemp("contract")
-    cache: dict[type, Trial] = {}
-    return lambda cls: cache.setdefault(cls, Trial(cls, Harness(make_tiny_cfg, InProcessGrid, root)))
+    return trial_cache(Harness(make_tiny_cfg, InProcessGrid, tmp_path_factory.mktemp("contract")))
 
 
 @parametrize_with_checks([RobustFedAvg])

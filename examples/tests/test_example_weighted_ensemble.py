@@ -20,7 +20,7 @@ from fairforget.data import biased_digits, shard_of
 from fairforget.model import load_model
 from fairforget.requests import Request
 from fairforget.unlearning import EXACT
-from server.testing import Harness, Trial, parametrize_with_checks, registered
+from server.testing import Harness, parametrize_with_checks, registered, trial_cache
 
 DATASET = "biased-digits-val"
 #: sharp weights, so that the weighted ensemble predicts measurably unlike the even one on the tiny run
@@ -34,9 +34,7 @@ def tiny_cfg(out, **overrides):
 
 @pytest.fixture(scope="module")
 def trials(tmp_path_factory):
-    root = tmp_path_factory.mktemp("weighted-contract")
-    cache: dict[type, Trial] = {}
-    return lambda cls: cache.setdefault(cls, Trial(cls, Harness(tiny_cfg, InProcessGrid, root)))
+    return trial_cache(Harness(tiny_cfg, InProcessGrid, tmp_path_factory.mktemp("weighted-contract")))
 
 
 @parametrize_with_checks([AccuracyWeightedEnsemble])

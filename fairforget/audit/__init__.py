@@ -11,7 +11,6 @@ set through ``attack-options``, a JSON object keyed by attack name (``{"my-attac
 from __future__ import annotations
 
 import inspect
-import json
 from typing import Any
 
 from fairforget.audit.base import Attack, AuditError, TargetOutputs
@@ -20,7 +19,7 @@ from fairforget.audit.lira import LiraOffline, LiraOnline
 from fairforget.audit.loss import LossAttack
 from fairforget.audit.rmia import RmiaOffline
 from fairforget.config import ConfigError
-from fairforget.plugins import Registry
+from fairforget.plugins import Registry, json_object
 
 ATTACKS: dict[str, type[Attack]] = {
     cls.name: cls for cls in (LossAttack, ConfidenceAttack, EntropyAttack, LiraOffline, LiraOnline, RmiaOffline)
@@ -59,12 +58,7 @@ def attack_options(names: list[str], text: str, only: list[str] | None = None) -
     every declared option, defaults filled in. An entry for an attack not chosen, or an unknown or
     mistyped option, is one line naming the key and the attack."""
     key = REGISTRY.options_key
-    try:
-        given = json.loads(text) if text.strip() else {}
-    except ValueError:
-        given = None
-    if not isinstance(given, dict):
-        raise ConfigError(f"config key '{key}' = {text!r}: must be \"\" or a JSON object of options by attack name")
+    given = json_object(key, text, "of options by attack name")
     stray = sorted(set(given) - set(names))
     if stray:
         raise ConfigError(f"config key '{key}': {stray[0]!r} is not a chosen attack "
