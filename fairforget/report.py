@@ -140,7 +140,7 @@ def _dp_lines(metrics: dict[str, Any]) -> list[str]:
         named = [("used by this run", c["chosen"]),
                  (f"attack risk: TPR <= {c['target']['tpr']:g} at FPR {fpr:g}", c["attack_risk"])]
         if "epsilon_first" in c:
-            named += [(f"same risk via epsilon = {c['attack_risk_via_epsilon']['epsilon']:.2f}",
+            named += [(f"same risk via epsilon = {c['attack_risk_via_epsilon']['target_epsilon']:.2f}",
                        c["attack_risk_via_epsilon"]),
                       *[(f"epsilon-first, epsilon = {e}", f) for e, f in c["epsilon_first"].items()]]
         lines += [f"| {n} | {f['noise_multiplier']:.3f} | {f['epsilon']:.3f} | {f['mu']:.3f} | {f[key]:.4f} |"

@@ -177,7 +177,7 @@ def _print_calibration(c: dict) -> None:
     print(line(f"attack risk: TPR <= {t['tpr']:g} at {fpr:g} FPR (mu-GDP)", c["attack_risk"]))
     if "epsilon_first" in c:
         via = c["attack_risk_via_epsilon"]
-        print(line(f"same risk, epsilon-first (epsilon = {via['epsilon']:.2f})", via))
+        print(line(f"same risk, epsilon-first (epsilon = {via['target_epsilon']:.2f})", via))
         for eps, f in c["epsilon_first"].items():
             print(line(f"epsilon-first, epsilon = {eps}", f))
 

@@ -112,8 +112,9 @@ def markdown(rows: list[dict], gen: dict | None) -> str:
         lines += ["", f"Noise for the attack-risk target TPR <= {cal['target']['tpr']:g} at FPR {fpr:g} (smallest "
                       f"shard, {cal['smallest_shard']} samples):", "",
                   "| calibration | sigma | epsilon | mu | TPR bound |", "|---|---|---|---|---|"]
+        target = cal["attack_risk_via_epsilon"]["target_epsilon"]
         for name, f in [("attack risk (mu-GDP)", cal["attack_risk"]),
-                        (f"epsilon-first for the same risk (epsilon {cal['attack_risk_via_epsilon']['epsilon']:.2f})",
+                        (f"epsilon-first for the same risk (epsilon {target:.2f})",
                          cal["attack_risk_via_epsilon"]),
                         *[(f"epsilon-first, epsilon = {e}", f) for e, f in cal["epsilon_first"].items()]]:
             lines.append(f"| {name} | {f['noise_multiplier']:.3f} | {f['epsilon']:.3f} | {f['mu']:.3f} | "

@@ -375,8 +375,11 @@ def test_reporting_by_hand(monkeypatch):
     assert by_eps["chosen"]["noise_multiplier"] == pytest.approx(10 / 3) and by_eps["chosen"]["epsilon"] == 3.0
     assert by_eps["attack_risk"]["epsilon"] == 10.0 / direct
     assert {k: v["noise_multiplier"] for k, v in by_eps["epsilon_first"].items()} == {"1": 10.0, "4": 2.5, "8": 1.25}
-    # (its "epsilon" is the plan's, which overrides the route's target, ln((TPR - delta) / FPR))
-    assert by_eps["attack_risk_via_epsilon"]["noise_multiplier"] == pytest.approx(10 / math.log((0.1 - 1e-5) / 0.01))
+    # its "epsilon" is the plan's, as in every entry; the route's target, ln((TPR - delta) / FPR), is kept beside it
+    via = by_eps["attack_risk_via_epsilon"]
+    assert via["noise_multiplier"] == pytest.approx(10 / math.log((0.1 - 1e-5) / 0.01))
+    assert via["target_epsilon"] == pytest.approx(math.log((0.1 - 1e-5) / 0.01)) and via["epsilon"] == pytest.approx(
+        via["target_epsilon"])
 
     shards = {1: {"epsilon": 2.0, "mu": 0.5, "tpr_bound": {"0.01": 0.05}},
               0: {"epsilon": 2.0, "mu": 0.9, "tpr_bound": {"0.01": 0.08}}}
