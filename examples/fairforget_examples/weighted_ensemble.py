@@ -26,8 +26,6 @@ the server must hold the data; otherwise :meth:`AccuracyWeightedEnsemble.from_co
 
 from __future__ import annotations
 
-import importlib
-import importlib.metadata
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -38,13 +36,13 @@ import torch
 from flwr.supercore import log
 
 from fairforget.config import ConfigError
+from fairforget.data import REGISTRY as data_registry
 from fairforget.data import SampleSet
 from fairforget.ensemble import Ensemble, Predictor
 from fairforget_examples import validation_data
 from strategies.shard_ensemble import ShardEnsemble
 
 WEIGHTINGS = ("accuracy", "softmax-accuracy")
-DATASET_GROUP = "fairforget.datasets"
 #: the loaders that carve the validation split this strategy weights on
 CARVING_LOADERS = (validation_data.load, validation_data.load_sites)
 
@@ -145,15 +143,9 @@ class AccuracyWeightedEnsemble(ShardEnsemble):
 
 
 def carves_validation(dataset: str) -> bool:
-    """Whether the run-config ``dataset`` names a loader that carves the validation split: by module path
-    (``package.module:function``) or by a ``fairforget.datasets`` entry point."""
+    """Whether the run-config ``dataset`` names a loader that carves the validation split (resolved as
+    fairforget resolves every dataset: by module path or ``fairforget.datasets`` entry point)."""
     try:
-        if ":" in dataset:
-            module, _, attr = dataset.partition(":")
-            loader = getattr(importlib.import_module(module.strip()), attr.strip(), None)
-        else:
-            eps = [ep for ep in importlib.metadata.entry_points(group=DATASET_GROUP) if ep.name == dataset]
-            loader = eps[0].load() if eps else None
-    except Exception:  # noqa: BLE001 - a name that does not import carves nothing; its registry says why
+        return data_registry.find(dataset) in CARVING_LOADERS
+    except ConfigError:  # a name that does not import carves nothing; its registry says why where it loads
         return False
-    return loader in CARVING_LOADERS
