@@ -34,12 +34,23 @@ headline: $(VENV)/.installed  ## vanilla vs augmented vs augmented + step-wise u
 # mutation testing (not part of `make test`; hours on 2 cores for every mutant): mutmut mutates
 # fairforget/privacy/, audit/, sisa.py, ledger.py, tombstones.py and verify.py in a copy (mutants/; the source
 # tree is never changed) and runs, per mutant, the fast tests of [tool.mutmut] that cover it; then prints the
-# kill rate per module. MUTANTS limits the run, e.g. make mutation MUTANTS='fairforget.audit.*'
+# kill rate per module. MUTANTS limits the run, e.g. make mutation MUTANTS='fairforget.audit.*'.
+# MUTATION_SAMPLE=N runs instead a uniform random sample of N mutants of each file (seed MUTATION_SEED;
+# MUTATION_FILES limits the files, e.g. MUTATION_FILES=fairforget/sisa.py) and prints each file's sampled
+# kill rate with its 95% Clopper-Pearson interval
 MUTANTS ?=
+MUTATION_SAMPLE ?=
+MUTATION_SEED ?= 28
+MUTATION_FILES ?=
 mutation: $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet -e ".[dev,mutation]"
+ifeq ($(MUTATION_SAMPLE),)
 	$(BIN)/mutmut run --max-children 2 $(MUTANTS)
 	$(BIN)/python simulations/mutation_report.py --survivors 20
+else
+	$(BIN)/python simulations/mutation_sample.py --sample $(MUTATION_SAMPLE) --seed $(MUTATION_SEED) --max-children 2 $(MUTATION_FILES)
+	$(BIN)/python simulations/mutation_report.py --sampled --survivors 20
+endif
 
 # the docs site into site/ (warnings are errors); then the results pages whose code changed since their figures
 docs: $(VENV)/.installed

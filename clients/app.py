@@ -35,7 +35,7 @@ def local_epochs_clipping_mod(msg: Message, context: Context, call_next: ClientA
 
 def _node(msg: Message, context: Context) -> Node:
     """This node, serving the shard the server assigned in ``msg`` (never the one its config claims)."""
-    return Node.from_context(dict(context.run_config), dict(context.node_config), assigned_shard(msg.content))
+    return Node.cached(dict(context.run_config), dict(context.node_config), assigned_shard(msg.content))
 
 
 @app.train(mods=[local_epochs_clipping_mod])

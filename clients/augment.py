@@ -127,8 +127,11 @@ class Augmenter:
 
     def __init__(self, originals: SampleSet, sisa: SisaShard, store: AugmentStore, settings: GeneratorSettings,
                  seed: int, kl_threshold: float, on_delete: str = "regenerate",
-                 heldout: SampleSet | None = None, filter_settings: FilterSettings | None = None) -> None:
+                 heldout: SampleSet | None = None, filter_settings: FilterSettings | None = None,
+                 retire_order: str = "random") -> None:
         self.originals = originals
+        self.retire_order = retire_order  # augment-retire-order (fairforget.lsi.RETIRE_ORDERS)
+        self.retire_note = ""  # why a step retired in another order than asked (a shard too small for LSI)
         self.filter = filter_settings  # rejection filtering of generated samples (augment-filter)
         self.last_filter: dict[str, Any] | None = None  # what the last filtered generation drew and kept
         self.heldout = heldout if heldout is not None else originals.subset(np.arange(0))
@@ -189,6 +192,8 @@ class Augmenter:
             self.store.state["retired"] = sorted(self.store.retired | set(retired))
             self.store.save()
         report["retired_ids"] = retired
+        if retired:
+            report["retire_order"] = self.retire_note or self.retire_order
 
         # 2. a valid generator
         t0 = time.perf_counter()
@@ -251,13 +256,27 @@ class Augmenter:
         return out
 
     def _choose_retirees(self, count: int, step: int) -> list[int]:
-        """``count`` live originals, seeded by (seed, shard, step)."""
+        """``count`` live originals in ``augment-retire-order``: ``random`` seeded by (seed, shard, step);
+        ``least-informative`` the lowest Laplace Sample Information under the shard's current model
+        (:mod:`fairforget.lsi`; a shard too small for its Laplace fit retires at random, said in the
+        step's report)."""
+        from fairforget.lsi import RETIRE_ORDERS, LsiError
+
         if count <= 0:
             return []
         live = sorted(i for i in self.sisa.live_ids() if i < SYNTHETIC_ID_BASE)
         rng = np.random.default_rng(derived_seed(self.seed, self.store.shard, 313, step))
-        pick = rng.permutation(len(live))[: min(count, len(live))]
-        return sorted(int(live[p]) for p in pick)
+        self.retire_note = ""
+        if self.retire_order != "random" and self.sisa.trained:
+            from fairforget.unlearning.approximate import current_state, model_from
+
+            try:
+                return RETIRE_ORDERS[self.retire_order](count, live, rng, model=model_from(
+                    current_state(self.sisa), self.sisa), data=self.sisa.live_data(),
+                    num_classes=self.settings.num_classes)
+            except LsiError as exc:
+                self.retire_note = f"retired at random: {exc}"
+        return RETIRE_ORDERS["random"](count, live, rng)
 
     def _check_step_budget(self) -> None:
         """Under DP: raise ``PrivacyBudgetExceeded`` if this step could pass the shard's cap: the

@@ -10,7 +10,6 @@ holding the node's state lock, after the node has finished what a crash interrup
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -27,6 +26,7 @@ from fairforget.ensemble import Ensemble
 from fairforget.metrics import accuracy_report, group_counts, kl_from_uniform
 from fairforget.model import load_model
 from fairforget.records import unpack_shards
+from fairforget.schemas import payloads
 from fairforget.sisa import derived_seed
 from fairforget.storage import state_hash
 from fairforget.training import train as train_model
@@ -36,14 +36,22 @@ Handler = Callable[[RecordDict, Node], RecordDict]
 
 
 def on_node(handler: Handler) -> Handler:
-    """Run ``handler`` holding the node's state folder, after :meth:`Node.resume`."""
+    """Run ``handler`` holding the node's state folder, after :meth:`Node.resume`; a node kept from an
+    earlier message is first checked against its state on disk (:meth:`Node.current`)."""
 
     @functools.wraps(handler)
     def run(content: RecordDict, node: Node) -> RecordDict:
         with node.locked():
-            node.pin_key()
-            node.resume()
-            return handler(content, node)
+            node = node.current()  # a node kept from an earlier message: rebuilt if its state changed on disk
+            try:
+                node.pin_key()
+                node.resume()
+                reply = handler(content, node)
+            except BaseException:
+                node.uncache()
+                raise
+            node.remember()
+            return reply
 
     return run
 
@@ -66,7 +74,7 @@ def _privacy_info(node: Node, sisa: bool = True) -> dict[str, str]:
     site: no SISA shard, ``sisa`` False, or no accountant)."""
     if not sisa or node.sisa.accountant is None:
         return {}
-    return {keys.DP_JSON: json.dumps(node.sisa.privacy_summary())}
+    return {keys.DP_JSON: payloads.encode(payloads.DpSpend, node.sisa.privacy_summary())}
 
 
 @on_node
@@ -117,7 +125,7 @@ def unlearn(content: RecordDict, node: Node) -> RecordDict:
     method = str(config.get(keys.UNLEARN_METHOD, EXACT))
     options = {k.replace("-", "_"): config[k] for k in keys.REQUEST_OPTIONS if k in config}
     if options:  # the request's own options travel in this message, not in the run config every site gets
-        node.cfg = node.cfg.replace(**options)
+        node.set_config(node.cfg.replace(**options))
     _, gone = describe_ids(node, ids)
     todo = [i for i in ids if i not in set(gone)]
     augmented = node.augmented
@@ -197,10 +205,11 @@ def augment(content: RecordDict, node: Node) -> RecordDict:
         fidelity = FidelityClassifiers.from_state(content[keys.ARRAYS].to_torch_state_dict(),
                                                   node.bundle.num_classes, node.bundle.num_private)
     report = node.augmenter.step(int(config[keys.STEP]), int(config[keys.RETIRE]), fidelity)
+    node.uncache()  # the generator's data and the shard's synthetic samples: rebuilt from disk next time
     state = node.sisa.model_state()
     metrics = _shard_metrics(node, len(node.sisa.live_ids()), node.sisa.full_train_seconds())
-    info = ConfigRecord({keys.MODEL_HASH: state_hash(state), keys.AUGMENT_JSON: json.dumps(report),
-                         **_privacy_info(node)})
+    info = ConfigRecord({keys.MODEL_HASH: state_hash(state),
+                         keys.AUGMENT_JSON: payloads.encode(payloads.AugmentReport, report), **_privacy_info(node)})
     return RecordDict({keys.ARRAYS: ArrayRecord(state), keys.METRICS: metrics, keys.CONFIG: info})
 
 
@@ -227,7 +236,7 @@ def audit(content: RecordDict, node: Node) -> RecordDict:
         own = node.sisa.model_state() if node.augmented else approximate.current_state(node.sisa)
         targets = {f"shard-{node.shard}": [load_model(own, num_classes, cfg.model_width)]}
         if scope == "ensemble":  # combined as the run's strategy predicts (its vote and weights)
-            rule = json.loads(str(content[keys.CONFIG].get(keys.ENSEMBLE_RULE, "{}")))
+            rule = payloads.decode(payloads.EnsembleRule, content[keys.CONFIG].get(keys.ENSEMBLE_RULE, "{}")).to_json()
             targets["ensemble"] = Ensemble.from_rule(sent, num_classes, cfg.model_width, rule)
         members = node.sisa.live_data()
     elif target == keys.TARGET_SENT:  # an averaging strategy: one global model
@@ -292,7 +301,7 @@ def evaluate(content: RecordDict, node: Node) -> RecordDict:
                      "worst_group": {k: v for k, v in rep["worst_group"].items() if k != "n"},
                      "groups": [{k: v for k, v in g.items() if k != "n"} for g in rep["groups"]]}
     return RecordDict({
-        keys.CONFIG: ConfigRecord({keys.EVAL_JSON: json.dumps(out)}),
+        keys.CONFIG: ConfigRecord({keys.EVAL_JSON: payloads.encode(payloads.SiteEvaluation, out)}),
         keys.METRICS: MetricRecord({keys.SHARD: node.shard}),
     })
 

@@ -19,6 +19,9 @@ interrupted (:meth:`Node.resume`).
 from __future__ import annotations
 
 import functools
+import json
+import os
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,7 +34,7 @@ from fairforget import keys
 from fairforget.config import RunConfig
 from fairforget.data import DataBundle, SampleSet, load_dataset, shard_of
 from fairforget.data.image_folder import site_key
-from fairforget.locks import locked
+from fairforget.locks import LOCK_FILE, locked
 from fairforget.privacy.accountant import PrivacyBudgetExceeded
 from fairforget.sisa import SisaSettings, SisaShard
 from fairforget.site_secret import KEY_FILE, check_key_fingerprint
@@ -85,6 +88,52 @@ def _served_shard(cfg: RunConfig, node_config: dict[str, Any], assigned: int | N
     return assigned
 
 
+# ---------------------------------------------------------------------- the worker's cache of nodes
+# A Flower worker process handles many messages, of many nodes; what a node loads (its config, data,
+# tombstones, SISA index, last checkpoint) is kept here across messages (:meth:`Node.cached`) and
+# checked, holding the node's lock, against its state on disk (:meth:`Node.current`), so a crash, a
+# resume or another process's write is seen and the node rebuilt. ``FAIRFORGET_NODE_CACHE=0``: no cache.
+_NODES: OrderedDict[str, Node] = OrderedDict()
+
+
+def cache_size() -> int:
+    """How many nodes a process keeps (``FAIRFORGET_NODE_CACHE``, default 64; 0 turns the cache off)."""
+    try:
+        return max(0, int(os.environ.get("FAIRFORGET_NODE_CACHE", "64")))
+    except ValueError:
+        return 64
+
+
+def state_stamp(state_dir: Path, also: list[Path]) -> tuple:
+    """The version of a node's state on disk: (name, size, mtime, inode) of every file in its state
+    folder and the folders in it (its lock file aside), and of the files in ``also`` (its tombstones).
+    Every writer replaces or appends a file (:mod:`fairforget.storage`), which changes its entry."""
+    out = []
+    folders = [state_dir]
+    while folders:
+        folder = folders.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except FileNotFoundError:
+            continue
+        for e in entries:
+            if e.name == LOCK_FILE:
+                continue
+            if e.is_dir(follow_symlinks=False):
+                if folder == state_dir:  # one level down: checkpoints/, augment/, audit/
+                    folders.append(Path(e.path))
+                continue
+            st = e.stat(follow_symlinks=False)
+            out.append((e.path, st.st_size, st.st_mtime_ns, st.st_ino))
+    for path in also:
+        try:
+            st = path.stat()
+            out.append((str(path), st.st_size, st.st_mtime_ns, st.st_ino))
+        except FileNotFoundError:
+            out.append((str(path), -1, 0, 0))
+    return tuple(sorted(out))
+
+
 @dataclass
 class Node:
     cfg: RunConfig
@@ -97,6 +146,70 @@ class Node:
     server_has_data: bool = True  # False: a deployment whose server keeps no patient data
     partition_id: int | None = None  # the node config's partition-id: what the node claims, a cross-check only
     own_data: bool = False  # a site with its own data-root (its whole training split is its shard)
+
+    @classmethod
+    def cached(cls, run_config: dict[str, Any], node_config: dict[str, Any], assigned: int | None = None) -> Node:
+        """:meth:`from_context`, kept in this process across messages (a handler then checks it against
+        the state on disk: :meth:`current`)."""
+        key = json.dumps([run_config, node_config, assigned], sort_keys=True, default=str)
+        node = _NODES.get(key)
+        if node is None:
+            node = cls.from_context(run_config, node_config, assigned)
+            node._context = (key, run_config, node_config, assigned)
+            node._cfg_built = node.cfg
+            node._seen = node._stamp()  # what it was built from (checked again under the lock: current)
+            if cache_size() > 0:
+                _NODES[key] = node
+                while len(_NODES) > cache_size():
+                    _NODES.popitem(last=False)
+        else:
+            _NODES.move_to_end(key)
+        return node
+
+    def _stamp(self) -> tuple:
+        return state_stamp(self.state_dir, [self.tombstones.path, *self.tombstones.also])
+
+    def current(self) -> Node:
+        """This node if its state on disk is as this process last left it, else a node rebuilt from it
+        (replacing the cached one). Call holding the node's lock (:meth:`locked`)."""
+        seen = getattr(self, "_seen", None)
+        stamp = self._stamp()
+        if seen is None or seen == stamp:
+            self._seen = stamp
+            return self
+        context = getattr(self, "_context", None)
+        self.uncache()
+        if context is None:
+            raise RuntimeError("internal: a node not built by Node.cached cannot be rebuilt")
+        node = Node.cached(*context[1:])
+        node._seen = stamp
+        return node
+
+    def remember(self) -> None:
+        """After a handler (still holding the lock): the state folder's changes are this node's own, kept
+        in step in its memory. A node whose config a request changed (its own options), or whose
+        tombstones changed (its data leaves them out from when it was built), is not kept."""
+        before = getattr(self, "_seen", None)
+        self._seen = self._stamp()
+        tombstones = {str(self.tombstones.path), *map(str, self.tombstones.also)}
+        moved = before is None or [e for e in before if e[0] in tombstones] != [e for e in self._seen
+                                                                                   if e[0] in tombstones]
+        if moved or self.cfg is not getattr(self, "_cfg_built", self.cfg):
+            self.uncache()
+
+    def set_config(self, cfg: RunConfig) -> None:
+        """Serve one message under ``cfg`` (a request's own options): what was built from the old config
+        is built again, and the node is not kept for later messages (:meth:`remember`)."""
+        self.cfg = cfg
+        for name in ("sisa_settings", "sisa", "augmenter", "augment_store", "heldout"):
+            self.__dict__.pop(name, None)
+
+    def uncache(self) -> None:
+        """Drop this node from the process's cache (after a failed handler: its memory may be ahead of
+        or behind its state on disk)."""
+        context = getattr(self, "_context", None)
+        if context is not None and _NODES.get(context[0]) is self:
+            del _NODES[context[0]]
 
     @classmethod
     def from_context(cls, run_config: dict[str, Any], node_config: dict[str, Any],
@@ -234,4 +347,4 @@ class Node:
         settings = GeneratorSettings.from_config(self.cfg, self.bundle.num_classes, self.bundle.num_private)
         return Augmenter(self.data, self.sisa, self.augment_store, settings, self.cfg.seed,
                          self.cfg.augment_kl_threshold, self.cfg.augment_on_delete, self.heldout,
-                         FilterSettings.from_config(self.cfg))
+                         FilterSettings.from_config(self.cfg), retire_order=self.cfg.augment_retire_order)

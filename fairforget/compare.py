@@ -47,13 +47,15 @@ class RunRow:
     accuracy_unbiased: float
     worst_group: float
     worst_group_label: str
-    probe: float | None
+    probe: float | None  # the strongest attribute probe's accuracy on the ensemble (named in probe_name)
     probe_chance: float | None
-    probe_shards: tuple[float, float] | None  # (lowest, highest) over the shard models
+    probe_shards: tuple[float, float] | None  # (lowest, highest) strongest probe over the shard models
     mia_auc: float | None
     mia_attack: str
     train_seconds: float
     audit_seconds: float | None
+    probe_name: str = ""  # which probe was the strongest (fairforget.audit.probe.PROBES)
+    probe_seed: float | None = None  # the seed's probe (linear, trained on the biased data) on the ensemble
 
 
 def read_run(path: Path, name: str | None = None) -> RunRow:
@@ -76,8 +78,9 @@ def read_run(path: Path, name: str | None = None) -> RunRow:
         privacy = m.get("privacy") or {}
         probes = privacy.get("attribute_inference") or {}
         probe = probes.get("ensemble") or {}
-        shard_probes = [float(v["unbiased_test_accuracy"]) for k, v in probes.items()
-                        if k.startswith("shard-") and v.get("unbiased_test_accuracy") is not None]
+        shard_probes = [s for k, v in probes.items() if k.startswith("shard-")
+                        and (s := _strongest(v)[0]) is not None and s == s]
+        strong, strong_name = _strongest(probe) if probe or not privacy else (None, "not measured")
         attacks = (privacy.get("targets") or {}).get("ensemble") or {}
         best = max(attacks, key=lambda a: attacks[a]["auc"], default=None)
         timing = m["timing"]
@@ -88,7 +91,8 @@ def read_run(path: Path, name: str | None = None) -> RunRow:
             accuracy_biased=float(ens["biased"]["accuracy"]), accuracy_unbiased=float(ens["unbiased"]["accuracy"]),
             worst_group=float(worst["accuracy"]),
             worst_group_label=f"({worst['class']}, {worst['private']}), n = {worst['n']}",
-            probe=_num(probe.get("unbiased_test_accuracy")), probe_chance=_num(probe.get("chance")),
+            probe=strong, probe_chance=_num(probe.get("chance")), probe_name=strong_name,
+            probe_seed=_num(probe.get("unbiased_test_accuracy")),
             probe_shards=(min(shard_probes), max(shard_probes)) if shard_probes else None,
             mia_auc=None if best is None else float(attacks[best]["auc"]), mia_attack=best or "",
             train_seconds=float(timing["train_wall_seconds"]) + float(timing.get("augmentation_seconds", 0.0)),
@@ -97,6 +101,14 @@ def read_run(path: Path, name: str | None = None) -> RunRow:
     except (tomllib.TOMLDecodeError, ValueError, KeyError, TypeError) as exc:
         raise CompareError(f"{path} is not a finished fairforget run (unreadable {type(exc).__name__}: "
                            f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+
+
+def _strongest(probe: dict[str, Any]) -> tuple[float | None, str]:
+    """The strongest probe's accuracy and name (a run before the strong probes: the seed's probe)."""
+    if "probes" in probe:
+        best = probe.get("strongest")
+        return (float(best["accuracy"]), str(best["probe"])) if best else (None, "not measured")
+    return _num(probe.get("unbiased_test_accuracy")), "biased-linear" if probe else ""
 
 
 def _num(value: Any) -> float | None:
@@ -121,15 +133,16 @@ def _f(value: float | None, fmt: str = ".3f") -> str:
 
 def markdown(rows: Sequence[RunRow]) -> str:
     lines = ["| run | objective | rho | strategy | augment | biased acc. | unbiased acc. | worst group "
-             "(class, private) | probe acc. (chance) | probe, shard models | MIA AUC (strongest attack) | train s | "
-             "audit s |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "(class, private) | strongest probe (which; chance) | seed probe | strongest probe, shard models | "
+             "MIA AUC (strongest attack) | train s | audit s |", "|---" * 14 + "|"]
     for r in rows:
-        probe = f"{_f(r.probe)} ({_f(r.probe_chance, '.2f')})" if r.probe is not None else "-"
+        probe = (f"{_f(r.probe)} ({r.probe_name}; {_f(r.probe_chance, '.2f')})" if r.probe is not None
+                 else "not measured" if r.probe_name == "not measured" else "-")
         mia = f"{_f(r.mia_auc)} ({r.mia_attack})" if r.mia_auc is not None else "-"
         shards = f"{r.probe_shards[0]:.3f}-{r.probe_shards[1]:.3f}" if r.probe_shards else "-"
         lines.append(f"| {r.name} | {r.objective}{' + DP' if r.dp else ''} | {r.rho:g} | {r.strategy} | "
                      f"{'yes' if r.augment else 'no'} | {r.accuracy_biased:.3f} | {r.accuracy_unbiased:.3f} | "
-                     f"{r.worst_group:.3f} {r.worst_group_label} | {probe} | {shards} | {mia} | "
+                     f"{r.worst_group:.3f} {r.worst_group_label} | {probe} | {_f(r.probe_seed)} | {shards} | {mia} | "
                      f"{r.train_seconds:.1f} | {_f(r.audit_seconds, '.1f')} |")
     return "\n".join(lines) + "\n"
 
@@ -153,7 +166,7 @@ def plot(rows: Sequence[RunRow]) -> bytes:
     if chance:
         ax1.axhline(chance, color="grey", ls=":", label="probe chance")
         ax1.legend(fontsize=8)
-    ax1.set(xlabel="unbiased test accuracy", ylabel="private-attribute probe accuracy", xlim=(0, 1.02),
+    ax1.set(xlabel="unbiased test accuracy", ylabel="strongest private-attribute probe", xlim=(0, 1.02),
             ylim=(0, 1.02), title="leakage vs utility")
     x = range(len(rows))
     width = 0.27
@@ -191,7 +204,7 @@ def plot_tradeoff(rows: Sequence[RunRow], label: Callable[[RunRow], str], title:
     chance = next((r.probe_chance for r in rows if r.probe_chance), None)
     if chance:
         ax.axhline(chance, color="grey", ls=":", label="probe chance")
-    ax.set(xlabel="unbiased test accuracy", ylabel="private-attribute probe accuracy", xlim=(0, 1.02),
+    ax.set(xlabel="unbiased test accuracy", ylabel="strongest private-attribute probe", xlim=(0, 1.02),
            ylim=(0, 1.02), title=title)
     ax.legend(fontsize=8)
     return _png(fig)

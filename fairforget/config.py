@@ -40,12 +40,14 @@ VOTES = ("softmax", "majority")
 DEVICES = ("auto", "cpu", "cuda")
 AUGMENT_GROUPS = ("class-private", "class")
 ON_DELETE = ("regenerate", "drop")
+RETIRE_ORDERS = ("random", "least-informative")  # fairforget/lsi.py RETIRE_ORDERS
 CAPACITY_BOUNDS = ("newton", "dp")  # fairforget.capacity
 CAPACITY_POLICIES = ("retrain", "refuse")
-DP_CALIBRATIONS = ("none", "epsilon", "attack-risk")
+DP_CALIBRATIONS = ("none", "epsilon", "attack-risk", "plan")
 DP_ACCOUNTANTS = ("prv", "rdp", "gdp")
 DP_FEDAVG_CLIPPINGS = ("server", "client")  # strategies/fedavg_dp.py: where an update is clipped
 SITE_AUDIT_SCOPES = ("shard", "ensemble")  # fairforget/audit/site.py: what a site audits
+ERASERS = ("none", "leace", "leace-per-stage")  # fairforget/erasure.py: the private attribute's eraser
 
 
 class ConfigError(ValueError):
@@ -223,7 +225,8 @@ class RunConfig:
                              form=TEXT)
     celeba_private: str = key("Male", "CelebA attribute taken as the private, biasing one", form=TEXT)
     # --- federation
-    num_shards: int = key(4, "S: shards, one Flower client (SuperNode) each", minimum=1, maximum=64)
+    num_shards: int = key(4, "S: shards, one Flower client (SuperNode) each (at most the training samples)",
+                           minimum=1, maximum=1024)
     partition: str = key("iid", "how records are dealt to shards: iid at random, site by their site",
                          choices=PARTITIONS)
     reply_timeout: float = key(1800.0, "seconds without any reply before the unanswered nodes count as lost",
@@ -239,8 +242,8 @@ class RunConfig:
                                 "'{\"trim-fraction\": 0.1}' (its class declares them)", form=JSON_OPTIONS)
     objective_options: str = key("", "a plugin objective's own parameters, a JSON object (its class declares them)",
                                  form=JSON_OPTIONS)
-    unlearner_options: str = key("", "a plugin unlearn-method's own parameters, a JSON object (its module declares "
-                                 "them)", form=JSON_OPTIONS)
+    unlearner_options: str = key("", "the unlearn-method's own parameters (rem's, a plugin's), a JSON object (its "
+                                 "module declares them)", form=JSON_OPTIONS)
     attack_options: str = key("", "plugin attacks' own parameters, a JSON object by attack name: "
                               "'{\"my-attack\": {\"k\": 3}}'", form=JSON_OPTIONS_BY_NAME)
     dataset_options: str = key("", "a plugin dataset's own parameters, a JSON object (its loader declares them)",
@@ -256,6 +259,9 @@ class RunConfig:
     lr: float = key(0.002, "learning rate of the shard models (Adam)", minimum=0.0, open_min=True)
     weight_decay: float = key(0.0, "L2 weight decay of the shard models", minimum=0.0)
     model_width: int = key(8, "SimpleConvNet base width (16 = the paper's 16-32-64-128)", minimum=1, maximum=256)
+    model: str = key("simple-conv", "the shard model: simple-conv, scatter-linear or scatter-cnn (a fixed scattering "
+                     "front end, Tramer and Boneh 2021; fairforget/models/) or a plugin's name", form=NAME,
+                     rule_text="a model name")
     objective: str = key("cross-entropy", "the training objective: cross-entropy, end, learned-mixin, rubi, rebias "
                          "(fairforget/objectives/) or a plugin's name", form=NAME, rule_text="an objective name")
     end_alpha: float = key(50.0, "EnD: weight of the disentangling term (same bias -> orthogonal features)",
@@ -267,14 +273,22 @@ class RunConfig:
                                        minimum=0.0)
     rebias_lambda: float = key(1.0, "ReBias: weight of HSIC(f, g) in the main model's loss", minimum=0.0)
     rebias_lambda_g: float = key(1.0, "ReBias: weight of -HSIC(f, g) in the bias network's loss", minimum=0.0)
+    eraser: str = key("none", "erase the private attribute from the bottleneck with LEACE: none, leace (post-hoc, "
+                      "fitted at each site after each stage) or leace-per-stage (also refit before each stage "
+                      "trains); refused with dp", choices=ERASERS)
     num_threads: int = key(1, "torch threads per client (fixed so training is deterministic)", minimum=0,
                            note="(0 = torch's default)")
     device: str = key("auto", "where torch runs: auto (cuda when there is one), cpu or cuda", choices=DEVICES)
     # --- differential privacy
     dp: bool = key(False, "shard-ensemble: DP-SGD in every shard training; fedavg: user-level DP (Flower)")
     dp_noise_multiplier: float = key(1.0, "sigma of DP-SGD (used as is when dp-calibrate = none)", minimum=0.0)
-    dp_calibrate: str = key("none", "how sigma is chosen: none, epsilon (for dp-target-epsilon) or attack-risk "
-                            "(for dp-target-tpr)", choices=DP_CALIBRATIONS)
+    dp_calibrate: str = key("none", "how sigma is chosen: none, epsilon (for dp-target-epsilon), attack-risk "
+                            "(for dp-target-tpr) or plan (sigma and every stage's steps, batch, lr and clipping norm "
+                            "for dp-target-epsilon: fairforget/privacy/planner.py)", choices=DP_CALIBRATIONS)
+    dp_plan: str = key("", "the SISA stages' DP schedule the planner chose (JSON; written by dp-calibrate = plan, "
+                       "\"\" = the non-private schedule)", form=JSON_OPTIONS)
+    dp_plan_retrains: int = key(2, "full SISA retrains the planner leaves room for within dp-max-epsilon",
+                                minimum=0, maximum=1000)
     dp_target_epsilon: float = key(4.0, "epsilon a shard's planned SISA training may reach (dp-calibrate = epsilon)",
                                    minimum=0.0, open_min=True)
     dp_target_tpr: float = key(0.05, "the most any membership attack may reach at dp-target-fpr (mu-GDP bound)",
@@ -304,9 +318,9 @@ class RunConfig:
                                 choices=SITE_AUDIT_SCOPES)
     # --- unlearning and the deletion-capacity budget
     unlearn_method: str = key("exact-sisa", "the unlearning method: exact-sisa, finetune, neggrad, scrub, newton, "
-                              "del (fairforget/unlearning/) or a plugin's name", form=NAME,
+                              "del, rem (fairforget/unlearning/) or a plugin's name", form=NAME,
                               rule_text="an unlearning method's name")
-    unlearn_epochs: int = key(2, "epochs of the approximate methods that train (finetune, neggrad, scrub, del)",
+    unlearn_epochs: int = key(2, "epochs of the approximate methods that train (finetune, neggrad, scrub, del, rem)",
                               minimum=1)
     unlearn_lr: float = key(0.0005, "their learning rate (Adam; a quarter of the SISA lr)", minimum=0.0, open_min=True)
     newton_lambda: float = key(0.5, "L2 strength making the head's loss strongly convex (newton; noise ~ 1/lambda^2)",
@@ -327,6 +341,9 @@ class RunConfig:
     augment_steps: int = key(2, "retire-and-replenish steps after the first augmentation", minimum=0, maximum=100)
     augment_retire_per_step: int = key(32, "originals each shard unlearns per step (its deletion budget per step)",
                                        minimum=0)
+    augment_retire_order: str = key("random", "which live originals a step retires: random (seeded) or "
+                                    "least-informative (lowest Laplace Sample Information first)",
+                                    choices=RETIRE_ORDERS)
     augment_on_delete: str = key("regenerate", "what happens to a deleted original's generator and samples",
                                  choices=ON_DELETE)
     diffusion_width: int = key(16, "UNet2DModel block_out_channels = (w, 2w)", minimum=4, maximum=256,
@@ -413,6 +430,9 @@ class RunConfig:
         """What DP-SGD cannot honour, refused wherever the config is read (not only by the command's
         preflight): a batch-coupled objective's per-sample clipping bounds no sample's influence (EnD,
         ReBias), and ``dp-secure-mode`` needs torchcsprng, which does not install with torch 2.14."""
+        if self.dp and self.eraser != "none":
+            raise ConfigError(f"config key 'eraser' = {self.eraser!r} with dp = true: a LEACE fit on the site's data "
+                              "(its mean and covariances) spends privacy that is not accounted: refused")
         if self.dp_secure_mode and importlib.util.find_spec("torchcsprng") is None:
             raise ConfigError("config key 'dp-secure-mode' = true needs torchcsprng (Opacus' cryptographic generator), "
                               "which is not installed and does not install with torch 2.14: turn it off; the DP-SGD "
@@ -441,6 +461,28 @@ class RunConfig:
         from fairforget.data import dataset_declares  # noqa: PLC0415 - resolves a dataset plugin (and torch)
 
         return dataset_declares(self.dataset, "EMBEDDED")  # a plugin's own embedded data
+
+    def check_simulation_resources(self, cores: int | None = None, gpus: int | None = None) -> None:
+        """A :class:`ConfigError` when Flower's simulation engine could never start a client on this
+        machine: ``client-cpus`` above its CPU cores, ``client-gpus`` above 0 without a GPU or above its
+        GPU count (Ray would wait for resources that never come). Run before Flower starts; ``cores`` and
+        ``gpus`` default to this machine's (``os.cpu_count()``, ``torch.cuda.device_count()``)."""
+        import os
+
+        cores = (os.cpu_count() or 1) if cores is None else cores
+        if self.client_cpus > cores:
+            raise ConfigError(f"config key 'client-cpus' = {self.client_cpus}: this machine has {cores} CPU core(s), "
+                              f"so no simulated client could start; use at most {cores}")
+        if self.client_gpus > 0:
+            if gpus is None:
+                import torch
+
+                gpus = torch.cuda.device_count()
+            if self.client_gpus > gpus:
+                raise ConfigError(f"config key 'client-gpus' = {self.client_gpus:g}: this machine has {gpus} GPU(s), "
+                                  "so no simulated client could start; use "
+                                  + ("0 (no GPU here)" if gpus == 0 else f"at most {gpus} (e.g. 1/k to share one GPU "
+                                                                         "by k clients)"))
 
     def torch_device(self) -> str:
         """``auto`` resolves to ``cuda`` when a GPU is visible, else ``cpu``."""

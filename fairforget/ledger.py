@@ -18,6 +18,13 @@ already committed it answers from its state, and then records the completion.
 Lines are appended whole and fsynced (:func:`fairforget.storage.durable_append_lines`), never
 rewritten. On read every line is validated: a torn last line (a crash mid-append) is reported in
 :attr:`Ledger.torn` and ignored; a broken line elsewhere is a one-line :class:`LedgerError`.
+
+Every line is read and written through its typed record,
+:class:`fairforget.schemas.ledger.LedgerLine` (its JSON Schema:
+``fairforget/schemas/ledger-line.schema.json``): a line whose field has another type is a one-line
+:class:`LedgerError` naming the file, the line and the field. Lines carry ``schema_version``; a
+ledger of an older version is migrated on read (:func:`fairforget.schemas.ledger.migrate`), never
+refused: a site must always be able to read its own deletion list.
 """
 
 from __future__ import annotations
@@ -29,7 +36,9 @@ from pathlib import Path
 from typing import Any
 
 from fairforget.capacity import DeletionBudget, ShardBudget
-from fairforget.storage import TornLine, atomic_write_bytes, durable_append_lines, finite, read_jsonl
+from fairforget.schemas.base import SchemaError, read_numbered
+from fairforget.schemas.ledger import DONE, INTENT, LedgerLine, new_line, parse_line
+from fairforget.storage import TornLine, atomic_write_bytes, durable_append_lines, finite
 
 # The decisions a ledger line records.
 APPROXIMATE = "approximate"  # served by an approximate unlearner within the shard's deletion budget
@@ -38,54 +47,63 @@ EXACT_FALLBACK = "exact-fallback"  # exact SISA retraining because the budget wa
 REFUSED = "refused"  # refused by the budget (capacity-policy = refuse): nothing changed
 RETIRE_ORIGINAL = "retire-original"  # an original retired by step-wise augmentation (exact SISA unlearning)
 
-INTENT = "intent"
-DONE = "done"
-
 
 class LedgerError(ValueError):
     """A ledger that cannot be trusted as it is; the message is one line for the user."""
 
 
 class Ledger:
+    """The ledger file at ``path``: read (:meth:`records`, :meth:`lines`, ...) and appended to."""
+
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.torn: str = ""  # set by a read that found a torn last line
 
     # ------------------------------------------------------------------ reading
-    def lines(self) -> list[dict[str, Any]]:
-        """Every valid line, intents included, in order."""
+    def records(self) -> list[LedgerLine]:
+        """Every valid line as a typed :class:`~fairforget.schemas.ledger.LedgerLine`, migrated to the
+        current version, intents included, in order."""
         try:
-            rows = read_jsonl(self.path)
+            rows = read_numbered(self.path, TornLine)
         except TornLine as exc:
             try:
-                rows = read_jsonl(self.path, allow_torn_tail=True)
+                rows = read_numbered(self.path, TornLine, allow_torn_tail=True)
             except TornLine:
                 raise LedgerError(str(exc)) from None
             self.torn = str(exc)
-        for n, row in enumerate(rows, 1):
+        out = []
+        for n, (lineno, row) in enumerate(rows, 1):
             if "request" not in row or not isinstance(row.get("ids", []), list):
                 raise LedgerError(f"{self.path}: entry {n} has no request number or no id list: {json.dumps(row)[:80]}")
-        return rows
+            try:
+                out.append(parse_line(row, f"{self.path} line {lineno}"))
+            except SchemaError as exc:
+                raise LedgerError(str(exc)) from None
+        return out
+
+    def lines(self) -> list[dict[str, Any]]:
+        """Every valid line, intents included, in order: the JSON objects as written."""
+        return [r.to_json() for r in self.records()]
 
     def entries(self) -> list[dict[str, Any]]:
         """The decision lines (completions and refusals), in order; intents left out."""
-        return [e for e in self.lines() if e.get("phase", DONE) != INTENT]
+        return [r.to_json() for r in self.records() if not r.is_intent]
 
     def intents(self) -> list[dict[str, Any]]:
-        return [e for e in self.lines() if e.get("phase") == INTENT]
+        return [r.to_json() for r in self.records() if r.is_intent]
 
     def pending(self) -> dict[int, dict[int, dict[str, Any]]]:
         """``request -> shard -> {"ids", "method", "decision"}`` for every intent shard without a
         completion line."""
-        lines = self.lines()
-        done = {(int(e["request"]), int(e["shard"])) for e in lines if e.get("phase", DONE) != INTENT and "shard" in e}
+        records = self.records()
+        done = {(r.request, r.shard) for r in records if not r.is_intent and r.shard is not None}
         out: dict[int, dict[int, dict[str, Any]]] = {}
-        for e in lines:
-            if e.get("phase") != INTENT:
+        for r in records:
+            if not r.is_intent:
                 continue
-            for shard, plan in e["shards"].items():
-                if (int(e["request"]), int(shard)) not in done:
-                    out.setdefault(int(e["request"]), {})[int(shard)] = dict(plan)
+            for shard, plan in r.plans.items():
+                if (r.request, shard) not in done:
+                    out.setdefault(r.request, {})[shard] = plan.to_json()
         return out
 
     def pending_ids(self) -> set[int]:
@@ -137,19 +155,30 @@ class Ledger:
 
     # ------------------------------------------------------------------ writing (append only)
     def append(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        """Append ``rows`` as they are (stamped with the time and the current ``schema_version``):
+        whole lines, fsynced. :meth:`intend` and :meth:`complete` check theirs against the schema."""
         stamp = datetime.now(UTC).isoformat(timespec="seconds")
-        durable_append_lines(self.path, [json.dumps(finite({"time": stamp, **dict(r)}), sort_keys=True,
-                                                     allow_nan=False) for r in rows])
+        durable_append_lines(self.path, [json.dumps(finite(new_line(r, stamp)), sort_keys=True, allow_nan=False)
+                                         for r in rows])
 
     def intend(self, request: int, plans: Mapping[int, Mapping[str, Any]], method: str) -> None:
         """The intent line of ``request``: ``plans`` is shard -> {"ids", "method", "decision"}."""
         shards = {str(k): {"ids": sorted(int(i) for i in p["ids"]), "method": p["method"], "decision": p["decision"]}
                   for k, p in sorted(plans.items())}
-        self.append([{"phase": INTENT, "request": request, "method": method, "shards": shards,
-                      "ids": sorted({i for p in shards.values() for i in p["ids"]})}])
+        self._append_checked([{"phase": INTENT, "request": request, "method": method, "shards": shards,
+                               "ids": sorted({i for p in shards.values() for i in p["ids"]})}])
 
     def complete(self, rows: Iterable[Mapping[str, Any]]) -> None:
-        self.append([{"phase": DONE, **dict(r)} for r in rows])
+        """Append completion (or refusal) lines, each checked against the schema first."""
+        self._append_checked([{"phase": DONE, **dict(r)} for r in rows])
+
+    def _append_checked(self, rows: list[dict[str, Any]]) -> None:
+        for r in rows:  # a writer's mistake is a one-line error before anything is appended
+            try:
+                LedgerLine.parse(finite(r), f"{self.path}: the line to append")
+            except SchemaError as exc:
+                raise LedgerError(str(exc)) from None
+        self.append(rows)
 
     def ensure(self) -> None:
         """Create an empty ledger if the run has none."""

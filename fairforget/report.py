@@ -145,8 +145,42 @@ def _dp_lines(metrics: dict[str, Any]) -> list[str]:
                       *[(f"epsilon-first, epsilon = {e}", f) for e, f in c["epsilon_first"].items()]]
         lines += [f"| {n} | {f['noise_multiplier']:.3f} | {f['epsilon']:.3f} | {f['mu']:.3f} | {f[key]:.4f} |"
                   for n, f in named]
+        if c.get("plan"):
+            lines += _plan_lines(c["plan"])
+        if c.get("candidates"):
+            lines += _candidate_lines(c["candidates"])
     if metrics.get("privacy"):
         lines += ["", *_audit_lines(metrics["privacy"], dp)]
+    return lines
+
+
+def _plan_lines(p: dict[str, Any]) -> list[str]:
+    """The DP planner's per-stage schedule (fairforget/privacy/planner.py)."""
+    lines = ["", f"DP-aware schedule (`{p['model']}`; target epsilon {p['target_epsilon']:g}, one training "
+                 f"{p['epsilon']:.3f}; room for {p['retrains']} full retrains within dp-max-epsilon "
+                 f"{p['max_epsilon']:g}: "
+                 f"{p['epsilon_with_retrains']:.3f} with them; {p['basis']}):", "",
+             "| stage | samples | expected batch | sampling rate | steps | lr | clipping norm |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {i} | {st['samples']} | {st['batch_size']} | {st['sample_rate']:.3f} | {st['steps']} | "
+              f"{st['lr']:g} | {st['max_grad_norm']:g} |" for i, st in enumerate(p["stages"], 1)]
+    return lines
+
+
+def _candidate_lines(k: dict[str, Any]) -> list[str]:
+    """Settings meeting the run's target, with their Delta-divergence over the least vulnerable one."""
+    if k.get("error"):
+        return ["", f"Settings that meet the same target: no Delta-divergence ({k['error']})."]
+    lines = ["", f"Settings that meet the same target ({k['target']}); Delta is each one's worst-case excess "
+                 f"vulnerability over the least vulnerable one ({k['method']}; whenever that one is (eps, delta)-DP, "
+                 "a setting is (eps, delta + (1 + e^eps) Delta)-DP). This run's Delta: "
+                 f"{k['chosen_delta_excess']:.4f}.", "",
+             "| setting | noise multiplier | steps | epsilon | mu | Delta |", "|---|---|---|---|---|---|"]
+    for name, r in k["settings"].items():
+        tag = " (this run's)" if r["chosen"] else ""
+        tag += " (least vulnerable)" if name == k["least_vulnerable"] else ""
+        lines.append(f"| {name}{tag} | {r['noise_multiplier']:.3f} | {r['steps']} | {r['epsilon']:.3f} | "
+                     f"{r['mu']:.3f} | {r['delta_excess']:.4f} |")
     return lines
 
 
@@ -231,12 +265,19 @@ def _privacy_lines(metrics: dict[str, Any]) -> list[str]:
                   "seconds |", "|---|---|---|---|---|---|---|"]
         lines += [f"| {site} | {r['scope']} | {r['members']} | {r['nonmembers']} | {r['population']} | "
                   f"{r['references']} | {r['seconds']:.1f} |" for site, r in sites.items()]
+        by_decile = [(site, t, a, v) for site, r in sites.items() for t, v in (r.get("lsi_deciles") or {}).items()
+                     for a in next(iter(v.values())) if a != "members"]
+        if by_decile:
+            lines += ["", "Membership attacks per LSI decile, at the sites (AUC of the decile's members against the "
+                      "non-members; decile 0 the least informative records, from `fairforget inspect`):", "",
+                      "| site | target | attack | " + " | ".join(f"d{d}" for d in range(10)) + " |",
+                      "|---|---|---|" + "---|" * 10]
+            lines += [f"| {site} | {t} | {a} | " + " | ".join(
+                f"{v[f'decile-{d}'][a]:.2f}" if f"decile-{d}" in v else "" for d in range(10)) + " |"
+                for site, t, a, v in by_decile]
     failed = {s: r for s, r in privacy.get("sites", {}).items() if r.get("error") or r.get("skipped")}
     lines += [f"- {site}: {r.get('error') or r.get('skipped')}" for site, r in failed.items()]
-    lines += ["", "Attribute inference (linear probe on the bottleneck, trained on biased data):", "",
-              "| target | probe accuracy on unbiased test | chance |", "|---|---|---|"]
-    for target, p in privacy["attribute_inference"].items():
-        lines.append(f"| {target} | {p['unbiased_test_accuracy']:.3f} | {p['chance']:.3f} |")
+    lines += probe_lines(privacy.get("attribute_inference") or {})
     audited = [u for u in metrics["unlearning"] if "audit" in u]
     if audited:
         lines += ["", "Deleted samples vs non-members (AUC; about 0.5 means the deleted samples look like "
@@ -246,6 +287,39 @@ def _privacy_lines(metrics: dict[str, Any]) -> list[str]:
             after = u["audit"]["deleted_vs_nonmembers_auc_after"]
             lines += [f"| {u['request']} | {name} | {before[name]:.3f} | {after[name]:.3f} |" for name in before]
     return lines
+
+
+def probe_lines(probes: dict[str, Any]) -> list[str]:
+    """The attribute-inference table: every probe per target (accuracy, 95% bootstrap interval), the
+    strongest named; a probe not measured says so, with why, below the table."""
+    if not probes:
+        return ["", "Attribute inference: not measured (no probe ran: the server holds no unbiased or "
+                "audit split)"]
+    names = list(next((p["probes"] for p in probes.values() if "probes" in p), {}))
+    if not names:  # a run written before the strong probes: the seed's probe only
+        lines = ["", "Attribute inference (linear probe on the bottleneck, trained on biased data):", "",
+                 "| target | probe accuracy on unbiased test | chance |", "|---|---|---|"]
+        return lines + [f"| {t} | {p['unbiased_test_accuracy']:.3f} | {p['chance']:.3f} |" for t, p in probes.items()]
+    lines = ["", "Attribute inference: probes for the private attribute on the features each head sees "
+             "(accuracy on data the probe did not train on, 95% bootstrap interval; the strongest named):", "",
+             "| target | features | " + " | ".join(names) + " | strongest | chance |",
+             "|---|---|" + "---|" * len(names) + "---|---|"]
+    missing = []
+    for target, p in probes.items():
+        cells = []
+        for name in names:
+            r = p["probes"].get(name, {})
+            if "accuracy" in r:
+                ci = f" [{r['ci_low']:.3f}, {r['ci_high']:.3f}]" if r.get("ci_low") is not None else ""
+                cells.append(f"{r['accuracy']:.3f}{ci}")
+            else:
+                cells.append("not measured")
+                missing.append(f"- {target}, {name}: not measured: {r.get('not_measured', 'no figure')}")
+        best = p.get("strongest")
+        strong = f"**{best['accuracy']:.3f}** ({best['probe']})" if best else "not measured"
+        lines.append(f"| {target} | {p.get('features', 'bottleneck')} | " + " | ".join(cells)
+                     + f" | {strong} | {p['chance']:.3f} |")
+    return lines + ([""] + sorted(set(missing)) if missing else [])
 
 
 def unlearning_methods_table(result: dict[str, Any]) -> list[str]:

@@ -28,7 +28,7 @@ import torch
 from fairforget.capacity import DeletionBudget
 from fairforget.config import ConfigError, RunConfig, resolve
 from fairforget.ledger import Ledger
-from fairforget.schemas import read_metrics
+from fairforget.schemas import metrics_to_write, read_metrics
 from fairforget.storage import atomic_torch_save, atomic_write_json, atomic_write_text, read_json, torch_load
 
 
@@ -109,7 +109,9 @@ class RunDir:
         return read_metrics(self.metrics_path)
 
     def write_metrics(self, metrics: dict[str, Any]) -> None:
-        atomic_write_json(self.metrics_path, metrics)
+        """Write ``metrics.json`` atomically, checked first against its typed record
+        (:func:`~fairforget.schemas.metrics_to_write`)."""
+        atomic_write_json(self.metrics_path, metrics_to_write(metrics, self.metrics_path))
 
     def write_status(self, mode: str, ok: bool, error: str = "", **details: Any) -> None:
         """How the last Flower run ended; ``details``: e.g. the deletions it completed and those pending."""

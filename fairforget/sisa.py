@@ -48,8 +48,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from fairforget import erasure
 from fairforget.data.base import SampleSet
-from fairforget.model import SimpleConvNet, bottleneck_dim, build_model
+from fairforget.model import DEFAULT as DEFAULT_MODEL
+from fairforget.model import SimpleConvNet, build_model, check_model, model_bottleneck
 from fairforget.objectives import Objective, ObjectiveContext, build_objective, objective_options
 from fairforget.privacy.accountant import ShardAccountant
 from fairforget.privacy.dp_sgd import DPSettings
@@ -76,6 +78,8 @@ class SisaSettings:
     dp: DPSettings | None = None  # DP-SGD for every training of the shard (fairforget/privacy/)
     objective_options: tuple[tuple[str, float], ...] = ()  # the objectives' keys (end-alpha, ...)
     plugin_options: str = ""  # objective-options: a plugin objective's own (JSON), checked by its class when built
+    model: str = DEFAULT_MODEL  # the shard model (fairforget/models/): simple-conv, scatter-linear, scatter-cnn
+    eraser: str = "none"  # fairforget.erasure: none, leace (post-hoc), leace-per-stage (also before each stage)
 
     @classmethod
     def from_config(cls, cfg: Any, num_classes: int, num_private: int = 1) -> SisaSettings:
@@ -85,7 +89,7 @@ class SisaSettings:
             num_classes=num_classes, seed=cfg.seed, num_threads=cfg.num_threads,
             device=cfg.torch_device(), objective=cfg.objective, num_private=num_private,
             dp=DPSettings.from_config(cfg), objective_options=objective_options(cfg),
-            plugin_options=cfg.objective_options,
+            plugin_options=cfg.objective_options, model=cfg.model, eraser=getattr(cfg, "eraser", "none"),
         )
 
     @property
@@ -104,8 +108,9 @@ class SisaSettings:
         return OptimizerSpec(lr=self.lr, weight_decay=self.weight_decay)
 
     def build_objective(self) -> Objective:
+        check_model(self.model, self.objective, self.dp is not None)  # one line before anything trains
         return build_objective(self.objective, ObjectiveContext(self.num_classes, self.num_private,
-                                                                bottleneck_dim(self.width),
+                                                                model_bottleneck(self.model, self.width),
                                                                 dict(self.objective_options)),
                                self.plugin_options)
 
@@ -144,7 +149,34 @@ def assign_slices(ids: list[int], num_slices: int, seed: int, shard: int) -> lis
 
 
 class SisaShard:
-    """One shard's SISA state: slices, checkpoints and the deleted ids, in ``state_dir``."""
+    """One shard's SISA state: slices, checkpoints and the deleted ids, in ``state_dir``.
+
+    An existing state folder is resumed (its stale checkpoints dropped); a new one assigns the
+    shard's samples to slices and trains nothing yet (:meth:`train_through`).
+
+    Parameters
+    ----------
+    state_dir : pathlib.Path
+        The node-local folder of the shard's ``index.json``, ``checkpoints/stage-R.pt`` and, under DP,
+        its accountant; it persists across Flower runs.
+    shard : int
+        The shard's number; a state folder of another shard (or slice count) is a :class:`SisaError`.
+    data : fairforget.data.base.SampleSet
+        The shard's samples (deleted ones may be in it: the index leaves them out).
+    settings : SisaSettings
+        Slices, epochs per slice, optimiser, model, objective, seed and DP settings.
+    slices : list of list of int, optional
+        The slices' sample ids for a new state folder; default: assigned from (seed, shard, id).
+    privacy : fairforget.training.PrivacyHook, optional
+        The DP-SGD hook of every training; default no privacy (``settings.dp`` makes one).
+    replay_seeds : dict of int to (int, int), optional
+        Verification only: stage -> the DP seeds a site recorded, to replay its training.
+
+    Raises
+    ------
+    SisaError
+        The state folder belongs to another shard or slice count.
+    """
 
     def __init__(self, state_dir: Path, shard: int, data: SampleSet, settings: SisaSettings,
                  slices: list[list[int]] | None = None, privacy: PrivacyHook = NO_PRIVACY,
@@ -156,6 +188,9 @@ class SisaShard:
         self.privacy = privacy
         self.replay_seeds = replay_seeds  # verification only: stage -> the DP seeds a site recorded
         self.index_path = self.dir / "index.json"
+        # the last checkpoint this instance wrote or read, keyed (stage, index version): a train message's
+        # reply and the next stage's start read it from memory (every checkpoint write bumps the version)
+        self._memo: tuple[tuple[int, int], dict[str, Any]] | None = None
         self._check_privacy_settings()  # before anything is read into or written to the state
         self.accountant = (ShardAccountant.load(self.dir, shard, settings.dp.accountant, settings.dp.delta)
                            if settings.dp is not None else None)
@@ -226,7 +261,8 @@ class SisaShard:
     # ------------------------------------------------------------------ training
     def _fresh(self) -> tuple[SimpleConvNet, Objective, torch.optim.Optimizer]:
         s = self.settings
-        model = build_model(s.num_classes, s.width, seed=derived_seed(s.seed, self.shard, 0), norm=s.norm).to(s.device)
+        model = build_model(s.num_classes, s.width, seed=derived_seed(s.seed, self.shard, 0), norm=s.norm,
+                            model=s.model).to(s.device)
         with torch.random.fork_rng(devices=[]):  # an objective's own parts start seeded too
             torch.manual_seed(derived_seed(s.seed, self.shard, 1) % (1 << 63))
             objective = s.build_objective().to(s.device)
@@ -242,16 +278,28 @@ class SisaShard:
         """Model, objective and optimizer after ``stage`` (0: freshly initialised)."""
         model, objective, opt = self._fresh()
         if stage > 0:
-            ckpt = torch_load(self.checkpoint_path(stage))
+            ckpt = self.checkpoint(stage)
+            erasure.prepare(model, ckpt["model"])  # a training-time eraser (leace-per-stage) is part of the model
             model.load_state_dict(ckpt["model"])
             objective.load_state_dict(ckpt.get("objective", {}))
             opt.load_state_dict(ckpt["optimizer"])  # moves the state to the parameters' device
         return model, objective, opt
 
+    def checkpoint(self, stage: int) -> dict[str, Any]:
+        """Checkpoint ``stage`` as saved (a copy the caller may change): from memory when it is the last
+        one this instance wrote or read at the index's current version, else from disk."""
+        key = (stage, int(self.index["version"]))
+        if self._memo is None or self._memo[0] != key:
+            self._memo = (key, torch_load(self.checkpoint_path(stage)))
+        return _copied(self._memo[1])
+
     def model_state(self, stage: int | None = None) -> dict[str, torch.Tensor]:
         """The model after ``stage`` (default: the last trained stage)."""
-        model = self.load_stage(self.trained if stage is None else stage)[0]
-        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        stage = self.trained if stage is None else stage
+        model = self.load_stage(stage)[0]
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        # the post-hoc eraser and the head refitted on its output, served over the model as trained
+        return served_state(self.checkpoint(stage), trained=state) if stage > 0 else state
 
     def train_stage(self, stage: int, checked: bool = False) -> dict[str, Any]:
         """Train SISA stage ``stage`` (1-based) from checkpoint ``stage - 1`` (``checked``: the DP
@@ -269,26 +317,49 @@ class SisaShard:
         ids = sorted(i for sl in self.index["slices"][:stage] for i in sl)
         data = self.data.select_ids(ids)
         seeds = [derived_seed(s.seed, self.shard, stage, e + 1) for e in range(s.epochs_per_slice)]
+        batch_size, planned = s.batch_size, s.dp.stage_plan(stage) if s.dp is not None else None
+        if planned is not None:  # the DP planner's schedule: one pass of its steps, its batch, lr and clip
+            seeds, batch_size = seeds[:1], planned.batch_size
+            for group in opt.param_groups:
+                group["lr"] = planned.lr
         privacy = self.dp_hook(stage, len(data))  # under DP: fresh secret seeds, recorded first
-        result = train(model, data, seeds=seeds, batch_size=s.batch_size, objective=objective, optimizer=opt,
+        if s.eraser == "leace-per-stage":  # training-time: the stage trains through an eraser refit on its data
+            erasure.fit_in_place(model, data, s.num_private)
+        result = train(model, data, seeds=seeds, batch_size=batch_size, objective=objective, optimizer=opt,
                        privacy=privacy)
+        overlay, unfit = erasure.post_hoc(model, data, s.num_private) if s.eraser != "none" else ({}, "")
         self.save_privacy()  # before the checkpoint: a crash may over-count the spend, never under-count it
-        atomic_torch_save(self.checkpoint_path(stage), {
+        ckpt = {
             "model": {k: v.cpu() for k, v in model.state_dict().items()},
             "objective": {k: v.cpu() for k, v in objective.state_dict().items()},
             "optimizer": _to_cpu(opt.state_dict()),
             "ids": torch.as_tensor(ids, dtype=torch.long),
-        })
+            **({"erasure": overlay} if overlay else {}),
+        }
+        atomic_torch_save(self.checkpoint_path(stage), ckpt)
+        self._memo = None
         self.index["trained"] = stage
         self.index["stage_seconds"][stage - 1] = result.seconds
         self.index["version"] += 1
         self._save_index()
+        self._memo = ((stage, int(self.index["version"])), _copied(ckpt))  # what the disk now holds
         return {"stage": stage, "loss": result.loss, "seconds": result.seconds, "num_examples": len(data),
-                "privacy": result.privacy}
+                "privacy": result.privacy, **({"eraser_not_fitted": unfit} if unfit else {})}
 
     def train_through(self, last_stage: int | None = None) -> float:
         """Train every stage not yet trained up to ``last_stage`` (default R); returns seconds. Under DP
-        the whole plan is checked against the shard's epsilon cap before the first stage trains."""
+        the whole plan is checked against the shard's epsilon cap before the first stage trains.
+
+        Parameters
+        ----------
+        last_stage : int, optional
+            The last stage to train (1..R); default R, every slice.
+
+        Returns
+        -------
+        float
+            The training compute of the stages trained, seconds.
+        """
         target = self.settings.slices if last_stage is None else last_stage
         stages = list(range(self.trained + 1, target + 1))
         self.check_privacy(self.planned(stages), f"training stages {stages[0]}-{stages[-1]}" if stages else "")
@@ -330,7 +401,7 @@ class SisaShard:
             record["approximate"] = []  # a SISA stage trains: no approximate model is served any more
         record["shard"] = self.shard
         write_private_json(self.dir / DP_SEEDS_FILE, record)  # before the training: never an unrecorded one
-        return dp.hook(sample_seed, noise_seed, self.accountant)
+        return dp.hook(sample_seed, noise_seed, self.accountant, stage=dp.stage_plan(stage))
 
     def recorded_seeds(self) -> dict[int, tuple[int, int]]:
         """stage -> (sample seed, noise seed) of the trainings that made the current checkpoints."""
@@ -384,7 +455,7 @@ class SisaShard:
             return []
         slices = self.index["slices"] if slices is None else slices
         return [e for st in stages for e in s.dp.planned(sum(len(sl) for sl in slices[:st]), s.batch_size,
-                                                         s.epochs_per_slice)]
+                                                         s.epochs_per_slice, stage=st)]
 
     def planned_removal(self, ids: list[int], target: int) -> list[Entry]:
         """What retraining after removing ``ids`` (through stage ``target``) would add."""
@@ -424,7 +495,20 @@ class SisaShard:
         stage (the one retraining starts from). The index is committed first, atomically, with the
         stage a retrain must reach (``retrain_to``; None: no retrain, an approximate unlearner serves
         the shard), so a crash afterwards leaves the deletion in force, the stale checkpoints are
-        removed on next load and the retrain is finished by :meth:`resume`."""
+        removed on next load and the retrain is finished by :meth:`resume`.
+
+        Parameters
+        ----------
+        ids : list of int
+            Live sample ids of this shard (an unknown or already deleted id is a :class:`SisaError`).
+        retrain_to : int, optional
+            The stage a retrain must reach afterwards; None: no retrain.
+
+        Returns
+        -------
+        int
+            The last clean stage (0: retraining starts from initialisation).
+        """
         self.check_ids(ids)
         first_slice = min(self.slice_of(i) for i in ids)
         clean_stage = min(first_slice, self.trained)
@@ -466,6 +550,26 @@ class SisaShard:
 
     def model_hash(self) -> str:
         return state_hash(self.model_state())
+
+
+def _copied(obj: Any) -> Any:
+    """A copy of a checkpoint (dicts, lists, tuples of tensors and plain values) sharing no tensor."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _copied(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_copied(v) for v in obj)
+    return obj
+
+
+def served_state(ckpt: dict[str, Any], trained: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The model a stage checkpoint serves: the model as trained (``trained``, default ``ckpt["model"]``)
+    with the post-hoc eraser and the head refitted on its output (``ckpt["erasure"]``,
+    :mod:`fairforget.erasure`) over it, when there is one."""
+    model = ckpt["model"] if trained is None else trained
+    overlay = ckpt.get("erasure")
+    return {**erasure.without_eraser(model), **overlay} if overlay else dict(model)
 
 
 def _to_cpu(obj: Any) -> Any:

@@ -23,9 +23,10 @@ import shutil
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch is imported where a tensor is saved, loaded or hashed (a command's start-up needs none)
+    import torch
 
 
 def fsync_dir(path: Path) -> None:
@@ -222,6 +223,8 @@ def atomic_write_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
 
 
 def atomic_torch_save(path: Path, obj: Any) -> None:
+    import torch
+
     buf = io.BytesIO()
     torch.save(obj, buf)
     atomic_write_bytes(path, buf.getvalue())
@@ -229,6 +232,8 @@ def atomic_torch_save(path: Path, obj: Any) -> None:
 
 def torch_load(path: Path) -> Any:
     """Load a checkpoint written by :func:`atomic_torch_save` (tensors and plain types only)."""
+    import torch
+
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
@@ -269,6 +274,8 @@ def read_jsonl(path: Path, *, allow_torn_tail: bool = False) -> list[dict[str, A
 
 def state_hash(state: Mapping[str, torch.Tensor]) -> str:
     """SHA-256 over a state dict's names, dtypes, shapes and bytes, in key order (16 hex chars)."""
+    import torch
+
     h = hashlib.sha256()
     for name in sorted(state):
         t = state[name].detach().cpu().contiguous()

@@ -29,6 +29,11 @@ deletion that crashed part-way, which the node finishes before anything else
 (:meth:`clients.node.Node.resume`). The file is append-only (:func:`durable_append_lines`: whole
 lines, fsynced before :meth:`Tombstones.add` returns, a failed write a one-line error with nothing
 half appended), so a deletion is acknowledged only once its tombstone is durable.
+
+Lines are read and written through their typed record,
+:class:`fairforget.schemas.tombstones.TombstoneLine` (JSON Schema:
+``fairforget/schemas/tombstone-line.schema.json``); a line that matches no version of it is a
+one-line :class:`TombstoneError` naming the file and line.
 """
 
 from __future__ import annotations
@@ -41,10 +46,16 @@ from pathlib import Path
 from typing import Any
 
 from fairforget.locks import locked
-from fairforget.storage import durable_append_lines, read_jsonl
+from fairforget.schemas.base import SchemaError, read_numbered
+from fairforget.schemas.tombstones import TombstoneLine, new_line, parse_line
+from fairforget.storage import durable_append_lines
 
 RUN_FILE = "tombstones.jsonl"
 SITE_FILE = ".fairforget-tombstones.jsonl"
+
+
+class TombstoneError(ValueError):
+    """A tombstone line that names no deletion this version can read; the message is one line."""
 
 
 def legacy_sample_id(record_id: str) -> int:
@@ -84,17 +95,29 @@ class Tombstones:
             return cls(Path(cfg.data_root).expanduser() / SITE_FILE, records, also)
         return cls(Path(run_dir if run_dir is not None else cfg.out_dir) / RUN_FILE, records)
 
+    def lines(self) -> list[TombstoneLine]:
+        """Every whole line of the files as a typed, migrated record (a torn last line, a crash
+        mid-append, names nothing yet); a line of no known shape is a one-line :class:`TombstoneError`."""
+        out = []
+        for p in [*self.also, self.path]:
+            try:
+                out += [parse_line(row, f"{p} line {n}") for n, row in read_numbered(p, TombstoneError,
+                                                                                     allow_torn_tail=True)]
+            except SchemaError as exc:
+                raise TombstoneError(str(exc)) from None
+        return out
+
     def rows(self) -> list[dict[str, Any]]:
-        """Every whole line of the files (a torn last line, a crash mid-append, names nothing yet)."""
-        return [r for p in [*self.also, self.path] for r in read_jsonl(p, allow_torn_tail=True)]
+        """Every whole line of the files, as written."""
+        return [line.to_json() for line in self.lines()]
 
     def ids(self) -> set[int]:
         """The sample ids of every tombstoned record: the ids the lines name, and the current sample id
         of each record of the data whose record id a line names (or whose older, unkeyed id it names)."""
-        rows = self.rows()
-        ids = {int(r["id"]) for r in rows if "id" in r}
-        names = {str(r["record"]) for r in rows if r.get("record") is not None}
-        old = {int(r["id"]) for r in rows if "id" in r and r.get("record") is None}  # lines without a record
+        rows = self.lines()
+        ids = {r.id for r in rows if r.id is not None}
+        names = {r.record for r in rows if r.record is not None}
+        old = {r.id for r in rows if r.id is not None and r.legacy}  # lines without a record
         if self.records and rows:
             ids |= {sid for sid, rec in self.records.items()
                     if rec in names or (old and legacy_sample_id(rec) in old)}
@@ -111,8 +134,7 @@ class Tombstones:
             have = self.ids()
             new = [i for i in ids if i not in have]
             stamp = datetime.now(UTC).isoformat(timespec="seconds")
-            durable_append_lines(self.path, [json.dumps({"id": i, **({"record": self.records[i]} if i in self.records
-                                                                      else {}), "request": request, "time": stamp})
+            durable_append_lines(self.path, [json.dumps(new_line(i, self.records.get(i), request, stamp))
                                              for i in new])
         return new
 

@@ -41,7 +41,19 @@ from fairforget.data.base import SampleSet
 # ---------------------------------------------------------------------- batches
 @dataclass
 class Batch:
-    """One minibatch on the model's device: images, labels, private (bias) labels, sample ids."""
+    """One minibatch on the model's device: images, labels, private (bias) labels, sample ids.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        (B, C, H, W) images.
+    y : torch.Tensor
+        (B,) class labels.
+    private : torch.Tensor
+        (B,) private (bias) attribute values.
+    ids : torch.Tensor
+        (B,) sample ids.
+    """
 
     x: torch.Tensor
     y: torch.Tensor

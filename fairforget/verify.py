@@ -54,7 +54,7 @@ from fairforget import __version__
 from fairforget.data import load_dataset, shard_of
 from fairforget.data.base import SYNTHETIC_ID_BASE, SampleSet, make_sampleset
 from fairforget.ledger import REFUSED, Ledger
-from fairforget.sisa import SisaError, SisaSettings, SisaShard, assign_slices, derived_seed, read_dp_seeds
+from fairforget.sisa import SisaError, SisaSettings, SisaShard, assign_slices, derived_seed, read_dp_seeds, served_state
 from fairforget.storage import atomic_write_json, read_json, state_hash, torch_load
 from fairforget.tombstones import Tombstones
 from fairforget.unlearning.approximate import APPROX_FILE
@@ -159,7 +159,7 @@ def read_site(state: Path, cfg: Any, originals: SampleSet) -> NodeState:
     else:
         ckpt = state / "checkpoints" / f"stage-{index['trained']}.pt"
         try:
-            served_hash = state_hash(torch_load(ckpt)["model"])
+            served_hash = state_hash(served_state(torch_load(ckpt)))  # with its eraser (fairforget.erasure)
         except FileNotFoundError:
             raise VerifyError(f"{ckpt} is missing: shard {shard} has no model for its trained stage "
                               f"{index['trained']}") from None

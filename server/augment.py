@@ -120,7 +120,7 @@ def _row(name: str, evaluation: dict[str, Any], shard_steps: dict[int, Any] | No
 def _shard_summary(rep: dict[str, Any]) -> dict[str, Any]:
     keep = ("kl_before", "kl_after", "kl_after_judged", "generated", "num_originals", "num_synthetic",
             "generator_version", "generator_trained", "generator_seconds", "sampling_seconds", "retrain_seconds",
-            "restart_stage", "seconds", "quality", "filter")
+            "restart_stage", "seconds", "quality", "filter", "retire_order")
     return {k: rep[k] for k in keep if k in rep}
 
 

@@ -40,6 +40,8 @@ USER_ERRORS = {
     "fairforget.config": "ConfigError", "fairforget.data": "DatasetError", "fairforget.run": "RunDirError",
     "fairforget.audit": "AuditError", "fairforget.ledger": "LedgerError", "fairforget.locks": "LockBusy",
     "fairforget.requests": "RequestError", "fairforget.schemas": "SchemaVersionError",
+    "fairforget.privacy.divergence": "DivergenceError", "fairforget.lsi": "LsiError",
+    "fairforget.tombstones": "TombstoneError",
 }
 
 
@@ -91,9 +93,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     bundle = preflight(cfg)
     calibration = None
     if cfg.dp and strategy_class(cfg.strategy).dp_mechanism == "dp-sgd":  # the sites' noise, chosen before the run
-        calibration = calibrate(cfg, [len(s) for s in shard_of(cfg, bundle)], compare=cfg.dp_calibrate != "none")
+        calibration = calibrate(cfg, [len(s) for s in shard_of(cfg, bundle)], compare=cfg.dp_calibrate != "none",
+                                candidates=cfg.dp_calibrate != "none")
         _print_calibration(calibration)
-        cfg = cfg.replace(dp_noise_multiplier=calibration["chosen"]["noise_multiplier"], dp_calibrate="none")
+        cfg = cfg.replace(dp_noise_multiplier=calibration["chosen"]["noise_multiplier"], dp_calibrate="none",
+                          dp_plan=calibration["plan"]["dp_plan"] if "plan" in calibration else cfg.dp_plan)
     if replace:
         _replace_run(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -174,12 +178,35 @@ def _print_calibration(c: dict) -> None:
     print(f"fairforget: DP-SGD noise for the smallest shard ({c['smallest_shard']} samples, stages "
           f"{c['stage_sizes']}), delta {t['delta']:g}; dp-calibrate = {c['mode']}:")
     print(line("used by this run", c["chosen"]))
+    if "plan" in c:  # the DP-aware schedule (fairforget/privacy/planner.py)
+        p = c["plan"]
+        print(f"  planned schedule ({p['model']}; room for {p['retrains']} full retrains within dp-max-epsilon "
+              f"{p['max_epsilon']:g}: epsilon {p['epsilon_with_retrains']:.3f} with them): " + "; ".join(
+                  f"stage {i} ({st['samples']} samples): {st['steps']} steps, batch {st['batch_size']} (q "
+                  f"{st['sample_rate']:.2f}), lr {st['lr']:g}, clip {st['max_grad_norm']:g}"
+                  for i, st in enumerate(p["stages"], 1)))
     print(line(f"attack risk: TPR <= {t['tpr']:g} at {fpr:g} FPR (mu-GDP)", c["attack_risk"]))
     if "epsilon_first" in c:
         via = c["attack_risk_via_epsilon"]
         print(line(f"same risk, epsilon-first (epsilon = {via['target_epsilon']:.2f})", via))
         for eps, f in c["epsilon_first"].items():
             print(line(f"epsilon-first, epsilon = {eps}", f))
+    if "candidates" in c:
+        _print_candidates(c["candidates"])
+
+
+def _print_candidates(k: dict) -> None:
+    """The settings that meet the same target, with their Delta-divergence to the least vulnerable one."""
+    if k.get("error"):
+        print(f"settings meeting the same target: no Delta-divergence ({k['error']})")
+        return
+    print(f"settings meeting the same target ({k['target']}), by the worst-case excess vulnerability Delta over "
+          f"the least vulnerable one ({k['method']}):")
+    for name, r in k["settings"].items():
+        tag = " (this run's)" if r["chosen"] else ""
+        tag += " least vulnerable" if name == k["least_vulnerable"] else ""
+        print(f"  {name + tag:<58} sigma {r['noise_multiplier']:6.3f}  epsilon {r['epsilon']:7.3f}  "
+              f"mu {r['mu']:6.3f}  steps {r['steps']:5d}  Delta {r['delta_excess']:.4f}")
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
@@ -191,9 +218,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         sizes = [args.shard_size]
     else:
         sizes = [len(s) for s in shard_of(cfg, load_dataset(cfg))]
-    c = calibrate(cfg, sizes)
+    c = calibrate(cfg, sizes, candidates=True)
     _print_calibration(c)
     print(f"dp-noise-multiplier = {c['chosen']['noise_multiplier']:.4f}")
+    if "plan" in c:  # what a ServerApp run (not `fairforget simulate`, which plans itself) is given
+        print(f"dp-plan = '{c['plan']['dp_plan']}'")
     return 0
 
 
@@ -205,6 +234,7 @@ def preflight(cfg: RunConfig):
     from fairforget.unlearning import get_unlearner
     from strategies import build_strategy, strategy_class
 
+    cfg.check_simulation_resources()  # client-cpus / client-gpus this machine can give (else Ray waits forever)
     bundle = load_dataset(cfg)  # fail on a bad data root before starting Flower
     shard_of(cfg, bundle)
     build_strategy(cfg, bundle.num_classes)
@@ -212,6 +242,9 @@ def preflight(cfg: RunConfig):
     # every ServerApp route runs too, and at the site by its DP-SGD training)
     SisaSettings.from_config(cfg, bundle.num_classes, bundle.num_private).build_objective()
     get_unlearner(cfg.unlearn_method)
+    if cfg.model != "simple-conv" and not strategy_class(cfg.strategy).keeps_shard_models:
+        raise UserError(f"config key 'model' = {cfg.model!r}: only a strategy that trains shard models (SISA) "
+                        f"builds the model by name; strategy {cfg.strategy!r} averages SimpleConvNet")
     if cfg.audit:
         check_audit_config(cfg, bundle)
     if cfg.dp and cfg.dp_calibrate != "none" and strategy_class(cfg.strategy).dp_mechanism != "dp-sgd":
@@ -268,6 +301,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
     pending = run.ledger.pending()  # validates the ledger (a torn last line is an unfinished intent)
     sets = _request_options(args)
     cfg = resolve(run.config().to_mapping(), sets).replace(out_dir=str(run.path))
+    cfg.check_simulation_resources()  # a run moved to a machine with fewer cores or no GPU
     get_unlearner(cfg.unlearn_method)
     if not strategy_class(cfg.strategy).exact_unlearning:
         raise UserError(f"run {run.path}: {refusal(strategy_class(cfg.strategy), cfg.strategy)}")
@@ -481,8 +515,9 @@ def _audit(run: RunDir, cfg: RunConfig) -> int:
     for target, attacks in privacy["targets"].items():
         print(f"{target}: " + ", ".join(f"{n} AUC {r['auc']:.3f} TPR@1%FPR {r['tpr_at_0.01_fpr']:.3f}"
                                          for n, r in attacks.items()))
+    from fairforget.audit.probe import describe
     for target, p in privacy["attribute_inference"].items():
-        print(f"{target}: private-attribute probe {p['unbiased_test_accuracy']:.3f} (chance {p['chance']:.3f})")
+        print(f"{target}: {describe(p)}")
     print(f"audit took {privacy['seconds']:.1f}s; report: {run.path / 'report.md'}")
     if _print_violations(privacy):
         print("fairforget: error: an attack proves more than the differential-privacy claim allows (Clopper-Pearson "
@@ -609,6 +644,52 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------- inspect
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Laplace Sample Information of a shard's records, at its site (:mod:`fairforget.lsi`)."""
+    from fairforget.run import RunDir
+
+    if args.state_dir:
+        if args.shard is not None:
+            raise UserError("--shard goes with --run; with --state-dir the shard is the state folder's")
+        if not args.data_root:
+            raise UserError("inspect --state-dir needs --data-root ROOT: the site's own data (its image folder)")
+        if args.run and (args.config or args.set):
+            raise UserError("give the run config once: --run DIR (its config.toml) or --config / --set")
+        cfg = RunDir(Path(args.run).expanduser().resolve()).config() if args.run else _config(args)
+        state = Path(args.state_dir).expanduser().resolve()
+        if not state.is_dir():
+            raise UserError(f"--state-dir {state} is not a folder")
+        cfg = cfg.replace(data_root=str(Path(args.data_root).expanduser().resolve()))
+        from fairforget.lsi import inspect_site
+
+        with locked(state, "inspect"):
+            summaries = [inspect_site(state, cfg, args.prior_precision)]
+    else:
+        if not args.run:
+            raise UserError("inspect needs --run DIR (a simulation's run folder) or --state-dir STATE (a site's shard)")
+        if args.data_root or args.config or args.set:
+            raise UserError("--data-root, --config and --set go with --state-dir (a site's inspection)")
+        run = RunDir(Path(args.run).expanduser().resolve())
+        run.require_finished()
+        cfg = run.config()
+        if args.shard is not None and not 0 <= args.shard < cfg.num_shards:
+            raise UserError(f"no shard {args.shard}: the run has shards 0-{cfg.num_shards - 1}")
+        shards = list(range(cfg.num_shards)) if args.shard is None else [args.shard]
+        from fairforget.lsi import inspect_run
+
+        with locked(run.path, "inspect"):
+            summaries = inspect_run(run.path, cfg, shards, args.prior_precision)
+    for s in summaries:
+        folder = Path(s["folder"]) / "lsi"
+        classes = ", ".join(f"{c}: {v['mean']:.3g}" for c, v in s["classes"].items())
+        print(f"shard {s['shard']}: {s['records']} records, LSI median {s['median']:.3g} nats, mean {s['mean']:.3g}, "
+              f"top decile from {s['deciles'][-1]:.3g}; class means {classes}")
+        print(f"  per record (stays at the site): {folder / 'records.csv'}; summary (shareable, no ids): "
+              f"{folder / 'summary.json'}")
+    return 0
+
+
 # ---------------------------------------------------------------------- parser
 class Parser(argparse.ArgumentParser):
     """argparse whose syntax errors are the command's one-line :class:`UserError` (not a usage block
@@ -704,8 +785,8 @@ def build_parser() -> argparse.ArgumentParser:
     au = sub.add_parser(
         "audit", help="run the privacy audit on a finished run",
         description="Membership inference (LOSS, confidence, entropy, LiRA, RMIA) against the ensemble "
-                    "and every shard model, and an attribute-inference probe; updates metrics.json and "
-                    "report.md. Offline reference models are cached in DIR/audit/.",
+                    "and every shard model, and the attribute-inference probes (the strongest named); updates "
+                    "metrics.json and report.md. Offline reference models are cached in DIR/audit/.",
     )
     au.add_argument("--run", metavar="DIR", required=True, help="the folder of a finished `simulate` run")
     au.add_argument("--set", metavar="KEY=VALUE", action="append",
@@ -740,12 +821,32 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(ve)
     ve.set_defaults(func=cmd_verify)
 
+    ins = sub.add_parser(
+        "inspect", help="at a site: how informative each record is to its shard model (Laplace Sample Information)",
+        description="Score every live record of a shard by Laplace Sample Information: the KL divergence between "
+                    "the Laplace posterior of the shard model's last layer with and without the record (large: "
+                    "mislabeled or atypical; small: redundant). Writes, in the shard's own folder, lsi/records.csv "
+                    "(the site's record ids: it stays at the site) and lsi/summary.json (histogram, deciles, "
+                    "class-wise figures: no ids, shareable). At a site: `inspect --state-dir STATE --data-root "
+                    "ROOT --config RUN.toml`; in a simulation: `inspect --run DIR` (each OUT/nodes/shard-K).",
+    )
+    ins.add_argument("--run", metavar="DIR",
+                     help="a finished simulation (with --state-dir: only its config.toml is read)")
+    ins.add_argument("--shard", type=int, metavar="K", help="with --run: only shard K (default: every shard)")
+    ins.add_argument("--state-dir", metavar="STATE", help="at a site: the shard's state folder (node-config state-dir)")
+    ins.add_argument("--data-root", metavar="ROOT", help="with --state-dir: the site's data (node-config data-root)")
+    ins.add_argument("--prior-precision", type=float, metavar="LAMBDA",
+                     help="the last-layer prior precision (default: chosen by the marginal likelihood)")
+    _add_config_args(ins)
+    ins.set_defaults(func=cmd_inspect)
+
     co = sub.add_parser(
         "compare", help="one table and one plot across finished runs",
         description="Read each run folder's config.toml and metrics.json and write OUT.md (a table: objective, "
                     "rho, strategy, augmentation, biased and unbiased accuracy, worst (class, private) group, the "
-                    "private-attribute probe's accuracy, the strongest membership attack's AUC, seconds) and OUT.png "
-                    "(probe accuracy against unbiased accuracy, and the figures per run).",
+                    "strongest private-attribute probe's accuracy, named, and the seed's probe, the strongest "
+                    "membership attack's AUC, seconds) and OUT.png (strongest probe against unbiased accuracy, "
+                    "and the figures per run).",
     )
     co.add_argument("runs", nargs="+", metavar="RUN_DIR", help="folders of finished runs")
     co.add_argument("--out", metavar="OUT", default="runs/compare",

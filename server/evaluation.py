@@ -7,7 +7,9 @@ only. On the server the ensemble predicts as the strategy's predictor combines i
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,20 +22,24 @@ from fairforget.data import DataBundle
 from fairforget.ensemble import Predictor
 from fairforget.metrics import accuracy_report
 from fairforget.records import pack_shards
+from fairforget.storage import atomic_torch_save, state_hash, torch_load
 from strategies import build_strategy, strategy_class
 
 
 def evaluate_states(states: dict[int, dict[str, torch.Tensor]], bundle: DataBundle, cfg: RunConfig,
-                    predictor: Predictor | None = None) -> dict[str, Any]:
+                    predictor: Predictor | None = None, cache: Path | None = None) -> dict[str, Any]:
     """Accuracy, per-group accuracy and worst group of the ensemble on both test sets, and each
     constituent's own accuracy on the unbiased test set. The ensemble predicts as ``predictor`` (the
-    strategy's; none given: the one the run's strategy declares) combines its constituents."""
+    strategy's; none given: the one the run's strategy declares) combines its constituents.
+    ``cache``: a file of each constituent's outputs on the test sets, keyed by its model hash and the
+    images, so a later evaluation (a deletion's) scores only the models that changed."""
     if predictor is None:
         predictor = build_strategy(cfg, bundle.num_classes).predictor()
     ensemble = predictor(states, bundle.num_classes, cfg.model_width)
+    memo = _ProbsCache(cache, ensemble, states) if cache is not None else None
     out: dict[str, Any] = {}
     for name, data in (("biased", bundle.test_biased), ("unbiased", bundle.test_unbiased)):
-        member = ensemble.member_probs(data.x)
+        member = memo.member_probs(data.x) if memo is not None else ensemble.member_probs(data.x)
         pred = ensemble.combine(member).argmax(-1)  # the predictor's rule, one forward pass per model
         out[name] = accuracy_report(pred, data, bundle.num_classes, bundle.num_private)
         out[name]["per_model_accuracy"] = {
@@ -42,22 +48,75 @@ def evaluate_states(states: dict[int, dict[str, torch.Tensor]], bundle: DataBund
     return out
 
 
+EVAL_CACHE = "eval-cache.pt"  # in the run folder: each model's test-set outputs (see _ProbsCache)
+
+
+class _ProbsCache:
+    """Each constituent's softmax outputs on a set of images, kept in a file across commands and keyed
+    by (model hash, images' hash): an unchanged model is not scored again. Written atomically, pruned
+    to the models scored last; an unreadable file is ignored (the outputs are computed again)."""
+
+    def __init__(self, path: Path, ensemble: Any, states: dict[int, dict[str, torch.Tensor]]) -> None:
+        self.path, self.ensemble = Path(path), ensemble
+        models = getattr(ensemble, "models", None)
+        self.hashes = ({k: state_hash(states[k]) for k in models} if isinstance(models, dict)
+                       and set(models) <= set(states) else None)
+        try:
+            self.saved = torch_load(self.path) if self.path.exists() and self.hashes is not None else {}
+        except Exception:  # noqa: BLE001 - a cache: a torn or foreign file is recomputed, never trusted
+            self.saved = {}
+        self.kept: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def member_probs(self, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+        """As :meth:`fairforget.ensemble.Ensemble.member_probs`, from the file where it holds them."""
+        if self.hashes is None:
+            return self.ensemble.member_probs(x, batch_size)
+        images = hashlib.sha256(x.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+        out = []
+        for k, model in self.ensemble.models.items():
+            key = f"{self.hashes[k]}:{images}"
+            probs = self.saved.get(key)
+            if not isinstance(probs, torch.Tensor) or probs.shape[0] != len(x):
+                probs = torch.cat([model(x[i: i + batch_size]).softmax(-1) for i in range(0, len(x), batch_size)])
+            self.kept[key] = probs
+            out.append(probs)
+        if set(self.kept) - set(self.saved):
+            atomic_torch_save(self.path, self.kept)
+        return torch.stack(out)
+
+
 class RoundEvaluator:
     """``evaluate_fn`` for Flower's ``Strategy.start``: evaluates after each round, keeps the history.
 
     Rounds are evaluated on a fixed random subset of at most ``ROUND_SAMPLES`` unbiased test samples
-    (the final evaluation uses all of them), so the curve costs little next to training."""
+    and the biased test set (the final evaluation uses all of both), so the curve costs little next to
+    training. Every constituent scores every image, so a round costs S x images forward passes: past
+    ``ROUND_FORWARDS`` (what 4 shards on the embedded data's sets cost) both sets shrink to fixed random
+    subsets of the same share, at least ``MIN_ROUND_SAMPLES`` images each, so the curve's cost stays
+    flat as the number of clients grows (issue 27: at 16 shards it cost more than the training)."""
 
     ROUND_SAMPLES = 1000
+    ROUND_FORWARDS = 4 * (1000 + 359)
+    MIN_ROUND_SAMPLES = 32
 
     def __init__(self, strategy: Any, bundle: DataBundle, cfg: RunConfig) -> None:
         self.strategy, self.cfg = strategy, cfg
-        unbiased = bundle.test_unbiased
+        unbiased, biased = bundle.test_unbiased, bundle.test_biased
         if len(unbiased) > self.ROUND_SAMPLES:
             pick = np.sort(np.random.default_rng(cfg.seed).permutation(len(unbiased))[: self.ROUND_SAMPLES])
             unbiased = unbiased.subset(pick)
-        self.bundle = dataclasses.replace(bundle, test_unbiased=unbiased)
+        share = self.ROUND_FORWARDS / (max(1, cfg.num_shards) * max(1, len(unbiased) + len(biased)))
+        if share < 1:
+            rng = np.random.default_rng([cfg.seed, 27])
+            unbiased, biased = (data.subset(np.sort(rng.permutation(len(data))[:self.round_size(len(data), share)]))
+                                for data in (unbiased, biased))
+        self.bundle = dataclasses.replace(bundle, test_unbiased=unbiased, test_biased=biased)
         self.history: list[dict[str, Any]] = []
+
+    def round_size(self, n: int, share: float) -> int:
+        """Images of an ``n``-image test set a round scores at ``share`` of the full cost."""
+        return min(n, max(self.MIN_ROUND_SAMPLES, round(n * share)))
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if len(arrays) == 0:

@@ -6,7 +6,6 @@ per round for the shard ensemble), save the constituent models, then the figures
 
 from __future__ import annotations
 
-import json
 import time
 from logging import INFO
 from typing import Any
@@ -24,11 +23,11 @@ from fairforget.privacy.gdp import tpr_bound
 from fairforget.privacy.reporting import dp_block
 from fairforget.report import write_report
 from fairforget.run import RunDir
-from fairforget.schemas import METRICS_SCHEMA_VERSION
+from fairforget.schemas import METRICS_SCHEMA_VERSION, payloads
 from fairforget.tombstones import Tombstones
 from server.audit import federated_audit
 from server.augment import run_augmentation
-from server.evaluation import RoundEvaluator, evaluate_at_sites, evaluate_states
+from server.evaluation import EVAL_CACHE, RoundEvaluator, evaluate_at_sites, evaluate_states
 from server.grid import SiteGrid, site_grid
 from strategies import build_strategy, check_config, strategy_class
 
@@ -62,7 +61,8 @@ def run_training(grid: Grid, cfg: RunConfig) -> None:
 
     states = strategy.ensemble_states(result.arrays)
     run.save_models(states)
-    evaluation = evaluate_states(states, bundle, cfg, strategy.predictor())
+    # each model's test outputs kept in the run folder: a later deletion scores only the shards it retrained
+    evaluation = evaluate_states(states, bundle, cfg, strategy.predictor(), cache=run.path / EVAL_CACHE)
     augmentation = None
     if cfg.augment:  # diffusion augmentation, then step-wise unlearning of the originals
         augmentation, states, evaluation = run_augmentation(grid, cfg, strategy, bundle, run, states, evaluation)
@@ -152,8 +152,8 @@ def dp_metrics(cfg: RunConfig, strategy: Any, calibration: dict[str, Any] | None
                   "note": "record level: 2 x the user-level mu (a record's membership substitutes its client's data)"}
         return {**spent, "ensemble": record, "shards": {}, "calibration": calibration}
     shards = {int(k): v for k, v in ((previous or {}).get("shards") or {}).items()}
-    shards.update({k: json.loads(str(r[keys.DP_JSON])) for k, r in strategy.shard_reports.items()
-                   if keys.DP_JSON in r})
+    shards.update({k: payloads.decode(payloads.DpSpend, r[keys.DP_JSON]).to_json()
+                   for k, r in strategy.shard_reports.items() if keys.DP_JSON in r})
     return dp_block(cfg, shards, calibration)
 
 

@@ -24,7 +24,6 @@ pending and the run's status names it; the shards that succeeded are stored rega
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -44,10 +43,11 @@ from fairforget.data import load_dataset
 from fairforget.report import write_report
 from fairforget.requests import Request
 from fairforget.run import RunDir
+from fairforget.schemas import payloads
 from fairforget.storage import state_hash
 from fairforget.tombstones import Tombstones
 from server.audit import federated_audit
-from server.evaluation import evaluate_at_sites, evaluate_states
+from server.evaluation import EVAL_CACHE, evaluate_at_sites, evaluate_states
 from server.experiment import dp_metrics, evaluation_summary
 from server.grid import site_grid
 from strategies import build_strategy, refusal
@@ -233,7 +233,8 @@ def nodes_table(replies: list[Message]) -> tuple[dict[int, int], dict[int, int],
             raise ForgetError(f"node {reply.metadata.src_node_id} failed: {reply.error.reason}")
     shard_of = {r.metadata.src_node_id: int(r.content[keys.METRICS][keys.SHARD]) for r in replies}
     sizes = {shard_of[r.metadata.src_node_id]: int(r.content[keys.METRICS][keys.NUM_EXAMPLES]) for r in replies}
-    spent = {shard_of[r.metadata.src_node_id]: json.loads(str(r.content[keys.CONFIG][keys.DP_JSON]))["epsilon"]
+    spent = {shard_of[r.metadata.src_node_id]:
+             payloads.decode(payloads.DpSpend, r.content[keys.CONFIG][keys.DP_JSON]).epsilon
              for r in replies if keys.DP_JSON in r.content[keys.CONFIG]}  # DP-SGD: each shard's epsilon
     return shard_of, sizes, spent
 
@@ -328,7 +329,8 @@ def _record_figures(run: RunDir, cfg: RunConfig, bundle: Any, grid: Any, strateg
     if not rows:
         return metrics
     states = run.load_models()
-    evaluation = (evaluate_states(states, bundle, cfg, strategy.predictor()) if bundle is not None
+    evaluation = (evaluate_states(states, bundle, cfg, strategy.predictor(), cache=cfg.out_path / EVAL_CACHE)
+                  if bundle is not None
                   else evaluate_at_sites(grid, cfg, strategy, states))
     wall = max(float(e.get("request_wall_seconds", e.get("wall_seconds", 0.0))) for e in rows.values())
     return updated_metrics(metrics, request_no, rows, strategy.shard_reports, evaluation, wall)

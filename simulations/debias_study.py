@@ -1,8 +1,12 @@
 """Debiasing study (issue 12; Barbano et al., ICCVW 2021, on Biased-Digits): vanilla, the four
 debiasing objectives, diffusion augmentation, and augmentation + an objective, at several rho,
 through Flower's simulation engine. Reports unbiased accuracy, worst (class, colour) group, the
-private-attribute probe's accuracy (the audit's linear probe on the ensemble's bottleneck; chance
-0.10), the strongest membership attack's AUC and seconds.
+private-attribute probes' accuracy (the strongest of the audit's three, named, and the seed's linear
+probe, on the ensemble's bottleneck; chance 0.10), the strongest membership attack's AUC and seconds.
+A method may add an eraser (issue 25): ``leace``, ``end+leace``, ``end+leace-per-stage`` (the run-config
+key ``eraser``); a study with one writes ``docs/results/debias-erasure.md`` (rows not run are listed):
+
+    python simulations/debias_study.py --quick --rhos 0.99,0.95,0.9 --methods vanilla,leace,end+leace
 
     python simulations/debias_study.py                                 # everything (hours on 2 CPU cores)
     python simulations/debias_study.py --quick --methods vanilla,end --rhos 0.99,0.999
@@ -35,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fairforget.compare import markdown, plot_by, plot_tradeoff, read_run, rows_as_dicts, write_rows  # noqa: E402
-from fairforget.config import ConfigError, parse_set, resolve  # noqa: E402
+from fairforget.config import ERASERS, ConfigError, parse_set, resolve  # noqa: E402
 from fairforget.data import load_dataset, shard_of  # noqa: E402
 from fairforget.objectives import REGISTRY as OBJECTIVES  # noqa: E402
 from fairforget.storage import atomic_write_bytes, atomic_write_json, atomic_write_text  # noqa: E402
@@ -61,7 +65,16 @@ def load_preset(path: Path) -> dict[str, str]:
 
 def method_sets(method: str, augment_keys: dict[str, str] | None = None) -> dict[str, object]:
     """Run-config keys of one method: ``vanilla``, an objective name, ``augment`` or ``augment+NAME``
-    (the augmented ones with ``augment_keys``, the keys of the augmentation preset)."""
+    (the augmented ones with ``augment_keys``, the keys of the augmentation preset), each optionally
+    with an eraser (``+leace``, ``+leace-per-stage``: the ``eraser`` key); ``leace`` alone is vanilla
+    training with the post-hoc eraser."""
+    parts = method.split("+")
+    erasers = [p for p in parts if p in ERASERS and p != "none"]
+    if len(erasers) > 1:
+        raise ConfigError(f"--methods: {method!r} names two erasers")
+    if erasers:
+        rest = "+".join(p for p in parts if p != erasers[0]) or "vanilla"
+        return {**method_sets(rest, augment_keys), "eraser": json.dumps(erasers[0])}
     augment, _, objective = method.rpartition("+") if "+" in method else ("", "", method)
     if method == "augment":
         augment, objective = "augment", "cross-entropy"
@@ -192,7 +205,14 @@ def main(argv: list[str] | None = None) -> int:
     partial = ("rows not run or failed" if missing or failed
                else "not every default method and rho" if not (set(METHODS) <= set(methods) and set(RHOS) <= set(rhos))
                else None)
-    if page_wanted(args, "debiasing", partial=partial):
+    if any("eraser" in method_sets(m, augment_keys) for m in methods):  # the erasure study has its own page
+        if page_wanted(args, "debias-erasure", partial="rows failed" if failed else None):  # rows not run: listed
+            write_page("debias-erasure", "Erasure of the private attribute against the strong probes",
+                       erasure_body(markdown(rows), rows, copies, missing),
+                       measures=[*PAGE_MEASURES, "fairforget/erasure.py"],
+                       command=invocation(None if argv is None else [__file__, *argv]),
+                       figures=[png, args.out / "probe_vs_unbiased.png", args.out / "probe_per_rho.png"])
+    elif page_wanted(args, "debiasing", partial=partial):
         write_page("debiasing", "Debiasing results", page_body(markdown(rows), copies), measures=PAGE_MEASURES,
                    command=invocation(None if argv is None else [__file__, *argv]),
                    figures=[png, args.out / "probe_per_rho.png", args.out / "probe_vs_unbiased.png"])
@@ -215,6 +235,31 @@ def page_body(table: str, copies: dict[str, str]) -> str:
             "`train s` of an augmented row includes the augmentation step. A finished run is reused unless "
             "`--rerun`: the seconds are those of the run that made it."
             + (f" Rows whose data equals another rho's show that run: {same}." if same else "")
+            + "\n\n" + table)
+
+
+def erasure_body(table: str, rows: list, copies: dict[str, str], missing: list[str]) -> str:
+    """The erasure study's page: what its rows are, the aims and which rows reached them, the table."""
+    def reached(rho: float, within: float, accuracy: float) -> str:
+        hits = [r for r in rows if abs(r.rho - rho) < 1e-9 and r.probe is not None and r.probe_chance is not None
+                and abs(r.probe - r.probe_chance) <= within and r.accuracy_unbiased >= accuracy]
+        return (", ".join(f"`{r.name}` (strongest probe {r.probe:.3f}, unbiased {r.accuracy_unbiased:.3f})"
+                          for r in hits) or "not reached by any row run")
+    same = "; ".join(f"{row} is {run}" for row, run in copies.items())
+    return ("One `fairforget simulate` per (method, rho) through Flower's simulation engine, tabulated with "
+            "`fairforget compare`. `+leace`: the post-hoc LEACE eraser on each shard model's bottleneck (fitted "
+            "at the site on its own data after each stage, with a head refitted on the erased features, groups "
+            "balanced); `+leace-per-stage`: also refit before each stage trains (training-time). The *strongest "
+            "probe* is the highest of the audit's three attribute probes on the ensemble's concatenated features "
+            "(`biased-linear`: the seed's, trained on the biased training data; `independent-linear` and "
+            "`independent-mlp`: trained on half the classes of the unbiased test set, scored on the other half); "
+            "chance 0.10. *seed probe*: the seed's alone. A finished run is reused unless `--rerun`; the machine "
+            "was shared with other jobs (seconds are wall-clock under that load).\n\n"
+            "Aim 1 (the demo configuration, rho 0.99: strongest probe within 0.05 of chance, unbiased accuracy "
+            f">= 0.25): {reached(0.99, 0.05, 0.25)}.\n\n"
+            f"Aim 2 (rho 0.95: within 0.10 of chance, unbiased accuracy >= 0.70): {reached(0.95, 0.10, 0.70)}."
+            + (f" Rows whose data equals another rho's show that run: {same}." if same else "")
+            + (f"\n\nNot run (the machine's time ran out): {', '.join(missing)}." if missing else "")
             + "\n\n" + table)
 
 

@@ -67,6 +67,31 @@ class UnlearnOutcome:
 
 
 class ShardEnsemble(FairforgetStrategy, Strategy):
+    """SISA's constituents, one model per shard, combined by vote, never averaged (the module
+    docstring says how training, deletions and audits travel).
+
+    Parameters
+    ----------
+    num_shards : int
+        Shards, one node each (>= 1).
+    num_slices : int
+        SISA slices per shard (>= 1): round r trains stage r, so the run has this many rounds.
+    vote : str
+        How the ensemble predicts: ``"softmax"`` (mean probabilities) or ``"majority"``.
+    budget : fairforget.capacity.DeletionBudget, optional
+        The per-shard deletion budget of approximate unlearning; default an empty Newton budget.
+    policy : str
+        A request past a shard's budget: ``"retrain"`` (exact SISA retrain instead, which resets the
+        budget) or ``"refuse"`` (the whole request, before anything is sent).
+    required : int, optional
+        Shards a round needs to go on (``min-shards``); default all of them.
+
+    Raises
+    ------
+    ValueError
+        A count below 1, or an unknown ``vote`` or ``policy``.
+    """
+
     name = "shard-ensemble"
     keeps_shard_models = True
     exact_unlearning = True

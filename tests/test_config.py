@@ -22,7 +22,7 @@ def test_flower_reads_the_same_table():
 
 @pytest.mark.parametrize(("overrides", "message"), [
     ({"bogus": 1}, "unknown config key(s): bogus"),
-    ({"num-shards": 0}, "'num-shards' = 0: must be in [1, 64]"),
+    ({"num-shards": 0}, "'num-shards' = 0: must be in [1, 1024]"),
     ({"rho": 1.5}, "'rho' = 1.5: must be in [0, 1]"),
     ({"rho": "high"}, "'rho' = 'high': expected float, got str"),
     ({"slices": 2.5}, "'slices' = 2.5: expected int, got float"),

@@ -101,7 +101,7 @@ def _outside(k: Key) -> list:
         return ["not-a-choice"]
     if k.form is not None:
         return {"out-dir": [" "], "request": ["xyz", "0123456789ABCDEF"], "dataset": [""], "strategy": [" "],
-                "objective": [""], "unlearn-method": [""], "augment-filter": [""], "attack-options": ['{"a": 1}'],
+                "objective": [""], "model": [""], "dp-plan": ["[1]"], "unlearn-method": [""], "augment-filter": [""], "attack-options": ['{"a": 1}'],
                 }.get(k.name, ["[1]", "{"] if k.name.endswith("-options") else [])
     out = []
     step = 1 if k.type is int else 0.5
@@ -162,7 +162,7 @@ def test_the_shipped_json_schema_is_the_declarations():
             assert p.get("exclusiveMinimum" if k.open_min else "minimum") == k.minimum, k.name
         if isinstance(k.maximum, int | float):
             assert p.get("exclusiveMaximum" if k.open_max else "maximum") == k.maximum, k.name
-    assert props["min-shards"]["maximum"] == 64  # num-shards' own bound: JSON Schema cannot compare two keys
+    assert props["min-shards"]["maximum"] == 1024  # num-shards' own bound: JSON Schema cannot compare two keys
     assert props["dp-target-tpr"]["exclusiveMinimum"] == 0.0
 
 

@@ -355,9 +355,20 @@ def test_reporting_by_hand(monkeypatch):
 
     assert stage_sizes(10, 3) == [4, 7, 10] and stage_sizes(9, 1) == [9]
     # the epsilon-first routes through a stand-in accountant (epsilon = 10 / sigma), to keep this fast
-    monkeypatch.setattr("fairforget.privacy.reporting.epsilon_of", lambda acc, plan, delta: 10.0 / plan[0][0])
-    monkeypatch.setattr("fairforget.privacy.reporting.noise_for_epsilon",
-                        lambda eps, delta, sizes, bs, epochs, accountant: 10.0 / eps)
+    accounted = set()  # (accountant, delta) each plan's epsilon was computed with
+
+    def epsilon_of(acc, plan, delta):
+        accounted.add((acc, delta))
+        return 10.0 / plan[0][0]
+
+    monkeypatch.setattr("fairforget.privacy.reporting.epsilon_of", epsilon_of)
+    routes = set()  # (delta, accountant) each epsilon-first bisection was given
+
+    def noise_for_epsilon(eps, delta, sizes, bs, epochs, accountant):
+        routes.add((delta, accountant))
+        return 10.0 / eps
+
+    monkeypatch.setattr("fairforget.privacy.reporting.noise_for_epsilon", noise_for_epsilon)
     cfg = SimpleNamespace(slices=2, batch_size=20, epochs_per_slice=1, dp_target_tpr=0.1, dp_target_fpr=0.01,
                           dp_target_epsilon=3.0, dp_delta=1e-5, dp_accountant="rdp", dp_noise_multiplier=0.7,
                           dp_calibrate="none")
@@ -380,6 +391,8 @@ def test_reporting_by_hand(monkeypatch):
     assert via["noise_multiplier"] == pytest.approx(10 / math.log((0.1 - 1e-5) / 0.01))
     assert via["target_epsilon"] == pytest.approx(math.log((0.1 - 1e-5) / 0.01)) and via["epsilon"] == pytest.approx(
         via["target_epsilon"])
+    assert routes == {(1e-5, "rdp")} and accounted == {("rdp", 1e-5)}  # the run's delta and accountant, always
+    assert "epsilon_first" in calibrate(cfg, [200])  # the alternatives are compared unless told not to
 
     shards = {1: {"epsilon": 2.0, "mu": 0.5, "tpr_bound": {"0.01": 0.05}},
               0: {"epsilon": 2.0, "mu": 0.9, "tpr_bound": {"0.01": 0.08}}}
@@ -391,6 +404,11 @@ def test_reporting_by_hand(monkeypatch):
     assert (block["noise_multiplier"], block["max_grad_norm"], block["accountant"], block["delta"],
             block["max_epsilon"], block["secure_mode"]) == (1.1, 1.0, "rdp", 1e-5, 8.0, False)
     assert dp_block(cfg, {}, {"a": 1})["ensemble"] == {"note": block["ensemble"]["note"]}
+    # the record names the mechanism it describes (a reader of metrics.json has nothing else)
+    assert (block["mechanism"], block["model"], block["sampling"]) == (
+        "DP-SGD (Opacus), per shard", "SimpleConvNet with GroupNorm (BatchNorm has no per-sample gradients)",
+        "Poisson, rate batch-size / stage size")
+    assert "STATE/dp-seeds.json, mode 0600" in block["randomness"]
 
 
 
@@ -506,3 +524,425 @@ def test_audit_config_checks_at_their_edges(tiny_cfg):
                                              bundle.test_unbiased, bundle.num_classes, bundle.num_private))
     with pytest.raises(ConfigError, match="attack 'loss' has no option 'k'"):
         check_audit_config(cfg.replace(audit_attacks="loss", attack_options='{"loss": {"k": 1}}'), bundle)
+
+
+# ---------------------------------------------------------------------- fairforget/privacy/auditing.py
+def test_audit_reads_each_claim_and_says_what_it_proves():
+    from fairforget.privacy.auditing import Check, audit, clopper_pearson_upper
+
+    assert clopper_pearson_upper(0, 1, 0.05) == pytest.approx(0.95)  # one trial is a valid count
+    fig = {"n_nonmembers": 100, "n_members": 100, "tpr_at_0.01_fpr": 1.0}  # 1 of 100 allowed: k = 1
+    dp = {"delta": 1e-3, "shards": {"0": {"mu": 0.5, "epsilon": float("inf")}, "1": {"epsilon": None, "mu": None},
+                                    "2": {"epsilon": 0.1, "mu": 0.1, "delta": 0.0}}}
+    out = audit({"targets": {"shard-0": {"lira": fig}, "shard-1": {"lira": fig}, "shard-2": {"lira": fig}}}, dp,
+                levels=(0.01,))
+    # shard 1 claims nothing finite: not checked, not counted in the Bonferroni correction
+    assert [(c.target, c.claimed_epsilon, c.claimed_mu) for c in out.checks] == [("shard-0", None, 0.5),
+                                                                                 ("shard-2", 0.1, 0.1)]
+    assert out.tests == 2 and all(c.resolvable and c.false_positives_allowed == 1 for c in out.checks)
+    # a claim without its own delta takes the run's; one with it keeps its own
+    assert [c.delta for c in out.checks] == [1e-3, 0.0]
+    assert [c.exceeds for c in out.checks] == [("mu",), ("epsilon", "mu")]
+
+    check = Check(target="shard-2", attack="lira", fpr=0.01, nonmembers=100, members=100, false_positives_allowed=0,
+                  true_positives=90, resolvable=False, tested=True, fpr_upper=0.1, fnr_upper=0.2,
+                  epsilon_lower_bound=1.5, mu_lower_bound=0.25, max_provable_epsilon=3.0, claimed_epsilon=0.1,
+                  claimed_mu=0.2, delta=0.0, exceeds=("epsilon", "mu"))
+    assert check.message(0.05, 1) == (
+        "shard-2 lira: 90 of 100 members vs none of 100 non-members above its 1.0% FPR threshold prove "
+        "epsilon >= 1.500 and mu >= 0.250 at 95% confidence (Bonferroni over 1 test): exceeds the claimed "
+        "epsilon 0.100 and the mu-GDP bound (mu = 0.200)")
+    two = Check(**{**vars(check), "false_positives_allowed": 3, "exceeds": ("mu",)}).message(0.05, 2)
+    assert "vs at most 3 of 100 non-members" in two and two.endswith("(Bonferroni over 2 tests): exceeds the mu-GDP "
+                                                                       "bound (mu = 0.200)")
+
+
+# ---------------------------------------------------------------------- fairforget/privacy/dp_sgd.py
+def _dp_setup(n=32, batch=8, classes=3):
+    import torch
+    from torch import nn
+
+    from fairforget.data.base import make_sampleset
+
+    rng = np.random.default_rng(0)
+    data = make_sampleset(torch.as_tensor(rng.random((n, 3, 2, 2)), dtype=torch.float32),
+                          rng.integers(0, classes, n), np.zeros(n, dtype=np.int64), np.arange(n))
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, classes))
+    return data, model, torch.optim.SGD(model.parameters(), lr=0.5)
+
+
+class _CE:
+    def loss(self, model, batch):
+        import torch.nn.functional as F
+
+        return F.cross_entropy(model(batch.x), batch.y) if len(batch) else model(batch.x).sum()
+
+
+def _dp_trained(sample_seed, noise_seed, global_seed, poisson=True):
+    """An epoch of DP-SGD on 32 samples (q = 1/4) from a fixed start; the torch global generator is
+    reseeded first, so a draw that used it instead of the hook's own generators would differ."""
+    import torch
+
+    from fairforget.privacy.dp_sgd import DPSGD
+    from fairforget.training import train
+
+    torch.manual_seed(0)
+    data, model, opt = _dp_setup()
+    torch.manual_seed(global_seed)
+    hook = DPSGD(1.0, 1.0, sample_seed, noise_seed, poisson=poisson)
+    train(model, data, seeds=[0], batch_size=8, objective=_CE(), optimizer=opt, privacy=hook)
+    hook.close()
+    return torch.cat([p.detach().flatten() for p in model.parameters()]), hook.spent()
+
+
+def test_dp_sgd_noise_and_masks_come_from_their_seeds_alone():
+    import torch
+
+    a, spent_a = _dp_trained(1, 2, global_seed=0)
+    b, spent_b = _dp_trained(1, 2, global_seed=99)
+    assert torch.equal(a, b) and spent_a == spent_b  # replayable from the two recorded seeds
+    assert spent_a["sample_rate"] == 0.25 and spent_a["steps"] == 4.0  # int(1 / q) Poisson batches an epoch
+    other_noise, spent_n = _dp_trained(1, 3, global_seed=0)
+    assert not torch.equal(a, other_noise) and spent_n == spent_a
+    assert not torch.equal(a, _dp_trained(5, 2, global_seed=0)[0])
+
+
+def test_dp_sgd_attaches_poisson_sampling_at_the_planned_rate():
+    import torch
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from fairforget.privacy.dp_sgd import DPSGD, DPSettings
+
+    settings = DPSettings(2.0, 0.5, 1e-5, "rdp", 8.0)
+    assert settings.fixed(16.0) == {"dp": True, "dp-noise-multiplier": 2.0, "dp-max-grad-norm": 0.5,
+                                    "dp-delta": 1e-5, "dp-accountant": "rdp", "dp-max-epsilon": 8.0,
+                                    "dp-secure-mode": False, "batch-size": 16}
+    hook = settings.hook(3, 4)
+    assert hook.spent() == {"noise_multiplier": 2.0, "sample_rate": 0.0, "steps": 0.0}  # nothing attached yet
+    dataset = TensorDataset(torch.zeros(32, 12), torch.zeros(32, dtype=torch.long))
+    _, model, opt = _dp_setup()
+    _, dp_opt, loader = hook.attach(model, opt, DataLoader(dataset, batch_size=8))
+    sampler = loader.loader.batch_sampler
+    assert isinstance(sampler, UniformWithReplacementSampler)
+    assert (sampler.num_samples, sampler.sample_rate) == (32, 0.25)
+    assert (dp_opt.expected_batch_size, dp_opt.noise_multiplier, dp_opt.max_grad_norm) == (8, 2.0, 0.5)
+    hook.close()
+    plain = DataLoader(dataset, batch_size=8)  # poisson=False: the engine's own batches, expected size the batch's
+    hook = settings.hook(3, 4, poisson=False)
+    _, dp_opt, loader = hook.attach(model, opt, plain)
+    assert loader.loader is plain and dp_opt.expected_batch_size == 8
+    hook.close()
+    for unbatched in (DataLoader(dataset, batch_size=64), DataLoader(dataset, batch_size=None)):
+        hook = DPSGD(1.0, 1.0, 0, 0)  # a batch larger than the data, or none: every sample, every step
+        _, dp_opt, _ = hook.attach(model, opt, unbatched)
+        assert hook.spent()["sample_rate"] == 1.0 and dp_opt.expected_batch_size == 32
+        hook.close()
+    with pytest.raises(ValueError, match="max_grad_norm > 0"):
+        DPSGD(1.0, 0.0, 0, 0)
+    with pytest.raises(ValueError, match="the model cannot be trained with DP-SGD: .*BatchNorm"):
+        DPSGD(1.0, 1.0, 0, 0).attach(nn.Sequential(nn.Conv2d(3, 2, 1), nn.BatchNorm2d(2)), opt,
+                                     DataLoader(dataset, batch_size=8))
+
+
+# ---------------------------------------------------------------------- fairforget/verify.py
+def _verify_node(slices, deleted=(), trained=2, target=None, approx=None, extra_pool=(), dp_seeds=None, shard=1):
+    import torch
+
+    from fairforget.data.base import make_sampleset
+    from fairforget.verify import NodeState
+
+    ids = np.r_[np.arange(10), np.asarray(extra_pool, dtype=np.int64)]
+    pool = make_sampleset(torch.zeros(len(ids), 3, 2, 2), np.zeros(len(ids)), np.zeros(len(ids)), ids)
+    index = {"slices": [list(s) for s in slices], "deleted": list(deleted), "trained": trained, "version": 3}
+    if target is not None:
+        index["target"] = target
+    return NodeState(shard, index, pool, "served", approx, dp_seeds)
+
+
+def _verify_settings(dp=None):
+    from fairforget.sisa import SisaSettings
+
+    return SisaSettings(slices=2, epochs_per_slice=1, batch_size=4, lr=0.1, weight_decay=0.0, width=4,
+                        num_classes=2, seed=7, dp=dp)
+
+
+def test_verify_index_problems_by_hand():
+    from fairforget.data.base import SYNTHETIC_ID_BASE
+    from fairforget.sisa import assign_slices, derived_seed
+    from fairforget.verify import _fmt, index_problems
+
+    settings = _verify_settings()
+    a, b = assign_slices(list(range(10)), 2, 7, 1)
+    x = a[0]  # deleted from slice 1
+    good = [[i for i in a if i != x], b]
+    assert index_problems(_verify_node(good, deleted=[x]), settings, {x}, set()) == []
+    assert index_problems(_verify_node(good, deleted=[x]), None, set(), set()) == []
+    # a synthetic id is in the slice its id draws, and only there
+    sid = SYNTHETIC_ID_BASE + 5
+    home = derived_seed(7, 1, 91, sid) % 2
+    with_synth = [s + [sid] if k == home else s for k, s in enumerate(good)]
+    assert index_problems(_verify_node(with_synth, [x], extra_pool=[sid]), settings, set(), set()) == []
+    away = [s + [sid] if k != home else s for k, s in enumerate(good)]
+    assert index_problems(_verify_node(away, [x], extra_pool=[sid]), settings, set(), set()) == [
+        f"synthetic id(s) in slice {2 - home} belong to another slice: {sid}"]
+    # a deleted id brought back, one the ledger deleted but the index did not, a tombstoned one live
+    y, z = b[0], b[1]
+    back = [a, b]
+    assert index_problems(_verify_node(back, deleted=[x]), settings, {y}, {z}) == [
+        f"deleted id(s) still live: {', '.join(map(str, sorted({x, y, z})))}",
+        f"id(s) the ledger deleted are not deleted in the index: {y}",
+        f"slice 1 is not the from-scratch assignment (extra: {x}; missing: none)"]
+    twice = [a, b + [a[1]]]
+    assert index_problems(_verify_node(twice), settings, set(), set())[:1] == ["an id is live in two slices"]
+    swapped = [[i for i in a if i != x] + [b[0]], [x] + b[1:]]
+    assert index_problems(_verify_node(swapped), settings, set(), set())[0] == (
+        f"slice 1 is not the from-scratch assignment (extra: {b[0]}; missing: {x})")
+    # an id tombstoned before the index was made never entered it: the assignment is of the others
+    c, d = assign_slices(list(range(9)), 2, 7, 1)
+    assert index_problems(_verify_node([c, d]), settings, set(), {9}) == []
+    assert index_problems(_verify_node([c, d + [42]]), settings, set(), {9})[-1] == (
+        "live id(s) with no sample in the node's data: 42")
+    # a pending retrain, unless an approximate model serves the shard
+    assert index_problems(_verify_node(good, [x], trained=1, target=2), settings, {x}, set()) == [
+        "a retrain is pending (stage 1 of target 2): the node finishes it before its next message"]
+    assert index_problems(_verify_node(good, [x], trained=1, target=2, approx={"model_hash": "served"}), settings,
+                          {x}, set()) == []
+    assert _fmt([]) == "none" and _fmt(list(range(12))) == "0, 1, 2, 3, 4, 5, 6, 7, 8, 9 (+2 more)"
+    assert _fmt([5, 6], limit=2) == "5, 6"
+
+
+def test_verify_seed_problems_by_hand():
+    from fairforget.verify import seed_problems
+
+    node = _verify_node([[0, 1, 2, 3, 4], [5, 6, 7, 8]], dp_seeds={1: {"samples": 5}})
+    assert seed_problems(node) == ["no recorded DP seeds for stage(s) 2 (STATE/dp-seeds.json): the shard's "
+                                   "training cannot be replayed"]
+    node.dp_seeds = {1: {"samples": 5}, 2: {"samples": 8}, 3: {"samples": 1}}
+    assert seed_problems(node) == ["stage 2's DP seeds were drawn for 8 samples, its slices hold 9"]
+    node.dp_seeds = {1: {}, 2: {"samples": "9"}}
+    assert seed_problems(node) == []
+
+
+def test_verify_shard_verdicts_without_a_replay():
+    from fairforget.privacy.dp_sgd import DPSettings
+    from fairforget.sisa import assign_slices
+    from fairforget.verify import APPROXIMATE, MISMATCH, NOT_REPLAYABLE, SITE_ONLY, SITE_ONLY_NOTE, verify_shard
+
+    a, b = assign_slices(list(range(10)), 2, 7, 1)
+    good = [[i for i in a if i != a[0]], b]
+    ledger = [{"shard": 1, "request": 2, "ids": [a[0]], "decision": "exact-retrain", "hash_after": "old"},
+              {"shard": 1, "request": 4, "decision": "approximate", "hash_after": "served", "seed": 7,
+               "code_version": "1.0"},  # a line with no id list (an older version's) deletes none
+              {"shard": 1, "request": 5, "ids": [b[0]], "decision": "refused", "hash_after": "x"},
+              {"shard": 0, "request": 6, "ids": [b[1]], "decision": "exact-retrain", "hash_after": "y"},
+              {"shard": 1, "request": 7, "ids": [b[2]], "decision": "exact-retrain"}]  # an intent: no hash yet
+    approx = {"model_hash": "served", "method": "finetune", "index_version": 3}
+    v = verify_shard(_verify_node(good, [a[0]], approx=approx), _verify_settings(), ledger)
+    assert (v.status, v.ok, v.ledger_hash, v.ledger_request, v.index_version, v.trained_stages, v.live, v.deleted) == (
+        APPROXIMATE, True, "served", 4, 3, 2, 9, 1)
+    assert v.ledger_fields == {"seed": 7, "code_version": "1.0"} and v.problems == []
+    assert v.note == ("no exactness receipt (served by finetune; an exact retrain, forget --method exact-sisa, "
+                      "makes it verifiable)")
+    assert v.to_dict()["status"] == APPROXIMATE and v.to_dict()["problems"] == []
+    v = verify_shard(_verify_node(good, [a[0]], approx={**approx, "model_hash": "other"}), _verify_settings(),
+                     ledger[:1])
+    assert (v.status, v.ok) == (MISMATCH, False) and v.problems == [
+        "the served model served is not the node's approximate model other",
+        "the served model served is not the ledger's receipt old (request 2)"]
+    v = verify_shard(_verify_node(good, [a[0]]), None, ledger)
+    assert (v.status, v.note) == (NOT_REPLAYABLE, "DP-SGD with dp-secure-mode: cryptographic noise cannot be replayed")
+    dp = _verify_settings(DPSettings(1.0, 1.0, 1e-5, "rdp", 10.0))
+    v = verify_shard(_verify_node(good, [a[0]]), dp, ledger, {a[0]})
+    assert (v.status, v.note, v.problems) == (SITE_ONLY, SITE_ONLY_NOTE, [])
+    v = verify_shard(_verify_node(good, [a[0]]), dp, [{**ledger[0], "seed": 8}])
+    assert v.status == MISMATCH and v.problems == ["the ledger's seed 8 is not the run's 7",
+                                                   "the served model served is not the ledger's receipt old "
+                                                   "(request 2)"]
+    # a live id with no sample: nothing to replay, a mismatch
+    v = verify_shard(_verify_node([good[0], good[1] + [42]], [a[0]]), _verify_settings(), [])
+    assert v.status == MISMATCH and v.replay_hash is None and v.problems[-1].startswith("live id(s) with no sample")
+
+
+def test_verify_run_names_a_shard_it_does_not_have(tiny_cfg, tmp_path):
+    from fairforget.verify import VerifyError, verify_run
+
+    with pytest.raises(VerifyError, match=r"^no shard 7: the run has shards 0-1$"):
+        verify_run(tmp_path, tiny_cfg(**{"num-shards": 2}), [0, 7])
+
+
+def test_verify_json_merges_by_shard(tmp_path):
+    from fairforget.verify import MATCH, MISMATCH, ShardVerdict, read_verification, write_verification
+
+    assert read_verification(tmp_path) is None
+    write_verification(tmp_path, [ShardVerdict(10, MATCH, "h")])
+    record = write_verification(tmp_path, [ShardVerdict(2, MISMATCH, "g", problems=["p"])])
+    assert list(record["shards"]) == ["2", "10"] and record["last"]["shards"] == [2] and record["last"]["ok"] is False
+    assert read_verification(tmp_path) == record and record["shards"]["10"]["status"] == MATCH
+    assert write_verification(tmp_path, [ShardVerdict(2, MATCH, "g")])["last"]["ok"] is True
+    (tmp_path / "verify.json").write_text("[1]")
+    assert read_verification(tmp_path) is None
+    (tmp_path / "verify.json").write_text('{"shards": [')
+    assert read_verification(tmp_path) is None
+    (tmp_path / "verify.json").write_text('{"shards": []}')
+    assert read_verification(tmp_path) is None
+
+
+def test_dp_settings_come_from_the_run_config(tiny_cfg):
+    from fairforget.privacy.dp_sgd import DPSettings
+
+    assert DPSettings.from_config(tiny_cfg()) is None
+    cfg = tiny_cfg(**{"dp": True, "dp-noise-multiplier": 1.5, "dp-max-grad-norm": 0.7, "dp-delta": 1e-4,
+                      "dp-accountant": "rdp", "dp-max-epsilon": 6.0})
+    assert DPSettings.from_config(cfg) == DPSettings(1.5, 0.7, 1e-4, "rdp", 6.0, False)
+
+
+def test_verify_reads_a_sites_state_folder(tmp_path):
+    from types import SimpleNamespace
+
+    import torch
+
+    from fairforget.data.base import SYNTHETIC_ID_BASE, make_sampleset
+    from fairforget.storage import atomic_torch_save, atomic_write_json, state_hash
+    from fairforget.verify import VerifyError, read_node, read_site, verify_site
+
+    cfg = SimpleNamespace(slices=2, dp=False)
+    originals = make_sampleset(torch.zeros(4, 3, 2, 2), np.zeros(4), np.zeros(4), np.arange(4))
+    state = tmp_path / "site"
+    with pytest.raises(VerifyError, match=r"index.json is missing: .*site is not a shard's state folder"):
+        read_site(state, cfg, originals)
+    state.mkdir()
+    atomic_write_json(state / "index.json", {"slices": [[0, 1], [2]], "deleted": [3], "trained": 0, "version": 3})
+    with pytest.raises(VerifyError, match="index.json is not a valid shard index: KeyError"):
+        read_site(state, cfg, originals)
+    index = {"shard": 2, "slices": [["0", 1], [2]], "deleted": ["3"], "trained": "0", "version": "3"}
+    atomic_write_json(state / "index.json", index)
+    with pytest.raises(VerifyError, match="shard 2 in .* has no trained stage: it serves no model yet"):
+        read_site(state, cfg, originals)
+    atomic_write_json(state / "index.json", {**index, "trained": 2})
+    with pytest.raises(VerifyError, match=r"stage-2.pt is missing: shard 2 has no model for its trained stage 2"):
+        read_site(state, cfg, originals)
+    (state / "checkpoints").mkdir()
+    (state / "checkpoints" / "stage-2.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(VerifyError, match="stage-2.pt is not a readable checkpoint"):
+        read_site(state, cfg, originals)
+    model = {"w": torch.arange(3.0)}
+    atomic_torch_save(state / "checkpoints" / "stage-2.pt", {"model": model})
+    node = read_site(state, cfg, originals)
+    assert (node.shard, node.served_hash, node.approx_meta, node.dp_seeds) == (2, state_hash(model), None, None)
+    assert node.index["slices"] == [[0, 1], [2]] and node.index["deleted"] == [3] and node.index["trained"] == 2
+    assert node.pool is originals
+    # a valid approximate model serves the shard; one made for another index version does not
+    other = {"w": torch.ones(2)}
+    atomic_torch_save(state / "approx.pt", {"meta": {"index_version": 3, "method": "finetune"}, "model": other})
+    node = read_site(state, cfg, originals)
+    assert node.served_hash == state_hash(other) and node.approx_meta == {"index_version": 3, "method": "finetune",
+                                                                          "model_hash": state_hash(other)}
+    atomic_torch_save(state / "approx.pt", {"meta": {"index_version": 2}, "model": other})
+    assert read_site(state, cfg, originals).served_hash == state_hash(model)
+    (state / "approx.pt").write_bytes(b"junk")
+    with pytest.raises(VerifyError, match="approx.pt is not a readable approximate model"):
+        read_site(state, cfg, originals)
+    (state / "approx.pt").unlink()
+    # the node's synthetic samples join its pool
+    sid = [SYNTHETIC_ID_BASE + 1]
+    atomic_torch_save(state / "augment" / "synthetic.pt", {"x": torch.ones(1, 3, 2, 2), "y": torch.tensor([1]),
+                                                           "private": torch.tensor([0]), "ids": torch.tensor(sid)})
+    pool = read_site(state, cfg, originals).pool
+    assert pool.ids.tolist() == [0, 1, 2, 3] + sid and pool.y.tolist() == [0, 0, 0, 0, 1]
+    atomic_torch_save(state / "augment" / "synthetic.pt", {"x": torch.ones(0, 3, 2, 2), "y": torch.zeros(0),
+                                                           "private": torch.zeros(0), "ids": torch.zeros(0)})
+    assert read_site(state, cfg, originals).pool is originals
+    (state / "augment" / "synthetic.pt").write_bytes(b"junk")
+    with pytest.raises(VerifyError, match="synthetic.pt is not a readable synthetic-sample file"):
+        read_site(state, cfg, originals)
+    (state / "augment" / "synthetic.pt").unlink()
+    # under DP the site reads its recorded seeds
+    dp = SimpleNamespace(slices=2, dp=True)
+    assert read_site(state, dp, originals).dp_seeds == {}
+    atomic_write_json(state / "dp-seeds.json", {"stages": {"1": {"sample_seed": "5", "noise_seed": 6, "samples": 2}}})
+    assert read_site(state, dp, originals).dp_seeds == {1: {"sample_seed": 5, "noise_seed": 6, "samples": 2}}
+    atomic_write_json(state / "dp-seeds.json", {"stages": {"1": {"noise_seed": 6}}})
+    with pytest.raises(VerifyError, match="dp-seeds.json is not a DP seed record: KeyError"):
+        read_site(state, dp, originals)
+    # the server's copy of a run: the same index under OUT/nodes/shard-K, its served model in OUT/models
+    run = tmp_path / "run"
+    with pytest.raises(VerifyError, match=r"shard-2.pt is missing: the run serves no model for shard 2"):
+        read_node(run, cfg, originals, 2)
+    (run / "models").mkdir(parents=True)
+    (run / "models" / "shard-2.pt").write_bytes(b"junk")
+    (run / "nodes").mkdir()
+    with pytest.raises(VerifyError, match="shard 2's node state is not in this run folder"):
+        read_node(run, cfg, originals, 2)
+    state.rename(run / "nodes" / "shard-2")
+    with pytest.raises(VerifyError, match="shard-2.pt is not a readable model"):
+        read_node(run, cfg, originals, 2)
+    atomic_torch_save(run / "models" / "shard-2.pt", model)
+    assert read_node(run, cfg, originals, 2).served_hash == state_hash(model)
+    assert read_node(run, dp, originals, 2).dp_seeds is None  # the server never reads a site's seeds
+    with pytest.raises(VerifyError, match="dp-seeds.json is not a DP seed record"):
+        read_node(run, dp, originals, 2, site_local=True)
+    with pytest.raises(VerifyError, match="belongs to shard 2 with 2 slices and 2 trained, not to shard 2 of a run "
+                                          "with 3 slices"):
+        read_node(run, SimpleNamespace(slices=3, dp=False), originals, 2)
+    with pytest.raises(VerifyError, match="a site's verification needs its data: --data-root"):
+        verify_site(run / "nodes" / "shard-2", SimpleNamespace(data_root=" "))
+
+
+def test_a_site_replays_its_own_shard_bit_for_bit(tmp_path):
+    from fairforget.config import resolve
+    from fairforget.data import load_dataset
+    from fairforget.sisa import SisaSettings, SisaShard
+    from fairforget.storage import atomic_torch_save, state_hash, torch_load
+    from fairforget.verify import MATCH, MISMATCH, verify_site
+    from tests.conftest import TINY
+    from tests.test_sites import write_site
+
+    cfg = resolve({**TINY, "dataset": "image-folder", "data-root": str(write_site(tmp_path / "data", n=16)),
+                   "out-dir": str(tmp_path / "out")})
+    bundle = load_dataset(cfg)
+    shard = SisaShard(tmp_path / "state", 0, bundle.train,
+                      SisaSettings.from_config(cfg, bundle.num_classes, bundle.num_private))
+    shard.train_through(cfg.slices)
+    v = verify_site(tmp_path / "state", cfg)
+    assert (v.status, v.problems, v.replay_hash) == (MATCH, [], v.served_hash)
+    ckpt = tmp_path / "state" / "checkpoints" / f"stage-{cfg.slices}.pt"
+    saved = torch_load(ckpt)
+    saved["model"] = {k: t + 1 if t.is_floating_point() else t for k, t in saved["model"].items()}
+    atomic_torch_save(ckpt, saved)
+    v = verify_site(tmp_path / "state", cfg)
+    assert v.status == MISMATCH and v.served_hash == state_hash(saved["model"]) and v.problems == [
+        f"the served model {v.served_hash} is not the replay {v.replay_hash}"]
+
+
+# ---------------------------------------------------------------------- fairforget/sisa.py
+def test_sisa_public_seeds_and_seed_records(tmp_path):
+    from fairforget.privacy.dp_sgd import DPSettings
+    from fairforget.sisa import read_dp_seeds
+    from fairforget.storage import atomic_write_json
+    from fairforget.training import NO_PRIVACY
+
+    hook = _verify_settings(DPSettings(1.0, 1.0, 1e-5, "rdp", 10.0)).privacy_hook(5)
+    assert (hook.sample_gen.initial_seed(), hook.noise_gen.initial_seed()) == (5, 6)  # masks seed, noise seed + 1
+    assert _verify_settings().privacy_hook(5) is NO_PRIVACY
+    assert read_dp_seeds(tmp_path) == {"stages": {}, "approximate": []}
+    atomic_write_json(tmp_path / "dp-seeds.json", {"approximate": [2]})  # no training recorded yet
+    assert read_dp_seeds(tmp_path) == {"stages": {}, "approximate": [2]}
+
+
+def test_sisa_add_puts_each_new_id_in_its_drawn_slice(tmp_path):
+    import torch
+
+    from fairforget.data.base import SYNTHETIC_ID_BASE, make_sampleset
+    from fairforget.sisa import SisaShard, derived_seed
+
+    settings = _verify_settings()
+    data = make_sampleset(torch.zeros(10, 3, 2, 2), np.zeros(10), np.zeros(10), np.arange(10))
+    shard = SisaShard(tmp_path, 1, data, settings)
+    version, slices = shard.index["version"], [list(s) for s in shard.index["slices"]]
+    sid = SYNTHETIC_ID_BASE + 3
+    pool = make_sampleset(torch.zeros(11, 3, 2, 2), np.zeros(11), np.zeros(11), np.r_[np.arange(10), sid])
+    assert shard.add([sid], pool) == 0 and shard.index["version"] == version + 1
+    home = derived_seed(7, 1, 91, sid) % 2
+    assert shard.index["slices"] == [sorted(s + [sid]) if k == home else s for k, s in enumerate(slices)]

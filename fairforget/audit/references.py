@@ -27,7 +27,23 @@ from fairforget.training import train
 
 @dataclass
 class ReferenceOutputs:
-    """Softmax outputs of M reference models on the candidates and on population samples."""
+    """Softmax outputs of M reference models on the candidates and on population samples.
+
+    Parameters
+    ----------
+    cand_probs : numpy.ndarray
+        (M, N, K) each reference's softmax on the N candidates.
+    pop_probs : numpy.ndarray
+        (M, Z, K) each reference's softmax on the Z population samples.
+    in_mask : numpy.ndarray
+        (M, N) bool, True where the candidate was in that reference's training data (online).
+    seconds : float
+        Training the references, seconds (0 when cached).
+    models : list of list of torch.nn.Module
+        The reference models themselves, kept only when asked.
+    trained_on : list of list of int
+        Each reference's training ids (empty if unknown).
+    """
 
     cand_probs: np.ndarray  # (M, N, K)
     pop_probs: np.ndarray  # (M, Z, K)
@@ -48,7 +64,8 @@ def train_sisa_model(data: SampleSet, settings: SisaSettings, seed: int) -> torc
     on what ran before in the process)."""
     if settings.num_threads > 0:
         torch.set_num_threads(settings.num_threads)
-    model = build_model(settings.num_classes, settings.width, seed=derived_seed(seed, 0), norm=settings.norm)
+    model = build_model(settings.num_classes, settings.width, seed=derived_seed(seed, 0), norm=settings.norm,
+                        model=settings.model)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derived_seed(seed, 1) % (1 << 63))
         objective = settings.build_objective()

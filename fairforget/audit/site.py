@@ -59,6 +59,10 @@ class SiteAudit:
     reference_seconds: float = 0.0  # training them (0 when cached), plus any LiRA-online shadows
     seconds: float = 0.0
     skipped: str = ""
+    # target -> "decile-D" -> {"members": count, attack: AUC of that LSI decile's members (0: least
+    # informative) against every non-member}, when the site scored its records for the audited model
+    # (`fairforget inspect`)
+    lsi_deciles: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_records(self) -> RecordDict:
         return RecordDict({
@@ -98,6 +102,7 @@ def site_audit(targets: dict[str, list[torch.nn.Module] | Ensemble], members: Sa
     is_member = np.r_[np.ones(len(members), bool), np.zeros(len(nonmembers), bool)]
     modes = sorted({attack_class(n).reference_mode for n in attacks} - {None})
     results: dict[str, dict[str, Any]] = {}
+    deciles: dict[str, dict[str, Any]] = {}
     ref_seconds = 0.0
     for tname, models in targets.items():
         kind = "ensemble" if tname == "ensemble" else "shard"
@@ -116,8 +121,36 @@ def site_audit(targets: dict[str, list[torch.nn.Module] | Ensemble], members: Sa
                                               settings=settings, seed=ref_seed, online=True)
             ref_seconds += refs[mode].seconds
         scorers = {name: build_attack(name, attack_options, attacks) for name in attacks}
-        results[tname] = {name: summarize(a.scores(target, refs.get(a.reference_mode)), is_member, bootstrap=bootstrap,
-                                          seed=seed)
-                          for name, a in scorers.items()}
+        scores = {name: a.scores(target, refs.get(a.reference_mode)) for name, a in scorers.items()}
+        results[tname] = {name: summarize(scores[name], is_member, bootstrap=bootstrap, seed=seed) for name in scorers}
+        if kind == "shard" and not isinstance(models, Ensemble) and len(models) == 1:
+            by_decile = _lsi_deciles(cache_dir.parent, models[0], members, scores, is_member)
+            if by_decile:
+                deciles[tname] = by_decile
     return {**counts, "targets": results, "references": references if "offline" in modes else 0,
-            "reference_seconds": ref_seconds, "seconds": time.perf_counter() - t0}
+            "reference_seconds": ref_seconds, "seconds": time.perf_counter() - t0, "lsi_deciles": deciles}
+
+
+def _lsi_deciles(state: Path, model: torch.nn.Module, members: SampleSet, scores: dict[str, np.ndarray],
+                 is_member: np.ndarray) -> dict[str, Any]:
+    """Each attack's AUC on the members of each LSI decile against all non-members, from the site's own
+    ``STATE/lsi`` (:mod:`fairforget.lsi`) when it scored this very model and every member; else {}."""
+    from fairforget.audit.roc import auc
+    from fairforget.lsi import deciles, read_sample_lsi
+
+    lsi = read_sample_lsi(state, model)
+    ids = members.ids.tolist()
+    if not lsi or any(int(i) not in lsi for i in ids):
+        return {}
+    dec = deciles(np.array([lsi[int(i)] for i in ids]))
+    outside = np.asarray(~is_member)
+    out: dict[str, Any] = {}
+    for d in range(10):  # "decile-0": {"members": count, attack: AUC, ...}: counts and rates only
+        inside = dec == d
+        if not inside.any():
+            continue
+        truth = np.r_[np.ones(int(inside.sum()), bool), np.zeros(int(outside.sum()), bool)]
+        out[f"decile-{d}"] = {"members": int(inside.sum()), **{
+            name: float(auc(np.r_[np.asarray(v)[:len(ids)][inside], np.asarray(v)[outside]], truth))
+            for name, v in scores.items()}}
+    return out

@@ -26,7 +26,14 @@ import numpy as np
 import torch
 
 from fairforget.audit import AuditError, TargetOutputs, attack_class, build_attack, parse_attacks
-from fairforget.audit.probe import attribute_inference, bottleneck
+from fairforget.audit.probe import (
+    ProbeData,
+    balanced_within_classes,
+    bottleneck,
+    feature_kind,
+    run_probes,
+    split_by_class,
+)
 from fairforget.audit.references import ReferenceOutputs, offline_references, predict_probs, train_references
 from fairforget.audit.roc import auc, summarize
 from fairforget.config import RunConfig
@@ -38,6 +45,7 @@ from fairforget.sisa import SisaSettings
 
 MIN_GROUP = 10  # members and non-members a (class, private) group needs for its own AUC
 PROBE_TEST_PER_GROUP = 10  # unbiased test samples per (class, private) group the probes are scored on
+INDEPENDENT_PER_GROUP = 20  # unbiased test samples per group the strong probes train and score on (split by class)
 
 
 def check_audit_config(cfg: RunConfig, bundle: DataBundle) -> list[str]:
@@ -85,6 +93,9 @@ def run_audit(run: RunDir, cfg: RunConfig, bundle: DataBundle, states: dict[int,
     # probe trains on live members only: a deleted (or retired) record is used by nothing after its deletion
     probe_test = _probe_test(bundle.test_unbiased, bundle.num_private, cfg.seed)
     feats = {k: (bottleneck([m], live.x), bottleneck([m], probe_test.x)) for k, m in models.items()}
+    independent, independent_missing = independent_split(bundle.test_unbiased, bundle.num_private, cfg.seed)
+    ind_feats = ({k: (bottleneck([m], independent[0].x), bottleneck([m], independent[1].x)) for k, m in models.items()}
+                 if independent else {})
     refs_time = 0.0
     results: dict[str, Any] = {}
     probes: dict[str, Any] = {}
@@ -113,9 +124,12 @@ def run_audit(run: RunDir, cfg: RunConfig, bundle: DataBundle, states: dict[int,
     # the probe needs the unbiased test set, which the server holds: every model's, wherever it was audited
     for tname in ["ensemble"] + [f"shard-{k}" for k in sorted(models) if len(models) > 1]:
         shard_keys = list(models) if tname == "ensemble" else [int(tname.split("-")[1])]
-        probes[tname] = attribute_inference(torch.cat([feats[k][0] for k in shard_keys], 1), live,
-                                            torch.cat([feats[k][1] for k in shard_keys], 1), probe_test,
-                                            bundle.num_private, seed=cfg.seed)
+        cat = lambda fs, i, keys=shard_keys: torch.cat([fs[k][i] for k in keys], 1)  # noqa: E731
+        data = ProbeData(cat(feats, 0), live.private, cat(feats, 1), probe_test.private,
+                         (cat(ind_feats, 0), independent[0].private, cat(ind_feats, 1), independent[1].private)
+                         if independent else None, independent_missing, bundle.num_private)
+        probes[tname] = run_probes(data, bootstrap=cfg.audit_bootstrap, seed=cfg.seed,
+                                   features=feature_kind([models[k] for k in shard_keys]), num_threads=cfg.num_threads)
     out = {
         "attacks": names,
         "population": "test_biased",
@@ -227,6 +241,27 @@ def _probe_test(unbiased: SampleSet, num_private: int, seed: int) -> SampleSet:
     rng = np.random.default_rng(seed + 77)
     keep = [rng.permutation(np.flatnonzero(groups == g))[:PROBE_TEST_PER_GROUP] for g in np.unique(groups)]
     return unbiased.subset(np.sort(np.concatenate(keep)))
+
+
+def independent_split(data: SampleSet, num_private: int, seed: int,
+                      per_group: int = INDEPENDENT_PER_GROUP) -> tuple[tuple[SampleSet, SampleSet] | None, str]:
+    """The strong probes' data: a seeded sample of ``data`` (at most ``per_group`` per (class, private)
+    group), checked to hold the private attribute balanced within each class, split by class
+    (:func:`fairforget.audit.probe.split_by_class`); ``(None, why)`` when it is not such data."""
+    if num_private < 2:
+        return None, "the dataset has no private attribute"
+    if len(data) == 0:
+        return None, "no audit split whose private attribute is independent of the label"
+    groups = data.y.numpy() * num_private + data.private.numpy()
+    rng = np.random.default_rng(seed + 78)
+    keep = [rng.permutation(np.flatnonzero(groups == g))[:per_group] for g in np.unique(groups)]
+    sample = data.subset(np.sort(np.concatenate(keep)))
+    why = balanced_within_classes(sample, num_private)
+    if why:
+        return None, f"the audit split is not independent of the label: {why}"
+    if len(np.unique(sample.y.numpy())) < 2:
+        return None, "the audit split holds one class: it cannot be split by class"
+    return split_by_class(sample, seed), ""
 
 
 def _group_aucs(scores: np.ndarray, is_member: np.ndarray, cand: SampleSet, num_private: int) -> list[dict]:

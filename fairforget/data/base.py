@@ -39,7 +39,21 @@ class DatasetError(ValueError):
 @dataclass
 class SampleSet:
     """Images ``x`` (N, C, H, W) float32 in [0, 1] with per-sample ``y``, ``private``, ``ids``
-    and ``site`` (-1 where the data has no site column)."""
+    and ``site`` (-1 where the data has no site column).
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        (N, C, H, W) float32 images in [0, 1].
+    y : torch.Tensor
+        (N,) int64 class labels.
+    private : torch.Tensor
+        (N,) int64 private (bias) attribute values, 0..``num_private`` - 1.
+    ids : torch.Tensor
+        (N,) int64 sample ids, unique across the dataset's splits (what deletions name).
+    site : torch.Tensor
+        (N,) int64 site index, -1 where the data has no site column.
+    """
 
     x: torch.Tensor
     y: torch.Tensor
@@ -76,6 +90,29 @@ class SampleSet:
 
 @dataclass
 class DataBundle:
+    """A dataset as a run uses it: its four splits and what they hold.
+
+    Parameters
+    ----------
+    name : str
+        The dataset's registered name.
+    train : SampleSet
+        The training split, partitioned over the shards.
+    heldout : SampleSet
+        Never trained on: the audit's non-members and population.
+    test_biased : SampleSet
+        A test split biased as the training data is.
+    test_unbiased : SampleSet
+        A test split with every (class, private value) group equally likely.
+    num_classes : int
+        Classes.
+    num_private : int
+        Values of the private attribute.
+    records : dict of int to str
+        Sample id -> the site's own record id, for data with record ids (an image folder); empty
+        otherwise.
+    """
+
     name: str
     train: SampleSet
     heldout: SampleSet

@@ -37,7 +37,23 @@ class Objective(nn.Module, ABC):
     """``loss(model, batch) -> scalar tensor``; subclasses register a ``name``.
 
     ``per_sample`` is False for a loss that couples the samples of a batch (EnD's Gram matrix,
-    HSIC): DP-SGD's per-sample clipping then bounds no single sample's influence."""
+    HSIC): DP-SGD's per-sample clipping then bounds no single sample's influence.
+
+    Parameters
+    ----------
+    ctx : ObjectiveContext
+        The task (label counts, the bottleneck's size) and the objective's own hyper-parameters.
+
+    Attributes
+    ----------
+    name : str
+        The objective's registered name (run-config key ``objective``).
+    per_sample : bool
+        Whether the loss is a mean of per-sample terms (what DP-SGD's clipping assumes).
+    options : Mapping[str, Any]
+        A plugin objective's own options (``objective-options``): option name -> default; the values
+        in effect are in ``self.ctx.options``.
+    """
 
     name: ClassVar[str]
     per_sample: ClassVar[bool] = True
@@ -59,7 +75,23 @@ class Objective(nn.Module, ABC):
 
     @abstractmethod
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        """The minibatch loss to descend on."""
+        """The minibatch loss to descend on.
+
+        Parameters
+        ----------
+        model : torch.nn.Module
+            The shard model being trained (``features(x)``, ``fc``; the objective may use its
+            bottleneck, of size ``self.ctx.bottleneck_dim``).
+        batch : fairforget.training.Batch
+            The minibatch on the model's device: images ``x``, labels ``y``, private (bias) labels
+            ``private`` and sample ``ids``.
+
+        Returns
+        -------
+        torch.Tensor
+            A scalar (0-d) tensor; the training engine calls ``backward()`` on it. Under DP-SGD it must
+            be a mean of per-sample terms unless :attr:`per_sample` is False.
+        """
 
     def before_training(self, model: nn.Module) -> None:
         """Called by the training engine before the first step (of every SISA stage): nothing by default."""

@@ -21,7 +21,13 @@ it through the model and Opacus' optimizer, which clips nothing and adds the noi
 (:attr:`DPSGD.steps_on_empty`).
 
 BatchNorm mixes samples of a batch and has no per-sample gradient: under DP the shard models are
-built with GroupNorm (``SimpleConvNet(norm="group")``, what ``ModuleValidator.fix`` would do).
+built with GroupNorm (``SimpleConvNet(norm="group")``, what ``ModuleValidator.fix`` would do; the
+feature models of :mod:`fairforget.models` use GroupNorm always, and their scattering front end has no
+parameters, so Opacus hooks and clips the head only).
+
+Under a plan (``dp-plan``, :mod:`fairforget.privacy.planner`) a SISA stage is one "epoch" of exactly
+the planned number of Poisson steps (``UniformWithReplacementSampler(steps=...)``) at the planned
+expected batch, learning rate and clipping norm.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from torch.utils.data import DataLoader
 
 from fairforget.privacy.accountant import ShardAccountant
 from fairforget.privacy.gdp import Entry, dp_sgd_entry
+from fairforget.privacy.planner import Plan, StagePlan, entry, parse_plan
 
 
 @dataclass(frozen=True)
@@ -52,31 +59,49 @@ class DPSettings:
     accountant: str
     max_epsilon: float
     secure_mode: bool = False
+    plan_json: str = ""  # dp-plan: the planner's per-stage schedule (fairforget/privacy/planner.py); "": none
 
     @classmethod
     def from_config(cls, cfg: Any) -> DPSettings | None:
         """``None`` when ``dp`` is off."""
         if not cfg.dp:
             return None  # dp-secure-mode without torchcsprng is refused by RunConfig.validate
-        return cls(cfg.dp_noise_multiplier, cfg.dp_max_grad_norm, cfg.dp_delta, cfg.dp_accountant,
-                   cfg.dp_max_epsilon, cfg.dp_secure_mode)
+        settings = cls(cfg.dp_noise_multiplier, cfg.dp_max_grad_norm, cfg.dp_delta, cfg.dp_accountant,
+                       cfg.dp_max_epsilon, cfg.dp_secure_mode, getattr(cfg, "dp_plan", ""))
+        parse_plan(settings.plan_json, cfg.slices)  # a plan for another number of stages: one line, now
+        return settings
+
+    @property
+    def plan(self) -> Plan | None:
+        return Plan.from_json(self.plan_json) if self.plan_json.strip() else None
+
+    def stage_plan(self, stage: int | None) -> StagePlan | None:
+        """The planner's schedule of SISA stage ``stage`` (None: not planned, or not a SISA stage)."""
+        plan = self.plan
+        return plan.stages[stage - 1] if plan is not None and stage is not None else None
 
     def hook(self, sample_seed: int, noise_seed: int, accountant: ShardAccountant | None = None,
-             poisson: bool = True) -> DPSGD:
+             poisson: bool = True, stage: StagePlan | None = None) -> DPSGD:
         """One training's DP-SGD hook, its Poisson masks drawn from ``sample_seed`` and its noise from
-        ``noise_seed`` (a shard's are secret: :meth:`fairforget.sisa.SisaShard.dp_hook`)."""
-        return DPSGD(self.noise_multiplier, self.max_grad_norm, sample_seed, noise_seed, accountant,
-                     self.secure_mode, poisson)
+        ``noise_seed`` (a shard's are secret: :meth:`fairforget.sisa.SisaShard.dp_hook`); a planned
+        ``stage`` sets the clipping norm and the number of Poisson steps."""
+        return DPSGD(self.noise_multiplier, stage.max_grad_norm if stage else self.max_grad_norm, sample_seed,
+                     noise_seed, accountant, self.secure_mode, poisson, steps=stage.steps if stage else None)
 
     def fixed(self, batch_size: int) -> dict[str, Any]:
         """The settings a site fixes in its state at its first DP training (``STATE/dp-settings.json``):
         a later run that differs would change the guarantee its models were trained under."""
         return {"dp": True, "dp-noise-multiplier": self.noise_multiplier, "dp-max-grad-norm": self.max_grad_norm,
                 "dp-delta": self.delta, "dp-accountant": self.accountant, "dp-max-epsilon": self.max_epsilon,
-                "dp-secure-mode": self.secure_mode, "batch-size": int(batch_size)}
+                "dp-secure-mode": self.secure_mode, "batch-size": int(batch_size),
+                **({"dp-plan": self.plan_json} if self.plan_json else {})}
 
-    def planned(self, n: int, batch_size: int, epochs: int) -> list[Entry]:
-        """What ``epochs`` epochs on ``n`` samples will add to the accountant."""
+    def planned(self, n: int, batch_size: int, epochs: int, stage: int | None = None) -> list[Entry]:
+        """What ``epochs`` epochs on ``n`` samples will add to the accountant (SISA stage ``stage`` under
+        a plan: its planned steps at rate ``planned batch / n``)."""
+        planned = self.stage_plan(stage)
+        if planned is not None:
+            return [entry(self.noise_multiplier, n, planned)] if n > 0 else []
         return dp_sgd_entry(n, batch_size, epochs, self.noise_multiplier)
 
 
@@ -104,13 +129,15 @@ class DPSGD:
     steps_on_empty = True  # an empty Poisson batch is a step (noise only), as the accountant counts it
 
     def __init__(self, noise_multiplier: float, max_grad_norm: float, sample_seed: int, noise_seed: int,
-                 accountant: ShardAccountant | None = None, secure_mode: bool = False, poisson: bool = True) -> None:
+                 accountant: ShardAccountant | None = None, secure_mode: bool = False, poisson: bool = True,
+                 steps: int | None = None) -> None:
         if noise_multiplier < 0 or max_grad_norm <= 0:
             raise ValueError(f"need noise_multiplier >= 0 and max_grad_norm > 0, got {noise_multiplier}, "
                              f"{max_grad_norm}")
         self.noise_multiplier, self.max_grad_norm = noise_multiplier, max_grad_norm
         self.accountant = accountant
         self.secure_mode, self.poisson = secure_mode, poisson
+        self.steps = steps  # Poisson steps of the whole training (a planned stage: one epoch); None: 1/q an epoch
         self.sample_gen = torch.Generator().manual_seed(int(sample_seed) % (1 << 63))
         self.noise_gen = None if secure_mode else torch.Generator().manual_seed(int(noise_seed) % (1 << 63))
         self._gsm: GradSampleModule | None = None
@@ -127,7 +154,8 @@ class DPSGD:
         batch_size = getattr(loader.batch_sampler, "batch_size", None) or loader.batch_size or n
         self._rate = min(1.0, batch_size / n)
         if self.poisson:
-            sampler = UniformWithReplacementSampler(num_samples=n, sample_rate=self._rate, generator=self.sample_gen)
+            sampler = UniformWithReplacementSampler(num_samples=n, sample_rate=self._rate, generator=self.sample_gen,
+                                                    steps=self.steps)
             loader = DataLoader(loader.dataset, batch_sampler=sampler, collate_fn=loader.collate_fn)
             expected = max(1, int(n * self._rate))
         else:  # the engine's own shuffled batches (tests: DP with no noise equals plain training)

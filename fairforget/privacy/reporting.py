@@ -31,6 +31,7 @@ from fairforget.privacy.gdp import (
     planned_sisa,
     tpr_bound,
 )
+from fairforget.privacy.planner import plan_for
 
 EPSILON_FIRST = (1.0, 4.0, 8.0)
 ENSEMBLE_NOTE = ("shards are disjoint, so for any one record the ensemble is as private as the shard that "
@@ -49,18 +50,21 @@ def _plan_figures(sizes: list[int], cfg: Any, sigma: float) -> dict[str, float]:
             f"tpr_bound_at_{cfg.dp_target_fpr:g}_fpr": tpr_bound(mu, cfg.dp_target_fpr)}
 
 
-def calibrate(cfg: Any, shard_sizes: Sequence[int], compare: bool = True) -> dict[str, Any]:
+def calibrate(cfg: Any, shard_sizes: Sequence[int], compare: bool = True, candidates: bool = False) -> dict[str, Any]:
     """The calibration record (see the module docstring); ``chosen`` is the noise the run uses.
     ``compare = False`` leaves out the epsilon-first alternatives (each is a bisection over the
-    accountant, seconds to a minute with PRV)."""
+    accountant, seconds to a minute with PRV); ``candidates = True`` adds :func:`candidate_settings`
+    (other schedules meeting the same target, with their Delta-divergence)."""
     n = int(min(shard_sizes))
     sizes = stage_sizes(n, cfg.slices)
     args = (sizes, cfg.batch_size, cfg.epochs_per_slice)
     direct = noise_for_tpr(cfg.dp_target_tpr, cfg.dp_target_fpr, *args)
+    planned = plan_for(cfg, sizes) if cfg.dp_calibrate == "plan" else None  # the DP-aware schedule (planner.py)
     chosen = {"none": lambda: cfg.dp_noise_multiplier,
               "epsilon": lambda: noise_for_epsilon(cfg.dp_target_epsilon, cfg.dp_delta, *args,
                                                    accountant=cfg.dp_accountant),
-              "attack-risk": lambda: direct}[cfg.dp_calibrate]()
+              "attack-risk": lambda: direct,
+              "plan": lambda: planned["noise_multiplier"]}[cfg.dp_calibrate]()
     out: dict[str, Any] = {
         "mode": cfg.dp_calibrate,
         "smallest_shard": n,
@@ -70,6 +74,8 @@ def calibrate(cfg: Any, shard_sizes: Sequence[int], compare: bool = True) -> dic
         "chosen": _plan_figures(sizes, cfg, chosen),
         "attack_risk": _plan_figures(sizes, cfg, direct),
     }
+    if planned is not None:  # the planner's schedule, not the non-private one, is what the run trains with
+        out["chosen"], out["plan"] = planned.pop("chosen"), planned
     if compare:
         eps_route = epsilon_for_tpr(cfg.dp_target_tpr, cfg.dp_target_fpr, cfg.dp_delta)
         via_eps = noise_for_epsilon(eps_route, cfg.dp_delta, *args, accountant=cfg.dp_accountant)
@@ -78,7 +84,67 @@ def calibrate(cfg: Any, shard_sizes: Sequence[int], compare: bool = True) -> dic
         out["epsilon_first"] = {f"{e:g}": _plan_figures(sizes, cfg, noise_for_epsilon(e, cfg.dp_delta, *args,
                                                                                         accountant=cfg.dp_accountant))
                                 for e in EPSILON_FIRST}
+    if candidates:  # under dp-calibrate = plan the planner's own schedule is the run's setting
+        own = [(float(out["plan"]["noise_multiplier"]), float(st["sample_rate"]), int(st["steps"]))
+               for st in out["plan"]["stages"]] if "plan" in out else None
+        out["candidates"] = candidate_settings(cfg, sizes, out["chosen"], own_plan=own)
     return out
+
+
+# (batch-size factor, epochs-per-slice factor) of the schedules compared with the config's own (the first)
+CANDIDATE_SCHEDULES = ((1.0, 1), (0.5, 1), (2.0, 1), (1.0, 2))
+
+
+def candidate_settings(cfg: Any, sizes: list[int], chosen: Mapping[str, Any],
+                       own_plan: list[tuple[float, float, int]] | None = None) -> dict[str, Any]:
+    """DP-SGD settings that meet the same target as the run's (other batch sizes, i.e. sampling rates,
+    and step counts, each with the noise that meets it: the attack-risk target for ``dp-calibrate =
+    attack-risk``, ``dp-target-epsilon`` for ``epsilon``, the chosen noise's own epsilon for ``none``),
+    compared by the Delta-divergence of their PRV privacy profiles
+    (:mod:`fairforget.privacy.divergence`): the least vulnerable one, and each one's worst-case excess
+    vulnerability over it. The config's own schedule keeps the chosen noise; ``own_plan`` (the DP
+    planner's accountant entries, ``dp-calibrate = plan``) is the run's setting instead of it."""
+    from fairforget.privacy.divergence import DivergenceError
+    from fairforget.privacy.divergence import compare as delta_compare
+
+    if cfg.dp_calibrate == "attack-risk":
+        target = f"TPR <= {cfg.dp_target_tpr:g} at FPR {cfg.dp_target_fpr:g} (mu-GDP)"
+        solve = lambda b, e: noise_for_tpr(cfg.dp_target_tpr, cfg.dp_target_fpr, sizes, b, e)  # noqa: E731
+    else:
+        eps = cfg.dp_target_epsilon if cfg.dp_calibrate == "epsilon" else chosen["epsilon"]
+        target = f"epsilon <= {eps:.3f} at delta {cfg.dp_delta:g} ({cfg.dp_accountant})"
+        solve = lambda b, e: noise_for_epsilon(eps, cfg.dp_delta, sizes, b, e, accountant=cfg.dp_accountant)  # noqa: E731
+    rows: dict[str, dict[str, Any]] = {}
+    skipped: dict[str, str] = {}
+    for bf, ef in CANDIDATE_SCHEDULES:
+        b, e = max(1, int(round(cfg.batch_size * bf))), cfg.epochs_per_slice * ef
+        name = f"batch {b}, {e} epoch(s) a slice"
+        if name in rows:
+            continue
+        own = (bf, ef) == CANDIDATE_SCHEDULES[0]
+        try:
+            sigma = chosen["noise_multiplier"] if own else solve(b, e)
+        except ValueError as exc:  # no noise up to the bisection's bound meets the target
+            skipped[name] = str(exc)
+            continue
+        plan = planned_sisa(sizes, b, e, sigma)
+        if own and own_plan is not None:
+            name, plan = "the DP planner's schedule", list(own_plan)
+            b, e = None, None  # per stage, in the calibration record's "plan"
+        rows[name] = {"batch_size": b, "epochs_per_slice": e, "noise_multiplier": sigma,
+                      "epsilon": epsilon_of(cfg.dp_accountant, plan, cfg.dp_delta), "mu": mu_of(plan),
+                      "steps": int(sum(t for _, _, t in plan)), "chosen": own, "plan": plan}
+    chosen_name = next(n for n, r in rows.items() if r["chosen"])
+    out = {"target": target, "method": "Delta-divergence of PRV privacy profiles (Kaissis et al. 2024)",
+           "chosen": chosen_name, "settings": rows, "skipped": skipped}
+    try:
+        div = delta_compare({n: r.pop("plan") for n, r in rows.items()}, method="prv")
+    except DivergenceError as exc:  # a profile the PRV accountant cannot grid: said, not fatal to the run
+        return {**out, "error": str(exc), "least_vulnerable": None, "chosen_delta_excess": None}
+    for n, r in rows.items():
+        r["delta_excess"] = div["excess"][n]
+    return {**out, "least_vulnerable": div["least_vulnerable"],
+            "chosen_delta_excess": rows[chosen_name]["delta_excess"]}
 
 
 RANDOMNESS = ("the noise and Poisson masks of every training are seeded at its site from the operating system's "
@@ -101,7 +167,10 @@ def dp_block(cfg: Any, shard_summaries: Mapping[int, Mapping[str, Any]],
         "max_epsilon": cfg.dp_max_epsilon,
         "secure_mode": cfg.dp_secure_mode,
         "randomness": RANDOMNESS,
-        "model": "SimpleConvNet with GroupNorm (BatchNorm has no per-sample gradients)",
+        "model": ("SimpleConvNet with GroupNorm (BatchNorm has no per-sample gradients)"
+                  if getattr(cfg, "model", "simple-conv") == "simple-conv" else
+                  f"{cfg.model}: a fixed scattering front end (no parameters, not seen by DP-SGD) and a GroupNorm "
+                  "head, the only part DP-SGD trains"),
         "sampling": "Poisson, rate batch-size / stage size",
         "shards": shards,
         "ensemble": {**(dict(worst) if worst else {}), "note": ENSEMBLE_NOTE},

@@ -7,7 +7,9 @@ from its last clean checkpoint; it is the only method whose result equals retrai
 The others are approximate (one file each; they share the SISA bookkeeping of :mod:`.approximate`)
 and spend the shard's deletion budget (:mod:`fairforget.capacity`): ``finetune`` (on the retained
 data), ``neggrad`` (NegGrad+), ``scrub`` (SCRUB), ``newton`` (noisy Newton step on the linear head,
-certified in the convex case) and ``del`` (DEL-style localised reset and fine-tune).
+certified in the convex case), ``del`` (DEL-style localised reset and fine-tune) and ``rem`` (REM,
+redirection of corrupted data to neurons added at unlearning time and then discarded; its options
+through ``unlearner-options``).
 
 Or, without editing fairforget, from a package of your own (:mod:`fairforget.plugins`; installed at
 every site and where the ServerApp runs): ``unlearn-method = "my_package.my_method"`` (a module) or
@@ -29,16 +31,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fairforget.plugins import Registry, declared_options
-from fairforget.unlearning import del_reset, exact, finetune, neggrad, newton, scrub
+from fairforget.unlearning import del_reset, exact, finetune, neggrad, newton, rem, scrub
 from fairforget.unlearning.approximate import UnlearnParams
 from fairforget.unlearning.result import UnlearnResult
 
 EXACT = exact.NAME
 UNLEARNERS: dict[str, Callable[..., UnlearnResult]] = {
-    m.NAME: m.unlearn for m in (exact, finetune, neggrad, scrub, newton, del_reset)
+    m.NAME: m.unlearn for m in (exact, finetune, neggrad, scrub, newton, del_reset, rem)
 }
 CHECKS: dict[str, Callable[..., None]] = {
-    m.NAME: m.check for m in (exact, finetune, neggrad, scrub, newton, del_reset)
+    m.NAME: m.check for m in (exact, finetune, neggrad, scrub, newton, del_reset, rem)
 }
 
 
@@ -66,7 +68,8 @@ def _is_unlearner(obj: Any) -> bool:
 REGISTRY: Registry[Unlearner] = Registry(
     "unlearner", "unlearn-method",
     {m.NAME: Unlearner(m.NAME, m.check, m.unlearn, m is exact) for m in (exact, finetune, neggrad, scrub, newton,
-                                                                          del_reset)},
+                                                                          del_reset)}
+    | {rem.NAME: Unlearner.of(rem)},  # REM declares options (unlearner-options)
     check=_is_unlearner, adapt=Unlearner.of, modules=True,
     expected=("a fairforget unlearner (a module or object with NAME, EXACT = True or False, "
               "check(shard, ids, params=None) and unlearn(shard, ids, params=None))"))

@@ -53,7 +53,25 @@ APPROX_FILE = "approx.pt"
 @dataclass(frozen=True)
 class UnlearnParams:
     """The run-config keys the approximate methods read (``unlearn-*``, ``newton-lambda``,
-    ``capacity-eps`` / ``capacity-delta`` for the Newton step's noise)."""
+    ``capacity-eps`` / ``capacity-delta`` for the Newton step's noise).
+
+    Parameters
+    ----------
+    epochs : int
+        ``unlearn-epochs``: epochs of the gradient-based methods (fine-tuning, gradient ascent).
+    lr : float
+        ``unlearn-lr``: their learning rate.
+    newton_lambda : float
+        ``newton-lambda``: the L2 damping of the Newton step's Hessian.
+    eps : float
+        ``capacity-eps``: the (epsilon, delta) certificate the Newton step's noise and the deletion
+        capacity are calibrated to.
+    delta : float
+        ``capacity-delta``: its delta.
+    options : Mapping[str, Any]
+        A plugin method's own options (``unlearner-options``, keyed by the method's name), with the
+        method's declared defaults filled in (:func:`fairforget.unlearning.unlearn_params`).
+    """
 
     epochs: int
     lr: float
@@ -197,7 +215,29 @@ def check(name: str, shard: SisaShard, ids: list[int], params: UnlearnParams | N
     """Everything that can refuse the approximate deletion, checked with nothing written (the node
     runs this before it tombstones the ids): ids not live in the shard; under DP-SGD a method that
     does not declare how many DP epochs over the retained data it trains (``dp_epochs``; 0 for one
-    that does not train), or whose spend would pass the shard's epsilon cap."""
+    that does not train), or whose spend would pass the shard's epsilon cap.
+
+    Parameters
+    ----------
+    name : str
+        The method's registered name (for the messages).
+    shard : fairforget.sisa.SisaShard
+        The shard the deletion is for.
+    ids : list of int
+        The sample ids to delete.
+    params : UnlearnParams or None
+        The run's unlearning keys; None: the defaults.
+    dp_epochs : int, optional
+        Under DP-SGD: the DP epochs over the retained data the method trains (0: none); None: the
+        method cannot run under DP-SGD.
+
+    Raises
+    ------
+    fairforget.sisa.SisaError
+        An id not live in the shard, or a method DP-SGD cannot cover.
+    fairforget.privacy.accountant.PrivacyBudgetExceeded
+        Its spend would pass the shard's epsilon cap.
+    """
     params = params or UnlearnParams.defaults()
     shard.check_ids(ids)
     if shard.settings.dp is not None:
@@ -222,7 +262,29 @@ def approximate(name: str, method: Method, shard: SisaShard, ids: list[int],
     change the model in place (it returns its own figures), save it as the shard's current model.
 
     Under DP-SGD the method's spend (``dp_epochs`` over the retained data) is checked against the
-    shard's epsilon cap before anything changes, and composed into its accountant."""
+    shard's epsilon cap before anything changes, and composed into its accountant.
+
+    Parameters
+    ----------
+    name : str
+        The method's registered name (what the ledger records).
+    method : callable
+        ``method(model, retain, forget, params, shard, seed) -> dict`` changing ``model`` in place and
+        returning its own figures (``noise_sigma``, ...).
+    shard : fairforget.sisa.SisaShard
+        The shard the deletion is for.
+    ids : list of int
+        The sample ids to delete.
+    params : UnlearnParams or None
+        The run's unlearning keys; None: the defaults.
+    dp_epochs : int, optional
+        As for :func:`check`.
+
+    Returns
+    -------
+    fairforget.unlearning.result.UnlearnResult
+        What the deletion did (``retrained_stages`` 0, the method's figures, the hashes).
+    """
     params = params or UnlearnParams.defaults()
     check(name, shard, ids, params, dp_epochs)
     if shard.settings.num_threads > 0:

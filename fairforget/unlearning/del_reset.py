@@ -49,7 +49,8 @@ def _method(model: SimpleConvNet, retain: SampleSet, forget: SampleSet, params: 
     scores = torch.cat([(g_f[n].abs() / (g_r[n].abs() + 1e-12)).flatten() for n in names])
     k = max(1, int(FRACTION * scores.numel()))
     threshold = scores.topk(k).values.min()
-    init = build_model(s.num_classes, s.width, seed=derived_seed(s.seed, shard.shard, 0), norm=s.norm).state_dict()
+    init = build_model(s.num_classes, s.width, seed=derived_seed(s.seed, shard.shard, 0), norm=s.norm,
+                       model=s.model).state_dict()
     params_by_name = dict(model.named_parameters())
     masks = {}
     with torch.no_grad():

@@ -22,6 +22,41 @@ FIGURE_PREFIX = "figure."  # method-specific figures travel as "figure.<name>" m
 
 @dataclass(frozen=True)
 class UnlearnResult:
+    """What a node's deletion did to its shard: the ``train.unlearn`` reply, and the ledger's
+    completion line (:func:`server.forget.ledger_rows`).
+
+    Parameters
+    ----------
+    shard : int
+        The shard.
+    method : str
+        The unlearner that served it (a name of ``fairforget.unlearning.UNLEARNERS``).
+    restart_stage : int
+        The last clean stage, where an exact retrain starts (0: from initialisation).
+    retrained_stages : int
+        Stages trained again (0 for an approximate method).
+    seconds : float
+        Training compute, as the full-retrain figure counts it.
+    wall_seconds : float
+        Wall time, with the index update and checkpoint I/O.
+    hash_before, hash_after : str
+        The shard model's hash (SHA-256, 16 hex) before and after.
+    num_examples : int
+        The shard's live samples afterwards.
+    full_train_seconds : float
+        SISA training compute of every stage of the shard (what a full retrain costs).
+    approx_deletions : int
+        Deletions served approximately since the last exact retrain.
+    figures : Mapping[str, float]
+        Method-specific figures (``noise_sigma``, ...).
+    augment : Mapping[str, Any] or None
+        An augmented shard: what happened to its generator and samples (the ``augment-json`` payload).
+    resumed : bool
+        A re-sent deletion the node had committed before a crash: finished, not redone.
+    index_version : int
+        The shard index's version afterwards (a replay's starting point).
+    """
+
     shard: int
     method: str  # a name of fairforget.unlearning.UNLEARNERS
     restart_stage: int  # the last clean stage (where an exact retrain starts)
