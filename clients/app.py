@@ -60,7 +60,8 @@ def audit(msg: Message, context: Context) -> Message:
 
 @app.query("identify")
 def identify(msg: Message, context: Context) -> Message:
-    return Message(handlers.identify(msg.content, _node(msg, context)), reply_to=msg)
+    # not under the state lock (it reads no state), but a kept node whose data changed on disk is rebuilt
+    return Message(handlers.identify(msg.content, _node(msg, context).current()), reply_to=msg)
 
 
 @app.query("evaluate")

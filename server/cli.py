@@ -742,8 +742,8 @@ def build_parser() -> argparse.ArgumentParser:
     ids.add_argument("--ids-file", metavar="FILE", help="a file of sample ids, separated by commas or newlines")
     fg.add_argument("--method", metavar="NAME",
                     help="unlearning method (the unlearn-method key): exact-sisa (default), finetune, neggrad, "
-                         "scrub, newton or del, or an unlearner plugin (its name or package.module:Attr); the "
-                         "approximate ones spend the shard's deletion budget")
+                         "scrub, newton, del or rem (corrupted data), or an unlearner plugin (its name or "
+                         "package.module:Attr); the approximate ones spend the shard's deletion budget")
     fg.add_argument("--set", metavar="KEY=VALUE", action="append",
                     help="override an unlearn-*, unlearner-options, newton-*, capacity-policy or augment-on-delete key "
                          "for this request, "

@@ -265,7 +265,8 @@ def run_curve(args: argparse.Namespace, sets: dict[str, object]) -> int:
     partial = None if {1.0, 4.0, 8.0} <= set(eps) else "--eps leaves out epsilon 1, 4 or 8"
     if args.merge:
         text += "\nPoints measured by separate `--curve` runs (in parallel, each its own process), read from: " + \
-            ", ".join(f"`{m}`" for m in args.merge) + " (each file records its run's config keys).\n"
+            "; ".join(f"`{m}` (config keys {json.loads(m.read_text())['sets']})" for m in args.merge) + \
+            ". The no-DP rows use the run's ordinary schedule with those keys; the DP rows the planner's.\n"
     if page_wanted(args, "dp-curve", partial=partial):
         write_page("dp-curve", "Differential privacy: the privacy-utility curve with feature models",
                    CURVE_INTRO + "\n\n" + text, measures=CURVE_MEASURES, figures=[figure],

@@ -36,7 +36,7 @@ from flwr.supercore import log
 from fairforget import keys, ledger
 from fairforget.capacity import BudgetExceeded, DeletionBudget, head_parameters
 from fairforget.ensemble import Predictor
-from fairforget.model import bottleneck_dim
+from fairforget.model import model_bottleneck
 from fairforget.records import pack_shards, unpack_shards
 from fairforget.unlearning import EXACT, UnlearnResult, is_exact
 from strategies.base import FairforgetStrategy, StrategyReplyError, mean_metrics
@@ -124,7 +124,7 @@ class ShardEnsemble(FairforgetStrategy, Strategy):
 
     @classmethod
     def from_config(cls, cfg: Any, num_classes: int) -> ShardEnsemble:
-        d = head_parameters(bottleneck_dim(cfg.model_width), num_classes)  # SimpleConvNet.fc
+        d = head_parameters(model_bottleneck(cfg.model, cfg.model_width), num_classes)  # the run's model's fc
         budget = DeletionBudget(cfg.capacity_bound, cfg.capacity_eps, cfg.capacity_delta, d, cfg.capacity_c)
         return cls(cfg.num_shards, cfg.slices, cfg.ensemble_vote, budget, cfg.capacity_policy, cfg.required_shards)
 

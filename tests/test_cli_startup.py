@@ -35,7 +35,7 @@ print(json.dumps(results))
 """
 
 HELP = [["--help"], *[[c, "--help"] for c in ("simulate", "forget", "request", "calibrate", "audit", "verify",
-                                              "compare")]]
+                                              "compare", "inspect")]]
 ERRORS = [
     ([], "the following arguments are required: command"),
     (["bogus"], "invalid choice: 'bogus'"),

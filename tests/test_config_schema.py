@@ -101,8 +101,8 @@ def _outside(k: Key) -> list:
         return ["not-a-choice"]
     if k.form is not None:
         return {"out-dir": [" "], "request": ["xyz", "0123456789ABCDEF"], "dataset": [""], "strategy": [" "],
-                "objective": [""], "model": [""], "dp-plan": ["[1]"], "unlearn-method": [""], "augment-filter": [""], "attack-options": ['{"a": 1}'],
-                }.get(k.name, ["[1]", "{"] if k.name.endswith("-options") else [])
+                "objective": [""], "model": [""], "dp-plan": ["[1]"], "unlearn-method": [""], "augment-filter": [""],
+                "attack-options": ['{"a": 1}']}.get(k.name, ["[1]", "{"] if k.name.endswith("-options") else [])
     out = []
     step = 1 if k.type is int else 0.5
     if k.minimum is not None:

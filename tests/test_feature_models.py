@@ -140,3 +140,21 @@ def test_bad_models_are_one_line_before_anything_trains(tiny_cfg, tmp_path):
     with pytest.raises(ConfigError, match="features are fixed"):
         shard.train_through()
     assert shard.trained == 0 and not (tmp_path / "s" / "checkpoints").exists()
+
+
+def test_the_deletion_budget_is_sized_by_the_runs_model():
+    """The capacity bound's d (the head's parameter count) is the run's model's, not SimpleConvNet's: a
+    scatter-linear head over the scattering features has far more parameters than the conv's."""
+    from types import SimpleNamespace
+
+    from fairforget.capacity import head_parameters
+    from fairforget.model import model_bottleneck
+    from strategies.shard_ensemble import ShardEnsemble
+
+    for name in ("simple-conv", *FEATURE_MODELS):
+        cfg = SimpleNamespace(model=name, model_width=4, capacity_bound="newton", capacity_eps=1.0,
+                              capacity_delta=1e-5, capacity_c=1.0, num_shards=2, slices=2, ensemble_vote="softmax",
+                              capacity_policy="retrain", required_shards=0)
+        d = ShardEnsemble.from_config(cfg, 10).budget.d
+        assert d == head_parameters(model_bottleneck(name, 4), 10) == head_parameters(MODELS[name].bottleneck(4), 10)
+    assert model_bottleneck("scatter-linear", 4) > 10 * model_bottleneck("simple-conv", 4)

@@ -188,7 +188,8 @@ def test_tombstones_name_records_by_id_record_and_legacy_hash(tmp_path):
     assert t.add([11, 12, 11, 99], request=4) == [11, 99]  # 12 is tombstoned already (by its legacy id)
     rows = [json.loads(x) for x in t.path.read_text().splitlines()]
     assert [{k: v for k, v in r.items() if k != "time"} for r in rows] == [
-        {"id": 11, "record": "img/2.png", "request": 4}, {"id": 99, "request": 4}]
+        {"schema_version": 2, "id": 11, "record": "img/2.png", "request": 4},
+        {"schema_version": 2, "id": 99, "request": 4}]
     assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", r["time"]) for r in rows)
     assert t.ids() == {legacy, 77, 12, 11, 99}
     # a record id tombstoned under an old sample id: its new sample id (a new site key) is deleted too

@@ -12,8 +12,9 @@ Versions:
 A line without ``record`` is read as version 1 (its ``id`` is matched as a sample id and as an old
 unkeyed id), a line with one as version 2; a line naming a ``schema_version`` newer than this one is
 read for the fields this version declares. A site's deletion list is migrated on read, never refused
-nor rewritten. The lines carry no ``schema_version`` of their own: their shape tells the two
-versions apart, and the releases that wrote version 1 read version 2's lines as they are.
+nor rewritten. Lines written since version 2 name their ``schema_version``; the older lines carry
+none, and their shape tells the two versions apart (the releases that wrote version 1 read version 2's
+lines as they are: they ignore the keys they do not know).
 """
 
 from __future__ import annotations
@@ -65,8 +66,9 @@ def parse_line(obj: Mapping[str, Any], where: str) -> TombstoneLine:
 
 def new_line(sample_id: int, record: str | None, request: int | None, time: str) -> dict[str, Any]:
     """The JSON object :meth:`fairforget.tombstones.Tombstones.add` appends (version 2)."""
-    line = TombstoneLine(id=int(sample_id), record=record, request=request, time=time)
-    obj = {"id": line.id, **({"record": line.record} if line.record is not None else {}), "request": line.request,
-           "time": line.time}
+    line = TombstoneLine(schema_version=TOMBSTONE_SCHEMA_VERSION, id=int(sample_id), record=record, request=request,
+                         time=time)
+    obj = {"schema_version": line.schema_version, "id": line.id,
+           **({"record": line.record} if line.record is not None else {}), "request": line.request, "time": line.time}
     parse_line(obj, "the tombstone to append")
     return obj
