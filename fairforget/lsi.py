@@ -265,6 +265,7 @@ def _served_model(state: Path, index: dict[str, Any], approx_meta: dict[str, Any
                   width: int) -> nn.Module:
     """The model the shard serves: its valid approximate model, else its last trained stage's checkpoint."""
     from fairforget.model import load_model
+    from fairforget.sisa import served_state
     from fairforget.storage import torch_load
     from fairforget.unlearning.approximate import APPROX_FILE
 
@@ -275,7 +276,7 @@ def _served_model(state: Path, index: dict[str, Any], approx_meta: dict[str, Any
     else:
         path = state / "checkpoints" / f"stage-{index['trained']}.pt"
         try:
-            weights = torch_load(path)["model"]
+            weights = served_state(torch_load(path))  # with its eraser (fairforget.erasure), as it is served
         except FileNotFoundError:
             raise LsiError(f"{path} is missing: shard {index['shard']} has no model for its trained stage") from None
     return load_model(weights, num_classes, width)

@@ -250,11 +250,18 @@ def read_jsonl(path: Path, *, allow_torn_tail: bool = False) -> list[dict[str, A
     """The JSON objects of a JSON-lines file ([] if there is none). A line that does not parse is a
     :class:`TornLine` error, except, with ``allow_torn_tail``, an unterminated last line (a crash
     mid-append), which is skipped."""
+    return [row for _, row in read_jsonl_numbered(path, allow_torn_tail=allow_torn_tail)]
+
+
+def read_jsonl_numbered(path: Path, error: type[ValueError] = TornLine, *,
+                        allow_torn_tail: bool = False) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, object) of each JSON object of a JSON-lines file ([] if there is none); blank
+    lines skipped. A line that does not parse is an ``error`` naming the file and line, except, with
+    ``allow_torn_tail``, an unterminated last line (a crash mid-append), which is skipped."""
     path = Path(path)
     if not path.exists():
         return []
-    text = path.read_text(encoding="utf-8")
-    lines = text.split("\n")
+    lines = path.read_text(encoding="utf-8").split("\n")
     rows = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
@@ -266,9 +273,8 @@ def read_jsonl(path: Path, *, allow_torn_tail: bool = False) -> list[dict[str, A
         except ValueError:
             if allow_torn_tail and n == len(lines):  # the last line, with no newline after it
                 continue
-            raise TornLine(f"{path} line {n} is not a JSON object (a torn or hand-edited line): "
-                           f"{line[:60]!r}") from None
-        rows.append(row)
+            raise error(f"{path} line {n} is not a JSON object (a torn or hand-edited line): {line[:60]!r}") from None
+        rows.append((n, row))
     return rows
 
 

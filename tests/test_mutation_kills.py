@@ -947,3 +947,29 @@ def test_sisa_add_puts_each_new_id_in_its_drawn_slice(tmp_path):
     assert shard.add([sid], pool) == 0 and shard.index["version"] == version + 1
     home = derived_seed(7, 1, 91, sid) % 2
     assert shard.index["slices"] == [sorted(s + [sid]) if k == home else s for k, s in enumerate(slices)]
+
+
+def test_sisa_planned_removal_charges_only_the_stages_a_deletion_retrains(tmp_path):
+    """A deletion from slice s retrains stages s+1..target (stage s trained on the slices before s): the
+    hard stop is checked against exactly those stages' DP-SGD entries, on the slices without the ids."""
+    import torch
+
+    from fairforget.data.base import make_sampleset
+    from fairforget.privacy.dp_sgd import DPSettings
+    from fairforget.sisa import SisaShard
+
+    settings = _verify_settings(DPSettings(1.0, 1.0, 1e-5, "rdp", 10.0))
+    shard = SisaShard(tmp_path, 0, make_sampleset(torch.zeros(10, 3, 2, 2), np.zeros(10), np.zeros(10),
+                                                  np.arange(10)), settings)
+    shard.index["trained"] = 2  # as if trained through both stages (nothing is trained here)
+    slices = [list(s) for s in shard.index["slices"]]
+    dp = settings.dp
+    in_second, in_first = slices[1][0], slices[0][0]
+    assert shard.planned_removal([in_second], 2) == dp.planned(len(slices[0]) + len(slices[1]) - 1, 4, 1, stage=2)
+    assert shard.planned_removal([in_first], 2) == [*dp.planned(len(slices[0]) - 1, 4, 1, stage=1),
+                                                    *dp.planned(len(slices[0]) + len(slices[1]) - 1, 4, 1, stage=2)]
+    shard.index["trained"] = 0  # nothing trained yet: training through stage 2 is stages 1 and 2, without the id
+    assert shard.planned_removal([in_second], 2) == [*dp.planned(len(slices[0]), 4, 1, stage=1),
+                                                     *dp.planned(len(slices[0]) + len(slices[1]) - 1, 4, 1, stage=2)]
+    assert shard.planned_removal([], 2) == [] and SisaShard(tmp_path / "plain", 0, shard.data,
+                                                            _verify_settings()).planned_removal([1], 2) == []

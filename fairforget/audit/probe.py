@@ -91,12 +91,8 @@ def linear_probe(train_x: torch.Tensor, train_a: torch.Tensor, test_x: torch.Ten
             opt.zero_grad()
             loss.backward()
             opt.step()
-    with torch.no_grad():
-        train_hit = probe(tr).argmax(1) == train_a
-        test_hit = probe(te).argmax(1) == test_a
-    out = {"train_accuracy": float(train_hit.float().mean()), "unbiased_test_accuracy": float(test_hit.float().mean()),
-           "chance": 1.0 / num_private}
-    return {**out, "hits": test_hit.numpy()} if hits else out
+    out = _scored(probe, tr, train_a, te, test_a, num_private)
+    return out if hits else {k: v for k, v in out.items() if k != "hits"}
 
 
 def mlp_probe(train_x: torch.Tensor, train_a: torch.Tensor, test_x: torch.Tensor, test_a: torch.Tensor,
@@ -114,6 +110,13 @@ def mlp_probe(train_x: torch.Tensor, train_a: torch.Tensor, test_x: torch.Tensor
         opt.zero_grad()
         loss.backward()
         opt.step()
+    return _scored(probe, tr, train_a, te, test_a, num_private)
+
+
+def _scored(probe: torch.nn.Module, tr: torch.Tensor, train_a: torch.Tensor, te: torch.Tensor, test_a: torch.Tensor,
+            num_private: int) -> dict[str, Any]:
+    """A trained probe's accuracy on its training part and its scoring part, chance, and the per-sample
+    hits on the scoring part (for the bootstrap)."""
     with torch.no_grad():
         train_hit = probe(tr).argmax(1) == train_a
         test_hit = probe(te).argmax(1) == test_a

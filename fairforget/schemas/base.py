@@ -26,6 +26,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar, Union, get_args, get_origin, get_type_hints
 
+from fairforget.storage import read_jsonl_numbered
+
 R = TypeVar("R", bound="Record")
 SCHEMA_DIR = Path(__file__).resolve().parent
 
@@ -261,26 +263,9 @@ def read_numbered(path: Path, error: type[ValueError] = SchemaError, *,
                   allow_torn_tail: bool = False) -> list[tuple[int, dict[str, Any]]]:
     """(line number, object) of each JSON object of a JSON-lines file ([] if there is none); blank
     lines skipped. A line that does not parse is an ``error`` naming the file and line, except, with
-    ``allow_torn_tail``, an unterminated last line (a crash mid-append), which is skipped. The same
-    reading as :func:`fairforget.storage.read_jsonl`, with the line numbers."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    lines = path.read_text(encoding="utf-8").split("\n")
-    rows = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            if not isinstance(row, dict):
-                raise ValueError("not an object")
-        except ValueError:
-            if allow_torn_tail and n == len(lines):  # the last line, with no newline after it
-                continue
-            raise error(f"{path} line {n} is not a JSON object (a torn or hand-edited line): {line[:60]!r}") from None
-        rows.append((n, row))
-    return rows
+    ``allow_torn_tail``, an unterminated last line (a crash mid-append), which is skipped: the
+    reading of :func:`fairforget.storage.read_jsonl`, with the line numbers."""
+    return read_jsonl_numbered(path, error, allow_torn_tail=allow_torn_tail)
 
 
 def fields_table(cls: type[Record]) -> Iterator[tuple[str, str, Any, str]]:
