@@ -288,6 +288,9 @@ def _live(node: Any) -> Any:
     gone = set(idx["deleted"])
     live = sorted({i for sl in idx["slices"][:idx["trained"]] for i in sl} - gone)
     pos = np.flatnonzero(np.isin(node.pool.ids.numpy(), live))
+    if len(pos) < len(live):  # the data is not the shard's (another site's folder or key), or lost rows
+        raise LsiError(f"{len(live) - len(pos)} of shard {node.shard}'s {len(live)} live records are not in its "
+                       "data: is the data root this shard's (its labels.csv and site key)?")
     return node.pool.subset(pos)
 
 

@@ -15,7 +15,6 @@ strategy's predictor combines it (:meth:`strategies.base.FairforgetStrategy.pred
 
 from __future__ import annotations
 
-import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
@@ -32,6 +31,7 @@ from fairforget.data import DataBundle
 from fairforget.model import num_classes_of
 from fairforget.records import pack_shards
 from fairforget.run import RunDir
+from fairforget.schemas import payloads
 from fairforget.storage import state_hash
 from strategies import build_strategy, strategy_class
 from strategies.base import FairforgetStrategy
@@ -95,7 +95,7 @@ def audit_messages(grid: Any, cfg: RunConfig, states: dict[int, dict[str, torch.
         arrays = pack_shards({0: ArrayRecord(states[0])})
     elif cfg.site_audit_scope == "ensemble":
         arrays = pack_shards({k: ArrayRecord(v) for k, v in states.items()})
-        config[keys.ENSEMBLE_RULE] = json.dumps(ensemble_rule(cfg, states, strategy))
+        config[keys.ENSEMBLE_RULE] = payloads.encode(payloads.EnsembleRule, ensemble_rule(cfg, states, strategy))
     messages = []
     for node in _audit_nodes(grid):
         content = RecordDict({keys.CONFIG: ConfigRecord(dict(config))})

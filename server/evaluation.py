@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from fairforget.data import DataBundle
 from fairforget.ensemble import Predictor
 from fairforget.metrics import accuracy_report
 from fairforget.records import pack_shards
+from fairforget.schemas import payloads
 from fairforget.storage import atomic_torch_save, state_hash, torch_load
 from strategies import build_strategy, strategy_class
 
@@ -157,7 +157,8 @@ def evaluate_at_sites(grid: Any, cfg: RunConfig, strategy: Any = None,
     for reply in grid.send_and_receive(messages):
         if not reply.has_error():
             shard = int(reply.content[keys.METRICS][keys.SHARD])
-            sites[shard] = json.loads(str(reply.content[keys.CONFIG][keys.EVAL_JSON]))
+            text = reply.content[keys.CONFIG][keys.EVAL_JSON]
+            sites[shard] = payloads.decode(payloads.SiteEvaluation, text).to_json()
     out: dict[str, Any] = {}
     for name in ("biased", "unbiased"):
         rows = {k: v[name] for k, v in sites.items()}

@@ -20,7 +20,6 @@ in :meth:`aggregate_augment`. Saving it is the caller's job (``state_dict``).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from logging import INFO, WARNING
@@ -38,6 +37,7 @@ from fairforget.capacity import BudgetExceeded, DeletionBudget, head_parameters
 from fairforget.ensemble import Predictor
 from fairforget.model import model_bottleneck
 from fairforget.records import pack_shards, unpack_shards
+from fairforget.schemas import payloads
 from fairforget.unlearning import EXACT, UnlearnResult, is_exact
 from strategies.base import FairforgetStrategy, StrategyReplyError, mean_metrics
 
@@ -320,7 +320,7 @@ class ShardEnsemble(FairforgetStrategy, Strategy):
         out: dict[int, dict[str, Any]] = {}
         for reply in self.record_replies(replies):
             shard = int(reply.content[keys.METRICS][keys.SHARD])
-            report = json.loads(str(reply.content[keys.CONFIG][keys.AUGMENT_JSON]))
+            report = payloads.decode(payloads.AugmentReport, reply.content[keys.CONFIG][keys.AUGMENT_JSON]).to_json()
             self.shard_arrays[shard] = reply.content[keys.ARRAYS]
             self.budget.consume(shard, len(report["retired_ids"]))
             self._originals[shard] = int(report["num_originals"])

@@ -21,7 +21,6 @@ parallel (across Ray workers in simulation) while the server audits only the ens
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ from fairforget.audit.references import ReferenceOutputs, offline_references, pr
 from fairforget.audit.roc import summarize
 from fairforget.data.base import SampleSet
 from fairforget.ensemble import Ensemble
+from fairforget.schemas import payloads
 from fairforget.sisa import SisaSettings, derived_seed
 
 SCOPES = ("shard", "ensemble")
@@ -66,13 +66,13 @@ class SiteAudit:
 
     def to_records(self) -> RecordDict:
         return RecordDict({
-            keys.CONFIG: ConfigRecord({keys.AUDIT_JSON: json.dumps(asdict(self))}),
+            keys.CONFIG: ConfigRecord({keys.AUDIT_JSON: payloads.encode(payloads.SiteAuditReport, asdict(self))}),
             keys.METRICS: MetricRecord({keys.SHARD: self.shard}),
         })
 
     @classmethod
     def from_records(cls, content: RecordDict) -> SiteAudit:
-        return cls(**json.loads(str(content[keys.CONFIG][keys.AUDIT_JSON])))
+        return cls(**payloads.decode(payloads.SiteAuditReport, content[keys.CONFIG][keys.AUDIT_JSON]).to_json())
 
 
 def site_seed(seed: int, shard: int) -> int:

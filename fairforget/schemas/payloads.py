@@ -96,6 +96,7 @@ class AugmentReport(Record):
     old_generator_version: int | None = doc("a deletion: the invalidated generator's version")
     new_generator_version: int | None = doc("a deletion: the new generator's version")
     generator_kept: str | None = doc("a deletion: why the generator was kept (`dp`: its DP guarantee covers it)")
+    retire_order: str | None = doc("`augment-retire-order`: which originals were retired first")
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,8 @@ class SiteAuditReport(Record):
     reference_seconds: Num = doc("training them, seconds (0 when cached)")
     seconds: Num = doc("the audit's wall time")
     skipped: str | None = doc("why the site skipped its audit ('' if it did not)")
+    lsi_deciles: dict[str, dict[str, Any]] = doc("target -> `decile-D` -> members and each attack's AUC on that "
+                                                 "LSI decile (`fairforget inspect`; empty: not scored)", factory=dict)
 
 
 PAYLOADS: tuple[type[Record], ...] = (DpSpend, SiteEvaluation, EnsembleRule, AugmentReport, SiteAuditReport)

@@ -8,7 +8,6 @@ method, an augmented shard's forget) and turned into Flower records and back in 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from fairforget import keys
+from fairforget.schemas import payloads
 
 FIGURE_PREFIX = "figure."  # method-specific figures travel as "figure.<name>" metrics
 
@@ -92,7 +92,7 @@ class UnlearnResult:
         config = ConfigRecord({keys.UNLEARN_METHOD: self.method, keys.HASH_BEFORE: self.hash_before,
                                keys.MODEL_HASH: self.hash_after})
         if self.augment is not None:
-            config[keys.AUGMENT_JSON] = json.dumps(dict(self.augment))
+            config[keys.AUGMENT_JSON] = payloads.encode(payloads.AugmentReport, self.augment)
         return metrics, config
 
     @classmethod
@@ -107,5 +107,6 @@ class UnlearnResult:
             approx_deletions=int(m[keys.APPROX_DELETIONS]),
             resumed=bool(int(m.get(keys.RESUMED, 0))), index_version=int(m.get(keys.INDEX_VERSION, 0)),
             figures={k.removeprefix(FIGURE_PREFIX): float(v) for k, v in m.items() if k.startswith(FIGURE_PREFIX)},
-            augment=json.loads(str(c[keys.AUGMENT_JSON])) if keys.AUGMENT_JSON in c else None,
+            augment=(payloads.decode(payloads.AugmentReport, c[keys.AUGMENT_JSON]).to_json()
+                     if keys.AUGMENT_JSON in c else None),
         )
