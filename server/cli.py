@@ -571,22 +571,31 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return code
 
 
-def _verify_site(args: argparse.Namespace) -> int:
-    """``verify --state-dir STATE --data-root ROOT``: a site replays its own shard with its own DP seeds."""
+def _site_state(args: argparse.Namespace, command: str) -> tuple[Path, Any]:
+    """A site's ``--state-dir STATE --data-root ROOT`` (with ``--run DIR`` or ``--config`` / ``--set``):
+    its shard's state folder and the run config reading its own data; one line for what is missing."""
     from fairforget.run import RunDir
-    from fairforget.verify import VerifyError, verify_site
 
-    if args.site_local or args.shard is not None:
-        raise UserError("--site-local and --shard go with --run; with --state-dir the shard is the state folder's")
+    if args.shard is not None:
+        raise UserError("--shard goes with --run; with --state-dir the shard is the state folder's")
     if not args.data_root:
-        raise UserError("verify --state-dir needs --data-root ROOT: the site's own data (its image folder)")
+        raise UserError(f"{command} --state-dir needs --data-root ROOT: the site's own data (its image folder)")
     if args.run and (args.config or args.set):
         raise UserError("give the run config once: --run DIR (its config.toml) or --config / --set")
     cfg = RunDir(Path(args.run).expanduser().resolve()).config() if args.run else _config(args)
     state = Path(args.state_dir).expanduser().resolve()
     if not state.is_dir():
         raise UserError(f"--state-dir {state} is not a folder")
-    cfg = cfg.replace(data_root=str(Path(args.data_root).expanduser().resolve()))
+    return state, cfg.replace(data_root=str(Path(args.data_root).expanduser().resolve()))
+
+
+def _verify_site(args: argparse.Namespace) -> int:
+    """``verify --state-dir STATE --data-root ROOT``: a site replays its own shard with its own DP seeds."""
+    from fairforget.verify import VerifyError, verify_site
+
+    if args.site_local or args.shard is not None:
+        raise UserError("--site-local and --shard go with --run; with --state-dir the shard is the state folder's")
+    state, cfg = _site_state(args, "verify")
     print(f"fairforget: replaying the SISA training of the shard in {state} on {cfg.data_root}"
           + (" with this site's recorded DP seeds" if cfg.dp else ""), flush=True)
     try:
@@ -650,17 +659,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from fairforget.run import RunDir
 
     if args.state_dir:
-        if args.shard is not None:
-            raise UserError("--shard goes with --run; with --state-dir the shard is the state folder's")
-        if not args.data_root:
-            raise UserError("inspect --state-dir needs --data-root ROOT: the site's own data (its image folder)")
-        if args.run and (args.config or args.set):
-            raise UserError("give the run config once: --run DIR (its config.toml) or --config / --set")
-        cfg = RunDir(Path(args.run).expanduser().resolve()).config() if args.run else _config(args)
-        state = Path(args.state_dir).expanduser().resolve()
-        if not state.is_dir():
-            raise UserError(f"--state-dir {state} is not a folder")
-        cfg = cfg.replace(data_root=str(Path(args.data_root).expanduser().resolve()))
+        state, cfg = _site_state(args, "inspect")
         from fairforget.lsi import inspect_site
 
         with locked(state, "inspect"):
