@@ -89,7 +89,7 @@ class SisaSettings:
             num_classes=num_classes, seed=cfg.seed, num_threads=cfg.num_threads,
             device=cfg.torch_device(), objective=cfg.objective, num_private=num_private,
             dp=DPSettings.from_config(cfg), objective_options=objective_options(cfg),
-            plugin_options=cfg.objective_options, model=cfg.model, eraser=getattr(cfg, "eraser", "none"),
+            plugin_options=cfg.objective_options, model=cfg.model, eraser=cfg.eraser,
         )
 
     @property

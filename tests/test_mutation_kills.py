@@ -973,3 +973,40 @@ def test_sisa_planned_removal_charges_only_the_stages_a_deletion_retrains(tmp_pa
                                                      *dp.planned(len(slices[0]) + len(slices[1]) - 1, 4, 1, stage=2)]
     assert shard.planned_removal([], 2) == [] and SisaShard(tmp_path / "plain", 0, shard.data,
                                                             _verify_settings()).planned_removal([1], 2) == []
+
+
+def test_sisa_each_shard_starts_from_its_own_seeded_weights(tmp_path):
+    """A shard's first model is seeded by (seed, shard): shards start apart, and a replay elsewhere starts
+    where the shard did (exactness needs the second; an ensemble of one init repeated, the first)."""
+    import torch
+
+    from fairforget.data.base import make_sampleset
+    from fairforget.model import build_model
+    from fairforget.sisa import SisaShard, derived_seed
+
+    settings = _verify_settings()
+    data = make_sampleset(torch.zeros(10, 3, 8, 8), np.zeros(10), np.zeros(10), np.arange(10))
+    first = {k: SisaShard(tmp_path / str(k), k, data, settings)._fresh()[0].state_dict() for k in (0, 1)}
+    assert any(not torch.equal(first[0][n], first[1][n]) for n in first[0])
+    for k in (0, 1):
+        want = build_model(2, 4, seed=derived_seed(7, k, 0), model=settings.model).state_dict()
+        assert all(torch.equal(first[k][n], want[n]) for n in want)
+
+
+def test_sisa_a_shard_trained_without_dp_refuses_a_dp_run(tmp_path):
+    """A state folder whose index has trained (version 1) without DP cannot be continued with dp = true
+    (its epsilon would be a claim about models it does not describe); an untrained one can."""
+    import torch
+
+    from fairforget.data.base import make_sampleset
+    from fairforget.privacy.dp_sgd import DPSettings
+    from fairforget.sisa import SisaError, SisaShard
+
+    dp = _verify_settings(DPSettings(1.0, 1.0, 1e-5, "rdp", 10.0))
+    data = make_sampleset(torch.rand(10, 3, 8, 8), np.arange(10) % 2, np.zeros(10), np.arange(10))
+    plain = SisaShard(tmp_path / "plain", 0, data, _verify_settings())
+    SisaShard(tmp_path / "plain", 0, data, dp)  # index written, nothing trained: DP may still start
+    plain.train_through(1)
+    assert plain.index["version"] == 1
+    with pytest.raises(SisaError, match="holds a shard trained without DP"):
+        SisaShard(tmp_path / "plain", 0, data, dp)
