@@ -24,7 +24,7 @@ import os
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -146,6 +146,11 @@ class Node:
     server_has_data: bool = True  # False: a deployment whose server keeps no patient data
     partition_id: int | None = None  # the node config's partition-id: what the node claims, a cross-check only
     own_data: bool = False  # a site with its own data-root (its whole training split is its shard)
+    # the worker's cache (Node.cached): the key and arguments it was built from, its config then, and the
+    # stamp of its state on disk as this process last left it
+    _context: tuple | None = field(default=None, init=False, repr=False, compare=False)
+    _cfg_built: RunConfig | None = field(default=None, init=False, repr=False, compare=False)
+    _seen: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def cached(cls, run_config: dict[str, Any], node_config: dict[str, Any], assigned: int | None = None) -> Node:
@@ -172,12 +177,11 @@ class Node:
     def current(self) -> Node:
         """This node if its state on disk is as this process last left it, else a node rebuilt from it
         (replacing the cached one). Call holding the node's lock (:meth:`locked`)."""
-        seen = getattr(self, "_seen", None)
         stamp = self._stamp()
-        if seen is None or seen == stamp:
+        if self._seen is None or self._seen == stamp:
             self._seen = stamp
             return self
-        context = getattr(self, "_context", None)
+        context = self._context
         self.uncache()
         if context is None:
             raise RuntimeError("internal: a node not built by Node.cached cannot be rebuilt")
@@ -189,12 +193,12 @@ class Node:
         """After a handler (still holding the lock): the state folder's changes are this node's own, kept
         in step in its memory. A node whose config a request changed (its own options), or whose
         tombstones changed (its data leaves them out from when it was built), is not kept."""
-        before = getattr(self, "_seen", None)
+        before = self._seen
         self._seen = self._stamp()
         tombstones = {str(self.tombstones.path), *map(str, self.tombstones.also)}
         moved = before is None or [e for e in before if e[0] in tombstones] != [e for e in self._seen
                                                                                    if e[0] in tombstones]
-        if moved or self.cfg is not getattr(self, "_cfg_built", self.cfg):
+        if moved or (self._cfg_built is not None and self.cfg is not self._cfg_built):
             self.uncache()
 
     def set_config(self, cfg: RunConfig) -> None:
@@ -207,9 +211,8 @@ class Node:
     def uncache(self) -> None:
         """Drop this node from the process's cache (after a failed handler: its memory may be ahead of
         or behind its state on disk)."""
-        context = getattr(self, "_context", None)
-        if context is not None and _NODES.get(context[0]) is self:
-            del _NODES[context[0]]
+        if self._context is not None and _NODES.get(self._context[0]) is self:
+            del _NODES[self._context[0]]
 
     @classmethod
     def from_context(cls, run_config: dict[str, Any], node_config: dict[str, Any],

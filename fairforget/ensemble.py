@@ -47,10 +47,7 @@ class Ensemble:
     def member_probs(self, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
         """(S, N, K) softmax outputs of every constituent on the images ``x`` (N, C, H, W), computed
         ``batch_size`` images at a time."""
-        out = []
-        for model in self.models.values():
-            out.append(torch.cat([model(x[i : i + batch_size]).softmax(-1) for i in range(0, len(x), batch_size)]))
-        return torch.stack(out)
+        return torch.stack([model_probs(model, x, batch_size) for model in self.models.values()])
 
     def combine(self, probs: torch.Tensor) -> torch.Tensor:
         """(N, K) ensemble output from ``probs``, the (S, N, K) outputs of :meth:`member_probs`, by the
@@ -114,3 +111,8 @@ class Predictor:
         """The :class:`Ensemble` of the constituents ``states`` (shard -> state dict) for ``num_classes``
         classes and model width ``width``, combined by this predictor's vote and weights."""
         return Ensemble(states, num_classes, width, self.vote, self.weights)
+
+
+def model_probs(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """(N, K) softmax outputs of one model on the images ``x``, ``batch_size`` images at a time."""
+    return torch.cat([model(x[i : i + batch_size]).softmax(-1) for i in range(0, len(x), batch_size)])

@@ -296,10 +296,9 @@ class SisaShard:
     def model_state(self, stage: int | None = None) -> dict[str, torch.Tensor]:
         """The model after ``stage`` (default: the last trained stage)."""
         stage = self.trained if stage is None else stage
-        model = self.load_stage(stage)[0]
-        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        # the post-hoc eraser and the head refitted on its output, served over the model as trained
-        return served_state(self.checkpoint(stage), trained=state) if stage > 0 else state
+        if stage > 0:  # the checkpoint as trained, the post-hoc eraser and its refitted head over it
+            return served_state(self.checkpoint(stage))
+        return {k: v.detach().cpu() for k, v in self._fresh()[0].state_dict().items()}
 
     def train_stage(self, stage: int, checked: bool = False) -> dict[str, Any]:
         """Train SISA stage ``stage`` (1-based) from checkpoint ``stage - 1`` (``checked``: the DP

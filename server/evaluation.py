@@ -18,7 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from fairforget import keys
 from fairforget.config import RunConfig
 from fairforget.data import DataBundle
-from fairforget.ensemble import Predictor
+from fairforget.ensemble import Predictor, model_probs
 from fairforget.metrics import accuracy_report
 from fairforget.records import pack_shards
 from fairforget.schemas import payloads
@@ -78,7 +78,7 @@ class _ProbsCache:
             key = f"{self.hashes[k]}:{images}"
             probs = self.saved.get(key)
             if not isinstance(probs, torch.Tensor) or probs.shape[0] != len(x):
-                probs = torch.cat([model(x[i: i + batch_size]).softmax(-1) for i in range(0, len(x), batch_size)])
+                probs = model_probs(model, x, batch_size)
             self.kept[key] = probs
             out.append(probs)
         if set(self.kept) - set(self.saved):
