@@ -36,9 +36,9 @@ from pathlib import Path
 from typing import Any
 
 from fairforget.capacity import DeletionBudget, ShardBudget
-from fairforget.schemas.base import SchemaError, read_numbered
+from fairforget.schemas.base import SchemaError
 from fairforget.schemas.ledger import DONE, INTENT, LedgerLine, new_line, parse_line
-from fairforget.storage import TornLine, atomic_write_bytes, durable_append_lines, finite
+from fairforget.storage import TornLine, atomic_write_bytes, durable_append_lines, finite, read_jsonl_numbered
 
 # The decisions a ledger line records.
 APPROXIMATE = "approximate"  # served by an approximate unlearner within the shard's deletion budget
@@ -64,10 +64,10 @@ class Ledger:
         """Every valid line as a typed :class:`~fairforget.schemas.ledger.LedgerLine`, migrated to the
         current version, intents included, in order."""
         try:
-            rows = read_numbered(self.path, TornLine)
+            rows = read_jsonl_numbered(self.path)
         except TornLine as exc:
             try:
-                rows = read_numbered(self.path, TornLine, allow_torn_tail=True)
+                rows = read_jsonl_numbered(self.path, allow_torn_tail=True)
             except TornLine:
                 raise LedgerError(str(exc)) from None
             self.torn = str(exc)

@@ -46,9 +46,9 @@ from pathlib import Path
 from typing import Any
 
 from fairforget.locks import locked
-from fairforget.schemas.base import SchemaError, read_numbered
+from fairforget.schemas.base import SchemaError
 from fairforget.schemas.tombstones import TombstoneLine, new_line, parse_line
-from fairforget.storage import durable_append_lines
+from fairforget.storage import durable_append_lines, read_jsonl_numbered
 
 RUN_FILE = "tombstones.jsonl"
 SITE_FILE = ".fairforget-tombstones.jsonl"
@@ -101,7 +101,7 @@ class Tombstones:
         out = []
         for p in [*self.also, self.path]:
             try:
-                out += [parse_line(row, f"{p} line {n}") for n, row in read_numbered(p, TombstoneError,
+                out += [parse_line(row, f"{p} line {n}") for n, row in read_jsonl_numbered(p, TombstoneError,
                                                                                      allow_torn_tail=True)]
             except SchemaError as exc:
                 raise TombstoneError(str(exc)) from None

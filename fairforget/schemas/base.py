@@ -26,8 +26,6 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar, Union, get_args, get_origin, get_type_hints
 
-from fairforget.storage import read_jsonl_numbered
-
 R = TypeVar("R", bound="Record")
 SCHEMA_DIR = Path(__file__).resolve().parent
 
@@ -259,15 +257,6 @@ def render(schema: Mapping[str, Any]) -> str:
     return json.dumps(schema, indent=2) + "\n"
 
 
-def read_numbered(path: Path, error: type[ValueError] = SchemaError, *,
-                  allow_torn_tail: bool = False) -> list[tuple[int, dict[str, Any]]]:
-    """(line number, object) of each JSON object of a JSON-lines file ([] if there is none); blank
-    lines skipped. A line that does not parse is an ``error`` naming the file and line, except, with
-    ``allow_torn_tail``, an unterminated last line (a crash mid-append), which is skipped: the
-    reading of :func:`fairforget.storage.read_jsonl`, with the line numbers."""
-    return read_jsonl_numbered(path, error, allow_torn_tail=allow_torn_tail)
-
-
 def fields_table(cls: type[Record]) -> Iterator[tuple[str, str, Any, str]]:
     """(name, type, default, meaning) of each declared field, for the reference page."""
     hints = _hints(cls)
@@ -278,4 +267,4 @@ def fields_table(cls: type[Record]) -> Iterator[tuple[str, str, Any, str]]:
 
 
 __all__ = ["SCHEMA_DIR", "Record", "SchemaError", "check_value", "doc", "fields_table", "finite_json", "json_schema",
-           "key_of", "read_numbered", "render", "type_name"]
+           "key_of", "render", "type_name"]
